@@ -1,0 +1,77 @@
+"""Shared pieces of the CLI: the error handler every command uses, console objects,
+and ``Annotated`` option aliases reused across commands."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from wadi_cli.errors import WadiError
+
+console = Console()  # stdout: tables, summaries
+err_console = Console(stderr=True)  # stderr: progress bars, errors
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def debug_enabled() -> bool:
+    """``WADI_DEBUG=1`` shows full tracebacks instead of one-line errors."""
+    return os.environ.get("WADI_DEBUG", "") not in ("", "0", "false", "False")
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one red line on stderr and exit with ``code``."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def handle_errors(fn: F) -> F:
+    """Decorator for command callbacks: ``WadiError`` -> one red line + its exit code;
+    Ctrl-C -> exit 130; any other exception -> one line + exit 1 (traceback only under
+    ``WADI_DEBUG=1``)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except WadiError as exc:
+            if debug_enabled():
+                raise
+            fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            if debug_enabled():
+                raise
+            fail("interrupted", 130)
+        except Exception as exc:  # noqa: BLE001 - last line of defence for users
+            if debug_enabled():
+                raise
+            fail(
+                f"internal error: {type(exc).__name__}: {exc} (set WADI_DEBUG=1 for the traceback)",
+                1,
+            )
+
+    return wrapper  # type: ignore[return-value]
+
+
+def echo_debug(msg: str) -> None:
+    if debug_enabled():
+        print(msg, file=sys.stderr)
+
+
+# ---- shared option aliases -------------------------------------------------------
+OutDir = Annotated[
+    Path | None,
+    typer.Option("--out", "-o", help="Output folder (written atomically: all or nothing)."),
+]
+Device = Annotated[str, typer.Option("--device", help="Torch device: cpu, cuda, cuda:1, mps.")]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+Seed = Annotated[int, typer.Option("--seed", help="Random seed.")]

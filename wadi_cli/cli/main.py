@@ -1,0 +1,59 @@
+"""The ``wadi`` Typer application. This module only registers commands: each lives in
+its own module under ``wadi_cli.cli`` and is a thin shell over a library call."""
+
+from __future__ import annotations
+
+import typer
+
+from wadi_cli import __version__
+
+app = typer.Typer(
+    name="wadi",
+    help=(
+        "Weight-direction-aware one-step distillation of diffusion models (WaDi, CVPR 2026).\n\n"
+        "Examples:\n\n"
+        "  wadi analyze teacher.safetensors student.safetensors --out report/\n\n"
+        "  wadi analyze runwayml-sd15/ dmd2.safetensors --filter 'attn' --json\n\n"
+        "Set WADI_DEBUG=1 to see full tracebacks."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"wadi {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Weight-direction-aware one-step distillation of diffusion models."""
+
+
+def _register() -> None:
+    # Each command module exposes ``register(app)``. Imported lazily so ``wadi --help``
+    # stays fast and one broken optional dependency does not take down every command.
+    from wadi_cli.cli import analyze, eval, info, merge, sample
+
+    for module in (analyze, info, merge, sample, eval):
+        module.register(app)
+
+
+_register()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

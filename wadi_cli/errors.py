@@ -1,0 +1,30 @@
+"""Exception hierarchy. The CLI turns every ``WadiError`` into one red line on stderr
+and a non-zero exit code (the traceback only with ``WADI_DEBUG=1``)."""
+
+from __future__ import annotations
+
+
+class WadiError(Exception):
+    """Base class of every error the toolkit raises on purpose."""
+
+    exit_code: int = 1
+
+
+class BadInputError(WadiError):
+    """The user gave us something we cannot use (path, file, flag value). Exit code 2."""
+
+    exit_code = 2
+
+
+class CheckpointError(BadInputError):
+    """A weights file or folder is missing, unreadable, corrupt, or of a refused format."""
+
+
+class MismatchError(BadInputError):
+    """Two checkpoints (or a checkpoint and a model) do not fit together."""
+
+
+class HubError(WadiError):
+    """A model could not be fetched from the Hugging Face hub (offline, missing repo)."""
+
+    exit_code = 3

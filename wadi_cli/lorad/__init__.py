@@ -1,0 +1,1 @@
+"""wadi_cli.lorad"""
