@@ -1,12 +1,103 @@
-"""``wadi info`` (placeholder registration; replaced by the work item that implements it)."""
+"""``wadi info``: the LoRaD adapter plan of a backbone (layers and trainable parameters
+per role), computed from the architecture config shipped with wadi (no download)."""
 
 from __future__ import annotations
 
+import json
+from typing import Annotated
+
 import typer
+from rich.table import Table
+
+from wadi_cli.backbones import BACKBONES, get_backbone
+from wadi_cli.cli.common import JsonFlag, console, handle_errors
+from wadi_cli.errors import BadInputError
+
+HELP = """Show a backbone's LoRaD adapter plan: adapted layers and trainable parameters
+for the student (one-step generator) and the fake score model, plus hub id, base
+parameter count, resolution, text encoder and ᾱ_T. Needs no download.
+
+Examples:
+
+  wadi info --backbone sd15
+
+  wadi info --backbone sd15 --rank 64 --json
+
+  wadi info --backbone pixart --fake-rank 16
+
+  wadi info            (one line per backbone)
+"""
+
+
+def _plan_table(plan: dict) -> Table:
+    table = Table(title=f"LoRaD plan: {plan['backbone']}", show_header=False, title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    table.add_row("hub id", plan["hub_id"])
+    table.add_row("denoiser", f"{plan['denoiser']} ({plan['base_params']:,} parameters)")
+    for role, label in (("student", "student (generator)"), ("fake", "fake score")):
+        r = plan[role]
+        share = 100.0 * r["trainable_params"] / plan["base_params"]
+        table.add_row(
+            label,
+            f"rank {r['rank']}, {r['layers']} layers, {r['trainable_params']:,} trainable ({share:.2f}%)",
+        )
+    table.add_row(
+        "resolution", f"{plan['resolution']} px (latents {plan['latent_size']}×{plan['latent_size']})"
+    )
+    table.add_row("text encoder", f"{plan['text_encoder']} (max {plan['text_max_length']} tokens)")
+    table.add_row("ᾱ_T", f"{plan['alpha_bar_T']}")
+    table.add_row("prediction", plan["prediction_type"])
+    table.add_row("mixed precision", plan["mixed_precision"])
+    return table
+
+
+def _summary_table() -> Table:
+    table = Table(title="Backbones (wadi info --backbone NAME for the adapter plan)", title_justify="left")
+    for col in ("name", "hub id", "resolution", "text encoder", "student rank", "fake rank"):
+        table.add_column(col)
+    for b in BACKBONES.values():
+        table.add_row(
+            b.name, b.hub_id, str(b.resolution), b.text_encoder, str(b.student_rank), str(b.fake_rank)
+        )
+    return table
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("info", hidden=True)
-    def _placeholder() -> None:
-        """Not implemented yet."""
-        raise typer.Exit(1)
+    @app.command("info", help=HELP)
+    @handle_errors
+    def info(
+        backbone: Annotated[
+            str | None,
+            typer.Option("--backbone", "-b", help=f"Backbone: {', '.join(BACKBONES)}. Omit to list them."),
+        ] = None,
+        rank: Annotated[
+            int | None, typer.Option("--rank", help="Student LoRaD rank (default: the paper's).")
+        ] = None,
+        fake_rank: Annotated[
+            int | None, typer.Option("--fake-rank", help="Fake-score LoRaD rank (default: the paper's).")
+        ] = None,
+        json_out: JsonFlag = False,
+    ) -> None:
+        if backbone is None:
+            if rank is not None or fake_rank is not None:
+                raise BadInputError("--rank/--fake-rank need --backbone NAME")
+            if json_out:
+                rows = [
+                    {
+                        "backbone": b.name,
+                        "hub_id": b.hub_id,
+                        "student_rank": b.student_rank,
+                        "fake_rank": b.fake_rank,
+                    }
+                    for b in BACKBONES.values()
+                ]
+                typer.echo(json.dumps(rows, indent=2))
+            else:
+                console.print(_summary_table())
+            return
+        plan = get_backbone(backbone).adapter_plan(rank=rank, fake_rank=fake_rank)
+        if json_out:
+            typer.echo(json.dumps(plan, indent=2))
+        else:
+            console.print(_plan_table(plan))

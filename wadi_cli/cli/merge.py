@@ -1,12 +1,55 @@
-"""``wadi merge`` (placeholder registration; replaced by the work item that implements it)."""
+"""``wadi merge``: bake a LoRaD adapter into a base checkpoint (on state dicts; the
+network is never built)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+from wadi_cli.cli.common import JsonFlag, console, handle_errors
+from wadi_cli.lorad import merge_adapter_file
+
+HELP = """Merge a LoRaD adapter into a base checkpoint and write one .safetensors file
+(atomically, with provenance metadata). Every adapted weight W becomes R(AB)·W; every
+other tensor is copied unchanged. Adapter modules without a matching '<path>.weight'
+in BASE are an error and nothing is written.
+
+Examples:
+
+  wadi merge sd15-unet.safetensors student.safetensors --out merged-unet.safetensors
+
+  wadi merge unet/diffusion_pytorch_model.safetensors adapter.safetensors --out m.safetensors --dtype fp16
+
+  wadi merge model.safetensors adapter.safetensors --out m.safetensors --prefix unet. --json
+"""
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("merge", hidden=True)
-    def _placeholder() -> None:
-        """Not implemented yet."""
-        raise typer.Exit(1)
+    @app.command("merge", help=HELP)
+    @handle_errors
+    def merge(
+        base: Annotated[Path, typer.Argument(help="Base checkpoint (anything wadi can read).")],
+        adapter: Annotated[Path, typer.Argument(help="LoRaD adapter .safetensors file.")],
+        out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors file.")],
+        dtype: Annotated[
+            str | None,
+            typer.Option("--dtype", help="Cast floating tensors to fp16, bf16 or fp32 (default: keep)."),
+        ] = None,
+        prefix: Annotated[
+            str | None,
+            typer.Option("--prefix", help="Prefix of the adapted modules' keys in BASE (default: detect)."),
+        ] = None,
+        overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
+        json_out: JsonFlag = False,
+    ) -> None:
+        summary = merge_adapter_file(base, adapter, out, dtype=dtype, prefix=prefix, overwrite=overwrite)
+        if json_out:
+            typer.echo(json.dumps(summary, indent=2))
+        else:
+            console.print(
+                f"merged {summary['merged_layers']} layers (rank {summary['rank']}, {summary['role']}) "
+                f"into {summary['tensors']} tensors -> [bold]{summary['out']}[/] (dtype: {summary['dtype']})"
+            )

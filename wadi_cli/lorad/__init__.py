@@ -1,1 +1,60 @@
-"""wadi_cli.lorad"""
+"""LoRaD: low-rank rotation of weight directions (WaDi, CVPR 2026, §2).
+
+A LoRaD layer rotates every column pair of every row of a Linear weight by an angle
+from a low-rank matrix ``Θ = A B``; it preserves every row norm and changes only
+directions. This package holds the config, the layer, model-level inject / merge /
+parameter selection, and adapter files (save, load, merge on state dicts).
+"""
+
+from wadi_cli.lorad.adapter_io import (
+    adapter_paths,
+    apply_adapter,
+    load_adapter,
+    merge_adapter_file,
+    merge_adapter_into_state_dict,
+    parse_dtype,
+    save_adapter,
+)
+from wadi_cli.lorad.config import ROLES, LoRaDConfig
+from wadi_cli.lorad.layer import LoRaDLinear, lorad_theta, rotate_weight
+from wadi_cli.lorad.model import (
+    adapters_to_fp32,
+    count_trainable,
+    get_adapter_state_dict,
+    get_base_state_dict,
+    inject_lorad,
+    load_adapter_state_dict,
+    lorad_layers,
+    lorad_parameters,
+    mark_only_lorad_trainable,
+    merge_lorad,
+    remove_lorad,
+    unmerge_lorad,
+)
+
+__all__ = [
+    "ROLES",
+    "LoRaDConfig",
+    "LoRaDLinear",
+    "adapter_paths",
+    "apply_adapter",
+    "adapters_to_fp32",
+    "count_trainable",
+    "get_adapter_state_dict",
+    "get_base_state_dict",
+    "inject_lorad",
+    "load_adapter",
+    "load_adapter_state_dict",
+    "lorad_layers",
+    "lorad_parameters",
+    "lorad_theta",
+    "mark_only_lorad_trainable",
+    "merge_adapter_file",
+    "merge_adapter_into_state_dict",
+    "merge_lorad",
+    "parse_dtype",
+    "remove_lorad",
+    "rotate_weight",
+    "save_adapter",
+    "unmerge_lorad",
+]

@@ -1,0 +1,332 @@
+"""Backbone registry: what wadi knows about each supported base model.
+
+Each :class:`Backbone` holds its hub id, the architecture config shipped inside the
+package (so the network skeleton can be built, and adapter sizes counted, without a
+download), the LoRaD target rules and ranks per role (WaDi §2), resolution, text
+encoder, and the one-step constant ``ᾱ_T`` (WaDi §3).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from wadi_cli.errors import BadInputError
+from wadi_cli.lorad.config import ROLES, LoRaDConfig
+
+#: ᾱ_T used to turn the student's ε-prediction at t = T−1 into x0 (WaDi §3). The
+#: authors' release uses this one constant for every backbone (SD's scaled-linear
+#: schedule gives ᾱ_999 ≈ 0.00466); the released weights were trained with it, so it is
+#: the default everywhere. Named once, here.
+ALPHA_BAR_T: float = 0.0047
+
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent
+CONFIGS_DIR: Path = _PACKAGE_DIR / "configs"
+#: Where the tiny model's diffusers pipeline folder is shipped (see ``wadi_cli.tiny``).
+TINY_PIPELINE_DIR: Path = _PACKAGE_DIR / "assets" / "tiny" / "pipeline"
+
+_UNET_ROOTS = ("down_blocks", "mid_block", "up_blocks")
+_FAKE_EXCLUDES = ("proj_in", "proj_out", "time_emb_proj")
+
+
+@dataclass(frozen=True)
+class TargetRule:
+    """Which ``nn.Linear`` modules LoRaD adapts, as data.
+
+    A module path matches when its first component is in ``include_roots`` (``None``:
+    any), its first component is not in ``exclude_roots``, and it contains none of
+    ``exclude_substrings``. Only ``nn.Linear`` modules are ever selected (never convs).
+    """
+
+    include_roots: tuple[str, ...] | None = None
+    exclude_roots: tuple[str, ...] = ()
+    exclude_substrings: tuple[str, ...] = ()
+
+    def matches(self, name: str) -> bool:
+        """Whether the module path ``name`` is selected by this rule."""
+        root = name.split(".", 1)[0]
+        if self.include_roots is not None and root not in self.include_roots:
+            return False
+        if root in self.exclude_roots:
+            return False
+        return not any(s in name for s in self.exclude_substrings)
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Paths of the plain Linears of ``model`` (the base layers inside LoRaD wrappers are
+    reported under the wrapper's path, so an injected model gives the same names)."""
+    from wadi_cli.lorad.layer import LoRaDLinear  # local: registry stays importable alone
+
+    modules = dict(model.named_modules())
+    wrapped = {f"{n}.base_layer" for n, m in modules.items() if isinstance(m, LoRaDLinear)}
+    out = []
+    for name, module in modules.items():
+        is_linear = isinstance(module, nn.Linear) and name not in wrapped
+        if is_linear or isinstance(module, LoRaDLinear):
+            out.append(name)
+    return out
+
+
+# (backbone name, config path) -> ({linear path: (out, in)}, total parameter count)
+_SKELETON_CACHE: dict[tuple[str, str], tuple[dict[str, tuple[int, int]], int]] = {}
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A supported base model. Build one with :func:`get_backbone`."""
+
+    name: str
+    family: str  # "unet" | "dit"
+    hub_id: str
+    denoiser_subfolder: str  # "unet" | "transformer"
+    denoiser_class: str  # diffusers class name
+    config_path: Path  # shipped architecture config of the denoiser
+    resolution: int  # image side in pixels
+    latent_size: int  # latent side
+    latent_channels: int
+    text_encoder: str  # "clip" | "t5"
+    text_max_length: int
+    student_rank: int
+    fake_rank: int
+    student_targets: TargetRule
+    fake_targets: TargetRule
+    alpha_bar_T: float = ALPHA_BAR_T
+    prediction_type: str = "epsilon"
+    learned_sigma: bool = False  # PixArt outputs 8 channels: the first 4 are ε
+    release_repo: str | None = None
+    release_file: str | None = None
+    default_dtype: torch.dtype = torch.float16  # dtype of frozen weights on a GPU
+    mixed_precision: str = "fp16"  # "fp16" | "bf16" | "no"
+    description: str = field(default="", compare=False)
+
+    # ---- names and config -----------------------------------------------------------
+    def model_id(self, override: str | None = None) -> str:
+        """The base model to load: ``override`` (``--model PATH_OR_ID``) or the hub id."""
+        return override if override else self.hub_id
+
+    def denoiser_config(self) -> dict[str, Any]:
+        """The shipped denoiser config (diffusers ``config.json``)."""
+        if not self.config_path.is_file():
+            raise BadInputError(
+                f"backbone {self.name!r}: its architecture config {self.config_path} is not there "
+                "(the package install is incomplete)"
+            )
+        try:
+            return json.loads(self.config_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise BadInputError(f"backbone {self.name!r}: cannot read {self.config_path}: {exc}") from None
+
+    def build_denoiser(
+        self, device: str | torch.device = "meta", dtype: torch.dtype | None = None
+    ) -> nn.Module:
+        """Build the U-Net / transformer from the shipped config, without any download.
+
+        ``device="meta"`` gives a weightless skeleton (instant; for counting and target
+        discovery); ``"cpu"`` gives randomly initialised weights to load a state dict into.
+        """
+        import diffusers
+
+        cls = getattr(diffusers, self.denoiser_class)
+        config = self.denoiser_config()
+        with torch.device(device):
+            model = cls.from_config(config)
+        if dtype is not None:
+            model = model.to(dtype)
+        return model.eval()
+
+    def _skeleton(self) -> tuple[dict[str, tuple[int, int]], int]:
+        key = (self.name, str(self.config_path))
+        if key not in _SKELETON_CACHE:
+            model = self.build_denoiser("meta")
+            shapes = {
+                n: (m.out_features, m.in_features)
+                for n, m in model.named_modules()
+                if isinstance(m, nn.Linear)
+            }
+            _SKELETON_CACHE[key] = (shapes, sum(p.numel() for p in model.parameters()))
+        return _SKELETON_CACHE[key]
+
+    # ---- adapter targets and sizes --------------------------------------------------
+    def rule(self, role: str) -> TargetRule:
+        """The target rule of ``role`` (``"student"`` or ``"fake"``)."""
+        if role == "student":
+            return self.student_targets
+        if role == "fake":
+            return self.fake_targets
+        raise BadInputError(f"unknown LoRaD role {role!r}; expected one of {', '.join(ROLES)}")
+
+    def default_rank(self, role: str) -> int:
+        """The paper's rank for ``role`` on this backbone."""
+        self.rule(role)
+        return self.student_rank if role == "student" else self.fake_rank
+
+    def target_modules(self, model: nn.Module | None, role: str) -> list[str]:
+        """Module paths LoRaD adapts for ``role`` (WaDi §2), in module order. With
+        ``model=None`` they are read from the shipped config's skeleton."""
+        rule = self.rule(role)
+        names = list(self._skeleton()[0]) if model is None else linear_names(model)
+        return [n for n in names if rule.matches(n)]
+
+    def lorad_config(self, role: str, rank: int | None = None, model: str | None = None) -> LoRaDConfig:
+        """The :class:`LoRaDConfig` for ``role`` on this backbone (targets from the shipped
+        architecture, rank defaulting to the paper's, base model = ``model_id(model)``)."""
+        return LoRaDConfig(
+            rank=self.default_rank(role) if rank is None else rank,
+            role=role,
+            targets=tuple(self.target_modules(None, role)),
+            backbone=self.name,
+            base_model=self.model_id(model),
+        )
+
+    def adapter_plan(self, rank: int | None = None, fake_rank: int | None = None) -> dict[str, Any]:
+        """Layers and trainable parameters per role: ``r · (out + in/2)`` summed over the
+        targets of the shipped architecture. Ranks default to the paper's."""
+        shapes, base_params = self._skeleton()
+        plan: dict[str, Any] = {
+            "backbone": self.name,
+            "hub_id": self.hub_id,
+            "denoiser": self.denoiser_class,
+            "base_params": base_params,
+        }
+        for role, r in (("student", rank), ("fake", fake_rank)):
+            r = self.default_rank(role) if r is None else r
+            if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+                raise BadInputError(f"{role} rank must be a positive integer, got {r!r}")
+            targets = self.target_modules(None, role)
+            odd = [t for t in targets if shapes[t][1] % 2]
+            if odd:
+                raise BadInputError(f"{self.name}: targets with odd in_features: {', '.join(odd[:5])}")
+            trainable = sum(r * (shapes[t][0] + shapes[t][1] // 2) for t in targets)
+            plan[role] = {"rank": r, "layers": len(targets), "trainable_params": trainable}
+        plan.update(
+            alpha_bar_T=self.alpha_bar_T,
+            resolution=self.resolution,
+            latent_size=self.latent_size,
+            text_encoder=self.text_encoder,
+            text_max_length=self.text_max_length,
+            prediction_type=self.prediction_type,
+            mixed_precision=self.mixed_precision,
+        )
+        return plan
+
+
+def _tiny_text_max_length() -> int:
+    """The tiny tokenizer's ``model_max_length`` (from the shipped pipeline, else from the
+    architecture module that defines it)."""
+    cfg = TINY_PIPELINE_DIR / "tokenizer" / "tokenizer_config.json"
+    if cfg.is_file():
+        try:
+            value = json.loads(cfg.read_text()).get("model_max_length")
+            if isinstance(value, int):
+                return value
+        except (OSError, json.JSONDecodeError):
+            pass
+    try:
+        from wadi_cli.tiny.arch import MAX_TOKENS
+
+        return int(MAX_TOKENS)
+    except Exception:  # noqa: BLE001 - the tiny module is optional at import time
+        return 77
+
+
+_SD_STUDENT = TargetRule(include_roots=_UNET_ROOTS)
+_SD_FAKE = TargetRule(include_roots=_UNET_ROOTS, exclude_substrings=_FAKE_EXCLUDES)
+
+
+def _make_registry() -> dict[str, Backbone]:
+    sd_common: dict[str, Any] = dict(
+        family="unet",
+        denoiser_subfolder="unet",
+        denoiser_class="UNet2DConditionModel",
+        resolution=512,
+        latent_size=64,
+        latent_channels=4,
+        text_encoder="clip",
+        text_max_length=77,
+        student_rank=256,
+        fake_rank=32,
+        student_targets=_SD_STUDENT,
+        fake_targets=_SD_FAKE,
+        release_repo="gudaochangsheng/WaDi",
+        default_dtype=torch.float16,
+        mixed_precision="fp16",
+    )
+    entries = [
+        Backbone(
+            name="sd15",
+            hub_id="stable-diffusion-v1-5/stable-diffusion-v1-5",
+            config_path=CONFIGS_DIR / "sd15" / "unet" / "config.json",
+            release_file="rotated_unet-sdv1-5.safetensors",
+            description="Stable Diffusion 1.5 (512 px, CLIP ViT-L/14, ε-prediction)",
+            **sd_common,
+        ),
+        Backbone(
+            name="sd21",
+            hub_id="stabilityai/stable-diffusion-2-1-base",
+            config_path=CONFIGS_DIR / "sd21" / "unet" / "config.json",
+            release_file="rotated_unet-sdv2-1.safetensors",
+            description="Stable Diffusion 2.1-base (512 px, OpenCLIP ViT-H/14, ε-prediction)",
+            **sd_common,
+        ),
+        Backbone(
+            name="pixart",
+            family="dit",
+            hub_id="PixArt-alpha/PixArt-XL-2-256x256",
+            denoiser_subfolder="transformer",
+            denoiser_class="PixArtTransformer2DModel",
+            config_path=CONFIGS_DIR / "pixart" / "transformer" / "config.json",
+            resolution=256,
+            latent_size=32,
+            latent_channels=4,
+            text_encoder="t5",
+            text_max_length=120,
+            student_rank=128,
+            fake_rank=32,
+            student_targets=TargetRule(exclude_roots=("adaln_single",)),
+            fake_targets=TargetRule(include_roots=("transformer_blocks",), exclude_substrings=_FAKE_EXCLUDES),
+            learned_sigma=True,
+            release_repo="gudaochangsheng/WaDi",
+            release_file="rotated_transformer.safetensors",
+            default_dtype=torch.bfloat16,
+            mixed_precision="bf16",
+            description="PixArt-α 256 px DiT (T5-XXL, ε-prediction, learned variance)",
+        ),
+        Backbone(
+            name="tiny",
+            family="unet",
+            hub_id=str(TINY_PIPELINE_DIR),
+            denoiser_subfolder="unet",
+            denoiser_class="UNet2DConditionModel",
+            config_path=TINY_PIPELINE_DIR / "unet" / "config.json",
+            resolution=32,
+            latent_size=8,
+            latent_channels=4,
+            text_encoder="clip",
+            text_max_length=_tiny_text_max_length(),
+            student_rank=16,
+            fake_rank=8,
+            student_targets=_SD_STUDENT,
+            fake_targets=_SD_FAKE,
+            default_dtype=torch.float32,
+            mixed_precision="no",
+            description="tiny SD-like model shipped with wadi (32 px, CPU-friendly; for tests and demos)",
+        ),
+    ]
+    return {b.name: b for b in entries}
+
+
+#: Every supported backbone by name.
+BACKBONES: dict[str, Backbone] = _make_registry()
+
+
+def get_backbone(name: str) -> Backbone:
+    """The registry entry ``name``; :class:`BadInputError` listing valid names otherwise."""
+    key = str(name).strip().lower()
+    if key not in BACKBONES:
+        raise BadInputError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}")
+    return BACKBONES[key]
