@@ -41,9 +41,9 @@ def _root(
 def _register() -> None:
     # Each command module exposes ``register(app)``. Imported lazily so ``wadi --help``
     # stays fast and one broken optional dependency does not take down every command.
-    from wadi_cli.cli import analyze, eval, info, merge, sample
+    from wadi_cli.cli import analyze, distill, eval, export, info, merge, sample
 
-    for module in (analyze, info, merge, sample, eval):
+    for module in (analyze, info, merge, sample, eval, distill, export):
         module.register(app)
 
 
