@@ -3,25 +3,42 @@
 Public API (everything else in the package receives tensors):
 
 - :func:`open_checkpoint` -> :class:`TensorSource`, a lazy read-only mapping from
-  diffusers-style tensor names to tensors, read one tensor at a time.
-- :func:`save_safetensors` writes a state dict atomically with provenance metadata.
-- :func:`atomic_output_dir` makes a ``--out DIR`` appear all at once or not at all.
+  diffusers-style tensor names to tensors, read one tensor at a time (positioned reads,
+  no mmap). Accepts safetensors files, sharded indexes, diffusers model and pipeline
+  folders, original SD single files (names mapped to diffusers'), and pickle-format
+  files only through ``torch.load(weights_only=True)``.
+- :func:`save_safetensors` writes a state dict atomically with provenance metadata
+  (:func:`provenance_metadata`).
+- :func:`atomic_output_dir` makes a ``--out DIR`` appear all at once or not at all,
+  and never replaces a folder wadi did not write; :func:`check_writable` fails early.
+- :func:`resolve_model` / :func:`fetch_file`: local path or hub snapshot, with
+  one-line :class:`~wadi_cli.errors.HubError` failures.
 """
 
-from wadi_cli.io.core import (
-    TensorSource,
+from wadi_cli.io.hub import fetch_file, resolve_model
+from wadi_cli.io.resolve import load_state_dict, open_checkpoint
+from wadi_cli.io.safetensors_reader import SafetensorsFile
+from wadi_cli.io.sd_single_file import ldm_unet_table
+from wadi_cli.io.sources import TensorSource
+from wadi_cli.io.writers import (
+    MARKER,
     atomic_output_dir,
-    load_state_dict,
-    open_checkpoint,
+    check_writable,
     provenance_metadata,
     save_safetensors,
 )
 
 __all__ = [
+    "MARKER",
+    "SafetensorsFile",
     "TensorSource",
     "atomic_output_dir",
+    "check_writable",
+    "fetch_file",
+    "ldm_unet_table",
     "load_state_dict",
     "open_checkpoint",
     "provenance_metadata",
+    "resolve_model",
     "save_safetensors",
 ]

@@ -1,0 +1,138 @@
+"""Atomic writes, provenance metadata, output-folder ownership, early writability checks."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from wadi_cli import __version__
+from wadi_cli.errors import BadInputError
+from wadi_cli.io import (
+    MARKER,
+    atomic_output_dir,
+    check_writable,
+    load_state_dict,
+    provenance_metadata,
+    save_safetensors,
+)
+from wadi_cli.io import writers as writers_mod
+
+
+def _leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_save_round_trip_with_provenance(tmp_path):
+    base = torch.randn(6, 4)
+    sd = {"a": base, "a_view": base[:3], "b": torch.arange(5, dtype=torch.int64), "s": torch.tensor(1.0)}
+    meta = provenance_metadata({"rank": 256, "alpha_T": 0.0047}, ["teacher.safetensors", "student/"])
+    out = save_safetensors(sd, tmp_path / "sub" / "w.safetensors", meta)
+    got = load_state_dict(out)
+    assert all(torch.equal(got[k], v) for k, v in sd.items())
+    with safe_open(str(out), framework="pt") as f:
+        stored = f.metadata()
+    assert stored["wadi_version"] == __version__
+    assert json.loads(stored["wadi_config"]) == {"alpha_T": 0.0047, "rank": 256}
+    assert json.loads(stored["wadi_sources"]) == ["teacher.safetensors", "student/"]
+    assert _leftovers(tmp_path / "sub") == []
+
+
+def test_save_failure_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
+    dest = tmp_path / "w.safetensors"
+    save_safetensors({"a": torch.ones(2)}, dest)
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(writers_mod, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_safetensors({"a": torch.zeros(2)}, dest)
+    assert torch.equal(load_state_dict(dest)["a"], torch.ones(2))
+    assert _leftovers(tmp_path) == []
+
+
+def test_save_rejects_bad_input(tmp_path):
+    with pytest.raises(BadInputError, match="str -> str"):
+        save_safetensors({"a": torch.ones(1)}, tmp_path / "x.safetensors", {"k": 3})
+    with pytest.raises(BadInputError, match="expected str -> torch.Tensor"):
+        save_safetensors({"a": [1, 2]}, tmp_path / "x.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_dir_success_and_failure(tmp_path):
+    dest = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="boom"), atomic_output_dir(dest) as d:
+        (d / "half.txt").write_text("x")
+        raise RuntimeError("boom")
+    assert not dest.exists() and _leftovers(tmp_path) == []
+    with atomic_output_dir(dest) as d:
+        (d / "result.txt").write_text("ok")
+        assert not dest.exists()  # nothing appears before the block succeeds
+    assert (dest / "result.txt").read_text() == "ok"
+    assert (dest / MARKER).is_file()
+    assert _leftovers(tmp_path) == []
+
+
+def test_atomic_dir_replaces_only_our_folders(tmp_path):
+    ours = tmp_path / "ours"
+    with atomic_output_dir(ours) as d:
+        (d / "old.txt").write_text("old")
+    with atomic_output_dir(ours) as d:
+        (d / "new.txt").write_text("new")
+    assert sorted(p.name for p in ours.iterdir()) == [MARKER, "new.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with atomic_output_dir(empty) as d:
+        (d / "a").write_text("a")
+    assert (empty / "a").exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_atomic_dir_refuses_user_folder_before_running(tmp_path):
+    user = tmp_path / "photos"
+    user.mkdir()
+    (user / "holiday.jpg").write_bytes(b"precious")
+    ran = False
+    with pytest.raises(BadInputError, match="not written by wadi"), atomic_output_dir(user):
+        ran = True
+    assert not ran and (user / "holiday.jpg").read_bytes() == b"precious"
+    afile = tmp_path / "file.txt"
+    afile.write_text("x")
+    with pytest.raises(BadInputError, match="not a folder"), atomic_output_dir(afile):
+        pass
+    assert _leftovers(tmp_path) == []
+
+
+def test_check_writable(tmp_path):
+    assert check_writable(tmp_path / "a" / "b" / "w.safetensors") == tmp_path / "a" / "b" / "w.safetensors"
+    assert not (tmp_path / "a").exists()  # the probe leaves nothing behind
+    check_writable(tmp_path / "new_run", directory=True)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    with pytest.raises(BadInputError, match="is a file, not a folder"):
+        check_writable(blocker / "out" / "w.safetensors")
+    with pytest.raises(BadInputError, match="is a folder"):
+        check_writable(tmp_path)
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "doc.txt").write_text("x")
+    with pytest.raises(BadInputError, match="not written by wadi"):
+        check_writable(tmp_path / "user", directory=True)
+    assert sorted(os.listdir(tmp_path)) == ["blocker", "user"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permission bits")
+def test_check_writable_read_only_folder(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(BadInputError, match="not writable"):
+            check_writable(ro / "w.safetensors")
+    finally:
+        ro.chmod(0o700)
