@@ -19,7 +19,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
-    rich_markup_mode="rich",
+    rich_markup_mode="markdown",
 )
 
 
@@ -45,6 +45,13 @@ def _register() -> None:
 
     for module in (analyze, info, merge, sample, eval, distill, export):
         module.register(app)
+    # One-line summaries for `wadi --help`: the first sentence of each docstring, reflowed
+    # (docstrings are wrapped at ~90 columns, which rich would otherwise keep).
+    for command in app.registered_commands:
+        doc = command.help or (command.callback.__doc__ if command.callback else None)
+        if command.short_help is None and doc:
+            first = " ".join(doc.strip().split("\n\n")[0].split())
+            command.short_help = first.split(". ")[0].rstrip(".:")
 
 
 _register()

@@ -1,0 +1,123 @@
+"""Prompt encoding for the two text-encoder families (CLIP for SD, T5 for PixArt).
+
+One rule, used for the prompts AND for the empty prompt ∅, in training AND in sampling
+(the authors' release masks training prompts but not ∅ nor inference prompts; we do not
+repeat that):
+
+- CLIP (SD 1.5 / 2.1 / tiny): tokens padded to ``max_length``; the encoder gets the
+  attention mask only when its config asks for one (``use_attention_mask``, as the SD
+  pipelines do); the denoiser gets no mask (SD U-Nets were trained on the full padded
+  sequence).
+- T5 (PixArt): tokens padded to ``max_length`` (120); the attention mask goes to the
+  encoder and, through :class:`TextCondition.mask`, to the transformer's cross-attention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from wadi_cli.errors import BadInputError
+
+TextEncoderKind = Literal["clip", "t5"]
+
+
+@dataclass
+class TextCondition:
+    """Encoded prompts: ``embeds`` (B, L, D) and an optional cross-attention mask (B, L),
+    1 = attend, 0 = padding. ``mask is None`` means "attend to every token"."""
+
+    embeds: torch.Tensor
+    mask: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.embeds.shape[0])
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TextCondition:
+        """Move to ``device``; cast the embeddings (never the mask) to ``dtype``."""
+        embeds = self.embeds.to(device=device, dtype=dtype)
+        mask = None if self.mask is None else self.mask.to(device=device)
+        return TextCondition(embeds, mask)
+
+    def index(self, idx: slice | Sequence[int] | torch.Tensor) -> TextCondition:
+        """Rows ``idx`` of the batch."""
+        if not isinstance(idx, slice):
+            idx = torch.as_tensor(idx, dtype=torch.long, device=self.embeds.device)
+        return TextCondition(self.embeds[idx], None if self.mask is None else self.mask[idx])
+
+    @staticmethod
+    def cat(conditions: Sequence[TextCondition]) -> TextCondition:
+        """Concatenate along the batch (all masked or none masked)."""
+        if not conditions:
+            raise ValueError("nothing to concatenate")
+        masks = [c.mask for c in conditions]
+        if any(m is None for m in masks) and not all(m is None for m in masks):
+            raise ValueError("cannot concatenate masked and unmasked text conditions")
+        embeds = torch.cat([c.embeds for c in conditions])
+        mask = None if masks[0] is None else torch.cat(masks)  # type: ignore[arg-type]
+        return TextCondition(embeds, mask)
+
+
+class PromptEncoder:
+    """Callable ``prompts -> TextCondition`` with the masking rule of the module docstring.
+
+    ``encoder.empty(n)`` gives ∅ repeated n times (encoded once, cached per device).
+    """
+
+    def __init__(
+        self,
+        tokenizer: object,
+        text_encoder: torch.nn.Module,
+        kind: TextEncoderKind,
+        max_length: int | None = None,
+    ) -> None:
+        if kind not in ("clip", "t5"):
+            raise BadInputError(f"unknown text encoder kind {kind!r}; expected 'clip' or 't5'")
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.kind = kind
+        self.max_length = int(max_length or tokenizer.model_max_length)  # type: ignore[attr-defined]
+        self._empty: TextCondition | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.text_encoder.parameters()).device
+
+    def _encoder_wants_mask(self) -> bool:
+        if self.kind == "t5":
+            return True
+        return bool(getattr(self.text_encoder.config, "use_attention_mask", False))
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str]) -> TextCondition:
+        """Encode a batch of prompts (strings, possibly empty)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if len(prompts) == 0:
+            raise BadInputError("no prompts to encode")
+        tokens = self.tokenizer(  # type: ignore[operator]
+            list(prompts),
+            padding="max_length",
+            max_length=self.max_length,
+            truncation=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        ids = tokens.input_ids.to(self.device)
+        mask = tokens.attention_mask.to(self.device)
+        encoder_mask = mask if self._encoder_wants_mask() else None
+        embeds = self.text_encoder(ids, attention_mask=encoder_mask)[0]
+        return TextCondition(embeds, mask if self.kind == "t5" else None)
+
+    def empty(self, n: int) -> TextCondition:
+        """∅ (the empty prompt) repeated ``n`` times, encoded by exactly the same rule."""
+        if self._empty is None or self._empty.embeds.device != self.device:
+            self._empty = self([""])
+        e = self._empty
+        return TextCondition(
+            e.embeds.expand(n, *e.embeds.shape[1:]),
+            None if e.mask is None else e.mask.expand(n, *e.mask.shape[1:]),
+        )

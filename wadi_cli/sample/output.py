@@ -1,0 +1,81 @@
+"""Writing samples: numbered PNGs, a grid, and a JSON record of prompts, seeds and
+settings, all in one folder that appears atomically (complete or not at all)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from wadi_cli.errors import BadInputError
+
+SAMPLES_JSON = "samples.json"
+GRID_PNG = "grid.png"
+
+
+def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.ndarray:
+    """Tile (N, H, W, 3) uint8 images row-major into one image, ``pad`` white pixels apart.
+    ``ncols`` defaults to ceil(sqrt(N))."""
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"expected a non-empty (N, H, W, C) array, got shape {images.shape}")
+    n, h, w, c = images.shape
+    ncols = min(n, ncols or math.ceil(math.sqrt(n)))
+    nrows = math.ceil(n / ncols)
+    grid = np.full((nrows * h + (nrows - 1) * pad, ncols * w + (ncols - 1) * pad, c), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, q = divmod(i, ncols)
+        grid[r * (h + pad) : r * (h + pad) + h, q * (w + pad) : q * (w + pad) + w] = img
+    return grid
+
+
+def check_output_dir(out: str | os.PathLike[str]) -> Path:
+    """Fail early (before any model is loaded) if ``out`` cannot be written: it is a file,
+    a non-empty folder wadi did not write, or its nearest existing parent is not a
+    writable folder. A folder wadi wrote before (``.wadi`` marker) is replaced."""
+    from wadi_cli.io import check_writable
+
+    return check_writable(out, directory=True)
+
+
+def save_samples(
+    out: str | os.PathLike[str],
+    images: np.ndarray,
+    prompts: list[str],
+    seeds: list[int],
+    metadata: Mapping[str, object] | None = None,
+    grid_cols: int | None = None,
+) -> Path:
+    """Write ``0000.png``, ``0001.png``, … , ``grid.png`` and ``samples.json`` (prompts,
+    seeds, files, ``metadata``) into ``out``, atomically."""
+    from PIL import Image
+
+    from wadi_cli.io import atomic_output_dir
+
+    if not (len(images) == len(prompts) == len(seeds)):
+        raise ValueError("images, prompts and seeds must have the same length")
+    if len(images) == 0:
+        raise BadInputError("no images to save")
+    width = max(4, len(str(len(images) - 1)))
+    files = [f"{i:0{width}d}.png" for i in range(len(images))]
+    record = {
+        **dict(metadata or {}),
+        "grid": GRID_PNG,
+        "images": [
+            {"file": f, "prompt": p, "seed": int(s)} for f, p, s in zip(files, prompts, seeds, strict=True)
+        ],
+    }
+    try:
+        with atomic_output_dir(out) as tmp:
+            for f, img in zip(files, images, strict=True):
+                Image.fromarray(img).save(tmp / f)
+            Image.fromarray(image_grid(images, grid_cols)).save(tmp / GRID_PNG)
+            (tmp / SAMPLES_JSON).write_text(
+                json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8"
+            )
+    except OSError as exc:
+        raise BadInputError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
+    return Path(out)
