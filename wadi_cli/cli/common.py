@@ -3,6 +3,7 @@ and ``Annotated`` option aliases reused across commands."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -47,6 +48,12 @@ def handle_errors(fn: F) -> F:
             if debug_enabled():
                 raise
             fail(str(exc), exc.exit_code)
+        except BrokenPipeError:
+            # `wadi analyze --json | head`: the reader went away; not an error of ours.
+            with contextlib.suppress(Exception):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+            raise typer.Exit(0) from None
         except KeyboardInterrupt:
             if debug_enabled():
                 raise

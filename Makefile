@@ -1,0 +1,23 @@
+.PHONY: install test test-all lint format bench
+
+install:
+	pip install torch==2.13.0
+	pip install -e ".[test]"
+
+test:
+	python -m pytest
+
+test-all:  ## includes slow tests (GPU tests still need -m gpu on a CUDA machine)
+	python -m pytest -m "not gpu"
+
+lint:
+	ruff check .
+	ruff format --check .
+
+format:
+	ruff format .
+	ruff check --fix .
+
+bench:
+	python analysis/bench_analyze.py
+	python analysis/bench_sample.py

@@ -1,0 +1,295 @@
+"""``analyze``: pair two checkpoints by tensor name and measure how the student's rows
+moved away from the teacher's, in norm and in direction (the WaDi paper's Fig. 1).
+
+Tensors are streamed: a reader thread loads the next teacher/student pair while the
+current one is decomposed, so at most two pairs, one residual and one Gram matrix are
+in memory at any time.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from wadi_cli import __version__
+from wadi_cli.analysis.decompose import RowDecomposition, decompose_rows, layer_kind
+from wadi_cli.analysis.report import (
+    DEFINITIONS,
+    LayerResult,
+    aggregate,
+    group_by_block,
+    jsonable,
+    layer_result,
+)
+from wadi_cli.analysis.spectrum import (
+    METHODS,
+    eigvals_desc,
+    exact_squared_singular_values,
+    gram_of_smaller_side,
+    spectrum_stats,
+)
+from wadi_cli.errors import BadInputError, MismatchError
+
+
+class TensorSourceLike(Protocol):
+    """What :func:`analyze_sources` needs from a checkpoint (``wadi_cli.io.TensorSource`` fits)."""
+
+    def keys(self) -> Any: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+
+class DictSource:
+    """Adapter making an in-memory state dict look like a checkpoint source."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], description: str = "state dict") -> None:
+        self._tensors = tensors
+        self.description = description
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].shape)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+
+@dataclass
+class AnalyzeOptions:
+    """Knobs of the analysis (CLI flags map one to one)."""
+
+    rank_k: int = 64  # energy_at_k cut-off
+    top: int = 8  # leading singular values reported per layer
+    filter: str | None = None  # regex (re.search) on tensor names
+    method: str = "gram"  # "gram" (fast, all singular values) or "exact" (float64 SVD)
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        if self.rank_k < 1:
+            raise BadInputError(f"--rank-k must be >= 1, got {self.rank_k}")
+        if self.top < 0:
+            raise BadInputError(f"--top must be >= 0, got {self.top}")
+        if self.method not in METHODS:
+            raise BadInputError(f"unknown spectrum method {self.method!r}; expected one of {METHODS}")
+        if self.filter is not None:
+            try:
+                re.compile(self.filter)
+            except re.error as exc:
+                raise BadInputError(
+                    f"--filter {self.filter!r} is not a valid regular expression: {exc}"
+                ) from None
+        try:
+            dev = torch.device(self.device)
+        except RuntimeError as exc:
+            raise BadInputError(f"--device {self.device!r}: {exc}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise BadInputError(f"--device {self.device}: CUDA is not available on this machine")
+
+
+@dataclass
+class Pairing:
+    """How the tensor names of the two checkpoints matched up."""
+
+    paired: list[str] = field(default_factory=list)  # >= 2-D, same shape, selected
+    only_in_teacher: list[str] = field(default_factory=list)
+    only_in_student: list[str] = field(default_factory=list)
+    shape_mismatch: list[dict[str, Any]] = field(default_factory=list)
+    not_matrix: list[str] = field(default_factory=list)  # common tensors with < 2 dims
+    filtered_out: int = 0
+
+
+def pair_tensors(teacher: TensorSourceLike, student: TensorSourceLike, pattern: str | None = None) -> Pairing:
+    """Match names; list tensors present on one side only or with different shapes.
+
+    Raises :class:`MismatchError` if no weight matrix pairs, and :class:`BadInputError`
+    if ``pattern`` deselects every pairable matrix.
+    """
+    t_keys, s_keys = list(teacher.keys()), list(student.keys())
+    s_set, t_set = set(s_keys), set(t_keys)
+    out = Pairing(
+        only_in_teacher=[k for k in t_keys if k not in s_set],
+        only_in_student=[k for k in s_keys if k not in t_set],
+    )
+    regex = re.compile(pattern) if pattern else None
+    candidates = 0
+    for name in (k for k in t_keys if k in s_set):
+        ts, ss = tuple(teacher.shape(name)), tuple(student.shape(name))
+        if ts != ss:
+            out.shape_mismatch.append({"name": name, "teacher": list(ts), "student": list(ss)})
+        elif len(ts) < 2:
+            out.not_matrix.append(name)
+        else:
+            candidates += 1
+            if regex is None or regex.search(name):
+                out.paired.append(name)
+            else:
+                out.filtered_out += 1
+    if candidates == 0:
+        common = len(t_set & s_set)
+        raise MismatchError(
+            f"no weight matrix pairs between the two checkpoints ({len(t_keys)} teacher tensors, "
+            f"{len(s_keys)} student tensors, {common} common names, "
+            f"{len(out.shape_mismatch)} with different shapes)"
+        )
+    if not out.paired:
+        raise BadInputError(f"--filter {pattern!r} matches none of the {candidates} paired weight matrices")
+    return out
+
+
+@dataclass
+class AnalysisResult:
+    """Everything ``wadi analyze`` reports; :meth:`summary` is the JSON document."""
+
+    layers: list[LayerResult]
+    pairing: Pairing
+    options: AnalyzeOptions
+    spectra: dict[str, np.ndarray]  # layer -> squared singular values, descending
+    teacher: str = ""
+    student: str = ""
+    seconds: float = 0.0
+
+    def summary(self, include_layers: bool = True) -> dict[str, Any]:
+        """Strict-JSON-ready summary: options, definitions, overall/per-block/per-kind stats."""
+        kinds: dict[str, list[LayerResult]] = {}
+        for layer in self.layers:
+            kinds.setdefault(layer.kind, []).append(layer)
+        doc: dict[str, Any] = {
+            "tool": "wadi analyze",
+            "wadi_version": __version__,
+            "teacher": self.teacher,
+            "student": self.student,
+            "options": asdict(self.options),
+            "definitions": DEFINITIONS,
+            "overall": aggregate(self.layers),
+            "blocks": group_by_block(self.layers),
+            "kinds": {k: aggregate(v) for k, v in kinds.items()},
+            "skipped": {
+                "only_in_teacher": self.pairing.only_in_teacher,
+                "only_in_student": self.pairing.only_in_student,
+                "shape_mismatch": self.pairing.shape_mismatch,
+                "not_matrix_count": len(self.pairing.not_matrix),
+                "filtered_out_count": self.pairing.filtered_out,
+            },
+            "seconds": round(self.seconds, 3),
+        }
+        if include_layers:
+            doc["layers"] = [asdict(x) for x in self.layers]
+        return jsonable(doc)
+
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+def _one_thread() -> None:
+    # Thread-local in torch's OpenMP backend: the eigen worker runs its LAPACK calls on
+    # one core while the caller's thread keeps all intra-op threads for the products.
+    # (Measured: a 1280 x 1280 eigvalsh is several times slower with 2 threads on a
+    # loaded 2-core machine than with 1, because its many small parallel steps stall.)
+    torch.set_num_threads(1)
+
+
+def _spectrum_job(residual: torch.Tensor, method: str) -> Callable[[], np.ndarray]:
+    """The expensive part of a layer's spectrum, as a closure for the eigen worker.
+
+    ``"gram"``: the Gram product is formed now (caller's thread, all intra-op threads)
+    and only the small eigenproblem is deferred; ``"exact"``: the whole SVD is deferred.
+    """
+    if method == "exact":
+        return lambda: exact_squared_singular_values(residual)
+    g = gram_of_smaller_side(residual)
+    return lambda: eigvals_desc(g)
+
+
+def analyze_sources(
+    teacher: TensorSourceLike,
+    student: TensorSourceLike,
+    options: AnalyzeOptions | None = None,
+    progress: ProgressFn | None = None,
+) -> AnalysisResult:
+    """Analyze two open checkpoints (or :class:`DictSource` state dicts).
+
+    Args:
+        teacher, student: sources with ``keys()``, ``shape(name)`` and ``get(name)``.
+        options: see :class:`AnalyzeOptions`.
+        progress: called as ``progress(name, done, total)`` after each layer.
+    """
+    opts = options or AnalyzeOptions()
+    opts.validate()
+    start = time.perf_counter()
+    pairing = pair_tensors(teacher, student, opts.filter)
+    names = pairing.paired
+    layers: list[LayerResult] = []
+    spectra: dict[str, np.ndarray] = {}
+
+    def load(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return teacher.get(name), student.get(name)
+
+    # One reader thread reads the next pair while this one is decomposed; one eigen
+    # thread solves the small symmetric eigenproblems while the next Gram is formed.
+    pending: list[tuple[str, str, RowDecomposition, Future[np.ndarray]]] = []
+
+    def finish(limit: int) -> None:
+        while len(pending) > limit:
+            name, kind, dec, fut = pending.pop(0)
+            sq = fut.result()
+            layers.append(layer_result(name, kind, dec, spectrum_stats(sq, k=opts.rank_k, top=opts.top)))
+            spectra[name] = sq.astype(np.float32)
+            if progress is not None:
+                progress(name, len(layers), len(names))
+
+    res_dtype = torch.float64 if opts.method == "exact" else torch.float32
+    with (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="wadi-read") as reader,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="wadi-eig", initializer=_one_thread) as eig,
+    ):
+        future = reader.submit(load, names[0])
+        for i, name in enumerate(names):
+            t, s = future.result()
+            if i + 1 < len(names):
+                future = reader.submit(load, names[i + 1])
+            dec = decompose_rows(t, s, residual_dtype=res_dtype, device=opts.device)
+            kind = layer_kind(name, tuple(t.shape))
+            del t, s
+            job = _spectrum_job(dec.residual, opts.method)
+            dec.residual = dec.residual[:0]  # keep the shape's columns, free the memory
+            pending.append((name, kind, dec, eig.submit(job)))
+            finish(limit=2)
+        finish(limit=0)
+    return AnalysisResult(
+        layers=layers,
+        pairing=pairing,
+        options=opts,
+        spectra=spectra,
+        teacher=str(getattr(teacher, "description", "")),
+        student=str(getattr(student, "description", "")),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def analyze_checkpoints(
+    teacher_path: str | Path,
+    student_path: str | Path,
+    options: AnalyzeOptions | None = None,
+    progress: ProgressFn | None = None,
+) -> AnalysisResult:
+    """Open two checkpoints with :func:`wadi_cli.io.open_checkpoint` and analyze them."""
+    from wadi_cli.io import open_checkpoint
+
+    (options or AnalyzeOptions()).validate()  # fail on bad flags before touching files
+    with open_checkpoint(teacher_path) as t_src, open_checkpoint(student_path) as s_src:
+        result = analyze_sources(t_src, s_src, options, progress)
+    result.teacher = f"{teacher_path} ({result.teacher})" if result.teacher else str(teacher_path)
+    result.student = f"{student_path} ({result.student})" if result.student else str(student_path)
+    return result
