@@ -1,12 +1,58 @@
-"""``wadi export`` (placeholder registration; replaced by the work item that implements it)."""
+"""``wadi export``: a distillation run's student as merged weights, an adapter file or a
+diffusers pipeline folder (a thin shell over :func:`wadi_cli.distill.export.export_run`)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+from wadi_cli.cli.common import JsonFlag, console, handle_errors
+
+HELP = """Export the one-step student of a `wadi distill` run.
+
+Formats: merged = the full U-Net/transformer state dict (the authors' release format,
+loads strictly into the base model); adapter = the LoRaD adapter file of `wadi merge`;
+diffusers = a complete pipeline folder for `from_pretrained` and `wadi sample --weights`.
+The EMA weights are used when the run kept them (--raw for the raw student).
+
+Examples:
+
+  wadi export runs/tiny --format merged --out tiny-onestep.safetensors
+
+  wadi export runs/sd15 --format adapter --out sd15-student.safetensors --raw
+
+  wadi export runs/sd15 --format diffusers --out sd15-onestep/
+
+  wadi export runs/sd15 -f merged -o m.safetensors --checkpoint runs/sd15/checkpoints/step-00001000
+"""
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("export", hidden=True)
-    def _placeholder() -> None:
-        """Not implemented yet."""
-        raise typer.Exit(1)
+    @app.command("export", help=HELP, no_args_is_help=True)
+    @handle_errors
+    def export_cmd(
+        run: Annotated[Path, typer.Argument(help="Run folder written by `wadi distill --out`.")],
+        out: Annotated[
+            Path, typer.Option("--out", "-o", help="Output file (merged/adapter) or folder (diffusers).")
+        ],
+        fmt: Annotated[str, typer.Option("--format", "-f", help="merged, adapter or diffusers.")] = "merged",
+        checkpoint: Annotated[
+            str | None, typer.Option("--checkpoint", help="A checkpoint folder (default: the latest).")
+        ] = None,
+        raw: Annotated[bool, typer.Option("--raw", help="Export the raw student, not its EMA.")] = False,
+        overwrite: Annotated[
+            bool, typer.Option("--overwrite", help="Replace an existing output file.")
+        ] = False,
+        json_out: JsonFlag = False,
+    ) -> None:
+        from wadi_cli.distill.export import export_run
+
+        summary = export_run(run, fmt, out, checkpoint=checkpoint, ema=not raw, overwrite=overwrite)
+        if json_out:
+            console.print_json(json.dumps(summary))
+        else:
+            which = "EMA" if summary["ema"] else "raw"
+            console.print(f"wrote {summary['out']} ({fmt}, {which} student of {summary['checkpoint']})")

@@ -1,0 +1,100 @@
+"""``wadi distill`` / ``wadi export`` through Typer's CliRunner, and Ctrl-C handling."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+from test_distill_train import one_torch_thread, random_tiny_pipeline
+from typer.testing import CliRunner
+
+from wadi_cli.cli.main import app
+from wadi_cli.distill import distill, list_checkpoints, resolve_config
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def pipe_dir():
+    return random_tiny_pipeline()
+
+
+def test_help_has_examples():
+    for cmd in ("distill", "export"):
+        result = runner.invoke(app, [cmd, "--help"])
+        assert result.exit_code == 0 and "Examples" in result.stdout and f"wadi {cmd}" in result.stdout
+
+
+def test_dry_run_prints_config_and_plan(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("rank = 64\n")
+    result = runner.invoke(
+        app, ["distill", "-b", "sd15", "--config", str(cfg), "--lr", "2e-4", "--dry-run", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["config"]["rank"] == 64 and data["config"]["lr"] == 2e-4 and data["config"]["fake_lr"] == 0.01
+    assert data["plan"]["student"]["trainable_params"] == 20_948_992
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("setup", "args", "needle"),
+    [
+        (lambda p: (p / "e.txt").write_text("  \n\n"), ["--prompts", "{d}/e.txt"], "no prompts"),
+        (lambda p: (p / "c.yaml").write_text("rnk: 3\n"), ["--config", "{d}/c.yaml"], "unknown key"),
+        (lambda p: None, ["--prompts", "{d}/missing.txt"], "no such file"),
+        (lambda p: (p / "file").write_text("x"), ["--out", "{d}/file"], "not a folder"),
+        (lambda p: None, ["--rank", "0"], "at least 1"),
+    ],
+)
+def test_bad_input_gives_one_line_and_exit_2(tmp_path, pipe_dir, setup, args, needle):
+    setup(tmp_path)
+    args = [a.format(d=tmp_path) for a in args]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "run")]
+    result = runner.invoke(app, ["distill", "--model", str(pipe_dir), "--device", "cpu", *args])
+    assert result.exit_code == 2, result.output
+    assert needle in result.stderr and "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # nothing half-written
+
+
+def test_train_then_export_through_the_cli(tmp_path, pipe_dir):
+    run = tmp_path / "run"
+    base = ["distill", "--model", str(pipe_dir), "--out", str(run), "--device", "cpu", "--batch-size", "2"]
+    result = runner.invoke(app, [*base, "--max-steps", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["steps"] == 2
+    again = runner.invoke(app, [*base, "--max-steps", "3"])
+    assert again.exit_code == 2 and "--resume latest" in again.stderr
+    resumed = runner.invoke(
+        app, ["distill", "--out", str(run), "--resume", "latest", "--max-steps", "3", "--json"]
+    )
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(resumed.stdout)["from_step"] == 2
+    out = tmp_path / "student.safetensors"
+    exported = runner.invoke(app, ["export", str(run), "--format", "adapter", "--out", str(out), "--json"])
+    assert exported.exit_code == 0, exported.output
+    assert out.is_file() and json.loads(exported.stdout)["ema"] is True
+
+
+def test_ctrl_c_saves_a_checkpoint_and_stops(tmp_path, pipe_dir):
+    cfg = resolve_config(overrides=dict(model=str(pipe_dir), batch_size=2, max_steps=5, device="cpu"))
+
+    def interrupt(result, seconds):
+        if result.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    summary = distill(cfg, tmp_path / "run", on_step=interrupt)
+    assert summary.interrupted and summary.step == 2
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000002"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -1,0 +1,74 @@
+"""Config resolution (defaults → backbone → file → flags), validation and the dry-run plan."""
+
+from __future__ import annotations
+
+import pytest
+
+from wadi_cli.distill.config import DistillConfig, read_config_file, resolve_config
+from wadi_cli.distill.plan import parameter_plan
+from wadi_cli.errors import BadInputError
+
+
+def test_paper_defaults_for_sd15_and_pixart():
+    sd = resolve_config(overrides={"backbone": "sd15"})
+    assert (sd.rank, sd.fake_rank, sd.lr, sd.fake_lr) == (256, 32, 1e-4, 1e-2)
+    assert (sd.guidance, sd.fake_guidance, sd.t_min, sd.t_max) == (1.5, 1.5, 20, 980)
+    assert (sd.alpha_bar_T, sd.max_grad_norm, sd.prompt_dropout, sd.weight_decay) == (0.0047, 1.0, 0.1, 0.0)
+    px = resolve_config(overrides={"backbone": "pixart"})
+    assert (px.rank, px.fake_rank) == (128, 32)
+    tiny = resolve_config()
+    assert tiny.backbone == "tiny" and tiny.rank == 16
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".toml"])
+def test_file_then_flags_precedence(tmp_path, suffix):
+    path = tmp_path / f"cfg{suffix}"
+    if suffix == ".yaml":
+        path.write_text("backbone: sd21\nrank: 64\nfake-lr: 0.005\nseed: 3\n")
+    else:
+        path.write_text('backbone = "sd21"\nrank = 64\nfake-lr = 0.005\nseed = 3\n')
+    cfg = resolve_config(path, {"seed": 9, "lr": None})
+    assert (cfg.backbone, cfg.rank, cfg.fake_lr, cfg.seed, cfg.lr) == ("sd21", 64, 0.005, 9, 1e-4)
+
+
+def test_unknown_keys_and_bad_values_are_refused(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("rank: 8\nlearning_rate: 1\n")
+    with pytest.raises(BadInputError, match="learning_rate"):
+        read_config_file(path)
+    (tmp_path / "bad.yaml").write_text("rank: [1\n")
+    with pytest.raises(BadInputError, match="not valid"):
+        read_config_file(tmp_path / "bad.yaml")
+    with pytest.raises(BadInputError, match="integer"):
+        resolve_config(overrides={"rank": "eight"})
+    with pytest.raises(BadInputError, match="t-min"):
+        resolve_config(overrides={"t_min": 900, "t_max": 100})
+    with pytest.raises(BadInputError, match="backbone"):
+        resolve_config(overrides={"backbone": "sdxl"})
+    with pytest.raises(BadInputError, match="--adapter must be one of"):
+        resolve_config(overrides={"adapter": "ful"})
+
+
+def test_resume_base_keeps_saved_values():
+    saved = resolve_config(overrides={"rank": 8, "seed": 5}).to_dict()
+    cfg = resolve_config(overrides={"max_steps": 7}, base=saved)
+    assert (cfg.rank, cfg.seed, cfg.max_steps) == (8, 5, 7)
+    assert cfg.fingerprint()["rank"] == 8
+    assert isinstance(cfg, DistillConfig)
+
+
+@pytest.mark.parametrize(
+    ("backbone", "student", "fake"),
+    [("sd15", (182, 83_795_968), (160, 9_378_816)), ("sd21", (214, 94_429_184), (160, 9_509_888))],
+)
+def test_dry_run_plan_matches_method_counts(backbone, student, fake):
+    plan = parameter_plan(resolve_config(overrides={"backbone": backbone}))
+    assert (plan["student"]["layers"], plan["student"]["trainable_params"]) == student
+    assert (plan["fake"]["layers"], plan["fake"]["trainable_params"]) == fake
+
+
+def test_pixart_student_plan_and_rank_override():
+    plan = parameter_plan(resolve_config(overrides={"backbone": "pixart"}))
+    assert plan["student"]["trainable_params"] == 81_219_584
+    r64 = parameter_plan(resolve_config(overrides={"backbone": "sd15", "rank": 64}))
+    assert r64["student"]["trainable_params"] == 20_948_992

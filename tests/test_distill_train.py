@@ -1,0 +1,232 @@
+"""The WaDi training step and run loop on a random tiny pipeline (CPU, fast)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+
+import _helpers_sample as helpers
+import pytest
+import torch
+
+from wadi_cli.diffusion import TextCondition
+from wadi_cli.distill import adapter_state_dict, distill, list_checkpoints, load_checkpoint, resolve_config
+from wadi_cli.distill.run import config_for_run
+from wadi_cli.distill.trainer import Distiller, TrainingDiverged
+from wadi_cli.errors import BadInputError, MismatchError
+from wadi_cli.lorad import merge_adapter_into_state_dict
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """One intra-op thread: on the shared 2-core machine two threads are ~10x slower here."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def random_tiny_pipeline():
+    """The random tiny pipeline folder shared by the distill tests (built once)."""
+    helpers.tiny_module()
+    return helpers.tiny_pipeline_dir()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def pipe_dir():
+    return random_tiny_pipeline()
+
+
+def _cfg(pipe_dir, **kw):
+    base = dict(model=str(pipe_dir), batch_size=2, max_steps=6, device="cpu", seed=1, checkpoint_every=100)
+    return resolve_config(overrides={**base, **kw})
+
+
+def _distiller(pipe_dir, **kw) -> tuple[Distiller, torch.nn.Module]:
+    from wadi_cli.sample import load_sampler
+
+    sampler = load_sampler("tiny", model=pipe_dir, teacher=True)
+    plain = copy.deepcopy(sampler.denoiser.model)
+    return Distiller(
+        _cfg(pipe_dir, **kw), sampler, ["a red circle at the top left", "a blue square at the top right"]
+    ), plain
+
+
+def _adapters(run):
+    ckpt = load_checkpoint(list_checkpoints(run)[-1])
+    return ckpt
+
+
+def test_resume_is_bit_identical_to_a_straight_run(pipe_dir, tmp_path):
+    straight = tmp_path / "straight"
+    distill(_cfg(pipe_dir), straight)
+    split = tmp_path / "split"
+    # validation (EMA swap + images + tiny metrics) on the split run must not change training
+    distill(_cfg(pipe_dir, max_steps=3, checkpoint_every=1, keep_last=2, validate_every=2), split)
+    assert (split / "validation" / "step-00000002.png").is_file()
+    assert [p.name for p in list_checkpoints(split)] == ["step-00000002", "step-00000003"]  # --keep-last
+    cfg = config_for_run(split, "latest", None, {"max_steps": 6})
+    summary = distill(cfg, split, resume="latest")
+    assert (summary.start_step, summary.step) == (3, 6)
+    a, b = _adapters(straight), _adapters(split)
+    assert a.step == b.step == 6 and a.data_position == b.data_position == 12
+    for name in ("student", "fake", "ema"):
+        for k, v in a.adapters[name].items():
+            assert torch.equal(v, b.adapters[name][k]), (name, k)
+    for name in ("student", "fake"):
+        for idx, st in a.optimizers[name]["state"].items():
+            for k, v in st.items():
+                assert torch.equal(torch.as_tensor(v), torch.as_tensor(b.optimizers[name]["state"][idx][k]))
+    assert torch.equal(a.rng["trainer"], b.rng["trainer"])
+    rows = [list(csv.DictReader((d / "metrics.csv").open())) for d in (straight, split)]
+    assert [r["step"] for r in rows[1]] == [str(i) for i in range(1, 7)]
+    assert [r["loss_g"] for r in rows[0]] == [r["loss_g"] for r in rows[1]]
+    # training moved the student away from the identity
+    assert any(v.abs().max() > 0 for k, v in a.adapters["student"].items() if k.endswith("lorad_A"))
+
+
+def test_resume_refuses_a_different_rank_or_backbone(pipe_dir, tmp_path):
+    run = tmp_path / "run"
+    distill(_cfg(pipe_dir, max_steps=1), run)
+    with pytest.raises(MismatchError, match="rank"):
+        distill(config_for_run(run, "latest", None, {"rank": 4, "max_steps": 2}), run, resume="latest")
+    with pytest.raises(MismatchError, match="backbone"):
+        distill(config_for_run(run, "latest", None, {"backbone": "sd15", "rank": 16}), run, resume="latest")
+    with pytest.raises(BadInputError, match="--resume latest"):
+        distill(_cfg(pipe_dir, max_steps=2), run)
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(pipe_dir, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    distill(_cfg(pipe_dir, max_steps=1), run)
+    before = (list_checkpoints(run)[-1] / "student.safetensors").read_bytes()
+    import wadi_cli.distill.trainer as trainer
+
+    monkeypatch.setattr(trainer, "fake_score_loss", lambda *a: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(TrainingDiverged, match="fake-score loss is nan"):
+        distill(config_for_run(run, "latest", None, {"max_steps": 3}), run, resume="latest")
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000001"]
+    assert (list_checkpoints(run)[-1] / "student.safetensors").read_bytes() == before
+
+
+def test_guided_predictions_match_separate_forwards_of_independent_models(pipe_dir):
+    """Teacher = the untouched base; fake = the base with its adapter merged (computed from
+    the exported tensors); both CFG in ONE batched forward == two separate forwards."""
+    d, plain = _distiller(pipe_dir)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in d.params["fake"]:  # move the fake adapter away from the identity
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    enc = d.sampler.prompt_encoder
+    cond = enc(["a red circle at the top left", "a green triangle at the bottom right"])
+    uncond = enc.empty(2)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([100, 700])
+    fake_net = copy.deepcopy(plain)
+    fake_sd = merge_adapter_into_state_dict(plain.state_dict(), {k: v.detach() for k, v in _fake(d).items()})
+    fake_net.load_state_dict(fake_sd)
+    for adapter, ref_net in ((None, plain), ("fake", fake_net)):
+        with torch.no_grad():
+            got = d._guided_eps(adapter, x, t, cond, 1.5)
+            e_u = ref_net(x, t, encoder_hidden_states=uncond.embeds).sample
+            e_c = ref_net(x, t, encoder_hidden_states=cond.embeds).sample
+        torch.testing.assert_close(got, e_u + 1.5 * (e_c - e_u), rtol=1e-4, atol=1e-5)
+
+
+def _fake(d):
+    return adapter_state_dict(d.net, "fake")
+
+
+def test_a_step_runs_four_network_forwards_with_batched_cfg(pipe_dir):
+    d, _ = _distiller(pipe_dir)
+    sizes = []
+    handle = d.net.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    try:
+        result = d.train_step()
+    finally:
+        handle.remove()
+    assert sizes == [2, 4, 4, 2]  # student, teacher cond+uncond, fake cond+uncond, fake update
+    assert result.step == 1 and torch.isfinite(torch.tensor(result.loss_fake))
+
+
+def test_prompt_dropout_replaces_rows_with_the_empty_prompt():
+    from wadi_cli.distill.trainer import _drop_prompts
+
+    cond = TextCondition(torch.ones(3, 2, 4), torch.ones(3, 2, dtype=torch.long))
+    empty = TextCondition(torch.zeros(3, 2, 4), torch.zeros(3, 2, dtype=torch.long))
+    out = _drop_prompts(cond, empty, torch.tensor([False, True, False]))
+    assert out.embeds[:, 0, 0].tolist() == [1.0, 0.0, 1.0] and out.mask[:, 0].tolist() == [1, 0, 1]
+
+
+def test_gradient_checkpointing_gives_the_same_updates(pipe_dir):
+    """Checkpointing recomputes the forward during backward, which must run with the same
+    adapter selected; two steps (the first has g = 0) with and without must agree."""
+    plain, _ = _distiller(pipe_dir)
+    ckpt, _ = _distiller(pipe_dir, gradient_checkpointing=True)
+    for d in (plain, ckpt):
+        d.train_step()
+        d.train_step()
+    for name in ("student", "fake"):
+        a, b = adapter_state_dict(plain.net, name), adapter_state_dict(ckpt.net, name)
+        assert any(v.abs().max() > 0 for k, v in a.items() if k.endswith("lorad_A"))
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_two_processes_on_cpu_hold_identical_adapters(pipe_dir, tmp_path):
+    """``wadi distill --num-processes 2`` (accelerate launch, gloo on CPU)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "wadi_cli", "distill", "--model", str(pipe_dir), "--out", str(run)]
+    cmd += ["--max-steps", "2", "--batch-size", "1", "--device", "cpu", "--num-processes", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ranks = json.loads((run / "ranks.json").read_text())
+    assert ranks["world_size"] == 2 and len(set(ranks["checksums"])) == 1
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000002"]
+
+
+def test_validation_uses_the_ema_and_restores_the_raw_student(pipe_dir):
+    from wadi_cli.distill.validate import student_images
+
+    d, _ = _distiller(pipe_dir, ema_decay=0.5, lr=1e-2)
+    for _ in range(2):
+        d.train_step()
+    raw = {k: v.clone() for k, v in adapter_state_dict(d.net, "student").items()}
+    prompts, seeds = ["a red circle at the top left"] * 2, [1, 2]
+    ema_imgs = student_images(d, prompts, seeds, use_ema=True)
+    for k, v in adapter_state_dict(d.net, "student").items():
+        assert torch.equal(v, raw[k])
+    raw_imgs = student_images(d, prompts, seeds, use_ema=False)
+    assert (ema_imgs == student_images(d, prompts, seeds, use_ema=True)).all()  # deterministic
+    assert not (ema_imgs == raw_imgs).all()
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_half_precision_base_keeps_fp32_adapters_and_learns(pipe_dir, tmp_path, precision):
+    """fp16/bf16 frozen base, fp32 adapters; fp16 scales the loss (VSD gradients are
+    ~g/numel and would underflow) and checkpoints the scaler state."""
+    run = tmp_path / "run"
+    distill(_cfg(pipe_dir, max_steps=2, mixed_precision=precision, lr=1e-2), run)
+    ckpt = _adapters(run)
+    student = ckpt.adapters["student"]
+    assert all(v.dtype == torch.float32 for v in student.values())
+    assert max(v.abs().max() for k, v in student.items() if k.endswith("lorad_A")) > 0
+    assert ("student" in ckpt.extra["grad_scalers"]) == (precision == "fp16")
+    summary = distill(config_for_run(run, "latest", None, {"max_steps": 3}), run, resume="latest")
+    assert summary.step == 3

@@ -1,0 +1,58 @@
+"""WaDi distillation (§4): LoRaD student + VSD against a LoRaD fake score on ONE frozen
+base; config, prompts, losses, the training step, resumable checkpoints and export."""
+
+from wadi_cli.distill.adapters import (
+    SwitchableLoRaDLinear,
+    adapter_parameters,
+    adapter_state_dict,
+    add_switchable_adapter,
+    load_adapter_tensors,
+    merged_state_dict,
+    switchable_layers,
+    use_adapter,
+)
+from wadi_cli.distill.checkpoint import Checkpoint, find_checkpoint, list_checkpoints, load_checkpoint
+from wadi_cli.distill.config import DistillConfig, read_config_file, resolve_config
+from wadi_cli.distill.data import SMOKE_PROMPTS, PromptStream, load_prompts, read_prompt_file
+from wadi_cli.distill.export import FORMATS, export_run, run_student_adapter
+from wadi_cli.distill.losses import fake_score_loss, generator_loss, guided_eps, vsd_gradient
+from wadi_cli.distill.plan import parameter_plan
+from wadi_cli.distill.run import RunSummary, config_for_run, distill
+from wadi_cli.distill.trainer import Distiller, StepResult, Topology, TrainingDiverged
+
+__all__ = [
+    "FORMATS",
+    "SMOKE_PROMPTS",
+    "Checkpoint",
+    "DistillConfig",
+    "Distiller",
+    "PromptStream",
+    "RunSummary",
+    "StepResult",
+    "SwitchableLoRaDLinear",
+    "Topology",
+    "TrainingDiverged",
+    "adapter_parameters",
+    "adapter_state_dict",
+    "add_switchable_adapter",
+    "config_for_run",
+    "distill",
+    "export_run",
+    "fake_score_loss",
+    "find_checkpoint",
+    "generator_loss",
+    "guided_eps",
+    "list_checkpoints",
+    "load_adapter_tensors",
+    "load_checkpoint",
+    "load_prompts",
+    "merged_state_dict",
+    "parameter_plan",
+    "read_config_file",
+    "read_prompt_file",
+    "resolve_config",
+    "run_student_adapter",
+    "switchable_layers",
+    "use_adapter",
+    "vsd_gradient",
+]

@@ -1,0 +1,263 @@
+"""Run folders and checkpoints that resume exactly.
+
+Layout of ``--out RUN``::
+
+    RUN/.wadi                      marker (only wadi folders are ever replaced)
+    RUN/config.json                the resolved config of the latest start / resume
+    RUN/metrics.csv                one row per logged step
+    RUN/checkpoints/step-00000300/ one folder per checkpoint, written atomically:
+        student.safetensors        student adapter (LoRaD adapter file format)
+        fake.safetensors           fake-score adapter (same format, role "fake")
+        ema.safetensors            EMA of the student adapter (when enabled)
+        optim_student.safetensors  AdamW state (tensors; param groups in the metadata)
+        optim_fake.safetensors
+        rng.safetensors            every RNG state (trainer generator, torch CPU / CUDA)
+        state.json                 step, data position, targets, resolved config
+
+Only safetensors and JSON are read back: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from wadi_cli.errors import BadInputError, CheckpointError, MismatchError
+from wadi_cli.io import (
+    MARKER,
+    atomic_output_dir,
+    check_writable,
+    open_checkpoint,
+    provenance_metadata,
+    save_safetensors,
+)
+from wadi_cli.lorad import LoRaDConfig, load_adapter, save_adapter
+
+CHECKPOINTS = "checkpoints"
+_STEP_RE = re.compile(r"^step-(\d{8})$")
+
+
+@dataclass
+class Checkpoint:
+    """Everything a run needs to continue bit-exactly."""
+
+    step: int
+    data_position: int
+    adapters: dict[str, dict[str, Tensor]]  # "student" / "fake" / "ema" -> adapter tensors
+    optimizers: dict[str, dict[str, Any]]  # "student" / "fake" -> optimizer.state_dict()
+    rng: dict[str, Tensor]
+    config: dict[str, Any]
+    targets: dict[str, list[str]]  # "student" / "fake" -> module paths
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ---- optimizer state <-> safetensors ----------------------------------------------
+def _optimizer_to_file(state: Mapping[str, Any], path: Path) -> None:
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, entry in state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, Tensor):
+                tensors[f"state.{idx}.{key}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    meta = {"param_groups": json.dumps(state["param_groups"]), "scalars": json.dumps(scalars)}
+    save_safetensors(tensors, path, meta)
+
+
+def _optimizer_from_file(path: Path) -> dict[str, Any]:
+    with open_checkpoint(path) as src:
+        tensors = {k: src.get(k) for k in src}
+        meta = src.metadata()
+    try:
+        groups = json.loads(meta["param_groups"])
+        scalars = json.loads(meta.get("scalars", "{}"))
+    except (KeyError, json.JSONDecodeError):
+        raise CheckpointError(f"{path}: not an optimizer state written by wadi") from None
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    for idx, entry in scalars.items():
+        state.setdefault(int(idx), {}).update(entry)
+    for group in groups:
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    return {"state": state, "param_groups": groups}
+
+
+# ---- run folder -------------------------------------------------------------------
+def check_run_dir(run: str | os.PathLike[str], resume: bool) -> Path:
+    """Check (before any training) that ``run`` can hold a run: writable, and either new,
+    empty, or a wadi run folder; refuse to start over a run that has checkpoints unless
+    resuming. Creates nothing."""
+    path = check_writable(run, directory=True)
+    if not resume and list_checkpoints(path):
+        raise BadInputError(
+            f"--out {path} already holds checkpoints; pass --resume latest to continue it "
+            "or choose another --out"
+        )
+    return path
+
+
+def create_run_dir(path: Path) -> Path:
+    """Create the run folder with its ``.wadi`` marker (after every check passed)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if not (path / MARKER).is_file():
+        (path / MARKER).write_text(json.dumps({"created_by": "wadi", "kind": "distill-run"}) + "\n")
+    return path
+
+
+def list_checkpoints(run: str | os.PathLike[str]) -> list[Path]:
+    """Checkpoint folders of ``run``, oldest first."""
+    root = Path(run) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_RE.match(p.name)]
+    return sorted(found, key=lambda p: int(_STEP_RE.match(p.name).group(1)))  # type: ignore[union-attr]
+
+
+def find_checkpoint(run: str | os.PathLike[str], which: str | os.PathLike[str] = "latest") -> Path:
+    """``latest`` (the newest checkpoint of ``run``), a checkpoint folder, or a run folder
+    (its latest checkpoint)."""
+    if str(which) == "latest":
+        found = list_checkpoints(run)
+        if not found:
+            raise CheckpointError(f"{run}: no checkpoints to resume from (nothing under {CHECKPOINTS}/)")
+        return found[-1]
+    path = Path(which).expanduser()
+    if (path / "state.json").is_file():
+        return path
+    if path.is_dir() and list_checkpoints(path):
+        return list_checkpoints(path)[-1]
+    raise CheckpointError(f"{path}: not a wadi distill checkpoint or run folder")
+
+
+def save_checkpoint(run: str | os.PathLike[str], ckpt: Checkpoint, keep_last: int) -> Path:
+    """Write ``ckpt`` atomically as ``run/checkpoints/step-NNNNNNNN`` and delete all but
+    the newest ``keep_last`` checkpoints."""
+    dest = Path(run) / CHECKPOINTS / f"step-{ckpt.step:08d}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    backbone, base = ckpt.config.get("backbone"), ckpt.config.get("model")
+    kind = ckpt.config.get("adapter", "lorad")
+    with atomic_output_dir(dest) as tmp:
+        for name, tensors in ckpt.adapters.items():
+            role = "fake" if name == "fake" else "student"
+            cfg = LoRaDConfig(
+                rank=int(ckpt.config["fake_rank" if role == "fake" else "rank"]),
+                role=role,
+                targets=tuple(ckpt.targets[role]),
+                backbone=backbone,
+                base_model=base,
+            )
+            extra = {"ema_decay": str(ckpt.config.get("ema_decay"))} if name == "ema" else {}
+            if role == "student" and kind != "lorad":
+                save_baseline_adapter(tmp / f"{name}.safetensors", tensors, kind, cfg, extra)
+            else:
+                save_adapter(tmp / f"{name}.safetensors", tensors, cfg, extra_metadata=extra)
+        for name, state in ckpt.optimizers.items():
+            _optimizer_to_file(state, tmp / f"optim_{name}.safetensors")
+        save_safetensors(ckpt.rng, tmp / "rng.safetensors")
+        state = {
+            "step": ckpt.step,
+            "data_position": ckpt.data_position,
+            "targets": ckpt.targets,
+            "config": ckpt.config,
+            "extra": ckpt.extra,
+        }
+        (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+    for old in list_checkpoints(run)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def save_baseline_adapter(
+    path: Path, tensors: Mapping[str, Tensor], kind: str, cfg: LoRaDConfig, extra: Mapping[str, str]
+) -> None:
+    """A LoRA / DoRA baseline adapter: peft's tensor names under each module path
+    (``<path>.lora_A.default.weight`` …) with ``adapter``/``rank``/``role``/``targets`` metadata."""
+    meta = provenance_metadata(config={**cfg.to_dict(), "adapter": kind})
+    meta.update(extra)
+    meta.update(adapter=kind, rank=str(cfg.rank), role=cfg.role, backbone=cfg.backbone or "")
+    meta["targets"] = json.dumps(list(cfg.targets))
+    save_safetensors({k: v.detach().float() for k, v in tensors.items()}, path, meta)
+
+
+def read_adapter_tensors(path: Path) -> dict[str, Tensor]:
+    """Tensors of a checkpoint's adapter file (LoRaD files are validated by
+    :func:`wadi_cli.lorad.load_adapter`)."""
+    with open_checkpoint(path) as src:
+        kind = src.metadata().get("adapter", "lorad")
+        if kind != "lorad":
+            return {k: src.get(k) for k in src}
+    return load_adapter(path)[0]
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Read a checkpoint folder written by :func:`save_checkpoint`."""
+    folder = Path(path)
+    try:
+        state = json.loads((folder / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{folder}: unreadable checkpoint state ({exc})") from None
+    adapters = {}
+    for name in ("student", "fake", "ema"):
+        file = folder / f"{name}.safetensors"
+        if file.is_file():
+            adapters[name] = read_adapter_tensors(file)
+    optimizers = {
+        name: _optimizer_from_file(folder / f"optim_{name}.safetensors")
+        for name in ("student", "fake")
+        if (folder / f"optim_{name}.safetensors").is_file()
+    }
+    with open_checkpoint(folder / "rng.safetensors") as src:
+        rng = {k: src.get(k) for k in src}
+    return Checkpoint(
+        step=int(state["step"]),
+        data_position=int(state["data_position"]),
+        adapters=adapters,
+        optimizers=optimizers,
+        rng=rng,
+        config=state["config"],
+        targets=state["targets"],
+        extra=state.get("extra", {}),
+    )
+
+
+def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    """Refuse to resume when the backbone, base model, adapter kind, ranks or targets
+    differ between a checkpoint and the current run (:class:`MismatchError` with the reason)."""
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}"
+        for k in current
+        if saved.get(k) != current[k]
+    ]
+    if diffs:
+        raise MismatchError("cannot resume: the run differs from its checkpoint (" + "; ".join(diffs) + ")")
+
+
+def rng_state(generator: torch.Generator) -> dict[str, Tensor]:
+    """Every RNG state a step can touch: the trainer's generator, torch's CPU and CUDA RNGs."""
+    out = {"trainer": generator.get_state(), "torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"torch_cuda_{i}"] = s
+    return out
+
+
+def restore_rng(generator: torch.Generator, states: Mapping[str, Tensor]) -> None:
+    """Inverse of :func:`rng_state`."""
+    generator.set_state(states["trainer"])
+    torch.set_rng_state(states["torch_cpu"])
+    cuda = [states[k] for k in sorted(states) if k.startswith("torch_cuda_")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)

@@ -1,0 +1,53 @@
+"""Multi-process runs through accelerate (the distributed engine; wadi adds no launcher of
+its own): ``wadi distill --num-processes N`` re-runs itself under ``accelerate launch``."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Sequence
+
+from wadi_cli.errors import BadInputError
+
+
+def strip_option(argv: Sequence[str], name: str) -> list[str]:
+    """``argv`` without ``name VALUE`` / ``name=VALUE``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == name:
+            skip = True
+            continue
+        if arg.startswith(name + "="):
+            continue
+        out.append(arg)
+    return out
+
+
+def accelerate_command(num_processes: int, distill_args: Sequence[str]) -> list[str]:
+    """``accelerate launch`` command running ``wadi distill distill_args`` on
+    ``num_processes`` processes of this machine (gloo on CPU, NCCL on GPUs). wadi handles
+    precision itself (fp16/bf16 frozen base, fp32 adapters), so accelerate's is ``no``."""
+    if num_processes < 2:
+        raise BadInputError("--num-processes must be at least 2 (run without it for one process)")
+    exe = shutil.which("accelerate")
+    launcher = [exe] if exe else [sys.executable, "-m", "accelerate.commands.accelerate_cli"]
+    return [
+        *launcher,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(num_processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "wadi_cli",
+        "distill",
+        *distill_args,
+    ]

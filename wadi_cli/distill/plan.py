@@ -1,0 +1,69 @@
+"""The parameter plan of a run (printed by ``wadi distill --dry-run``): layers and
+trainable parameters per adapter, counted on a weightless (meta-device) skeleton."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from wadi_cli.distill.config import DistillConfig
+from wadi_cli.errors import BadInputError
+
+
+def _denoiser_config(cfg: DistillConfig, backbone: Any) -> dict[str, Any]:
+    """The denoiser's architecture config: the ``--model`` folder's when it is local, else
+    the shipped one, else (tiny without its shipped pipeline) the tiny spec."""
+    if cfg.model is not None:
+        local = Path(cfg.model).expanduser() / backbone.denoiser_subfolder / "config.json"
+        if local.is_file():
+            return json.loads(local.read_text())
+    if backbone.config_path.is_file():
+        return backbone.denoiser_config()
+    if backbone.name == "tiny":
+        from wadi_cli.tiny.arch import UNET_CONFIG
+
+        return dict(UNET_CONFIG)
+    raise BadInputError(f"backbone {backbone.name}: no architecture config to plan with")
+
+
+def _adapter_size(kind: str, rank: int, out_features: int, in_features: int) -> int:
+    """Trainable tensors of one adapted Linear: LoRaD ``r(m + n/2)``, LoRA ``r(m + n)``,
+    DoRA ``r(m + n) + m`` (the magnitude vector)."""
+    if kind == "lorad":
+        return rank * (out_features + in_features // 2)
+    return rank * (out_features + in_features) + (out_features if kind == "dora" else 0)
+
+
+def parameter_plan(cfg: DistillConfig) -> dict[str, Any]:
+    """Layers and trainable parameters of the student and fake adapters (``r · (out +
+    in/2)`` per adapted Linear), plus the frozen base size."""
+    import diffusers
+
+    from wadi_cli.backbones import get_backbone
+
+    backbone = get_backbone(cfg.backbone)
+    cls = getattr(diffusers, backbone.denoiser_class)
+    with torch.device("meta"):
+        model = cls.from_config(_denoiser_config(cfg, backbone))
+    shapes = {
+        n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)
+    }
+    plan: dict[str, Any] = {
+        "backbone": backbone.name,
+        "denoiser": backbone.denoiser_class,
+        "base_params": sum(p.numel() for p in model.parameters()),
+    }
+    for role, rank in (("student", cfg.rank), ("fake", cfg.fake_rank)):
+        targets = backbone.target_modules(model, role)
+        kind = cfg.adapter if role == "student" else "lorad"
+        if kind == "full":
+            plan[role] = {"rank": None, "layers": len(shapes), "trainable_params": plan["base_params"]}
+            continue
+        trainable = sum(_adapter_size(kind, rank, *shapes[t]) for t in targets)
+        plan[role] = {"rank": rank, "layers": len(targets), "trainable_params": trainable}
+    plan["alpha_bar_T"] = cfg.alpha_bar_T
+    return plan

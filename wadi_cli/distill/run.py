@@ -1,0 +1,298 @@
+"""Driving a distillation run: checks before work, the loop, checkpoints, metrics, Ctrl-C.
+
+Everything that can be checked is checked before the model loads: the config, the prompt
+file, the ``--out`` folder (writable; no checkpoints unless resuming), and on resume the
+checkpoint's compatibility (backbone, base model, adapter kind, ranks, then targets).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wadi_cli.distill.checkpoint import (
+    check_compatible,
+    check_run_dir,
+    create_run_dir,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from wadi_cli.distill.config import DistillConfig, resolve_config
+from wadi_cli.distill.data import load_prompts
+from wadi_cli.distill.trainer import Distiller, StepResult, Topology
+
+METRIC_FIELDS = ("step", "loss_g", "loss_fake", "grad_norm_g", "grad_norm_fake", "lr", "fake_lr", "seconds")
+
+
+@dataclass
+class RunSummary:
+    """What a call to :func:`distill` did."""
+
+    run: Path
+    start_step: int
+    step: int
+    checkpoint: Path | None
+    interrupted: bool
+    seconds: float
+    prompts: int
+    world_size: int = 1
+    rank: int = 0
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def weights_dtype(cfg: DistillConfig, device: torch.device) -> torch.dtype:
+    """Storage dtype of the frozen base: ``auto`` = the backbone's on CUDA, fp32 on CPU."""
+    from wadi_cli.backbones import get_backbone
+
+    mode = cfg.mixed_precision
+    if mode == "auto":
+        mode = get_backbone(cfg.backbone).mixed_precision if device.type == "cuda" else "no"
+    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mode]
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """``metrics.csv``: one row per logged step; rows after ``resume_step`` are dropped so a
+    resumed run's log reads as if it had never stopped."""
+
+    def __init__(self, path: Path, resume_step: int) -> None:
+        self.path = path
+        rows = []
+        if path.is_file() and resume_step > 0:
+            with path.open(newline="") as fh:
+                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
+        with path.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, METRIC_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def write(self, result: StepResult, seconds: float) -> None:
+        row = {k: getattr(result, k) for k in METRIC_FIELDS if k != "seconds"}
+        row["seconds"] = round(seconds, 4)
+        with self.path.open("a", newline="") as fh:
+            csv.DictWriter(fh, METRIC_FIELDS).writerow(row)
+
+
+@contextlib.contextmanager
+def _stop_on_sigint() -> Iterator[dict[str, bool]]:
+    """First Ctrl-C sets ``flag["stop"]`` (the loop saves and exits after the current
+    step); a second one interrupts at once."""
+    flag = {"stop": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag["stop"]:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def prepare(
+    cfg: DistillConfig, out: str | os.PathLike[str], resume: str | None
+) -> tuple[Path, list[str], Any | None]:
+    """Checks before any model loads (nothing is created): run folder, prompts, checkpoint
+    compatibility."""
+    run = check_run_dir(out, resume is not None)
+    prompts = load_prompts(cfg.prompts, cfg.prompt_column, cfg.backbone, cfg.seed)
+    ckpt = None
+    if resume is not None:
+        ckpt = load_checkpoint(find_checkpoint(run, resume))
+        saved = resolve_config(base={**DistillConfig().to_dict(), **ckpt.config})
+        check_compatible(saved.fingerprint(), cfg.fingerprint())
+    return run, prompts, ckpt
+
+
+def process_topology(cfg: DistillConfig) -> tuple[Topology, torch.device]:
+    """This process's rank and device. Under ``accelerate launch`` (``WORLD_SIZE`` > 1) the
+    process group is set up by accelerate (gloo on CPU, NCCL on GPUs)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Topology(), resolve_device(cfg.device)
+    from accelerate import PartialState
+
+    state = PartialState(cpu=cfg.device == "cpu")
+    return Topology(state.process_index, state.num_processes), state.device
+
+
+def _barrier(topology: Topology) -> None:
+    if topology.world > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+
+
+def build_distiller(cfg: DistillConfig, prompts: list[str]) -> Distiller:
+    """Load the base pipeline (frozen teacher) and set up the run's state."""
+    from wadi_cli.sample import load_sampler
+
+    topology, device = process_topology(cfg)
+    sampler = load_sampler(
+        cfg.backbone, model=cfg.model, teacher=True, device=device, dtype=weights_dtype(cfg, device)
+    )
+    return Distiller(cfg, sampler, prompts, topology)
+
+
+def _validate(distiller: Distiller, run: Path, on_validate: Callable[[dict[str, Any]], None] | None) -> None:
+    """Validation images (+ tiny metrics) on the main rank; the others wait."""
+    if distiller.topology.is_main:
+        from wadi_cli.distill.validate import validate
+
+        row = validate(distiller, run)
+        if on_validate is not None and row:
+            on_validate(row)
+    _barrier(distiller.topology)
+
+
+def _synced_stop(stop: bool, distiller: Distiller) -> bool:
+    """Ctrl-C on any rank stops every rank at the same step."""
+    if distiller.topology.world == 1:
+        return stop
+    flag = torch.tensor([float(stop)], device=distiller.device)
+    return float(distiller.topology.mean(flag)) > 0
+
+
+def _adapter_checksum(distiller: Distiller) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(distiller.student_adapter().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _rank_checksums(distiller: Distiller) -> list[str]:
+    """Checksum of the student adapter on every rank (they must agree)."""
+    mine = _adapter_checksum(distiller)
+    if distiller.topology.world == 1:
+        return [mine]
+    from accelerate.utils import gather_object
+
+    return list(gather_object([mine]))
+
+
+def distill(
+    cfg: DistillConfig,
+    out: str | os.PathLike[str],
+    *,
+    resume: str | None = None,
+    on_step: Callable[[StepResult, float], None] | None = None,
+    on_start: Callable[[int, int], None] | None = None,
+    on_validate: Callable[[dict[str, Any]], None] | None = None,
+) -> RunSummary:
+    """Run (or continue, with ``resume="latest"`` or a checkpoint path) a distillation
+    into the run folder ``out`` until ``cfg.max_steps``. Checkpoints every
+    ``cfg.checkpoint_every`` steps, at the end, and on Ctrl-C."""
+    run, prompts, ckpt = prepare(cfg, out, resume)
+    distiller = build_distiller(cfg, prompts)
+    topo = distiller.topology
+    if ckpt is not None:
+        distiller.load(ckpt)
+    start = distiller.step
+    metrics = None
+    if topo.is_main:
+        create_run_dir(run)
+        _write_text_atomic(run / "config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+        metrics = MetricsLog(run / "metrics.csv", start)
+    if on_start is not None and topo.is_main:
+        on_start(start, cfg.max_steps)
+    saved_at, last = (start if ckpt is not None else -1), None
+
+    def save() -> None:
+        nonlocal saved_at, last
+        if topo.is_main:
+            last = save_checkpoint(run, distiller.checkpoint(), cfg.keep_last)
+        saved_at = distiller.step
+        _barrier(topo)
+
+    t0 = time.perf_counter()
+    interrupted = False
+    with _stop_on_sigint() as flag:
+        while distiller.step < cfg.max_steps:
+            ts = time.perf_counter()
+            result = distiller.train_step()
+            elapsed = time.perf_counter() - ts
+            if metrics is not None and result.step % cfg.log_every == 0:
+                metrics.write(result, elapsed)
+            if on_step is not None and topo.is_main:
+                on_step(result, elapsed)
+            stop = _synced_stop(flag["stop"], distiller)
+            if cfg.validate_every and result.step % cfg.validate_every == 0:
+                _validate(distiller, run, on_validate)
+            if result.step % cfg.checkpoint_every == 0 or stop:
+                save()
+            if stop:
+                interrupted = True
+                break
+    checksums = _rank_checksums(distiller)
+    if len(set(checksums)) > 1:
+        raise RuntimeError(f"ranks hold different student adapters after training: {checksums}")
+    if saved_at != distiller.step:
+        save()
+    if topo.is_main:
+        _write_text_atomic(
+            run / "ranks.json", json.dumps({"world_size": topo.world, "checksums": checksums}) + "\n"
+        )
+    return RunSummary(
+        run,
+        start,
+        distiller.step,
+        last,
+        interrupted,
+        time.perf_counter() - t0,
+        len(prompts),
+        topo.world,
+        topo.rank,
+    )
+
+
+def config_for_run(
+    out: str | os.PathLike[str],
+    resume: str | None = None,
+    file: str | os.PathLike[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> DistillConfig:
+    """The resolved config of a run: defaults → file → flags; when resuming, the
+    checkpoint's saved config takes the place of the defaults (flags still override, and a
+    changed backbone / model / adapter / rank is then refused by :func:`distill`)."""
+    if resume is None:
+        return resolve_config(file, overrides)
+    ckpt_dir = find_checkpoint(out, resume)
+    try:
+        saved = json.loads((ckpt_dir / "state.json").read_text())["config"]
+    except (OSError, KeyError, json.JSONDecodeError) as exc:
+        from wadi_cli.errors import CheckpointError
+
+        raise CheckpointError(f"{ckpt_dir}: unreadable checkpoint state ({exc})") from None
+    return resolve_config(file, overrides, base={**DistillConfig().to_dict(), **saved})

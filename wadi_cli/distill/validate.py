@@ -1,0 +1,97 @@
+"""Validation during training: one-step images for fixed prompts and seeds (EMA weights
+when the run keeps them), a PNG grid per interval, and for ``--backbone tiny`` the
+``wadi eval`` numbers (attribute accuracy, Fréchet distance) appended to
+``validation.csv``.
+
+Validation never touches the run's RNG (one CPU generator per seed) and restores the raw
+student weights exactly, so it does not change training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from wadi_cli.distill.data import SMOKE_PROMPTS
+
+#: Seed of the fixed validation prompts / noise, and of the tiny metric's real images.
+VALIDATION_SEED = 20260
+TINY_VALIDATION_IMAGES = 64
+
+
+def validation_prompts(backbone: str) -> tuple[list[str], list[dict[str, str]] | None]:
+    """Fixed prompts (and, for tiny, their attributes for the metrics)."""
+    if backbone == "tiny":
+        from wadi_cli.tiny.data import prompt_for, sample_attributes
+
+        attrs = sample_attributes(TINY_VALIDATION_IMAGES, VALIDATION_SEED)
+        return [prompt_for(a) for a in attrs], attrs
+    return list(SMOKE_PROMPTS[:8]), None
+
+
+@contextlib.contextmanager
+def ema_weights(distiller: Any, use_ema: bool) -> Iterator[None]:
+    """Within the block the student adapter holds its EMA (when kept and asked for); the
+    raw weights are restored bit-exactly afterwards."""
+    if not use_ema or distiller.ema is None:
+        yield
+        return
+    raw = {k: v.clone() for k, v in distiller.student_state().items()}
+    distiller.load_student_state(distiller.ema)
+    try:
+        yield
+    finally:
+        distiller.load_student_state(raw)
+
+
+@torch.no_grad()
+def student_images(distiller: Any, prompts: list[str], seeds: list[int], use_ema: bool = True) -> np.ndarray:
+    """One-step images (N, H, W, 3) uint8 of the student for ``prompts`` / ``seeds``."""
+    from wadi_cli.sample import decode, initial_noise, one_step_latents
+
+    out = []
+    with ema_weights(distiller, use_ema), distiller.student() as student:
+        sampler = dataclasses.replace(distiller.sampler, denoiser=student)
+        for i in range(0, len(prompts), 32):
+            chunk = prompts[i : i + 32]
+            cond = sampler.prompt_encoder(chunk).to(distiller.device)
+            z = initial_noise(seeds[i : i + 32], sampler.latent_shape, distiller.device)
+            x0 = one_step_latents(sampler, cond, z, distiller.cfg.alpha_bar_T)
+            out.append(decode(sampler.vae, x0))
+    return np.concatenate(out)
+
+
+def validate(distiller: Any, run: Path) -> dict[str, Any]:
+    """Write ``run/validation/step-NNNNNNNN.png``; for tiny also evaluate and append to
+    ``run/validation.csv``. Returns the metrics (empty for non-tiny backbones)."""
+    from PIL import Image
+
+    from wadi_cli.sample import image_grid
+
+    prompts, attrs = validation_prompts(distiller.cfg.backbone)
+    seeds = [VALIDATION_SEED + i for i in range(len(prompts))]
+    images = student_images(distiller, prompts, seeds)
+    folder = run / "validation"
+    folder.mkdir(exist_ok=True)
+    Image.fromarray(image_grid(images[:64])).save(folder / f"step-{distiller.step:08d}.png")
+    if attrs is None:
+        return {}
+    from wadi_cli.tiny.metrics import evaluate_images
+
+    result = evaluate_images(images, attrs, real_seed=VALIDATION_SEED)
+    row = {"step": distiller.step, "accuracy": result["accuracy"], "fd": result["fd"]}
+    path = run / "validation.csv"
+    new = not path.is_file()
+    with path.open("a", newline="") as fh:
+        writer = csv.DictWriter(fh, list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+    return row
