@@ -85,6 +85,33 @@ def test_train_then_export_through_the_cli(tmp_path, pipe_dir):
     exported = runner.invoke(app, ["export", str(run), "--format", "adapter", "--out", str(out), "--json"])
     assert exported.exit_code == 0, exported.output
     assert out.is_file() and json.loads(exported.stdout)["ema"] is True
+    # `wadi sample --weights RUN` samples the run's latest (EMA) student: the same images
+    # as the exported adapter file.
+    images = {}
+    for label, weights in (("run", run), ("file", out)):
+        dest = tmp_path / f"samples-{label}"
+        sampled = runner.invoke(
+            app,
+            [
+                "sample",
+                "a red circle at the top left",
+                "-b",
+                "tiny",
+                "--model",
+                str(pipe_dir),
+                "--weights",
+                str(weights),
+                "--device",
+                "cpu",
+                "--seed",
+                "3",
+                "--out",
+                str(dest),
+            ],
+        )
+        assert sampled.exit_code == 0, sampled.output
+        images[label] = (dest / "0000.png").read_bytes()
+    assert images["run"] == images["file"]
 
 
 def test_ctrl_c_saves_a_checkpoint_and_stops(tmp_path, pipe_dir):

@@ -82,3 +82,41 @@ OutDir = Annotated[
 Device = Annotated[str, typer.Option("--device", help="Torch device: cpu, cuda, cuda:1, mps.")]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed.")]
+
+
+def is_run_folder(path: str | Path | None) -> bool:
+    """True for a ``wadi distill --out RUN`` folder (it has ``checkpoints/step-*``)."""
+    if path is None:
+        return False
+    p = Path(path).expanduser()
+    return p.is_dir() and any((p / "checkpoints").glob("step-*"))
+
+
+@contextlib.contextmanager
+def weights_for_sampling(weights: str | None) -> Any:
+    """Yield what ``--weights`` should mean to the sampler.
+
+    A distill run folder becomes its latest student (EMA when kept): the LoRaD adapter file
+    itself, or, for LoRA/DoRA/full baselines, a merged state dict exported to a temporary
+    file that is removed afterwards. Anything else passes through unchanged. This lives in
+    the CLI layer because it joins two sibling libraries (sample and distill).
+    """
+    if not is_run_folder(weights):
+        yield weights
+        return
+    import tempfile
+
+    from wadi_cli.distill.export import export_run, run_student_adapter
+
+    adapter_file, config = run_student_adapter(weights)
+    if config.get("adapter", "lorad") == "lorad":
+        err_console.print(f"[dim]using the run's student adapter {adapter_file}[/]", highlight=False)
+        yield str(adapter_file)
+        return
+    with tempfile.TemporaryDirectory(prefix="wadi-run-") as tmp:
+        merged = Path(tmp) / "student-merged.safetensors"
+        export_run(weights, "merged", merged)
+        err_console.print(
+            f"[dim]using the run's student ({config.get('adapter')}), merged[/]", highlight=False
+        )
+        yield str(merged)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from wadi_cli.cli.common import JsonFlag, OutDir, Seed, console, handle_errors
+from wadi_cli.cli.common import JsonFlag, OutDir, Seed, console, handle_errors, weights_for_sampling
 
 HELP = """Evaluate the tiny backbone: draw N prompts ("a red circle at the
 top left", …) with --seed, generate one image per prompt (one step with
@@ -84,20 +84,21 @@ def register(app: typer.Typer) -> None:
             raise BadInputError("--steps and --cfg apply to --teacher only")
         if out is not None:
             check_output_dir(out)
-        result, gen = evaluate_tiny(
-            weights=weights,
-            teacher=teacher,
-            steps=steps,
-            cfg=cfg,
-            alpha_bar_T=alpha_bar_t,
-            num_images=num_images,
-            seed=seed,
-            real_seed=real_seed,
-            model=model,
-            device=resolve_device(device),
-            batch_size=batch_size,
-            classifier=classifier,
-        )
+        with weights_for_sampling(weights) as run_weights:
+            result, gen = evaluate_tiny(
+                weights=run_weights,
+                teacher=teacher,
+                steps=steps,
+                cfg=cfg,
+                alpha_bar_T=alpha_bar_t,
+                num_images=num_images,
+                seed=seed,
+                real_seed=real_seed,
+                model=model,
+                device=resolve_device(device),
+                batch_size=batch_size,
+                classifier=classifier,
+            )
         if out is not None:
             save_samples(out, gen.images, gen.prompts, gen.seeds, result)
             result["out"] = str(out)

@@ -8,7 +8,15 @@ from typing import Annotated
 
 import typer
 
-from wadi_cli.cli.common import JsonFlag, OutDir, Seed, console, err_console, handle_errors
+from wadi_cli.cli.common import (
+    JsonFlag,
+    OutDir,
+    Seed,
+    console,
+    err_console,
+    handle_errors,
+    weights_for_sampling,
+)
 
 HELP = """Generate images in ONE step with WaDi weights,
 x0 = (z − sqrt(1 − ᾱ_T)·ε̂(z, 999, c)) / sqrt(ᾱ_T), or with the base
@@ -53,7 +61,10 @@ def register(app: typer.Typer) -> None:
         weights: Annotated[
             Path | None,
             typer.Option(
-                "--weights", "-w", help="Merged release file, LoRaD adapter, or exported diffusers folder."
+                "--weights",
+                "-w",
+                help="Merged release file, LoRaD adapter, exported diffusers folder, "
+                "or a `wadi distill` run folder (its latest student, EMA when kept).",
             ),
         ] = None,
         model: Annotated[
@@ -111,20 +122,21 @@ def register(app: typer.Typer) -> None:
             for note in getattr(sampler, "notes", []):
                 err_console.print(f"[yellow]note:[/] {note}", highlight=False)
 
-        summary = sample_to_folder(
-            out,
-            prompts or [],
-            prompts_file=prompts_file,
-            backbone=backbone,
-            model=model,
-            weights=weights,
-            config=config,
-            num_images=num_images,
-            device=device,
-            dtype=dtype,
-            compile=compile_,
-            on_loaded=loaded,
-        )
+        with weights_for_sampling(weights) as run_weights:
+            summary = sample_to_folder(
+                out,
+                prompts or [],
+                prompts_file=prompts_file,
+                backbone=backbone,
+                model=model,
+                weights=run_weights,
+                config=config,
+                num_images=num_images,
+                device=device,
+                dtype=dtype,
+                compile=compile_,
+                on_loaded=loaded,
+            )
         if json_out:
             typer.echo(json.dumps(summary, indent=2))
             return
