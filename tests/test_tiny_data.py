@@ -1,0 +1,104 @@
+"""Procedural data of the tiny model: determinism, prompt round trip, rendered content."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from wadi_cli.tiny.data import (
+    ATTRIBUTES,
+    attrs_to_indices,
+    parse_prompt,
+    prompt_for,
+    real_images,
+    render,
+    render_batch,
+    sample_attributes,
+)
+
+ALL_ATTRS = [dict(zip(ATTRIBUTES, combo, strict=True)) for combo in itertools.product(*ATTRIBUTES.values())]
+
+
+def test_attribute_space_is_48_combinations():
+    assert len(ALL_ATTRS) == 48
+    assert ATTRIBUTES["color"] == ("red", "green", "blue", "yellow")
+
+
+def test_prompt_round_trip_all_combinations():
+    for a in ALL_ATTRS:
+        p = prompt_for(a)
+        assert p == f"a {a['color']} {a['shape']} at the {a['position']}"
+        assert parse_prompt(p) == a
+        assert parse_prompt("  " + p.upper().replace(" ", "  ") + " ") == a
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "a red circle", "a purple circle at the top left", "a red circle at the middle", "red circle"]
+)
+def test_parse_prompt_rejects_other_text(bad):
+    assert parse_prompt(bad) is None
+
+
+def test_sampling_and_rendering_are_deterministic():
+    assert sample_attributes(20, 3) == sample_attributes(20, 3)
+    assert sample_attributes(20, 3) != sample_attributes(20, 4)
+    a, attrs = real_images(16, 5)
+    b, attrs_b = real_images(16, 5)
+    assert attrs == attrs_b
+    assert a.dtype == np.uint8 and a.shape == (16, 32, 32, 3)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, real_images(16, 6)[0])
+    # the same attributes with another seed: other jitter, other pixels
+    assert not np.array_equal(render_batch(attrs, 5), render_batch(attrs, 7))
+
+
+def test_attribute_indices():
+    idx = attrs_to_indices(ALL_ATTRS)
+    assert idx.shape == (48, 3)
+    assert len({tuple(r) for r in idx}) == 48
+    assert idx.min() == 0 and list(idx.max(axis=0)) == [3, 2, 3]
+
+
+def _shape_pixels(img: np.ndarray) -> np.ndarray:
+    """Saturated pixels: the background is near-grey, every shape colour is saturated."""
+    f = img.astype(np.int32)
+    return (f.max(axis=2) - f.min(axis=2)) > 80
+
+
+@pytest.mark.parametrize("attrs", ALL_ATTRS[::5])
+def test_rendered_content_matches_attributes(attrs):
+    """Independent check of the renderer: where the saturated pixels are and what colour."""
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        img = render(attrs, rng)
+        mask = _shape_pixels(img)
+        assert 20 <= mask.sum() <= 250
+        rows, cols = np.nonzero(mask)
+        vert, horiz = attrs["position"].split()
+        assert (rows.mean() < 16) == (vert == "top")
+        assert (cols.mean() < 16) == (horiz == "left")
+        r, g, b = img[mask].astype(np.float64).mean(axis=0)
+        expected = {
+            "red": r > g + 60 and r > b + 60,
+            "green": g > r + 60 and g > b + 60,
+            "blue": b > r + 60 and b > g + 60,
+            "yellow": r > b + 100 and g > b + 100,
+        }
+        assert expected[attrs["color"]], (attrs, (r, g, b))
+
+
+def test_shapes_differ_in_fill_ratio():
+    """A square fills most of its bounding box, a circle ~π/4 of it, a triangle ~half."""
+    ratios = {}
+    for shape in ATTRIBUTES["shape"]:
+        mask = _shape_pixels(
+            render({"color": "red", "shape": shape, "position": "top left"}, np.random.default_rng(1))
+        )
+        rows, cols = np.nonzero(mask)
+        box = (np.ptp(rows) + 1) * (np.ptp(cols) + 1)
+        ratios[shape] = mask.sum() / box
+    assert ratios["square"] > 0.9
+    assert 0.65 < ratios["circle"] < 0.9
+    assert 0.35 < ratios["triangle"] < 0.65

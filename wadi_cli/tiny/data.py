@@ -1,0 +1,130 @@
+"""Procedural training data for the tiny model: one coloured shape on a plain background.
+
+Every image shows one shape with three attributes (:data:`ATTRIBUTES`): colour, shape
+and position (image quadrant); the prompt is ``"a {color} {shape} at the {position}"``.
+Exact position, size, colour shade and background (tone and a soft gradient) are
+jittered so that the Fréchet distance between generated and rendered images is
+meaningful. Everything is deterministic given a seed (numpy ``default_rng``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+IMAGE_SIZE = 32
+_SUPERSAMPLE = 2  # render at 2x and average-pool: anti-aliased edges
+
+#: The vocabulary of each attribute, in a fixed order (class indices of the classifier).
+ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "color": ("red", "green", "blue", "yellow"),
+    "shape": ("circle", "square", "triangle"),
+    "position": ("top left", "top right", "bottom left", "bottom right"),
+}
+
+Attrs = dict[str, str]
+
+# Nominal RGB of each colour in [0, 1]; the renderer jitters shade and hue slightly.
+_BASE_RGB: dict[str, tuple[float, float, float]] = {
+    "red": (0.88, 0.12, 0.10),
+    "green": (0.12, 0.75, 0.18),
+    "blue": (0.15, 0.25, 0.92),
+    "yellow": (0.92, 0.85, 0.10),
+}
+
+# Quadrant centres (row, col) in pixels of the 32x32 image.
+_CENTRES: dict[str, tuple[float, float]] = {
+    "top left": (8.0, 8.0),
+    "top right": (8.0, 24.0),
+    "bottom left": (24.0, 8.0),
+    "bottom right": (24.0, 24.0),
+}
+
+_PROMPT_RE = re.compile(
+    r"^a (?P<color>{}) (?P<shape>{}) at the (?P<position>{})$".format(
+        *("|".join(v) for v in ATTRIBUTES.values())
+    )
+)
+
+
+def prompt_for(attrs: Attrs) -> str:
+    """The prompt of an attribute dict: ``"a {color} {shape} at the {position}"``."""
+    return f"a {attrs['color']} {attrs['shape']} at the {attrs['position']}"
+
+
+def parse_prompt(prompt: str) -> Attrs | None:
+    """Inverse of :func:`prompt_for` (whitespace and case are normalised); ``None`` when
+    the prompt does not follow the template."""
+    m = _PROMPT_RE.match(" ".join(prompt.lower().split()))
+    return None if m is None else {k: m.group(k) for k in ATTRIBUTES}
+
+
+def sample_attributes(n: int, seed: int) -> list[Attrs]:
+    """``n`` attribute dicts, each attribute drawn uniformly and independently."""
+    rng = np.random.default_rng([seed, 0])
+    idx = {k: rng.integers(0, len(v), size=n) for k, v in ATTRIBUTES.items()}
+    return [{k: ATTRIBUTES[k][int(idx[k][i])] for k in ATTRIBUTES} for i in range(n)]
+
+
+def attrs_to_indices(attrs: Sequence[Attrs]) -> np.ndarray:
+    """``(N, 3)`` int64 class indices (colour, shape, position) of a list of attribute dicts."""
+    keys = list(ATTRIBUTES)
+    return np.array([[ATTRIBUTES[k].index(a[k]) for k in keys] for a in attrs], dtype=np.int64).reshape(-1, 3)
+
+
+def _shape_mask(shape: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float) -> np.ndarray:
+    """Boolean mask of a shape of half-extent ``r`` centred at (cy, cx)."""
+    dy, dx = yy - cy, xx - cx
+    if shape == "circle":
+        return dy * dy + dx * dx <= r * r
+    if shape == "square":
+        h = 0.85 * r  # similar area to the circle
+        return (np.abs(dy) <= h) & (np.abs(dx) <= h)
+    if shape == "triangle":  # apex up, base down
+        top, bottom = -r, 0.8 * r
+        frac = (dy - top) / (bottom - top)  # 0 at the apex, 1 at the base
+        return (frac >= 0) & (frac <= 1) & (np.abs(dx) <= frac * 1.05 * r)
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def render(attrs: Attrs, rng: np.random.Generator) -> np.ndarray:
+    """Render one ``(32, 32, 3)`` uint8 image of ``attrs``; jitter is drawn from ``rng``."""
+    s = IMAGE_SIZE * _SUPERSAMPLE
+    coords = (np.arange(s, dtype=np.float64) + 0.5) / _SUPERSAMPLE
+    yy, xx = np.meshgrid(coords, coords, indexing="ij")
+    # background: muted grey-ish tone with a small tint and a soft linear gradient
+    tone = rng.uniform(0.25, 0.6)
+    tint = rng.uniform(-0.04, 0.04, size=3)
+    grad = rng.uniform(-0.08, 0.08, size=2)
+    img = (
+        tone
+        + tint[None, None, :]
+        + (grad[0] * (yy / IMAGE_SIZE - 0.5) + grad[1] * (xx / IMAGE_SIZE - 0.5))[..., None]
+    )
+    # shape: jittered centre, size and colour shade
+    cy, cx = _CENTRES[attrs["position"]]
+    cy += rng.uniform(-2.0, 2.0)
+    cx += rng.uniform(-2.0, 2.0)
+    r = rng.uniform(4.5, 6.5)
+    colour = np.array(_BASE_RGB[attrs["color"]]) * rng.uniform(0.8, 1.05) + rng.uniform(-0.05, 0.05, size=3)
+    mask = _shape_mask(attrs["shape"], yy, xx, cy, cx, r)
+    img = np.where(mask[..., None], colour[None, None, :], img)
+    img = img.reshape(IMAGE_SIZE, _SUPERSAMPLE, IMAGE_SIZE, _SUPERSAMPLE, 3).mean(axis=(1, 3))
+    return np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
+
+
+def render_batch(attrs: Sequence[Attrs], seed: int) -> np.ndarray:
+    """Render ``(N, 32, 32, 3)`` uint8 images of ``attrs`` with jitter from ``seed``."""
+    rng = np.random.default_rng([seed, 1])
+    out = np.empty((len(attrs), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    for i, a in enumerate(attrs):
+        out[i] = render(a, rng)
+    return out
+
+
+def real_images(n: int, seed: int) -> tuple[np.ndarray, list[Attrs]]:
+    """``n`` freshly rendered images with uniformly drawn attributes: ``(images, attrs)``."""
+    attrs = sample_attributes(n, seed)
+    return render_batch(attrs, seed), attrs
