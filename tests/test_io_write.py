@@ -136,3 +136,22 @@ def test_check_writable_read_only_folder(tmp_path):
             check_writable(ro / "w.safetensors")
     finally:
         ro.chmod(0o700)
+
+
+def test_outputs_get_umask_permissions_not_private_temp_modes(tmp_path):
+    """mkstemp/mkdtemp create 0600/0700; finished outputs must follow the umask instead."""
+    import os
+
+    import torch
+
+    from wadi_cli.io import atomic_output_dir, save_safetensors
+
+    old = os.umask(0o022)
+    try:
+        f = save_safetensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+        with atomic_output_dir(tmp_path / "out") as d:
+            (d / "x.txt").write_text("x")
+    finally:
+        os.umask(old)
+    assert f.stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755

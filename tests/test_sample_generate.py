@@ -112,7 +112,7 @@ def test_teacher_matches_diffusers_pipeline(sampler):
         text_encoder=sampler.prompt_encoder.text_encoder,
         tokenizer=sampler.prompt_encoder.tokenizer,
         unet=sampler.denoiser.model,
-        scheduler=DDIMScheduler.from_config(sampler.scheduler.config),
+        scheduler=DDIMScheduler.from_config(sampler.scheduler.config, timestep_spacing="trailing"),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -186,3 +186,18 @@ def test_read_prompts(tmp_path):
 def test_bad_config_refused(kwargs):
     with pytest.raises(BadInputError):
         SampleConfig(**kwargs)
+
+
+@pytest.mark.parametrize(("steps", "expected"), [(1, [999]), (4, [999, 749, 499, 249])])
+def test_teacher_timesteps_are_trailing(steps, expected):
+    """Few-step teacher runs must start at t = 999 (not SD's leading t = 1 for one step)."""
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    from wadi_cli.sample.generate import teacher_scheduler
+
+    base = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
+    scheduler = teacher_scheduler(SimpleNamespace(scheduler=base))
+    scheduler.set_timesteps(steps)
+    assert scheduler.timesteps.tolist() == expected

@@ -41,6 +41,13 @@ def provenance_metadata(
     return meta
 
 
+def _umasked(mode: int) -> int:
+    """``mode`` with the process umask applied (as ``open``/``mkdir`` would)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 def _prepare(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """CPU, contiguous, and no two tensors sharing memory (safetensors refuses shared storage)."""
     out: dict[str, torch.Tensor] = {}
@@ -76,6 +83,7 @@ def save_safetensors(
     os.close(fd)
     try:
         save_file(_prepare(tensors), tmp, metadata=meta)
+        os.chmod(tmp, _umasked(0o666))  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -143,6 +151,7 @@ def atomic_output_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     _check_output_dir(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    os.chmod(tmp, _umasked(0o777))  # mkdtemp makes 0700; give the folder normal permissions
     try:
         _write_marker(tmp)
         yield tmp

@@ -43,10 +43,18 @@ def one_step_latents(
 
 def teacher_scheduler(sampler: Sampler) -> object:
     """A DDIM scheduler (η = 0, deterministic) on the pipeline's training schedule; it is
-    fed ε (the denoiser wrapper converts v-predictions), hence ``prediction_type=epsilon``."""
+    fed ε (the denoiser wrapper converts v-predictions), hence ``prediction_type=epsilon``.
+
+    Timesteps use *trailing* spacing (Lin et al. 2024, "Common Diffusion Noise Schedules
+    and Sample Steps are Flawed"): N steps start at t = 999, so 1 step is [999] and 4 are
+    [999, 749, 499, 249]. SD's default "leading" spacing with ``steps_offset=1`` would
+    start a 1-step run at t = 1 on pure noise, which makes few-step teacher numbers
+    meaningless."""
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler.from_config(sampler.scheduler.config, prediction_type="epsilon")
+    return DDIMScheduler.from_config(
+        sampler.scheduler.config, prediction_type="epsilon", timestep_spacing="trailing"
+    )
 
 
 @torch.no_grad()
