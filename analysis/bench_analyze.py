@@ -190,7 +190,10 @@ def main() -> None:
         "benchmark": "wadi analyze, defaults, SD2.1-base-shaped fp32 pair (random weights, planted changes)",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": info,
-        "conditions": "2-core VM shared with other jobs; page cache warm after the first run",
+        "conditions": (
+            f"{os.cpu_count()}-core VM, load average before the timed runs "
+            f"{os.getloadavg()[0]:.2f} (1 min); page cache warm after the first run"
+        ),
         "pair": {"params_each": 865_910_724, "weight_matrices": summary["overall"]["layers"]},
         "runs": runs,
         "median_wall_s": statistics.median(r["wall_s"] for r in runs),

@@ -88,6 +88,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    load_before = round(os.getloadavg()[0], 2)
 
     from wadi_cli.sample import SampleConfig, generate
 
@@ -133,6 +134,8 @@ def main() -> None:
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "python": platform.python_version(),
+            "loadavg_before": load_before,
+            "loadavg_after": round(os.getloadavg()[0], 2),
         },
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": "python analysis/bench_sample.py "
@@ -179,8 +182,9 @@ def _markdown(r: dict, batch: int) -> str:
         f"{m['torch_threads']} torch threads, "
         f"torch {m['torch']}. Date: {r['date']}. Command: `{r['command']}`.",
         "",
-        "The CPU was shared with other jobs while this ran; treat absolute times as indicative, "
-        "the ratio as the result.",
+        f"Load average (1 min) before / after the run: {m.get('loadavg_before', '?')} / "
+        f"{m.get('loadavg_after', '?')} on {m['cpu_count']} CPUs: above ~{m['cpu_count']} the CPU was "
+        "shared with other jobs; treat absolute times as indicative, the ratio as the result.",
         "",
     ]
     return "\n".join(lines)

@@ -38,7 +38,7 @@ METHODS = ("gram", "exact")
 RANK_SHARES = {"rank90": 0.90, "rank93": 0.93, "rank99": 0.99}
 
 
-def gram_lower(r: torch.Tensor, blocks: int = 4) -> torch.Tensor:
+def gram_lower(r: torch.Tensor, blocks: int = 8) -> torch.Tensor:
     """Lower triangle of ``r @ r.T`` (the upper triangle is left as garbage/zero).
 
     The rows of ``r`` are cut into ``blocks`` panels and only the panels on or below
