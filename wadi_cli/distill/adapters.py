@@ -84,8 +84,15 @@ class SwitchableLoRaDLinear(nn.Module):
 
 def _peft_linear(base: nn.Linear, rank: int, dora: bool, generator: torch.Generator | None) -> nn.Module:
     """peft's LoRA/DoRA Linear on ``base`` (fp32 adapter tensors; init from ``generator``)."""
-    from peft import LoraConfig
-    from peft.tuners.lora import Linear as PeftLoraLinear
+    try:
+        from peft import LoraConfig
+        from peft.tuners.lora import Linear as PeftLoraLinear
+    except ImportError:
+        from wadi_cli.errors import BadInputError
+
+        raise BadInputError(
+            "--adapter lora/dora needs peft: pip install 'wadi-cli[baselines]' (or pip install peft)"
+        ) from None
 
     config = LoraConfig(r=rank, lora_alpha=rank, use_dora=dora, lora_dropout=0.0)
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator)) if generator is not None else None
