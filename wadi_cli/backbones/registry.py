@@ -102,6 +102,10 @@ class Backbone:
     release_file: str | None = None
     default_dtype: torch.dtype = torch.float16  # dtype of frozen weights on a GPU
     mixed_precision: str = "fp16"  # "fp16" | "bf16" | "no"
+    # Intra-op threads on CPU (None: torch's choice). The tiny model's ops are too small
+    # to gain from threads, and with 2 OpenMP threads on a machine whose other core is
+    # busy, every op waits at a barrier: 0.44 s became 17 s for one 25-step image.
+    cpu_threads: int | None = None
     description: str = field(default="", compare=False)
 
     # ---- names and config -----------------------------------------------------------
@@ -314,6 +318,7 @@ def _make_registry() -> dict[str, Backbone]:
             fake_targets=_SD_FAKE,
             default_dtype=torch.float32,
             mixed_precision="no",
+            cpu_threads=1,
             description="tiny SD-like model shipped with wadi (32 px, CPU-friendly; for tests and demos)",
         ),
     ]

@@ -120,3 +120,24 @@ def weights_for_sampling(weights: str | None) -> Any:
             f"[dim]using the run's student ({config.get('adapter')}), merged[/]", highlight=False
         )
         yield str(merged)
+
+
+def use_backbone_cpu_threads(backbone: str | None, device: str | None) -> None:
+    """On CPU, apply the backbone's preferred intra-op thread count (``Backbone.cpu_threads``),
+    unless the user chose one with ``OMP_NUM_THREADS``."""
+    import torch
+
+    from wadi_cli.backbones import get_backbone
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    dev = (device or "auto").lower()
+    on_cpu = dev.startswith("cpu") or (dev == "auto" and not torch.cuda.is_available())
+    if not on_cpu or not backbone:
+        return
+    try:
+        threads = get_backbone(backbone).cpu_threads
+    except WadiError:
+        return  # the command reports the unknown backbone itself
+    if threads:
+        torch.set_num_threads(threads)

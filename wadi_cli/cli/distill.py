@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from wadi_cli.cli.common import console, err_console, handle_errors
+from wadi_cli.cli.common import console, err_console, handle_errors, use_backbone_cpu_threads
 
 HELP = """Distil a one-step student with LoRaD + variational score distillation (WaDi §4).
 
@@ -156,6 +156,7 @@ def register(app: typer.Typer) -> None:
         if num_processes is not None:
             _launch(num_processes)
             return
+        use_backbone_cpu_threads(cfg.backbone, cfg.device)
         summary = _run_with_progress(cfg, out, resume)
         if summary.rank != 0:
             return

@@ -8,7 +8,15 @@ from typing import Annotated
 
 import typer
 
-from wadi_cli.cli.common import JsonFlag, OutDir, Seed, console, handle_errors, weights_for_sampling
+from wadi_cli.cli.common import (
+    JsonFlag,
+    OutDir,
+    Seed,
+    console,
+    handle_errors,
+    use_backbone_cpu_threads,
+    weights_for_sampling,
+)
 
 HELP = """Evaluate the tiny backbone: draw N prompts ("a red circle at the
 top left", …) with --seed, generate one image per prompt (one step with
@@ -78,6 +86,7 @@ def register(app: typer.Typer) -> None:
 
             get_backbone(backbone)  # unknown names get the registry's message
             raise BadInputError(f"wadi eval supports only --backbone tiny (got {backbone!r})")
+        use_backbone_cpu_threads("tiny", device)
         if teacher and weights is not None:
             raise BadInputError("--teacher evaluates the base model: drop --weights (or drop --teacher)")
         if not teacher and (steps is not None or cfg is not None):

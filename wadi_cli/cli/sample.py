@@ -15,6 +15,7 @@ from wadi_cli.cli.common import (
     console,
     err_console,
     handle_errors,
+    use_backbone_cpu_threads,
     weights_for_sampling,
 )
 
@@ -109,6 +110,8 @@ def register(app: typer.Typer) -> None:
         from wadi_cli.errors import BadInputError
         from wadi_cli.sample.config import SampleConfig
         from wadi_cli.sample.run import sample_to_folder
+
+        use_backbone_cpu_threads(backbone, device)
 
         if out is None:
             raise BadInputError("--out DIR is required (the folder to write the images into)")
