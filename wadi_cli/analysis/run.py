@@ -201,9 +201,7 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _spectrum_job(
-    residual: torch.Tensor, method: str, defer_gram: bool = False
-) -> Callable[[], np.ndarray]:
+def _spectrum_job(residual: torch.Tensor, method: str, defer_gram: bool = False) -> Callable[[], np.ndarray]:
     """The expensive part of a layer's spectrum, as a closure for the eigen worker.
 
     ``"gram"``: the Gram product is formed now (caller's thread) and only the small

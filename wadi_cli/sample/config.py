@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
@@ -112,22 +111,15 @@ def resolve_dtype(dtype: str | None, device: torch.device, family: str = "unet")
 def read_prompts(
     prompts: Sequence[str] = (), prompts_file: str | os.PathLike[str] | None = None
 ) -> list[str]:
-    """Prompts from the command line followed by those of ``prompts_file`` (one per line,
-    UTF-8; blank lines and lines starting with ``#`` are skipped). Raises
+    """Prompts from the command line followed by those of ``prompts_file`` (``.txt``: one
+    per line, ``#`` comment lines and blank lines skipped; also ``.jsonl``/``.csv``/
+    ``.parquet`` with a ``prompt`` column, see :func:`wadi_cli.io.prompts.read_prompt_file`). Raises
     :class:`BadInputError` when the result is empty."""
     out = [str(p) for p in prompts]
     if prompts_file is not None:
-        path = Path(prompts_file)
-        if not path.is_file():
-            raise BadInputError(f"--prompts {path}: no such file")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise BadInputError(f"--prompts {path}: cannot read ({exc})") from None
-        for line in text.splitlines():
-            line = line.strip()
-            if line and not line.startswith("#"):
-                out.append(line)
+        from wadi_cli.io.prompts import read_prompt_file
+
+        out.extend(read_prompt_file(prompts_file))
     if not out:
         where = f" ({prompts_file} holds none)" if prompts_file is not None else ""
         raise BadInputError(

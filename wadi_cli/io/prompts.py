@@ -1,0 +1,85 @@
+"""Prompt files: the one reader that ``wadi sample``, ``wadi eval`` and ``wadi distill`` share."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from wadi_cli.errors import BadInputError
+
+PROMPT_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl", ".csv", ".parquet")
+
+
+def _clean(values: Sequence[object], where: str) -> list[str]:
+    out = []
+    for v in values:
+        if v is None or (isinstance(v, float) and v != v):  # missing / NaN cells
+            continue
+        s = " ".join(str(v).split())
+        if s:
+            out.append(s)
+    if not out:
+        raise BadInputError(f"{where}: holds no prompts (empty or whitespace only)")
+    return out
+
+
+def _column(rows: list[dict], column: str, where: str) -> list[object]:
+    if rows and column not in rows[0]:
+        raise BadInputError(
+            f"{where}: no column {column!r} (has {', '.join(map(str, rows[0]))}); set --prompt-column"
+        )
+    return [r.get(column) for r in rows]
+
+
+def read_prompt_file(path: str | os.PathLike[str], column: str = "prompt") -> list[str]:
+    """Prompts of a ``.txt`` (one per line, ``#`` comment lines) / ``.jsonl`` / ``.csv`` /
+    ``.parquet`` (``column``) file, whitespace normalised, blank entries skipped.
+    :class:`BadInputError` if unreadable or empty."""
+    p = Path(path).expanduser()
+    where = f"--prompts {p}"
+    if not p.is_file():
+        raise BadInputError(f"{where}: no such file")
+    suffix = p.suffix.lower()
+    if suffix not in PROMPT_SUFFIXES:
+        raise BadInputError(f"{where}: unsupported type; use one of {', '.join(PROMPT_SUFFIXES)}")
+    try:
+        if suffix == ".parquet":
+            import pandas as pd
+
+            frame = pd.read_parquet(p)
+            if column not in frame.columns:
+                cols = ", ".join(map(str, frame.columns))
+                raise BadInputError(f"{where}: no column {column!r} (has {cols}); set --prompt-column")
+            return _clean(frame[column].tolist(), where)
+        text = p.read_text(encoding="utf-8")
+    except BadInputError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError, ImportError) as exc:
+        raise BadInputError(
+            f"{where}: cannot read ({str(exc).splitlines()[0] if str(exc) else exc})"
+        ) from None
+    if suffix == ".txt":  # one prompt per line; lines starting with '#' are comments
+        return _clean([ln for ln in text.splitlines() if not ln.lstrip().startswith("#")], where)
+    if suffix == ".jsonl":
+        rows = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise BadInputError(f"{where}: line {i} is not valid JSON") from None
+            if not isinstance(row, dict):
+                raise BadInputError(f"{where}: line {i} is not a JSON object")
+            rows.append(row)
+        missing = [i for i, r in enumerate(rows, 1) if column not in r]
+        if rows and len(missing) == len(rows):
+            raise BadInputError(f"{where}: no row has the key {column!r}; set --prompt-column")
+        return _clean([r.get(column) for r in rows], where)
+    import csv
+    import io
+
+    rows = list(csv.DictReader(io.StringIO(text)))
+    return _clean(_column(rows, column, where), where)
