@@ -75,7 +75,11 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         prompts_file: Annotated[
-            Path | None, typer.Option("--prompts", help="Text file with one prompt per line.")
+            Path | None,
+            typer.Option(
+                "--prompts",
+                help="Prompt file: .txt (one per line, # comments), .jsonl, .csv or .parquet ('prompt' column).",
+            ),
         ] = None,
         seed: Seed = 0,
         num_images: Annotated[int, typer.Option("--num-images", "-n", help="Images per prompt.")] = 1,
