@@ -78,7 +78,7 @@ def register(app: typer.Typer) -> None:
             Path | None,
             typer.Option(
                 "--prompts",
-                help="Prompt file: .txt (one per line, # comments), .jsonl, .csv or .parquet ('prompt' column).",
+                help="Prompt file: .txt (one per line, # comments), .jsonl, .csv, .parquet ('prompt').",
             ),
         ] = None,
         seed: Seed = 0,
