@@ -70,3 +70,18 @@ def test_cached_snapshot_is_found_offline(tmp_path):
 )  # fmt: skip
 def test_repo_id_shape(text, ok):
     assert looks_like_repo_id(text) is ok
+
+
+def test_unreachable_hub_fails_fast_without_offline_flag(monkeypatch, tmp_path):
+    """No HF_HUB_OFFLINE, no network: one HubError from the cache lookup, no retry loop."""
+    import time
+
+    from wadi_cli.errors import HubError
+    from wadi_cli.io import hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: False)
+    start = time.perf_counter()
+    with pytest.raises(HubError, match="unreachable"):
+        hub.fetch_file("some-org/some-repo", "weights.safetensors", cache_dir=tmp_path)
+    assert time.perf_counter() - start < 5.0

@@ -7,8 +7,10 @@ small text files are fetched by default; pickle formats are never downloaded.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+import socket
 from pathlib import Path
 
 from wadi_cli.errors import CheckpointError, HubError
@@ -21,6 +23,31 @@ DEFAULT_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model")  # configs, w
 def hub_offline() -> bool:
     """True when ``HF_HUB_OFFLINE`` is set to a true value (read at call time)."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connection to the hub's endpoint (cached per process).
+
+    Without it, an offline machine spends ~25 s in huggingface_hub's retries (and prints
+    each one) before the same error; with it, wadi goes straight to the local cache.
+    """
+    from urllib.parse import urlparse
+
+    try:
+        from huggingface_hub import constants
+
+        endpoint = urlparse(constants.ENDPOINT)
+        host, port = endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80)
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except (OSError, ValueError, ImportError):
+        return False
+
+
+def _local_only() -> bool:
+    """Use only the local hub cache: offline mode, or a hub that does not answer."""
+    return hub_offline() or not hub_reachable()
 
 
 def looks_like_repo_id(text: str) -> bool:
@@ -39,7 +66,7 @@ def _explain(exc: BaseException, repo_id: str, what: str) -> HubError:
         why = "no such revision"
     elif kind in ("RemoteEntryNotFoundError", "EntryNotFoundError"):
         why = "the repo has no such file"
-    elif kind in _OFFLINE_ERRORS or hub_offline():
+    elif kind in _OFFLINE_ERRORS or _local_only():
         why = "not in the local cache and the hub is unreachable (offline or HF_HUB_OFFLINE=1)"
     else:
         why = f"the hub is unreachable or refused the request ({kind})"
@@ -85,7 +112,7 @@ def resolve_model(
                 revision=revision,
                 cache_dir=cache_dir,
                 allow_patterns=allow_patterns,
-                local_files_only=hub_offline(),
+                local_files_only=_local_only(),
             )
         )
     except Exception as exc:  # noqa: BLE001 - every hub failure becomes one line
@@ -111,7 +138,7 @@ def fetch_file(
     try:
         return Path(
             hf_hub_download(
-                repo_id, filename, revision=revision, cache_dir=cache_dir, local_files_only=hub_offline()
+                repo_id, filename, revision=revision, cache_dir=cache_dir, local_files_only=_local_only()
             )
         )
     except Exception as exc:  # noqa: BLE001 - every hub failure becomes one line
