@@ -12,9 +12,15 @@ app = typer.Typer(
     help=(
         "Weight-direction-aware one-step distillation of diffusion models (WaDi, CVPR 2026).\n\n"
         "Examples:\n\n"
-        "  wadi analyze teacher.safetensors student.safetensors --out report/\n\n"
-        "  wadi analyze runwayml-sd15/ dmd2.safetensors --filter 'attn' --json\n\n"
-        "Set WADI_DEBUG=1 to see full tracebacks."
+        "    wadi analyze teacher.safetensors student.safetensors --out report/\n"
+        "    wadi info --backbone sd15\n"
+        '    wadi sample "a red circle at the top left" --backbone tiny --teacher --out samples/\n'
+        '    wadi sample "a shiba inu wearing a beret" --backbone sd21 --out shiba/\n'
+        "    wadi eval --backbone tiny --teacher --steps 25 --num-images 200 --json\n"
+        "    wadi distill --backbone tiny --out runs/tiny\n"
+        "    wadi export runs/tiny --format adapter --out student.safetensors\n"
+        "    wadi merge unet/ student.safetensors --out merged.safetensors\n\n"
+        "Every command has more examples in `wadi CMD --help`. Set WADI_DEBUG=1 to see full tracebacks."
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
