@@ -71,6 +71,7 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, pipe_dir, setup, args, ne
 def test_train_then_export_through_the_cli(tmp_path, pipe_dir):
     run = tmp_path / "run"
     base = ["distill", "--model", str(pipe_dir), "--out", str(run), "--device", "cpu", "--batch-size", "2"]
+    base += ["--ema-decay", "0.9"]  # tiny's default has no EMA; export must pick the EMA copy
     result = runner.invoke(app, [*base, "--max-steps", "2", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["steps"] == 2

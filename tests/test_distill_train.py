@@ -47,7 +47,15 @@ def pipe_dir():
 
 
 def _cfg(pipe_dir, **kw):
-    base = dict(model=str(pipe_dir), batch_size=2, max_steps=6, device="cpu", seed=1, checkpoint_every=100)
+    base = dict(
+        model=str(pipe_dir),
+        batch_size=2,
+        max_steps=6,
+        device="cpu",
+        seed=1,
+        checkpoint_every=100,
+        ema_decay=0.9,
+    )  # EMA on explicitly: the tiny backbone's default turns it off
     return resolve_config(overrides={**base, **kw})
 
 

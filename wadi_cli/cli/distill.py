@@ -15,7 +15,8 @@ HELP = """Distil a one-step student with LoRaD + variational score distillation 
 
 One frozen base serves teacher, student and fake score. Defaults are the paper's recipe
 (student rank 256 / 128 PixArt, fake rank 32, lr 1e-4 / 1e-2, CFG 1.5, ᾱ_T = 0.0047);
-every value can be set in a YAML/TOML --config file or by a flag (flags win).
+--backbone tiny has its own tuned recipe (lr 1e-2 / 1e-3, CFG 3 / 1, no EMA; see
+--dry-run). Every value can be set in a YAML/TOML --config file or by a flag (flags win).
 
 Examples:
 
