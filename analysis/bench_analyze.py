@@ -171,6 +171,40 @@ def machine() -> dict:
     }
 
 
+def breakdown(teacher: Path, student: Path) -> dict[str, float]:
+    """Single-threaded seconds per phase of the default method, run one after another (no
+    overlap): where the time goes, and the floor for a perfect split over the cores."""
+    import torch
+
+    from wadi_cli.analysis.decompose import decompose_rows
+    from wadi_cli.analysis.spectrum import eigvals_desc, gram_of_smaller_side
+    from wadi_cli.io import open_checkpoint
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    secs = dict.fromkeys(("read", "decompose", "gram", "eigen"), 0.0)
+    try:
+        with open_checkpoint(teacher) as t_src, open_checkpoint(student) as s_src:
+            for name in t_src:
+                if len(t_src.shape(name)) < 2:
+                    continue
+                t0 = time.perf_counter()
+                t, s = t_src.get(name), s_src.get(name)
+                t1 = time.perf_counter()
+                dec = decompose_rows(t, s)
+                t2 = time.perf_counter()
+                g = gram_of_smaller_side(dec.residual)
+                t3 = time.perf_counter()
+                eigvals_desc(g)
+                t4 = time.perf_counter()
+                for key, dt_ in zip(secs, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                    secs[key] += dt_
+    finally:
+        torch.set_num_threads(prev)
+    total = sum(secs.values())
+    return {**{k: round(v, 2) for k, v in secs.items()}, "total_core_s": round(total, 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/wadi_bench_analyze"))
@@ -210,6 +244,8 @@ def main() -> None:
             )
         },
     }
+    result["breakdown_single_thread_s"] = breakdown(teacher, student)
+    print("single-threaded breakdown:", result["breakdown_single_thread_s"])
     if not args.no_validate:
         val = validate(teacher, student)
         result["validation_vs_exact"] = {
