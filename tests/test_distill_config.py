@@ -24,6 +24,22 @@ def test_paper_defaults_for_sd15_and_pixart():
     assert (sd.lr, sd.fake_lr, sd.ema_decay) == (1e-4, 1e-2, 0.999)
 
 
+def test_a_full_fine_tune_defaults_to_a_small_lr_unless_set():
+    assert resolve_config(overrides={"adapter": "full"}).lr == 1e-4  # tiny
+    assert resolve_config(overrides={"backbone": "sd21", "adapter": "full"}).lr == 1e-5
+    assert resolve_config(overrides={"adapter": "full", "lr": 3e-3}).lr == 3e-3
+    assert resolve_config(overrides={"adapter": "lora"}).lr == 1e-2  # adapters keep the backbone's
+
+
+def test_new_knobs_default_to_the_paper_and_are_validated():
+    sd = resolve_config(overrides={"backbone": "sd15"})
+    assert (sd.grad_accum, sd.fake_updates, sd.text_cache, sd.tensorboard) == (1, 1, 0, True)
+    assert resolve_config().text_cache > 0  # tiny: few distinct prompts, cache them
+    for bad in ({"grad_accum": 0}, {"fake_updates": 0}, {"text_cache": -1}):
+        with pytest.raises(BadInputError):
+            resolve_config(overrides=bad)
+
+
 @pytest.mark.parametrize("suffix", [".yaml", ".toml"])
 def test_file_then_flags_precedence(tmp_path, suffix):
     path = tmp_path / f"cfg{suffix}"

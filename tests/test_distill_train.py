@@ -154,16 +154,85 @@ def _fake(d):
     return adapter_state_dict(d.net, "fake")
 
 
-def test_a_step_runs_four_network_forwards_with_batched_cfg(pipe_dir):
-    d, _ = _distiller(pipe_dir)
-    sizes = []
+def _forward_sizes(d) -> tuple[list[int], object]:
+    sizes: list[int] = []
     handle = d.net.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
     try:
         result = d.train_step()
     finally:
         handle.remove()
-    assert sizes == [2, 4, 4, 2]  # student, teacher cond+uncond, fake cond+uncond, fake update
+    return sizes, result
+
+
+@pytest.mark.parametrize(
+    ("fake_guidance", "expected"),
+    [
+        (1.5, [2, 4, 4, 2]),  # student, teacher cond+uncond, fake cond+uncond, fake update
+        (1.0, [2, 4, 2, 2]),  # CFG 1 = the conditional prediction: no unconditional half
+    ],
+)
+def test_a_step_runs_four_network_forwards_with_batched_cfg(pipe_dir, fake_guidance, expected):
+    d, _ = _distiller(pipe_dir, fake_guidance=fake_guidance)
+    sizes, result = _forward_sizes(d)
+    assert sizes == expected
     assert result.step == 1 and torch.isfinite(torch.tensor(result.loss_fake))
+
+
+def test_fake_updates_train_the_fake_score_on_fresh_student_samples(pipe_dir):
+    d2, _ = _distiller(pipe_dir, fake_updates=2, fake_guidance=1.5)
+    sizes, _ = _forward_sizes(d2)
+    # ... then one no-grad student sample and one more fake update
+    assert sizes == [2, 4, 4, 2, 2, 2]
+    d1, _ = _distiller(pipe_dir, fake_guidance=1.5)
+    d1.train_step()
+    a, b = adapter_state_dict(d1.net, "fake"), adapter_state_dict(d2.net, "fake")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    # the generator update (before any extra fake update) is the same
+    for k, v in adapter_state_dict(d1.net, "student").items():
+        torch.testing.assert_close(v, adapter_state_dict(d2.net, "student")[k], rtol=0, atol=0)
+
+
+def test_gradient_accumulation_equals_one_big_batch(pipe_dir):
+    """2 micro-batches of 2 draw the same noise/prompts as one batch of 4 and average the
+    same gradient, so two steps give the same adapters (float rounding aside). A large
+    Adam eps makes the update proportional to the gradient: Adam's g/|g| would otherwise
+    turn rounding noise in near-zero gradients into lr-sized differences."""
+    big, _ = _distiller(pipe_dir, batch_size=4, adam_eps=1.0)
+    acc, _ = _distiller(pipe_dir, batch_size=2, grad_accum=2, adam_eps=1.0)
+    for d in (big, acc):
+        for _ in range(2):
+            result = d.train_step()
+    assert result.step == 2
+    for name in ("student", "fake"):
+        a, b = adapter_state_dict(big.net, name), adapter_state_dict(acc.net, name)
+        assert any(v.abs().max() > 0 for k, v in a.items() if k.endswith("lorad_A"))
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    # and it is not vacuous: a single micro-batch of 2 differs
+    small, _ = _distiller(pipe_dir, batch_size=2, adam_eps=1.0)
+    for _ in range(2):
+        small.train_step()
+    s, b = adapter_state_dict(small.net, "student"), adapter_state_dict(acc.net, "student")
+    assert any(not torch.allclose(s[k], b[k], rtol=1e-4, atol=1e-6) for k in s)
+
+
+def test_text_cache_encodes_each_prompt_alone_and_evicts_the_oldest(pipe_dir):
+    d, _ = _distiller(pipe_dir, text_cache=2)
+    enc = d.sampler.prompt_encoder
+    prompts = [
+        "a red circle at the top left",
+        "a blue square at the top right",
+        "a red circle at the top left",
+    ]
+    got = d.encode(prompts)
+    for i, p in enumerate(prompts):
+        torch.testing.assert_close(got.embeds[i], enc([p]).embeds[0], rtol=0, atol=0)
+    assert list(d._text_cache) == ["a blue square at the top right", "a red circle at the top left"]
+    d.encode(["a green triangle at the bottom right"])
+    assert list(d._text_cache) == ["a red circle at the top left", "a green triangle at the bottom right"]
+    off, _ = _distiller(pipe_dir, text_cache=0)
+    torch.testing.assert_close(off.encode(prompts).embeds, got.embeds, rtol=1e-5, atol=1e-6)
+    assert off._text_cache == {}
 
 
 def test_prompt_dropout_replaces_rows_with_the_empty_prompt():
@@ -238,3 +307,22 @@ def test_half_precision_base_keeps_fp32_adapters_and_learns(pipe_dir, tmp_path, 
     assert ("student" in ckpt.extra["grad_scalers"]) == (precision == "fp16")
     summary = distill(config_for_run(run, "latest", None, {"max_steps": 3}), run, resume="latest")
     assert summary.step == 3
+
+
+def test_tensorboard_logs_the_metrics_csv_scalars(pipe_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    summary = distill(_cfg(pipe_dir, max_steps=3, tensorboard=True), run)
+    assert summary.tensorboard == run / "tensorboard"
+    events = EventAccumulator(str(summary.tensorboard))
+    events.Reload()
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    for key in ("loss_g", "loss_fake", "grad_norm_g"):
+        logged = [(e.step, e.value) for e in events.Scalars(f"train/{key}")]
+        assert [s for s, _ in logged] == [1, 2, 3]
+        expected = [float(r[key]) for r in rows]
+        assert [v for _, v in logged] == pytest.approx(expected, rel=1e-6)
+    off = distill(_cfg(pipe_dir, max_steps=1, tensorboard=False), tmp_path / "off")
+    assert off.tensorboard is None and not (tmp_path / "off" / "tensorboard").exists()

@@ -88,7 +88,27 @@ def register(app: typer.Typer) -> None:
         ema_decay: Annotated[
             float | None, _opt("--ema-decay", help="Student EMA decay; 0 = off (0.999).")
         ] = None,
-        batch_size: Annotated[int | None, _opt("--batch-size", help="Prompts per step.")] = None,
+        batch_size: Annotated[
+            int | None, _opt("--batch-size", help="Prompts per micro-batch and process.")
+        ] = None,
+        grad_accum: Annotated[
+            int | None, _opt("--grad-accum", help="Micro-batches accumulated per optimizer step (1).")
+        ] = None,
+        fake_updates: Annotated[
+            int | None, _opt("--fake-updates", help="Fake-score updates per generator update (1).")
+        ] = None,
+        text_cache: Annotated[
+            int | None,
+            _opt("--text-cache", help="Cache the encodings of up to N distinct prompts; 0 = on the fly."),
+        ] = None,
+        tensorboard: Annotated[
+            bool | None,
+            typer.Option(
+                "--tensorboard/--no-tensorboard",
+                help="TensorBoard logs in RUN/tensorboard (needs the tensorboard package).",
+                show_default=False,
+            ),
+        ] = None,
         max_steps: Annotated[
             int | None, _opt("--max-steps", help="Stop after this many steps (total).")
         ] = None,
@@ -140,7 +160,8 @@ def register(app: typer.Typer) -> None:
             "checkpoint_every": checkpoint_every, "keep_last": keep_last, "prompts": prompts,
             "prompt_column": prompt_column, "device": device, "mixed_precision": mixed_precision,
             "gradient_checkpointing": gradient_checkpointing, "optimizer": optimizer,
-            "validate_every": validate_every,
+            "validate_every": validate_every, "grad_accum": grad_accum, "fake_updates": fake_updates,
+            "text_cache": text_cache, "tensorboard": tensorboard,
         }  # fmt: skip
         if out is None and not dry_run:
             raise BadInputError("--out RUN is required (the run folder)")
@@ -169,12 +190,17 @@ def register(app: typer.Typer) -> None:
             "interrupted": summary.interrupted,
             "seconds": round(summary.seconds, 2),
             "prompts": summary.prompts,
+            "tensorboard": str(summary.tensorboard) if summary.tensorboard else None,
         }
         if json_out:
             console.print_json(json.dumps(info))
         else:
             verb = "stopped (Ctrl-C) at" if summary.interrupted else "reached"
             console.print(f"{summary.run}: {verb} step {summary.step}; checkpoint {info['checkpoint']}")
+            if summary.tensorboard:
+                console.print(f"TensorBoard: tensorboard --logdir {summary.tensorboard}")
+            elif cfg.tensorboard:
+                console.print("TensorBoard logs skipped: pip install tensorboard to get them")
         if summary.interrupted:
             raise typer.Exit(130)
 

@@ -50,6 +50,7 @@ class RunSummary:
     prompts: int
     world_size: int = 1
     rank: int = 0
+    tensorboard: Path | None = None  # where the event files went (None: off or not installed)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -96,6 +97,37 @@ class MetricsLog:
         row["seconds"] = round(seconds, 4)
         with self.path.open("a", newline="") as fh:
             csv.DictWriter(fh, METRIC_FIELDS).writerow(row)
+
+
+class TensorBoardLog:
+    """TensorBoard event files in ``RUN/tensorboard`` (``torch.utils.tensorboard``): the
+    scalars of ``metrics.csv`` plus validation metrics. :meth:`open` returns ``None`` when
+    the ``tensorboard`` package is missing."""
+
+    def __init__(self, writer: Any) -> None:
+        self.writer = writer
+
+    @classmethod
+    def open(cls, run: Path, start_step: int) -> TensorBoardLog | None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return None
+        # purge_step: a resumed run drops the events written after its checkpoint
+        return cls(SummaryWriter(str(run / "tensorboard"), purge_step=start_step + 1 if start_step else None))
+
+    def write(self, result: StepResult, seconds: float) -> None:
+        for key in METRIC_FIELDS[1:]:
+            value = seconds if key == "seconds" else getattr(result, key)
+            self.writer.add_scalar(f"train/{key}", value, result.step)
+
+    def write_validation(self, row: dict[str, Any]) -> None:
+        for key, value in row.items():
+            if key != "step" and isinstance(value, int | float):
+                self.writer.add_scalar(f"validation/{key}", value, row["step"])
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 @contextlib.contextmanager
@@ -163,12 +195,19 @@ def build_distiller(cfg: DistillConfig, prompts: list[str]) -> Distiller:
     return Distiller(cfg, sampler, prompts, topology)
 
 
-def _validate(distiller: Distiller, run: Path, on_validate: Callable[[dict[str, Any]], None] | None) -> None:
+def _validate(
+    distiller: Distiller,
+    run: Path,
+    on_validate: Callable[[dict[str, Any]], None] | None,
+    board: TensorBoardLog | None = None,
+) -> None:
     """Validation images (+ tiny metrics) on the main rank; the others wait."""
     if distiller.topology.is_main:
         from wadi_cli.distill.validate import validate
 
         row = validate(distiller, run)
+        if board is not None and row:
+            board.write_validation(row)
         if on_validate is not None and row:
             on_validate(row)
     _barrier(distiller.topology)
@@ -220,11 +259,12 @@ def distill(
     if ckpt is not None:
         distiller.load(ckpt)
     start = distiller.step
-    metrics = None
+    metrics = board = None
     if topo.is_main:
         create_run_dir(run)
         _write_text_atomic(run / "config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
         metrics = MetricsLog(run / "metrics.csv", start)
+        board = TensorBoardLog.open(run, start) if cfg.tensorboard else None
     if on_start is not None and topo.is_main:
         on_start(start, cfg.max_steps)
     saved_at, last = (start if ckpt is not None else -1), None
@@ -238,18 +278,22 @@ def distill(
 
     t0 = time.perf_counter()
     interrupted = False
-    with _stop_on_sigint() as flag:
+    with _stop_on_sigint() as flag, contextlib.ExitStack() as closing:
+        if board is not None:
+            closing.callback(board.close)
         while distiller.step < cfg.max_steps:
             ts = time.perf_counter()
             result = distiller.train_step()
             elapsed = time.perf_counter() - ts
             if metrics is not None and result.step % cfg.log_every == 0:
                 metrics.write(result, elapsed)
+                if board is not None:
+                    board.write(result, elapsed)
             if on_step is not None and topo.is_main:
                 on_step(result, elapsed)
             stop = _synced_stop(flag["stop"], distiller)
             if cfg.validate_every and result.step % cfg.validate_every == 0:
-                _validate(distiller, run, on_validate)
+                _validate(distiller, run, on_validate, board)
             if result.step % cfg.checkpoint_every == 0 or stop:
                 save()
             if stop:
@@ -274,6 +318,7 @@ def distill(
         len(prompts),
         topo.world,
         topo.rank,
+        run / "tensorboard" if board is not None else None,
     )
 
 

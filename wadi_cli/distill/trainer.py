@@ -153,6 +153,7 @@ class Distiller:
         self.alphas_cumprod = alphas_cumprod_of(sampler.scheduler)
         self.t_last = last_timestep(sampler.scheduler)
         self.stream = PromptStream(prompts, cfg.seed)
+        self._text_cache: dict[str, TextCondition] = {}
         self.step = 0
 
     # ---- pieces of a step ------------------------------------------------------------
@@ -164,7 +165,11 @@ class Distiller:
     def _guided_eps(
         self, adapter: str | None, x_t: Tensor, t: Tensor, cond: TextCondition, scale: float
     ) -> Tensor:
-        """CFG ε with conditional and unconditional rows in ONE batched forward."""
+        """CFG ε with conditional and unconditional rows in ONE batched forward (at scale 1
+        CFG is the conditional prediction itself, so only that half runs)."""
+        if scale == 1.0:
+            with use_adapter(self.net, adapter):
+                return self.denoiser.eps(x_t, t, cond)
         uncond = self.sampler.prompt_encoder.empty(len(cond)).to(self.device)
         with use_adapter(self.net, adapter):
             eps = self.denoiser.eps(
@@ -173,30 +178,67 @@ class Distiller:
         eps_u, eps_c = eps.chunk(2)
         return guided_eps(eps_u, eps_c, scale)
 
-    def _draws(self, batch: int) -> dict[str, Tensor]:
-        """Every random draw of a step, in a fixed order, from the run's CPU generator (the
-        global batch is drawn; this rank keeps its slice)."""
+    def encode(self, prompts: list[str]) -> TextCondition:
+        """Text conditions of ``prompts``. With ``text_cache > 0`` each distinct prompt is
+        encoded once, ALONE (so its embedding never depends on the batch it first came
+        in, and a resumed run sees the same bits), and kept in an LRU cache of that many
+        prompts; otherwise the batch is encoded on the fly."""
+        encoder = self.sampler.prompt_encoder
+        size = self.cfg.text_cache
+        if size <= 0:
+            return encoder(prompts).to(self.device)
+        rows = []
+        for prompt in prompts:
+            hit = self._text_cache.pop(prompt, None)
+            if hit is None:
+                hit = encoder([prompt]).to(self.device)
+            self._text_cache[prompt] = hit  # most recently used last
+            rows.append(hit)
+        while len(self._text_cache) > size:
+            self._text_cache.pop(next(iter(self._text_cache)))
+        return TextCondition.cat(rows)
+
+    def _draws(self, batch: int, micro: int = 1) -> list[dict[str, Tensor]]:
+        """Every random draw of a step, in a fixed order, from the run's CPU generator: the
+        global batch (``micro`` micro-batches × ranks × ``batch``) is drawn at once and this
+        rank keeps its slice of each micro-batch, so gradient accumulation over ``k``
+        micro-batches of ``B`` draws exactly what one batch of ``k·B`` draws."""
         c, h, w = self.sampler.latent_shape
         g, cfg, topo = self.generator, self.cfg, self.topology
-        batch = batch * topo.world
-        shape = (batch, c, h, w)
+        total = micro * topo.world * batch
+        shape = (total, c, h, w)
         d = {
             "z": torch.randn(shape, generator=g),
-            "t": torch.randint(cfg.t_min, cfg.t_max + 1, (batch,), generator=g),
+            "t": torch.randint(cfg.t_min, cfg.t_max + 1, (total,), generator=g),
             "eps": torch.randn(shape, generator=g),
-            "t_fake": torch.randint(cfg.fake_t_min, cfg.fake_t_max + 1, (batch,), generator=g),
+            "t_fake": torch.randint(cfg.fake_t_min, cfg.fake_t_max + 1, (total,), generator=g),
             "eps_fake": torch.randn(shape, generator=g),
-            "drop": torch.rand(batch, generator=g) < cfg.prompt_dropout,
+            "drop": torch.rand(total, generator=g) < cfg.prompt_dropout,
         }
-        return {k: v[topo.slice(batch // topo.world)].to(self.device) for k, v in d.items()}
+        out = []
+        for m in range(micro):
+            start = (m * topo.world + topo.rank) * batch
+            out.append({k: v[start : start + batch].to(self.device) for k, v in d.items()})
+        return out
 
-    def _update(self, name: str, loss: Tensor, max_norm: float) -> float:
-        """Backward (with the adapter still selected: gradient checkpointing recomputes the
-        forward during backward), average over ranks, unscale, clip, step."""
-        opt, scaler, params = self.optimizers[name], self.scalers[name], self.params[name]
-        opt.zero_grad(set_to_none=True)
+    def _prompts(self, micro: int) -> list[list[str]]:
+        """The prompts of ``micro`` micro-batches for this rank (same layout as the draws)."""
+        b, world = self.cfg.batch_size, self.topology.world
+        batch = self.stream.next_batch(micro * world * b)
+        return [
+            batch[(m * world + self.topology.rank) * b : (m * world + self.topology.rank + 1) * b]
+            for m in range(micro)
+        ]
+
+    def _backward(self, name: str, loss: Tensor) -> None:
+        """Accumulate the gradient of ``loss`` (with the adapter still selected: gradient
+        checkpointing recomputes the forward during backward)."""
         with use_adapter(self.net, name):
-            scaler.scale(loss).backward()
+            self.scalers[name].scale(loss).backward()
+
+    def _step(self, name: str, max_norm: float) -> float:
+        """Average the accumulated gradients over ranks, unscale, clip, step, zero."""
+        opt, scaler, params = self.optimizers[name], self.scalers[name], self.params[name]
         if self.topology.world > 1:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             flat = self.topology.mean(torch.cat([g.flatten() for g in grads]))
@@ -206,7 +248,14 @@ class Distiller:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         scaler.step(opt)
         scaler.update()
+        opt.zero_grad(set_to_none=True)
         return float(norm)
+
+    def _update(self, name: str, loss: Tensor, max_norm: float) -> float:
+        """One optimizer step on ``loss`` alone (no accumulation)."""
+        self.optimizers[name].zero_grad(set_to_none=True)
+        self._backward(name, loss)
+        return self._step(name, max_norm)
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -226,48 +275,71 @@ class Distiller:
                 "checkpoint is kept; try a lower --lr / --fake-lr)"
             )
 
+    def _one_step_x0(self, z: Tensor, cond: TextCondition) -> Tensor:
+        """The student's sample from pure noise at t = T-1 (with graph for a LoRaD/full student)."""
+        with self.student() as student:
+            pred = student(z, self.t_last, cond)
+        return one_step_x0(z, pred, self.cfg.alpha_bar_T, self.denoiser.prediction_type)
+
+    def _fake_loss(self, x0: Tensor, cond: TextCondition, d: dict[str, Tensor]) -> Tensor:
+        """§4 step 5 on a detached sample: prompts dropped to ∅ with probability p."""
+        dev = self.device
+        ab_f = alpha_bar_at(self.alphas_cumprod, d["t_fake"].cpu()).to(dev)
+        x_tf = add_noise(x0, d["eps_fake"], ab_f)
+        cond_f = _drop_prompts(cond, self.sampler.prompt_encoder.empty(len(cond)).to(dev), d["drop"])
+        with use_adapter(self.net, "fake"):
+            eps_pred = self.denoiser.eps(x_tf, d["t_fake"], cond_f)
+        return fake_score_loss(eps_pred, d["eps_fake"], ab_f)
+
     # ---- the step ----------------------------------------------------------------------
     def train_step(self) -> StepResult:
-        """One generator update and one fake-score update (WaDi §4, steps 1–6)."""
-        cfg, dev = self.cfg, self.device
-        prompts = self.stream.next_batch(cfg.batch_size * self.topology.world)[
-            self.topology.slice(cfg.batch_size)
-        ]
-        cond = self.sampler.prompt_encoder(prompts).to(dev)
-        d = self._draws(len(prompts))
+        """One generator update and ``fake_updates`` fake-score updates (WaDi §4, steps
+        1–6), each accumulated over ``grad_accum`` micro-batches."""
+        cfg, dev, k = self.cfg, self.device, self.cfg.grad_accum
         scale = self.lr_scale(self.step)
         for name, base_lr in (("student", cfg.lr), ("fake", cfg.fake_lr)):
             for group in self.optimizers[name].param_groups:
                 group["lr"] = base_lr * scale
-        # 1. student: one step from pure noise at t = T-1
-        with self.student() as student:
-            pred = student(d["z"], self.t_last, cond)
-        x0 = one_step_x0(d["z"], pred, cfg.alpha_bar_T, self.denoiser.prediction_type)
-        # 2.-4. VSD gradient from teacher and fake score (no graph), generator update
-        ab = alpha_bar_at(self.alphas_cumprod, d["t"].cpu()).to(dev)
-        x_t = add_noise(x0.detach(), d["eps"], ab)
-        with torch.no_grad():
-            eps_real = self._guided_eps(None, x_t, d["t"], cond, cfg.guidance)
-            eps_fake = self._guided_eps("fake", x_t, d["t"], cond, cfg.fake_guidance)
-        loss_g = generator_loss(x0, vsd_gradient(eps_real, eps_fake, ab))
-        self._check("generator", loss_g)
-        norm_g = self._update("student", loss_g, cfg.max_grad_norm)
+        saved, losses_g = [], []
+        for prompts, d in zip(self._prompts(k), self._draws(cfg.batch_size, k), strict=True):
+            cond = self.encode(prompts)
+            # 1. student: one step from pure noise at t = T-1
+            x0 = self._one_step_x0(d["z"], cond)
+            # 2.-4. VSD gradient from teacher and fake score (no graph), generator loss
+            ab = alpha_bar_at(self.alphas_cumprod, d["t"].cpu()).to(dev)
+            x_t = add_noise(x0.detach(), d["eps"], ab)
+            with torch.no_grad():
+                eps_real = self._guided_eps(None, x_t, d["t"], cond, cfg.guidance)
+                eps_fake = self._guided_eps("fake", x_t, d["t"], cond, cfg.fake_guidance)
+            loss_g = generator_loss(x0, vsd_gradient(eps_real, eps_fake, ab))
+            self._check("generator", loss_g)
+            self._backward("student", loss_g / k)
+            losses_g.append(loss_g.detach())
+            saved.append((x0.detach(), cond, d))
+        norm_g = self._step("student", cfg.max_grad_norm)
         self._update_ema()
-        # 5. fake-score update on the detached sample, prompts dropped to ∅ with p
-        x0d = x0.detach()
-        ab_f = alpha_bar_at(self.alphas_cumprod, d["t_fake"].cpu()).to(dev)
-        x_tf = add_noise(x0d, d["eps_fake"], ab_f)
-        cond_f = _drop_prompts(cond, self.sampler.prompt_encoder.empty(len(cond)).to(dev), d["drop"])
-        with use_adapter(self.net, "fake"):
-            eps_pred = self.denoiser.eps(x_tf, d["t_fake"], cond_f)
-        loss_f = fake_score_loss(eps_pred, d["eps_fake"], ab_f)
-        self._check("fake-score", loss_f)
-        norm_f = self._update("fake", loss_f, cfg.fake_max_grad_norm)
+        # 5. fake-score update(s); extra updates train on fresh samples of the new student
+        for j in range(cfg.fake_updates):
+            if j > 0:
+                saved = []
+                for prompts, d in zip(self._prompts(k), self._draws(cfg.batch_size, k), strict=True):
+                    cond = self.encode(prompts)
+                    with torch.no_grad():
+                        saved.append((self._one_step_x0(d["z"], cond), cond, d))
+            losses_f = []
+            for x0d, cond, d in saved:
+                loss_f = self._fake_loss(x0d, cond, d)
+                self._check("fake-score", loss_f)
+                self._backward("fake", loss_f / k)
+                losses_f.append(loss_f.detach())
+            norm_f = self._step("fake", cfg.fake_max_grad_norm)
         self.step += 1
+        loss_g = self.topology.mean(torch.stack(losses_g).mean())
+        loss_f = self.topology.mean(torch.stack(losses_f).mean())
         return StepResult(
             self.step,
-            float(loss_g.detach()),
-            float(loss_f.detach()),
+            float(loss_g),
+            float(loss_f),
             norm_g,
             norm_f,
             cfg.lr * scale,
