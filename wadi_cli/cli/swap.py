@@ -1,0 +1,303 @@
+"""``wadi swap``: hybrid checkpoints of the swap experiment (student + teacher norms, or
+student + teacher directions), with optional side-by-side grids and tiny-model scores."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from wadi_cli.cli.common import (
+    JsonFlag,
+    Seed,
+    console,
+    err_console,
+    handle_errors,
+    is_run_folder,
+    use_backbone_cpu_threads,
+)
+
+HELP = """Give a student its teacher's row norms or row directions and write the
+hybrid checkpoint.
+
+Row by row, every Linear/Conv row W_i = g_i·d_i (norm g_i, unit direction
+d_i) takes its norm from one model and its direction from the other (the
+swap experiment of WaDi §1).
+
+--keep direction: student directions with TEACHER NORMS (the paper: FID +0.7).
+--keep norm: student norms with TEACHER DIRECTIONS (the paper: FID +241).
+
+--alpha interpolates (0 = student, 1 = full swap): norms linearly,
+directions along the great circle (slerp). --filter REGEX limits the swap
+to matching tensor names; biases, norm layers and embeddings always stay
+the student's. The output is a full student state dict (.safetensors,
+written atomically with provenance metadata) that `wadi sample --weights`
+and `wadi eval --weights` accept. STUDENT may be a merged file, a diffusers
+folder, a `wadi distill` run folder, or a LoRaD adapter (merged into TEACHER).
+
+With --sample PROMPT (repeatable) it also renders one grid per prompt, rows
+= seeds, columns = teacher (multi-step) | student (one step) | student +
+teacher norms | student + teacher directions, into --samples-dir (default
+OUT_samples/ next to --out); for --backbone tiny it scores the four
+variants like `wadi eval` (accuracy, fd) into swap_metrics.json.
+
+Examples:
+
+  wadi swap sd15-unet/ rotated_unet-sdv1-5.safetensors --keep direction
+  --out student-teacher-norms.safetensors
+
+  wadi swap sd15-unet/ rotated_unet-sdv1-5.safetensors --keep norm --alpha 0.5
+  --filter "attentions" --out half-dirs.safetensors
+
+  wadi swap wadi_cli/assets/tiny/pipeline runs/tiny --keep norm --out hybrid.safetensors
+  --sample "a red circle at the top left" --sample "a blue square at the bottom right"
+  --backbone tiny -n 500
+
+  wadi eval -b tiny --weights hybrid.safetensors -n 256
+"""
+
+
+@contextlib.contextmanager
+def _student_file(student: Path) -> Iterator[Path]:
+    """A `wadi distill` run folder becomes its latest student exported as a merged state
+    dict in a temporary file (removed afterwards); anything else passes through."""
+    if not is_run_folder(student):
+        yield student
+        return
+    from wadi_cli.distill.export import export_run
+
+    with tempfile.TemporaryDirectory(prefix="wadi-swap-") as tmp:
+        merged = Path(tmp) / "student-merged.safetensors"
+        export_run(student, "merged", merged)
+        err_console.print(f"[dim]using the run's latest student ({student}), merged[/]", highlight=False)
+        yield merged
+
+
+@contextlib.contextmanager
+def _progress() -> Iterator[Any]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("loading", total=None)
+
+        def update(description: str, done: int, total: int) -> None:
+            bar.update(task, description=description, completed=done, total=total)
+
+        yield update
+
+
+def _print_stats(stats: Any, out: Path) -> None:
+    what = "teacher norms" if stats.keep == "direction" else "teacher directions"
+    skipped = f", {stats.rows_skipped:,} rows left as the student's" if stats.rows_skipped else ""
+    console.print(
+        f"student + {what} (alpha {stats.alpha:g}"
+        f"{', filter ' + repr(stats.filter) if stats.filter else ''}): swapped "
+        f"{stats.tensors_swapped} of {stats.tensors_swappable} linear/conv weights "
+        f"({stats.rows_swapped:,} rows{skipped}) -> [bold]{out}[/]",
+        highlight=False,
+    )
+
+
+def _print_metrics(metrics: dict[str, dict[str, Any]], num_images: int) -> None:
+    from rich.table import Table
+
+    from wadi_cli.swap import VARIANT_LABELS
+
+    table = Table(title=f"tiny backbone, {num_images} images per variant")
+    for col in ("variant", "steps", "accuracy", "fd"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for name, row in metrics.items():
+        table.add_row(VARIANT_LABELS[name], str(row["steps"]), f"{row['accuracy']:.3f}", f"{row['fd']:.2f}")
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("swap", help=HELP)
+    @handle_errors
+    def swap(
+        teacher: Annotated[Path, typer.Argument(help="Teacher checkpoint (file or diffusers folder).")],
+        student: Annotated[
+            Path, typer.Argument(help="One-step student: merged file, folder, run folder, or LoRaD adapter.")
+        ],
+        keep: Annotated[
+            str,
+            typer.Option(
+                "--keep",
+                help="direction: student directions + teacher norms; "
+                "norm: student norms + teacher directions.",
+            ),
+        ],
+        out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors file.")],
+        alpha: Annotated[
+            float, typer.Option("--alpha", help="Swap strength in [0, 1] (0 = student, 1 = full swap).")
+        ] = 1.0,
+        filter: Annotated[
+            str | None, typer.Option("--filter", help="Swap only tensors whose name matches this regex.")
+        ] = None,
+        overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
+        sample: Annotated[
+            list[str] | None,
+            typer.Option("--sample", help="Render a 4-column comparison grid for this prompt (repeatable)."),
+        ] = None,
+        backbone: Annotated[
+            str, typer.Option("--backbone", "-b", help="Pipeline for --sample: tiny, sd15, sd21, pixart.")
+        ] = "tiny",
+        model: Annotated[
+            str | None,
+            typer.Option("--model", help="Base pipeline folder or hub id for --sample (default: registry)."),
+        ] = None,
+        steps: Annotated[
+            int | None, typer.Option("--steps", help="Teacher steps (default: the backbone's, e.g. 25).")
+        ] = None,
+        cfg: Annotated[float | None, typer.Option("--cfg", help="Teacher guidance scale.")] = None,
+        seed: Seed = 0,
+        rows: Annotated[int, typer.Option("--rows", help="Seeds (grid rows) per prompt.")] = 4,
+        samples_dir: Annotated[
+            Path | None,
+            typer.Option("--samples-dir", help="Folder for the grids (default: OUT_samples/ next to --out)."),
+        ] = None,
+        num_images: Annotated[
+            int, typer.Option("--num-images", "-n", help="Images per variant for the tiny scores.")
+        ] = 500,
+        no_eval: Annotated[
+            bool, typer.Option("--no-eval", help="Skip the tiny accuracy / fd scores.")
+        ] = False,
+        device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, mps.")] = "auto",
+        json_out: JsonFlag = False,
+    ) -> None:
+        from wadi_cli.swap import check_alpha, check_keep, check_output, compile_filter, write_swap
+
+        keep = check_keep(keep)
+        alpha = check_alpha(alpha)
+        compile_filter(filter)
+        out_path = check_output(out, overwrite=overwrite, inputs={"TEACHER": teacher, "STUDENT": student})
+        grids_dir = None
+        if sample:
+            grids_dir = _check_sampling(backbone, model, samples_dir, out_path, rows, num_images, steps, cfg)
+        elif steps is not None or cfg is not None or samples_dir is not None or model is not None:
+            from wadi_cli.errors import BadInputError
+
+            raise BadInputError("--steps, --cfg, --model and --samples-dir apply with --sample only")
+        with _student_file(student) as student_path:
+            stats = write_swap(
+                teacher, student_path, keep, out_path, alpha=alpha, filter=filter, overwrite=True,
+                student_label=str(student),
+            )  # fmt: skip
+            result: dict[str, Any] = {"out": str(out_path), **stats.to_dict()}
+            if not json_out:
+                _print_stats(stats, out_path)
+            if sample and grids_dir is not None:
+                result["samples"] = _sample(
+                    teacher, student_path, sample, grids_dir, backbone, model, steps, cfg, seed, rows,
+                    alpha, filter, num_images, not no_eval, device, str(student),
+                )  # fmt: skip
+        _report(result, json_out, num_images)
+
+
+def _report(result: dict[str, Any], json_out: bool, num_images: int) -> None:
+    """JSON on stdout, or the scores table and where the grids went."""
+    if json_out:
+        typer.echo(json.dumps(result, indent=2, default=str))
+        return
+    samples = result.get("samples")
+    if samples:
+        if samples["metrics"]:
+            _print_metrics(samples["metrics"], num_images)
+        console.print(f"{len(samples['grids'])} grid(s) -> [bold]{samples['out']}[/]", highlight=False)
+
+
+def _check_sampling(
+    backbone: str,
+    model: str | None,
+    samples_dir: Path | None,
+    out: Path,
+    rows: int,
+    num_images: int,
+    steps: int | None,
+    cfg: float | None,
+) -> Path:
+    """Validate the --sample options before any heavy work; returns the grids folder."""
+    from wadi_cli.backbones import get_backbone
+    from wadi_cli.errors import BadInputError
+    from wadi_cli.io import check_writable
+    from wadi_cli.sample import SampleConfig, resolve_pipeline_source
+
+    spec = get_backbone(backbone)
+    resolve_pipeline_source(spec, model)  # a missing base pipeline fails before the swap
+    if rows < 1:
+        raise BadInputError(f"--rows must be at least 1, got {rows}")
+    if num_images < 2:
+        raise BadInputError(f"--num-images must be at least 2 to estimate FD, got {num_images}")
+    SampleConfig(teacher=True, steps=steps, cfg=cfg)  # validates --steps / --cfg
+    folder = samples_dir if samples_dir is not None else out.parent / f"{out.stem}_samples"
+    check_writable(folder, directory=True)
+    return folder
+
+
+def _sample(
+    teacher: Path,
+    student: Path,
+    prompts: list[str],
+    folder: Path,
+    backbone: str,
+    model: str | None,
+    steps: int | None,
+    cfg: float | None,
+    seed: int,
+    rows: int,
+    alpha: float,
+    filter: str | None,
+    num_images: int,
+    evaluate: bool,
+    device: str,
+    student_label: str,
+) -> dict[str, Any]:
+    from wadi_cli.io import open_checkpoint
+    from wadi_cli.sample import resolve_device, resolve_dtype
+    from wadi_cli.swap import open_student, render_swap_grids
+
+    name = backbone.strip().lower()
+    use_backbone_cpu_threads(name, device)
+    dev = resolve_device(device)
+    from wadi_cli.backbones import get_backbone
+
+    dtype = resolve_dtype(None, dev, get_backbone(name).family)
+    with open_checkpoint(teacher) as t_src, _progress() as progress:
+        s_src, _ = open_student(student, t_src)
+        try:
+            return render_swap_grids(
+                t_src,
+                s_src,
+                prompts,
+                folder,
+                backbone=name,
+                rows=rows,
+                seed=seed,
+                steps=steps,
+                cfg=cfg,
+                alpha=alpha,
+                filter=filter,
+                evaluate=evaluate and name == "tiny",
+                num_images=num_images,
+                model=model,
+                device=dev,
+                dtype=dtype,
+                metadata={"teacher": str(teacher), "student": student_label},
+                progress=progress,
+            )
+        finally:
+            close = getattr(s_src, "close", None)
+            if callable(close):
+                close()

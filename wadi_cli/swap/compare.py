@@ -1,0 +1,364 @@
+"""Compare the four swap variants side by side: the multi-step teacher, the one-step
+student, the student with the teacher's norms (``keep="direction"``) and the student with
+the teacher's directions (``keep="norm"``).
+
+Variants are produced one at a time (:func:`variant_states`) and loaded into ONE sampler's
+denoiser, so memory holds the base pipeline plus one hybrid, whatever the backbone. For
+each variant, images for every prompt are generated from the same noise (seed ``seed + i``
+for image ``i``) and, for the tiny backbone, the variant is scored like ``wadi eval``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from wadi_cli.errors import BadInputError
+from wadi_cli.swap.core import check_alpha, plan_swap, swap_state_dict
+
+VARIANTS: tuple[str, ...] = ("teacher", "student", "teacher_norms", "teacher_directions")
+VARIANT_LABELS: dict[str, str] = {
+    "teacher": "teacher",
+    "student": "student (1 step)",
+    "teacher_norms": "+ teacher norms",
+    "teacher_directions": "+ teacher directions",
+}
+SAMPLES_JSON = "swap_samples.json"
+METRICS_JSON = "swap_metrics.json"
+
+#: ``progress(description, done, total)``, called as work advances.
+Progress = Callable[[str, int, int], None]
+
+
+def variant_states(
+    teacher: Mapping[str, torch.Tensor] | Any,
+    student: Mapping[str, torch.Tensor] | Any,
+    *,
+    alpha: float = 1.0,
+    filter: str | None = None,
+) -> Iterator[tuple[str, Any]]:
+    """Yield ``(variant, state)`` for :data:`VARIANTS`, in order. Hybrids are computed
+    lazily, one at a time, so at most one lives in memory while the caller uses it.
+    Validate first (:func:`wadi_cli.swap.plan_swap`): errors would surface mid-way."""
+    yield "teacher", teacher
+    yield "student", student
+    yield "teacher_norms", swap_state_dict(teacher, student, "direction", alpha=alpha, filter=filter)[0]
+    yield "teacher_directions", swap_state_dict(teacher, student, "norm", alpha=alpha, filter=filter)[0]
+
+
+def _check_tiny(backbone: Any) -> None:
+    name = str(getattr(backbone, "name", backbone)).strip().lower()
+    if name != "tiny":
+        raise BadInputError(f"accuracy / fd can be computed for the tiny backbone only (got {name!r})")
+
+
+def _run_variants(
+    sampler: Any,
+    teacher: Any,
+    student: Any,
+    alpha: float,
+    filter: str | None,
+    work: Callable[[str], None],
+) -> None:
+    """Load each variant into the sampler's denoiser (strictly) and call ``work(variant)``."""
+    from wadi_cli.sample import load_state_strict
+
+    net = sampler.denoiser.model
+    for name, state in variant_states(teacher, student, alpha=alpha, filter=filter):
+        load_state_strict(net, state, f"the {name.replace('_', ' ')} weights")
+        del state
+        work(name)
+
+
+def _eval_entry(result: Mapping[str, Any], teacher: bool) -> dict[str, Any]:
+    entry = {k: result[k] for k in ("accuracy", "fd", "steps", "num_images", "seconds") if k in result}
+    if teacher:
+        entry["cfg"] = result["cfg"]
+    return entry
+
+
+def evaluate_swap_variants(
+    teacher_state: Mapping[str, torch.Tensor] | Any,
+    student_state: Mapping[str, torch.Tensor] | Any,
+    *,
+    backbone: str = "tiny",
+    num_images: int = 500,
+    seed: int = 0,
+    teacher_steps: int | None = None,
+    cfg: float | None = None,
+    alpha: float = 1.0,
+    filter: str | None = None,
+    model: str | os.PathLike[str] | None = None,
+    device: torch.device | str = "cpu",
+    batch_size: int = 32,
+    sampler: Any = None,
+    progress: Progress | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Accuracy and Fréchet distance (as ``wadi eval``) of the four variants of the tiny model.
+
+    Returns ``{"teacher": {"accuracy", "fd", "steps", "cfg", …}, "student": {…},
+    "teacher_norms": {…}, "teacher_directions": {…}}``: ``teacher_norms`` is the
+    ``keep="direction"`` hybrid, ``teacher_directions`` the ``keep="norm"`` one (both at
+    ``alpha``, limited to ``filter``). Every variant sees the same ``num_images`` prompts
+    and noise (``seed``); the teacher runs ``teacher_steps`` DDIM steps with guidance
+    ``cfg`` (defaults: :data:`wadi_cli.sample.TEACHER_DEFAULTS`).
+    """
+    _check_tiny(backbone)
+    check_alpha(alpha)
+    plan_swap(teacher_state, student_state, filter)
+    results: dict[str, dict[str, Any]] = {}
+    sampler, classifier = _tiny_tools(sampler, model, device)
+
+    def work(name: str) -> None:
+        results[name] = _evaluate_one(
+            sampler, classifier, name, num_images, seed, teacher_steps, cfg, batch_size, progress
+        )
+
+    _run_variants(sampler, teacher_state, student_state, alpha, filter, work)
+    return results
+
+
+def _tiny_tools(sampler: Any, model: Any, device: torch.device | str) -> tuple[Any, Any]:
+    from wadi_cli.sample import load_sampler
+    from wadi_cli.tiny.classifier import load_classifier
+
+    classifier = load_classifier(None)
+    if sampler is None:
+        sampler = load_sampler("tiny", model=model, teacher=True, device=device)
+    return sampler, classifier
+
+
+def _evaluate_one(
+    sampler: Any,
+    classifier: Any,
+    name: str,
+    num_images: int,
+    seed: int,
+    steps: int | None,
+    cfg: float | None,
+    batch_size: int,
+    progress: Progress | None,
+) -> dict[str, Any]:
+    from wadi_cli.sample import evaluate_tiny
+
+    if progress is not None:
+        progress(f"evaluating {name.replace('_', ' ')}", 0, 1)
+    is_teacher = name == "teacher"
+    result, _ = evaluate_tiny(
+        teacher=is_teacher,
+        steps=steps if is_teacher else None,
+        cfg=cfg if is_teacher else None,
+        num_images=num_images,
+        seed=seed,
+        batch_size=batch_size,
+        sampler=sampler,
+        classifier=classifier,
+    )
+    if progress is not None:
+        progress(f"evaluated {name.replace('_', ' ')}", 1, 1)
+    return _eval_entry(result, is_teacher)
+
+
+# ---- grids ---------------------------------------------------------------------------------
+def _font(size: int) -> Any:
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # Pillow without FreeType
+        return ImageFont.load_default()
+
+
+def labelled_grid(
+    columns: Sequence[np.ndarray], labels: Sequence[str], title: str | None = None
+) -> np.ndarray:
+    """One image: a title line, a header of ``labels``, then ``columns`` side by side.
+
+    ``columns[j]`` is an (R, H, W, 3) uint8 array (row ``r`` of every column shares its
+    noise). Small images are upscaled (nearest) so each column is wide enough for its label.
+    """
+    from PIL import Image, ImageDraw
+
+    from wadi_cli.sample import image_grid
+
+    if len(columns) != len(labels) or not columns:
+        raise ValueError("need one label per column and at least one column")
+    n_rows, h, w, _ = columns[0].shape
+    font = _font(14)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    widest = max(probe.textbbox((0, 0), label, font=font)[2] for label in labels)
+    scale = max(1, math.ceil((widest + 8) / w))
+    cells = np.stack([columns[j][r] for r in range(n_rows) for j in range(len(columns))])
+    if scale > 1:
+        cells = cells.repeat(scale, axis=1).repeat(scale, axis=2)
+    body = image_grid(cells, ncols=len(columns))
+    cell_w = w * scale
+    line = 20
+    header = line * (2 if title else 1)
+    canvas = Image.new("RGB", (body.shape[1], body.shape[0] + header), (255, 255, 255))
+    canvas.paste(Image.fromarray(body), (0, header))
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        text = title if len(title) <= 90 else title[:87] + "..."
+        draw.text((2, 2), text, fill=(0, 0, 0), font=font)
+    for j, label in enumerate(labels):
+        x = j * (cell_w + 2) + max(0, (cell_w - probe.textbbox((0, 0), label, font=font)[2]) // 2)
+        draw.text((x, header - line + 2), label, fill=(0, 0, 0), font=font)
+    return np.asarray(canvas)
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    keep = "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
+    while "__" in keep:
+        keep = keep.replace("__", "_")
+    return keep[:limit] or "prompt"
+
+
+def render_swap_grids(
+    teacher_state: Mapping[str, torch.Tensor] | Any,
+    student_state: Mapping[str, torch.Tensor] | Any,
+    prompts: Sequence[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    backbone: str = "tiny",
+    rows: int = 4,
+    seed: int = 0,
+    steps: int | None = None,
+    cfg: float | None = None,
+    alpha: float = 1.0,
+    filter: str | None = None,
+    evaluate: bool | None = None,
+    num_images: int = 500,
+    model: str | os.PathLike[str] | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 8,
+    metadata: Mapping[str, Any] | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Render one labelled grid per prompt (columns: teacher multi-step | student one-step |
+    student + teacher norms | student + teacher directions; rows: seeds ``seed``, …,
+    ``seed + rows - 1`` per prompt) into ``out_dir``, written atomically with
+    ``swap_samples.json``. With ``evaluate`` (default: for ``tiny``) the variants are also
+    scored like ``wadi eval`` (``num_images``, ``seed``) into ``swap_metrics.json``.
+
+    Returns ``{"out", "grids", "metrics"}`` (``metrics`` is ``None`` without evaluation).
+    """
+    from wadi_cli.io import check_writable
+    from wadi_cli.sample import load_sampler
+
+    if not prompts:
+        raise BadInputError("--sample needs at least one prompt")
+    if rows < 1:
+        raise BadInputError(f"--rows must be at least 1, got {rows}")
+    spec_name = str(backbone).strip().lower()
+    evaluate = spec_name == "tiny" if evaluate is None else evaluate
+    if evaluate:
+        _check_tiny(spec_name)
+    check_alpha(alpha)
+    plan_swap(teacher_state, student_state, filter)
+    check_writable(out_dir, directory=True)
+    sampler = load_sampler(spec_name, model=model, teacher=True, device=device, dtype=dtype)
+    classifier = _tiny_tools(sampler, model, device)[1] if evaluate else None
+    images: dict[str, np.ndarray] = {}
+    metrics: dict[str, dict[str, Any]] = {}
+    config: dict[str, Any] = {}
+
+    def work(name: str) -> None:
+        gen = _generate_variant(sampler, name, prompts, rows, seed, steps, cfg, batch_size, progress)
+        images[name], config[name] = gen.images, gen.config.to_dict()
+        if evaluate:
+            metrics[name] = _evaluate_one(
+                sampler, classifier, name, num_images, seed, steps, cfg, 32, progress
+            )
+
+    _run_variants(sampler, teacher_state, student_state, alpha, filter, work)
+    teacher_label = f"teacher ({int(config['teacher']['steps'])} steps)"
+    labels = [teacher_label] + [VARIANT_LABELS[v] for v in VARIANTS[1:]]
+    width = max(2, len(str(len(prompts) - 1)))
+    grids = [f"{i:0{width}d}_{_slug(p)}.png" for i, p in enumerate(prompts)]
+    record = {
+        **dict(metadata or {}),
+        "backbone": spec_name,
+        "alpha": alpha,
+        "filter": filter,
+        "columns": list(VARIANTS),
+        "labels": labels,
+        "sampling": config,
+        "grids": [
+            {"file": f, "prompt": p, "seeds": [seed + i * rows + r for r in range(rows)]}
+            for i, (f, p) in enumerate(zip(grids, prompts, strict=True))
+        ],
+    }
+    _write_outputs(out_dir, images, prompts, rows, grids, labels, record, metrics if evaluate else None)
+    return {"out": str(out_dir), "grids": grids, "metrics": metrics if evaluate else None}
+
+
+def _generate_variant(
+    sampler: Any,
+    name: str,
+    prompts: Sequence[str],
+    rows: int,
+    seed: int,
+    steps: int | None,
+    cfg: float | None,
+    batch_size: int,
+    progress: Progress | None,
+) -> Any:
+    """``rows`` images per prompt from the variant loaded in ``sampler`` (the teacher
+    multi-step with guidance, the others in one step), seeds ``seed + i``."""
+    from wadi_cli.sample import SampleConfig, generate
+
+    is_teacher = name == "teacher"
+    config = SampleConfig(
+        teacher=is_teacher,
+        steps=steps if is_teacher else None,
+        cfg=cfg if is_teacher else None,
+        seed=seed,
+        batch_size=batch_size,
+    )
+    label = f"sampling {name.replace('_', ' ')}"
+
+    def tick(done: int, total: int) -> None:
+        if progress is not None:
+            progress(label, done, total)
+
+    return generate(sampler, list(prompts), config, num_images_per_prompt=rows, progress=tick)
+
+
+def _write_outputs(
+    out_dir: str | os.PathLike[str],
+    images: Mapping[str, np.ndarray],
+    prompts: Sequence[str],
+    rows: int,
+    grids: Sequence[str],
+    labels: Sequence[str],
+    record: Mapping[str, Any],
+    metrics: Mapping[str, Any] | None,
+) -> None:
+    from PIL import Image
+
+    from wadi_cli.io import atomic_output_dir
+
+    try:
+        with atomic_output_dir(out_dir) as tmp:
+            for i, (file, prompt) in enumerate(zip(grids, prompts, strict=True)):
+                cols = [images[v][i * rows : (i + 1) * rows] for v in VARIANTS]
+                Image.fromarray(labelled_grid(cols, labels, title=prompt)).save(tmp / file)
+            (tmp / SAMPLES_JSON).write_text(json.dumps(record, indent=2, default=str) + "\n", "utf-8")
+            if metrics is not None:
+                (tmp / METRICS_JSON).write_text(json.dumps(metrics, indent=2) + "\n", "utf-8")
+    except OSError as exc:
+        raise BadInputError(f"{out_dir}: cannot write ({exc.strerror or exc})") from None
+
+
+def read_metrics(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``swap_metrics.json`` of a samples folder."""
+    return json.loads((Path(out_dir) / METRICS_JSON).read_text(encoding="utf-8"))
