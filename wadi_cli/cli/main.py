@@ -12,6 +12,7 @@ app = typer.Typer(
     help=(
         "Weight-direction-aware one-step distillation of diffusion models (WaDi, CVPR 2026).\n\n"
         "Examples:\n\n"
+        "    wadi demo --out demo/\n"
         "    wadi analyze teacher.safetensors student.safetensors --out report/\n"
         "    wadi info --backbone sd15\n"
         '    wadi sample "a red circle at the top left" --backbone tiny --teacher --out samples/\n'
@@ -19,7 +20,8 @@ app = typer.Typer(
         "    wadi eval --backbone tiny --teacher --steps 25 --num-images 200 --json\n"
         "    wadi distill --backbone tiny --out runs/tiny\n"
         "    wadi export runs/tiny --format adapter --out student.safetensors\n"
-        "    wadi merge unet/ student.safetensors --out merged.safetensors\n\n"
+        "    wadi merge unet/ student.safetensors --out merged.safetensors\n"
+        "    wadi swap unet/ student.safetensors --keep direction --out hybrid.safetensors\n\n"
         "Every command has more examples in `wadi CMD --help`. Set WADI_DEBUG=1 to see full tracebacks."
     ),
     no_args_is_help=True,
@@ -47,9 +49,9 @@ def _root(
 def _register() -> None:
     # Each command module exposes ``register(app)``. Imported lazily so ``wadi --help``
     # stays fast and one broken optional dependency does not take down every command.
-    from wadi_cli.cli import analyze, distill, eval, export, info, merge, sample
+    from wadi_cli.cli import analyze, demo, distill, eval, export, info, merge, sample, swap
 
-    for module in (analyze, info, merge, sample, eval, distill, export):
+    for module in (demo, analyze, info, merge, swap, sample, eval, distill, export):
         module.register(app)
     # One-line summaries for `wadi --help`: the first sentence of each docstring, reflowed
     # (docstrings are wrapped at ~90 columns, which rich would otherwise keep).

@@ -1,0 +1,134 @@
+"""The demo's figures, after the panels of the WaDi paper's Fig. 1:
+
+(a) relative norm change vs direction change per layer, one colour per student;
+(b) cumulative energy of the direction residual's singular values (is the change low-rank?);
+(c) the swap metrics (accuracy and fd of teacher, student and both hybrids);
+(d) an image grid of the same prompts and seeds through teacher, student and hybrids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from wadi_cli.analysis import LayerResult
+
+_TINY = 1e-9
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_norm_vs_direction(students: Mapping[str, Sequence[LayerResult]], path: Path) -> None:
+    """Panel (a): per layer, mean relative norm change (x) vs mean direction change (y).
+    Layers with no norm change (LoRaD, by construction) sit on the left edge at 1e-9."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 5.0))
+    lo, hi = 1.0, _TINY
+    for name, layers in students.items():
+        norm = np.array([x.norm_rel_change_mean for x in layers], dtype=float)
+        dirc = np.array([x.direction_change_mean for x in layers], dtype=float)
+        ok = np.isfinite(norm) & np.isfinite(dirc)
+        x, y = np.maximum(norm[ok], _TINY), np.maximum(dirc[ok], _TINY)
+        ratio = np.mean(dirc[ok]) / np.mean(norm[ok]) if np.mean(norm[ok]) > 0 else np.inf
+        label = f"{name}: direction/norm = {ratio:.1f}x" if np.isfinite(ratio) else f"{name}: norms unchanged"
+        ax.scatter(x, y, s=14, alpha=0.7, label=label)
+        lo, hi = min(lo, x.min(), y.min()), max(hi, x.max(), y.max())
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="equal change")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("mean relative norm change |‖S_i‖−‖T_i‖| / ‖T_i‖")
+    ax.set_ylabel("mean direction change ‖d_S,i − d_T,i‖")
+    ax.set_title("(a) what distillation changed, per layer")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def energy_curve(spectra: Mapping[str, np.ndarray], points: int = 101) -> tuple[np.ndarray, np.ndarray]:
+    """Layer-averaged cumulative energy share of the residual's squared singular values
+    at rank fractions ``0 … 1`` (each layer's curve interpolated onto a common grid)."""
+    grid = np.linspace(0.0, 1.0, points)
+    curves = []
+    for sq in spectra.values():
+        sq = np.asarray(sq, dtype=np.float64)
+        total = sq.sum()
+        if sq.size == 0 or not np.isfinite(total) or total <= 0:
+            continue
+        frac = np.arange(0, sq.size + 1) / sq.size
+        cum = np.concatenate([[0.0], np.cumsum(sq) / total])
+        curves.append(np.interp(grid, frac, cum))
+    return grid, (np.mean(curves, axis=0) if curves else np.full(points, np.nan))
+
+
+def plot_residual_spectrum(students: Mapping[str, Mapping[str, np.ndarray]], path: Path) -> None:
+    """Panel (b): cumulative energy vs rank fraction of the direction residual D_S − D_T."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 5.0))
+    for name, spectra in students.items():
+        grid, curve = energy_curve(spectra)
+        if np.isnan(curve).all():
+            continue
+        r90 = grid[np.searchsorted(curve, 0.9)] if (curve >= 0.9).any() else np.nan
+        ax.plot(grid, curve, lw=1.6, label=f"{name}: 90% energy at {r90:.0%} of full rank")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8, label="flat spectrum")
+    ax.axhline(0.9, color="grey", lw=0.6)
+    ax.set_xlabel("rank / full rank")
+    ax.set_ylabel("share of residual energy (layer mean)")
+    ax.set_title("(b) spectrum of the direction residual")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_swap_metrics(variants: Mapping[str, Mapping[str, float]], path: Path) -> None:
+    """Panel (c): accuracy and fd of each variant (teacher, student, the two hybrids)."""
+    plt = _pyplot()
+    names = list(variants)
+    acc = [variants[n]["accuracy"] for n in names]
+    fd = [variants[n]["fd"] for n in names]
+    colors = ["#4c72b0", "#55a868", "#8172b2", "#c44e52"][: len(names)]
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 4.2))
+    for ax, values, title in ((ax0, acc, "accuracy (higher is better)"), (ax1, fd, "fd (lower is better)")):
+        bars = ax.bar(range(len(names)), values, color=colors)
+        ax.set_xticks(range(len(names)), [n.replace(" + ", "\n+ ") for n in names], fontsize=8)
+        ax.set_title(title)
+        for bar, v in zip(bars, values, strict=True):
+            ax.annotate(f"{v:.3g}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=8)  # fmt: skip
+    ax1.set_yscale("log")
+    fig.suptitle("(c) the swap: which half of the weights carries what the student learned?")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_image_grid(images: Mapping[str, np.ndarray], prompts: Sequence[str], path: Path) -> None:
+    """Panel (d): rows = prompts (same seed across a row), columns = variants."""
+    plt = _pyplot()
+    cols, rows = list(images), len(prompts)
+    fig, axes = plt.subplots(rows, len(cols), figsize=(1.7 * len(cols) + 2.2, 1.7 * rows), squeeze=False)
+    for j, name in enumerate(cols):
+        for i in range(rows):
+            ax = axes[i][j]
+            ax.imshow(images[name][i], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name, fontsize=8)
+            if j == 0:
+                ax.set_ylabel(prompts[i].removeprefix("a "), fontsize=7, rotation=0, ha="right", va="center")
+    fig.suptitle("(d) same prompt and noise through each variant", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
