@@ -326,3 +326,20 @@ def test_tensorboard_logs_the_metrics_csv_scalars(pipe_dir, tmp_path):
         assert [v for _, v in logged] == pytest.approx(expected, rel=1e-6)
     off = distill(_cfg(pipe_dir, max_steps=1, tensorboard=False), tmp_path / "off")
     assert off.tensorboard is None and not (tmp_path / "off" / "tensorboard").exists()
+
+
+def test_8bit_adamw_quantises_its_state_and_resumes_exactly(pipe_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from safetensors import safe_open
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    distill(_cfg(pipe_dir, optimizer="adamw8bit", max_steps=4), straight)
+    distill(_cfg(pipe_dir, optimizer="adamw8bit", max_steps=2, checkpoint_every=2), split)
+    distill(config_for_run(split, "latest", None, {"max_steps": 4}), split, resume="latest")
+    a, b = _adapters(straight), _adapters(split)
+    for name in ("student", "fake"):
+        for k, v in a.adapters[name].items():
+            assert torch.equal(v, b.adapters[name][k]), (name, k)
+    with safe_open(str(list_checkpoints(split)[-1] / "optim_student.safetensors"), "pt") as f:
+        dtypes = {f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118
+    assert torch.uint8 in dtypes  # the large adapter tensors keep 8-bit moments

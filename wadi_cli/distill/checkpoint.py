@@ -61,15 +61,37 @@ class Checkpoint:
 
 
 # ---- optimizer state <-> safetensors ----------------------------------------------
+def _flatten_state(entry: Mapping[str, Any], prefix: str, tensors: dict[str, Tensor], scalars: dict[str, Any]) -> None:
+    """Tensors and JSON scalars of one parameter's optimizer state; nested dicts (e.g.
+    bitsandbytes' quantisation state) are flattened with ``/`` in the key."""
+    for key, value in entry.items():
+        path = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, Tensor):
+            tensors[path] = value
+        elif isinstance(value, Mapping):
+            _flatten_state(value, path, tensors, scalars)
+        else:
+            scalars[path] = value
+
+
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split("/")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
 def _optimizer_to_file(state: Mapping[str, Any], path: Path) -> None:
     tensors: dict[str, Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for idx, entry in state["state"].items():
-        for key, value in entry.items():
-            if isinstance(value, Tensor):
-                tensors[f"state.{idx}.{key}"] = value
-            else:
-                scalars.setdefault(str(idx), {})[key] = value
+        flat: dict[str, Tensor] = {}
+        _flatten_state(entry, "", flat, scalars.setdefault(str(idx), {}))
+        tensors.update({f"state.{idx}.{k}": v for k, v in flat.items()})
     meta = {"param_groups": json.dumps(state["param_groups"]), "scalars": json.dumps(scalars)}
     save_safetensors(tensors, path, meta)
 
@@ -83,12 +105,13 @@ def _optimizer_from_file(path: Path) -> dict[str, Any]:
         scalars = json.loads(meta.get("scalars", "{}"))
     except (KeyError, json.JSONDecodeError):
         raise CheckpointError(f"{path}: not an optimizer state written by wadi") from None
-    state: dict[int, dict[str, Any]] = {}
+    flat: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = value
+        flat.setdefault(int(idx), {})[name] = value
     for idx, entry in scalars.items():
-        state.setdefault(int(idx), {}).update(entry)
+        flat.setdefault(int(idx), {}).update(entry)
+    state = {idx: _nest(entry) for idx, entry in flat.items()}
     for group in groups:
         if "betas" in group:
             group["betas"] = tuple(group["betas"])
