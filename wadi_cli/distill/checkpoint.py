@@ -61,7 +61,9 @@ class Checkpoint:
 
 
 # ---- optimizer state <-> safetensors ----------------------------------------------
-def _flatten_state(entry: Mapping[str, Any], prefix: str, tensors: dict[str, Tensor], scalars: dict[str, Any]) -> None:
+def _flatten_state(
+    entry: Mapping[str, Any], prefix: str, tensors: dict[str, Tensor], scalars: dict[str, Any]
+) -> None:
     """Tensors and JSON scalars of one parameter's optimizer state; nested dicts (e.g.
     bitsandbytes' quantisation state) are flattened with ``/`` in the key."""
     for key, value in entry.items():
