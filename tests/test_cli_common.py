@@ -30,3 +30,20 @@ def test_backbone_cpu_threads(monkeypatch, restore_threads, backbone, device, om
     torch.set_num_threads(2)
     use_backbone_cpu_threads(backbone, device)
     assert torch.get_num_threads() == expected
+
+
+def test_third_party_chatter_is_filtered_and_everything_else_kept(caplog, monkeypatch):
+    import logging
+
+    from wadi_cli.quiet import quiet_third_party_logs
+
+    monkeypatch.delenv("WADI_DEBUG", raising=False)
+    quiet_third_party_logs()
+    quiet_third_party_logs()  # idempotent
+    log = logging.getLogger("transformers.utils.import_utils")
+    assert sum(type(f).__name__ == "_DropMessages" for f in log.filters) == 1
+    with caplog.at_level(logging.WARNING):
+        log.warning("`CLIPImageProcessor` requires torchvision (not installed); falling back")
+        log.warning("Some weights of the model checkpoint were not used")
+        logging.getLogger("bitsandbytes.backends.cpu.ops").warning("Failed to load CPU gemm_4bit_forward: x")
+    assert [r.getMessage() for r in caplog.records] == ["Some weights of the model checkpoint were not used"]

@@ -6,6 +6,9 @@ from __future__ import annotations
 import typer
 
 from wadi_cli import __version__
+from wadi_cli.quiet import quiet_third_party_logs
+
+quiet_third_party_logs()
 
 app = typer.Typer(
     name="wadi",

@@ -71,6 +71,9 @@ def student_config(spec: StudentSpec, steps: int, seed: int) -> Any:
 def _worker(name: str, cfg_dict: dict[str, Any], run: str, events: Any) -> None:
     """Spawned process: train one student on one thread, report steps through ``events``."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from wadi_cli.quiet import quiet_third_party_logs
+
+    quiet_third_party_logs()
     import torch
 
     torch.set_num_threads(1)
