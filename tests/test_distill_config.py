@@ -28,7 +28,8 @@ def test_a_full_fine_tune_defaults_to_a_small_lr_unless_set():
     assert resolve_config(overrides={"adapter": "full"}).lr == 1e-4  # tiny
     assert resolve_config(overrides={"backbone": "sd21", "adapter": "full"}).lr == 1e-5
     assert resolve_config(overrides={"adapter": "full", "lr": 3e-3}).lr == 3e-3
-    assert resolve_config(overrides={"adapter": "lora"}).lr == 1e-2  # adapters keep the backbone's
+    assert resolve_config(overrides={"adapter": "lora"}).lr == 1e-3  # tiny LoRA/DoRA: 1e-2 breaks them
+    assert resolve_config(overrides={"backbone": "sd15", "adapter": "lora"}).lr == 1e-4  # the paper's
 
 
 def test_new_knobs_default_to_the_paper_and_are_validated():
