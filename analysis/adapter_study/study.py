@@ -30,10 +30,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
-#: The compared students. LoRA / DoRA rank 12 has about LoRaD rank 16's trainable
-#: parameter count on the tiny U-Net (163,200 / 170,304 vs 165,632). A full fine-tune
-#: moves every weight, so it needs a far smaller lr than an adapter (the tiny default
-#: 1e-2 destroys it: accuracy 0.02); its lr was chosen in a short sweep (see study.md).
+#: The compared students, each at its tiny default lr (`ADAPTER_DEFAULTS` in
+#: wadi_cli/distill/config.py, chosen from the sweeps in results/explore*.md): LoRaD 1e-2,
+#: LoRA / DoRA 1e-3 (1e-2 breaks them), full fine-tune 1e-4 (1e-2 and 1e-3 break it).
+#: LoRA / DoRA rank 12 has about LoRaD rank 16's trainable parameter count on the tiny
+#: U-Net (163,200 / 170,304 vs 165,632).
 VARIANTS: dict[str, list[str]] = {
     "lorad": ["--adapter", "lorad"],
     "lora": ["--adapter", "lora", "--rank", "12"],
@@ -125,6 +126,24 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"| {r['variant']} | {r['seed']} | {r['trainable_params']:,} | {r['accuracy']:.3f} | "
             f"{r['fd']:.2f} | {r['train_seconds']:.0f} | {r['peak_rss_mb']:.0f} | `{r['command']}` |"
         )
+    by_variant: dict[str, list[dict]] = {}
+    for r in rows:
+        by_variant.setdefault(r["variant"], []).append(r)
+    if any(len(v) > 1 for v in by_variant.values()):
+        lines += [
+            "",
+            "Mean over seeds:",
+            "",
+            "| variant | seeds | trainable params | accuracy | fd | train s |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, runs in by_variant.items():
+            k = len(runs)
+            lines.append(
+                f"| {name} | {k} | {runs[0]['trainable_params']:,} | "
+                f"{sum(r['accuracy'] for r in runs) / k:.3f} | {sum(r['fd'] for r in runs) / k:.2f} | "
+                f"{sum(r['train_seconds'] for r in runs) / k:.0f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -139,7 +158,17 @@ def main() -> None:
     )
     ap.add_argument("--tag", default="study", help="results file stem")
     ap.add_argument("--keep-runs", type=Path, default=None, help="keep the run folders here")
+    ap.add_argument(
+        "--combine", nargs="*", default=None, metavar="TAG", help="merge earlier results into --tag"
+    )
     args = ap.parse_args()
+    if args.combine:
+        docs = [json.loads((RESULTS / f"{t}.json").read_text()) for t in args.combine]
+        rows = sorted((r for d in docs for r in d["runs"]), key=lambda r: (list(VARIANTS).index(r["variant"])
+                      if r["variant"] in VARIANTS else 99, r["seed"]))  # fmt: skip
+        meta = {**docs[0]["machine"], "combined_from": args.combine}
+        write_results(args.tag, rows, meta)
+        return
     variants = {n: VARIANTS[n] for n in args.variants}
     for spec in args.variant:
         name, _, flags = spec.partition("=")
@@ -157,8 +186,13 @@ def main() -> None:
                 print(f"{name} seed {seed}: accuracy {row['accuracy']:.3f} fd {row['fd']:.2f} "
                       f"params {row['trainable_params']:,} {row['train_seconds']:.0f} s "
                       f"{row['peak_rss_mb']:.0f} MB", flush=True)  # fmt: skip
+    write_results(args.tag, rows, meta)
+
+
+def write_results(tag: str, rows: list[dict], meta: dict) -> None:
+    """``results/<tag>.json`` / ``.csv`` / ``.md``."""
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.tag}.json").write_text(json.dumps({"machine": meta, "runs": rows}, indent=2) + "\n")
+    (RESULTS / f"{tag}.json").write_text(json.dumps({"machine": meta, "runs": rows}, indent=2) + "\n")
     cols = [
         "variant",
         "seed",
@@ -172,8 +206,8 @@ def main() -> None:
     csv_lines = [",".join(cols)] + [
         ",".join(json.dumps(r[c]) if c == "command" else str(r[c]) for c in cols) for r in rows
     ]
-    (RESULTS / f"{args.tag}.csv").write_text("\n".join(csv_lines) + "\n")
-    (RESULTS / f"{args.tag}.md").write_text(markdown(rows, meta))
+    (RESULTS / f"{tag}.csv").write_text("\n".join(csv_lines) + "\n")
+    (RESULTS / f"{tag}.md").write_text(markdown(rows, meta))
     print(markdown(rows, meta))
 
 

@@ -14,8 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from wadi_cli.analysis import LayerResult
+from wadi_cli.analysis.spectrum import rank_at_share
 
 _TINY = 1e-9
+#: Below this mean relative norm change a student "kept its norms" (LoRaD: float32
+#: rounding of an exact rotation, ~1e-8); a direction/norm ratio would be meaningless.
+NORMS_KEPT = 1e-6
 
 
 def _pyplot():
@@ -37,11 +41,19 @@ def plot_norm_vs_direction(students: Mapping[str, Sequence[LayerResult]], path: 
         norm = np.array([x.norm_rel_change_mean for x in layers], dtype=float)
         dirc = np.array([x.direction_change_mean for x in layers], dtype=float)
         ok = np.isfinite(norm) & np.isfinite(dirc)
-        x, y = np.maximum(norm[ok], _TINY), np.maximum(dirc[ok], _TINY)
-        ratio = np.mean(dirc[ok]) / np.mean(norm[ok]) if np.mean(norm[ok]) > 0 else np.inf
-        label = f"{name}: direction/norm = {ratio:.1f}x" if np.isfinite(ratio) else f"{name}: norms unchanged"
-        ax.scatter(x, y, s=14, alpha=0.7, label=label)
-        lo, hi = min(lo, x.min(), y.min()), max(hi, x.max(), y.max())
+        moved = ok & ((norm > _TINY) | (dirc > _TINY))  # layers an adapter does not touch stay put
+        x, y = np.maximum(norm[moved], _TINY), np.maximum(dirc[moved], _TINY)
+        mean_norm, mean_dir = np.mean(norm[ok]), np.mean(dirc[ok])
+        if mean_norm < NORMS_KEPT:
+            label = f"{name}: norms kept (mean change {mean_norm:.1e})"
+        else:
+            label = f"{name}: direction/norm = {mean_dir / mean_norm:.1f}x"
+        untouched = int((ok & ~moved).sum())
+        if untouched:
+            label += f"; {untouched} layers unchanged, not shown"
+        if x.size:
+            ax.scatter(x, y, s=14, alpha=0.7, label=label)
+            lo, hi = min(lo, x.min(), y.min()), max(hi, x.max(), y.max())
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="equal change")
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -78,8 +90,9 @@ def plot_residual_spectrum(students: Mapping[str, Mapping[str, np.ndarray]], pat
         grid, curve = energy_curve(spectra)
         if np.isnan(curve).all():
             continue
-        r90 = grid[np.searchsorted(curve, 0.9)] if (curve >= 0.9).any() else np.nan
-        ax.plot(grid, curve, lw=1.6, label=f"{name}: 90% energy at {r90:.0%} of full rank")
+        fracs = [rank_at_share(np.asarray(sq), 0.9) / len(sq) for sq in spectra.values()
+                 if len(sq) and float(np.sum(sq)) > 0]  # fmt: skip
+        ax.plot(grid, curve, lw=1.6, label=f"{name}: mean rank for 90% energy = {np.mean(fracs):.0%} of full")
     ax.plot([0, 1], [0, 1], "k:", lw=0.8, label="flat spectrum")
     ax.axhline(0.9, color="grey", lw=0.6)
     ax.set_xlabel("rank / full rank")
@@ -101,12 +114,11 @@ def plot_swap_metrics(variants: Mapping[str, Mapping[str, float]], path: Path) -
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 4.2))
     for ax, values, title in ((ax0, acc, "accuracy (higher is better)"), (ax1, fd, "fd (lower is better)")):
         bars = ax.bar(range(len(names)), values, color=colors)
-        ax.set_xticks(range(len(names)), [n.replace(" + ", "\n+ ") for n in names], fontsize=8)
+        ax.set_xticks(range(len(names)), names, fontsize=8)
         ax.set_title(title)
         for bar, v in zip(bars, values, strict=True):
             ax.annotate(f"{v:.3g}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=8)  # fmt: skip
-    ax1.set_yscale("log")
     fig.suptitle("(c) the swap: which half of the weights carries what the student learned?")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

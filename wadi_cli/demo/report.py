@@ -31,17 +31,30 @@ def _students_table(m: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _ratio(a: dict[str, Any]) -> str:
+    """The direction/norm ratio, or a note when the norms did not change (LoRaD)."""
+    from wadi_cli.demo.figures import NORMS_KEPT
+
+    norm = a.get("norm_rel_change_mean")
+    if norm is not None and norm < NORMS_KEPT:
+        return "— (norms kept)"
+    return _f(a.get("direction_to_norm_ratio"), 1)
+
+
 def _analysis_table(m: dict[str, Any]) -> list[str]:
     rows = [
         "| student | mean relative norm change | mean direction change (chord) | mean angle (deg) | "
-        "direction / norm | rank for 90 % of residual energy (share of full rank) |",
-        "|---|---|---|---|---|---|",
+        "direction / norm | layers changed | rank for 90 % of residual energy (share of full rank, mean "
+        "over changed layers) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, a in m["analysis"]["per_student"].items():
         rows.append(
             f"| {m['students'][name]['label']} | {_f(a['norm_rel_change_mean'])} | "
             f"{_f(a['direction_change_mean'])} | "
-            f"{_f(a['angle_deg_mean'])} | {_f(a['direction_to_norm_ratio'], 1)} | {_f(a['rank_frac90'])} |"
+            f"{_f(a['angle_deg_mean'])} | {_ratio(a)} | "
+            f"{a.get('layers_changed', '—')} / {a.get('layers', '—')} | "
+            f"{_f(a.get('rank_frac90_changed'))} |"
         )
     return rows
 

@@ -230,6 +230,10 @@ def _analyse(tmp: Path, teacher_unet: Path, names: list[str]) -> tuple[dict[str,
         per[name] = {k.removesuffix("_mean") if k.startswith("direction_to") else k: overall.get(k)
                      for k in _ANALYSIS_KEYS}  # fmt: skip
         per[name]["layers"] = overall["layers"]
+        # layers the student did not touch (an adapter's non-targets) have rank 0: leave them out
+        changed = [x.rank_frac90 for x in result.layers if x.direction_residual_fro > 0]
+        per[name]["layers_changed"] = len(changed)
+        per[name]["rank_frac90_changed"] = float(np.mean(changed)) if changed else None
         results[name] = result
     headline = per["full"]
     doc = {
@@ -286,10 +290,10 @@ def _figures(tmp: Path, analyses: dict[str, Any], teacher: dict[str, Any], stude
         {n: r.spectra for n, r in analyses.items()}, fig / "fig1b_residual_spectrum.png"
     )
     variants = {
-        f"teacher ({teacher.get('steps')} steps)": teacher,
-        "full fine-tune (1 step)": students["full"],
-        "full + teacher norms": swap["teacher_norms"],
-        "full + teacher directions": swap["teacher_directions"],
+        f"teacher\n({teacher.get('steps')} steps)": teacher,
+        "full fine-tune\n(1 step)": students["full"],
+        "full FT +\nteacher norms": swap["teacher_norms"],
+        "full FT +\nteacher directions": swap["teacher_directions"],
     }
     figures.plot_swap_metrics(variants, fig / "fig1c_swap_metrics.png")
     cols = {"teacher": images["teacher"]}
