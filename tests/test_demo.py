@@ -41,13 +41,22 @@ def test_energy_curve_matches_a_hand_computed_spectrum():
     np.testing.assert_allclose(two, [0, (0.75 + 0.5) / 2, 1])
 
 
+def test_energy_in_top_share_of_singular_values():
+    from wadi_cli.demo.run import energy_in_top
+
+    sq = np.array([1.0, 6.0, 2.0, 1.0])  # sorted: 6, 2, 1, 1 (total 10)
+    assert energy_in_top(sq, 0.3) == pytest.approx((6 + 2) / 10)  # ceil(0.3 * 4) = 2 values
+    assert energy_in_top(sq, 0.25) == pytest.approx(0.6)
+    assert energy_in_top(sq, 1.0) == pytest.approx(1.0)
+
+
 def _metrics(norms_fd: float, directions_fd: float) -> dict:
     student = {"label": "full fine-tune", "trainable_params": 10, "accuracy": 0.9, "fd": 20.0,
                "train_seconds": 1.0, "peak_rss_mb": 100.0}  # fmt: skip
     lorad = {**student, "label": "LoRaD (rank 16)"}
     per = {"norm_rel_change_mean": 0.01, "direction_change_mean": 0.1, "angle_deg_mean": 5.0,
            "direction_to_norm_ratio": 10.0, "rank_frac90": 0.5, "layers": 4, "layers_changed": 3,
-           "rank_frac90_changed": 0.25}  # fmt: skip
+           "rank_frac90_changed": 0.25, "energy_top30_changed": 0.9}  # fmt: skip
     return {
         "date": "2026-11-22 08:00 UTC",
         "machine": {"cpu": "cpu", "cores": 2, "torch": "2.13.0"},
@@ -77,7 +86,7 @@ def test_report_reads_the_swap_from_the_numbers():
     text = report_markdown(_metrics(21.0, 250.0))
     assert "reproduces the paper's asymmetry" in text and "+1.00" in text and "+230.00" in text
     assert "changed directions 10.0× more than norms" in text
-    assert "— (norms kept)" in text and "| 3 / 4 | 0.250 |" in text  # LoRaD: no silly ratio
+    assert "— (norms kept)" in text and "| 3 / 4 | 0.250 | 0.900 |" in text  # LoRaD: no silly ratio
     flipped = report_markdown(_metrics(250.0, 21.0))
     assert "does NOT show the paper's asymmetry" in flipped
     for fig in ("fig1a", "fig1b", "fig1c", "fig1d"):

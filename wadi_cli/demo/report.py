@@ -44,9 +44,9 @@ def _ratio(a: dict[str, Any]) -> str:
 def _analysis_table(m: dict[str, Any]) -> list[str]:
     rows = [
         "| student | mean relative norm change | mean direction change (chord) | mean angle (deg) | "
-        "direction / norm | layers changed | rank for 90 % of residual energy (share of full rank, mean "
-        "over changed layers) |",
-        "|---|---|---|---|---|---|---|",
+        "direction / norm | layers changed | rank for 90 % of residual energy (share of full rank) | "
+        "residual energy in the top 30 % of singular values |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, a in m["analysis"]["per_student"].items():
         rows.append(
@@ -54,7 +54,7 @@ def _analysis_table(m: dict[str, Any]) -> list[str]:
             f"{_f(a['direction_change_mean'])} | "
             f"{_f(a['angle_deg_mean'])} | {_ratio(a)} | "
             f"{a.get('layers_changed', '—')} / {a.get('layers', '—')} | "
-            f"{_f(a.get('rank_frac90_changed'))} |"
+            f"{_f(a.get('rank_frac90_changed'))} | {_f(a.get('energy_top30_changed'))} |"
         )
     return rows
 
@@ -145,6 +145,12 @@ def report_markdown(m: dict[str, Any]) -> str:
         "## What distillation changed in the weights",
         "",
         *_analysis_table(m),
+        "",
+        "Chord = ‖d_S − d_T‖ between unit row directions; relative norm change = |‖S_i‖ − ‖T_i‖| / ‖T_i‖; "
+        "both averaged over rows, then layers. The spectrum columns average over the layers the student "
+        "changed (an adapter leaves its non-targets untouched). Paper (SD-scale students): directions "
+        "change ≈ 22× more than norms; ≈ 93 % of the residual energy sits in the top 30 % of singular "
+        "values.",
         "",
         "![norm vs direction](figures/fig1a_norm_vs_direction.png)",
         "",
