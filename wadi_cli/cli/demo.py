@@ -17,10 +17,10 @@ count; a full fine-tune), evaluates teacher and students, analyses what each stu
 changed (row norms vs directions, residual spectrum), swaps norms and directions between
 the teacher and the full fine-tune, and writes DIR/report.md with the tables and plots,
 DIR/metrics.json, the figures (after Fig. 1 of the paper) and every model it made.
-Two students train at a time (one thread each); about 7 minutes on 2 CPU cores.
+Two students train at a time (one thread each); about 6 minutes on 2 CPU cores.
 
 --quick trains only LoRaD and the full fine-tune (the swap needs it), 200 steps each,
-and evaluates on 256 images: about 2-3 minutes.
+and evaluates on 256 images: under 2 minutes.
 
 Examples:
 
