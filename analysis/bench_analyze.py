@@ -152,14 +152,9 @@ def validate(teacher: Path, student: Path, k: int = 64, max_elements: int = 1280
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from wadi_cli.machine import cpu_model
+
+    cpu = cpu_model()
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),

@@ -526,12 +526,9 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def machine_info(device: str) -> dict[str, Any]:
     """CPU model, cores, memory, torch version, GPU name, load average, date."""
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    from wadi_cli.machine import cpu_model
+
+    cpu = cpu_model()
     info: dict[str, Any] = {
         "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu,

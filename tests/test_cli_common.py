@@ -61,3 +61,13 @@ def test_third_party_chatter_is_filtered_and_everything_else_kept(monkeypatch):
         for log in loggers:
             log.removeHandler(handler)
     assert seen == ["Some weights of the model checkpoint were not used"]
+
+
+def test_machine_info_names_the_cpu_and_versions():
+    import torch
+
+    from wadi_cli.machine import cpu_model, machine_info
+
+    info = machine_info()
+    assert info["torch"] == torch.__version__ and info["cores"] >= 1
+    assert info["cpu"] == cpu_model() and info["cpu"].strip()

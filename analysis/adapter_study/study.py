@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -95,17 +94,10 @@ def one_run(name: str, flags: list[str], seed: int, workdir: Path, eval_n: int, 
 
 
 def machine() -> dict:
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")), platform.processor(),
-    )  # fmt: skip
-    import torch
+    from wadi_cli.machine import machine_info
 
     return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
+        **machine_info(),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "loadavg_at_start": os.getloadavg()[0],
     }

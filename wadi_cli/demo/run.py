@@ -15,7 +15,6 @@ The output folder appears atomically when everything succeeded.
 from __future__ import annotations
 
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from wadi_cli.errors import BadInputError
+from wadi_cli.machine import machine_info
 
 
 @dataclass
@@ -71,25 +71,6 @@ class DemoProgress:
 
     def result(self, text: str) -> None:
         """A headline number is known."""
-
-
-def _machine() -> dict[str, Any]:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def _evaluate(n: int, seed: int, **kw: Any) -> tuple[dict[str, Any], np.ndarray]:
@@ -166,7 +147,7 @@ def _run(tmp: Path, opts: DemoOptions, progress: DemoProgress) -> dict[str, Any]
     return {
         "tool": "wadi demo",
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": _machine(),
+        "machine": machine_info(),
         "options": asdict(opts),
         "teacher": {"accuracy": teacher["accuracy"], "fd": teacher["fd"], "steps": opts.teacher_steps,
                     "cfg": teacher.get("cfg"), "per_attribute_accuracy": teacher["per_attribute_accuracy"]},
