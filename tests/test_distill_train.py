@@ -343,3 +343,18 @@ def test_8bit_adamw_quantises_its_state_and_resumes_exactly(pipe_dir, tmp_path):
     with safe_open(str(list_checkpoints(split)[-1] / "optim_student.safetensors"), "pt") as f:
         dtypes = {f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118
     assert torch.uint8 in dtypes  # the large adapter tensors keep 8-bit moments
+
+
+def test_lr_schedules_against_their_formulas(pipe_dir):
+    import math
+
+    const, _ = _distiller(pipe_dir, warmup_steps=2)
+    assert [const.lr_scale(s) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+    cos, _ = _distiller(pipe_dir, warmup_steps=2, lr_schedule="cosine", max_steps=10)
+    got = [cos.lr_scale(s) for s in range(11)]
+    expected = [0.5, 1.0] + [0.5 * (1 + math.cos(math.pi * (s - 2) / 8)) for s in range(2, 11)]
+    assert got == pytest.approx(expected) and got[-1] == pytest.approx(0.0, abs=1e-12)
+    cos.train_step()  # the optimizers follow the schedule
+    assert cos.optimizers["student"].param_groups[0]["lr"] == pytest.approx(cos.cfg.lr * 0.5)
+    with pytest.raises(BadInputError):
+        resolve_config(overrides={"lr_schedule": "linear"})

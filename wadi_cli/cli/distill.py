@@ -101,6 +101,9 @@ def register(app: typer.Typer) -> None:
             int | None,
             _opt("--text-cache", help="Cache the encodings of up to N distinct prompts; 0 = on the fly."),
         ] = None,
+        lr_schedule: Annotated[
+            str | None, _opt("--lr-schedule", help="constant (the paper) or cosine (decays to 0).")
+        ] = None,
         tensorboard: Annotated[
             bool | None,
             typer.Option(
@@ -161,7 +164,7 @@ def register(app: typer.Typer) -> None:
             "prompt_column": prompt_column, "device": device, "mixed_precision": mixed_precision,
             "gradient_checkpointing": gradient_checkpointing, "optimizer": optimizer,
             "validate_every": validate_every, "grad_accum": grad_accum, "fake_updates": fake_updates,
-            "text_cache": text_cache, "tensorboard": tensorboard,
+            "text_cache": text_cache, "tensorboard": tensorboard, "lr_schedule": lr_schedule,
         }  # fmt: skip
         if out is None and not dry_run:
             raise BadInputError("--out RUN is required (the run folder)")

@@ -27,6 +27,7 @@ ADAPTERS: tuple[str, ...] = ("lorad", "lora", "dora", "full")
 PLANNED_ADAPTERS: tuple[str, ...] = ()
 MIXED_PRECISION: tuple[str, ...] = ("auto", "no", "fp16", "bf16")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw8bit")
+LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 
 #: Defaults that differ per backbone (applied before the config file and flags).
 BACKBONE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -92,6 +93,7 @@ class DistillConfig:
     max_grad_norm: float = 1.0
     fake_max_grad_norm: float = 1.0
     warmup_steps: int = 0  # linear lr warm-up (0 = the paper's constant lr)
+    lr_schedule: str = "constant"  # after warm-up: "constant" (the paper) or "cosine" (to 0 at max_steps)
     # VSD
     guidance: float = 1.5  # teacher CFG
     fake_guidance: float = 1.5  # fake-score CFG
@@ -229,6 +231,7 @@ def _validate(cfg: DistillConfig) -> None:
     need(cfg.mixed_precision in MIXED_PRECISION, f"--mixed-precision must be one of {MIXED_PRECISION}")
     need(bool(cfg.prompt_column), "--prompt-column must not be empty")
     need(cfg.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
+    need(cfg.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}")
 
 
 def resolve_config(

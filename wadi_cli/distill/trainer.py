@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -158,9 +159,17 @@ class Distiller:
 
     # ---- pieces of a step ------------------------------------------------------------
     def lr_scale(self, step: int) -> float:
-        """Linear warm-up over ``warmup_steps`` then constant (the paper: constant)."""
-        w = self.cfg.warmup_steps
-        return 1.0 if w <= 0 else min(1.0, (step + 1) / w)
+        """Multiplier of both lrs at ``step`` (0-based): linear warm-up over
+        ``warmup_steps``, then constant (the paper) or a cosine decay that reaches 0 at
+        ``max_steps``. Both optimizers share it."""
+        cfg = self.cfg
+        w = cfg.warmup_steps
+        if w > 0 and step < w:
+            return (step + 1) / w
+        if cfg.lr_schedule == "cosine":
+            span = max(1, cfg.max_steps - w)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - w) / span)))
+        return 1.0
 
     def _guided_eps(
         self, adapter: str | None, x_t: Tensor, t: Tensor, cond: TextCondition, scale: float
