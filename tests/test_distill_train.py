@@ -358,3 +358,41 @@ def test_lr_schedules_against_their_formulas(pipe_dir):
     assert cos.optimizers["student"].param_groups[0]["lr"] == pytest.approx(cos.cfg.lr * 0.5)
     with pytest.raises(BadInputError):
         resolve_config(overrides={"lr_schedule": "linear"})
+
+
+def test_regression_pairs_are_teacher_samples_and_the_loss_is_its_formula(pipe_dir):
+    from wadi_cli.sample.generate import teacher_latents
+
+    kw = dict(regression_weight=0.5, regression_pairs=6, regression_steps=2, guidance=2.0)
+    d, _ = _distiller(pipe_dir, **kw)
+    again, _ = _distiller(pipe_dir, **kw)
+    assert torch.equal(d.pairs["x0"], again.pairs["x0"]) and d.pairs["prompts"] == again.pairs["prompts"]
+    cond = d.sampler.prompt_encoder(d.pairs["prompts"][:1])
+    ref = teacher_latents(d.sampler, cond, d.pairs["z"][:1], 2, 2.0)
+    torch.testing.assert_close(d.pairs["x0"][:1], ref, rtol=1e-4, atol=1e-4)  # batch 6 vs 1: float order
+    state = d.generator.get_state()
+    got = d._regression_loss()
+    d.generator.set_state(state)
+    idx = torch.randint(0, 6, (d.cfg.batch_size,), generator=d.generator)
+    with d.student() as student:
+        z = d.pairs["z"][idx]
+        cond = d.sampler.prompt_encoder([d.pairs["prompts"][i] for i in idx.tolist()])
+        pred = student(z, d.t_last, cond)
+    from wadi_cli.diffusion import one_step_x0
+
+    x0 = one_step_x0(z, pred, d.cfg.alpha_bar_T, d.denoiser.prediction_type)
+    expected = 0.5 * ((x0 - d.pairs["x0"][idx]) ** 2).mean()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    off, _ = _distiller(pipe_dir)
+    assert off.pairs is None
+
+
+def test_resume_with_the_regression_term_is_bit_identical(pipe_dir, tmp_path):
+    kw = dict(regression_weight=0.5, regression_pairs=6, regression_steps=2)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    distill(_cfg(pipe_dir, max_steps=4, **kw), straight)
+    distill(_cfg(pipe_dir, max_steps=2, checkpoint_every=2, **kw), split)
+    distill(config_for_run(split, "latest", None, {"max_steps": 4}), split, resume="latest")
+    a, b = _adapters(straight), _adapters(split)
+    for k, v in a.adapters["student"].items():
+        assert torch.equal(v, b.adapters["student"][k]), k

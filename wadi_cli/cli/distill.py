@@ -101,6 +101,10 @@ def register(app: typer.Typer) -> None:
             int | None,
             _opt("--text-cache", help="Cache the encodings of up to N distinct prompts; 0 = on the fly."),
         ] = None,
+        regression_weight: Annotated[
+            float | None,
+            _opt("--regression-weight", help="DMD-style regression to teacher samples (0 = off)."),
+        ] = None,
         lr_schedule: Annotated[
             str | None, _opt("--lr-schedule", help="constant (the paper) or cosine (decays to 0).")
         ] = None,
@@ -165,6 +169,7 @@ def register(app: typer.Typer) -> None:
             "gradient_checkpointing": gradient_checkpointing, "optimizer": optimizer,
             "validate_every": validate_every, "grad_accum": grad_accum, "fake_updates": fake_updates,
             "text_cache": text_cache, "tensorboard": tensorboard, "lr_schedule": lr_schedule,
+            "regression_weight": regression_weight,
         }  # fmt: skip
         if out is None and not dry_run:
             raise BadInputError("--out RUN is required (the run folder)")

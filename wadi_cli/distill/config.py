@@ -105,6 +105,11 @@ class DistillConfig:
     prompt_dropout: float = 0.1  # ∅ replaces the prompt in the fake update
     ema_decay: float = 0.999  # EMA of the student adapter (0 = off)
     fake_updates: int = 1  # fake-score updates per generator update (the paper: 1; DMD2: 5)
+    # DMD-style regression to teacher samples (NOT in the paper; 0 = off): the generator loss
+    # gains  w · mean((G(z_j) − x0_teacher(z_j))²)  over fixed noise/teacher-sample pairs
+    regression_weight: float = 0.0
+    regression_pairs: int = 1024  # pairs (z_j, prompt_j, teacher x0_j), made once at start
+    regression_steps: int = 25  # teacher DDIM steps (with the teacher CFG) per pair
     # run
     batch_size: int = 16  # prompts per micro-batch (per process)
     grad_accum: int = 1  # micro-batches accumulated into each optimizer step
@@ -216,6 +221,8 @@ def _validate(cfg: DistillConfig) -> None:
     need(cfg.keep_last >= 1, "--keep-last must be at least 1")
     need(cfg.warmup_steps >= 0, "--warmup-steps must be >= 0")
     need(cfg.text_cache >= 0, "--text-cache must be >= 0 (0 encodes prompts on the fly)")
+    need(cfg.regression_weight >= 0, "--regression-weight must be >= 0 (0 turns it off)")
+    need(cfg.regression_pairs >= 1 and cfg.regression_steps >= 1, "regression pairs and steps must be >= 1")
     need(cfg.validate_every >= 0, "--validate-every must be >= 0 (0 turns validation off)")
     for name in ("lr", "fake_lr", "adam_eps", "max_grad_norm", "fake_max_grad_norm"):
         value = getattr(cfg, name)

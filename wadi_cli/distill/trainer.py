@@ -155,6 +155,9 @@ class Distiller:
         self.t_last = last_timestep(sampler.scheduler)
         self.stream = PromptStream(prompts, cfg.seed)
         self._text_cache: dict[str, TextCondition] = {}
+        self.pairs: dict[str, Any] | None = None
+        if cfg.regression_weight > 0:
+            self.pairs = self._teacher_pairs(prompts)
         self.step = 0
 
     # ---- pieces of a step ------------------------------------------------------------
@@ -300,6 +303,37 @@ class Distiller:
             eps_pred = self.denoiser.eps(x_tf, d["t_fake"], cond_f)
         return fake_score_loss(eps_pred, d["eps_fake"], ab_f)
 
+    @torch.no_grad()
+    def _teacher_pairs(self, prompts: list[str]) -> dict[str, Any]:
+        """Fixed (noise, prompt, teacher sample) pairs for the regression term, drawn from
+        their own generator so a resumed run rebuilds exactly the same ones."""
+        from wadi_cli.sample.generate import teacher_latents
+
+        cfg = self.cfg
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 17)
+        n = cfg.regression_pairs
+        z = torch.randn((n, *self.sampler.latent_shape), generator=g)
+        picks = torch.randint(0, len(prompts), (n,), generator=g).tolist()
+        texts = [prompts[i] for i in picks]
+        x0 = []
+        for start in range(0, n, 64):
+            cond = self.encode(texts[start : start + 64])
+            zb = z[start : start + 64].to(self.device)
+            x0.append(teacher_latents(self.sampler, cond, zb, cfg.regression_steps, cfg.guidance).float())
+        return {"z": z.to(self.device), "x0": torch.cat(x0), "prompts": texts}
+
+    def _regression_loss(self) -> Tensor:
+        """w · mean((G(z_j) − x0_j)²) on a batch of the fixed pairs (indices from the run's generator)."""
+        assert self.pairs is not None
+        cfg, topo = self.cfg, self.topology
+        n = len(self.pairs["prompts"])
+        idx = torch.randint(0, n, (cfg.batch_size * topo.world,), generator=self.generator)
+        idx = idx[topo.slice(cfg.batch_size)]
+        cond = self.encode([self.pairs["prompts"][i] for i in idx.tolist()])
+        x0 = self._one_step_x0(self.pairs["z"][idx.to(self.device)], cond)
+        target = self.pairs["x0"][idx.to(self.device)]
+        return cfg.regression_weight * torch.mean((x0.float() - target) ** 2)
+
     # ---- the step ----------------------------------------------------------------------
     def train_step(self) -> StepResult:
         """One generator update and ``fake_updates`` fake-score updates (WaDi §4, steps
@@ -321,6 +355,8 @@ class Distiller:
                 eps_real = self._guided_eps(None, x_t, d["t"], cond, cfg.guidance)
                 eps_fake = self._guided_eps("fake", x_t, d["t"], cond, cfg.fake_guidance)
             loss_g = generator_loss(x0, vsd_gradient(eps_real, eps_fake, ab))
+            if self.pairs is not None:
+                loss_g = loss_g + self._regression_loss()
             self._check("generator", loss_g)
             self._backward("student", loss_g / k)
             losses_g.append(loss_g.detach())
