@@ -240,7 +240,8 @@ def _print_plan(config: dict[str, Any], plan: dict[str, Any], as_json: bool) -> 
         plan_table.add_column(col)
     for role in ("student", "fake"):
         r = plan[role]
-        plan_table.add_row(role, str(r["rank"]), str(r["layers"]), f"{r['trainable_params']:,}")
+        rank = "full (every weight)" if r["rank"] is None else str(r["rank"])
+        plan_table.add_row(role, rank, str(r["layers"]), f"{r['trainable_params']:,}")
     console.print(plan_table)
     console.print(f"base parameters (frozen): {plan['base_params']:,}")
 
