@@ -13,7 +13,8 @@ WORKDIR /opt/wadi
 COPY pyproject.toml README.md ./
 COPY wadi_cli ./wadi_cli
 # torch comes from the base image (pyproject only asks for torch>=2.1, which it satisfies).
-RUN pip install ".[baselines]" && wadi --version
+# baselines = peft (LoRA/DoRA students), tensorboard = training logs, 8bit = bitsandbytes AdamW8bit
+RUN pip install ".[baselines,tensorboard,8bit]" && wadi --version
 
 WORKDIR /work
 ENTRYPOINT ["wadi"]
