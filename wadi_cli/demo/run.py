@@ -14,6 +14,7 @@ The output folder appears atomically when everything succeeded.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -73,10 +74,18 @@ class DemoProgress:
         """A headline number is known."""
 
 
-def _evaluate(n: int, seed: int, **kw: Any) -> tuple[dict[str, Any], np.ndarray]:
+@functools.lru_cache(maxsize=1)
+def _classifier() -> Any:
+    """The shipped tiny classifier, loaded once for all of the demo's evaluations."""
+    from wadi_cli.tiny.classifier import load_classifier
+
+    return load_classifier()
+
+
+def _evaluate(n: int, seed: int, **kw: Any) -> tuple[dict[str, Any], Any]:
     from wadi_cli.sample import evaluate_tiny
 
-    result, generation = evaluate_tiny(num_images=n, seed=seed, **kw)
+    result, generation = evaluate_tiny(num_images=n, seed=seed, classifier=_classifier(), **kw)
     keep = ("accuracy", "fd", "per_attribute_accuracy", "steps", "cfg", "seconds")
     return {k: result[k] for k in keep if k in result}, generation
 
@@ -247,27 +256,22 @@ def _swap(tmp: Path, teacher_unet: Path, opts: DemoOptions, progress: DemoProgre
 
     (tmp / "swaps").mkdir()
     doc: dict[str, Any] = {"student": "full"}
-    for key, keep, label in (
+    variants = (
         ("teacher_norms", "direction", "full + teacher norms"),
         ("teacher_directions", "norm", "full + teacher directions"),
-    ):
-        path = tmp / "swaps" / f"full_{key}.safetensors"
-        with open_checkpoint(teacher_unet) as t, open_checkpoint(tmp / "students" / "full.safetensors") as s:
+    )
+    with open_checkpoint(teacher_unet) as t, open_checkpoint(tmp / "students" / "full.safetensors") as s:
+        for key, keep, label in variants:
+            path = tmp / "swaps" / f"full_{key}.safetensors"
             hybrid, stats = swap_state_dict(t, s, keep)
-        save_safetensors(hybrid, path, {"wadi_swap": f"keep={keep} alpha=1"})
-        res, gen = _evaluate(opts.num_images, opts.seed, weights=path)  # type: ignore[arg-type]
-        images[label] = gen.images[: opts.grid_rows]
-        doc[key] = {"accuracy": res["accuracy"], "fd": res["fd"], "keep": keep,
-                    "per_attribute_accuracy": res["per_attribute_accuracy"],
-                    "weights": f"swaps/{path.name}", "stats": _stats_dict(stats)}  # fmt: skip
-        progress.result(f"{label}: accuracy {res['accuracy']:.3f}, fd {res['fd']:.2f}")
+            save_safetensors(hybrid, path, {"wadi_swap": f"keep={keep} alpha=1"})
+            res, gen = _evaluate(opts.num_images, opts.seed, weights=path)  # type: ignore[arg-type]
+            images[label] = gen.images[: opts.grid_rows]
+            doc[key] = {"accuracy": res["accuracy"], "fd": res["fd"], "keep": keep,
+                        "per_attribute_accuracy": res["per_attribute_accuracy"],
+                        "weights": f"swaps/{path.name}", "stats": stats.to_dict()}  # fmt: skip
+            progress.result(f"{label}: accuracy {res['accuracy']:.3f}, fd {res['fd']:.2f}")
     return doc
-
-
-def _stats_dict(stats: Any) -> dict[str, Any]:
-    if hasattr(stats, "__dataclass_fields__"):
-        return {k: v for k, v in asdict(stats).items() if isinstance(v, int | float | str)}
-    return {}
 
 
 def _figures(tmp: Path, analyses: dict[str, Any], teacher: dict[str, Any], students: dict[str, Any],

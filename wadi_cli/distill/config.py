@@ -23,8 +23,6 @@ from wadi_cli.errors import BadInputError
 #: Student kinds: LoRaD (the method) and, for the paper's ablation, peft's LoRA / DoRA and a
 #: full fine-tune (every weight trainable, as in DMD2).
 ADAPTERS: tuple[str, ...] = ("lorad", "lora", "dora", "full")
-#: Planned but not built yet.
-PLANNED_ADAPTERS: tuple[str, ...] = ()
 MIXED_PRECISION: tuple[str, ...] = ("auto", "no", "fp16", "bf16")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw8bit")
 LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
@@ -208,10 +206,6 @@ def _validate(cfg: DistillConfig) -> None:
         if not ok:
             raise BadInputError(msg)
 
-    if cfg.adapter in PLANNED_ADAPTERS:
-        raise BadInputError(
-            f"--adapter {cfg.adapter}: this baseline is not available yet; use --adapter lorad"
-        )
     need(cfg.adapter in ADAPTERS, f"--adapter must be one of {', '.join(ADAPTERS)}; got {cfg.adapter!r}")
     for name in (
         "rank", "fake_rank", "batch_size", "grad_accum", "fake_updates", "max_steps", "checkpoint_every",

@@ -263,12 +263,6 @@ class Distiller:
         opt.zero_grad(set_to_none=True)
         return float(norm)
 
-    def _update(self, name: str, loss: Tensor, max_norm: float) -> float:
-        """One optimizer step on ``loss`` alone (no accumulation)."""
-        self.optimizers[name].zero_grad(set_to_none=True)
-        self._backward(name, loss)
-        return self._step(name, max_norm)
-
     @torch.no_grad()
     def _update_ema(self) -> None:
         if self.ema is None:
