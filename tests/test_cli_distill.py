@@ -46,6 +46,21 @@ def test_dry_run_prints_config_and_plan(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_the_paper_objective_flags_reach_the_tiny_config():
+    """The studies pin the paper's objective through these flags (config_flags)."""
+    from wadi_cli.distill.config import TINY_PAPER_OBJECTIVE, config_flags
+
+    default = json.loads(runner.invoke(app, ["distill", "--dry-run", "--json"]).stdout)["config"]
+    result = runner.invoke(app, ["distill", *config_flags(TINY_PAPER_OBJECTIVE), "--dry-run", "--json"])
+    assert result.exit_code == 0, result.output
+    paper = json.loads(result.stdout)["config"]
+    assert {k: paper[k] for k in TINY_PAPER_OBJECTIVE} == TINY_PAPER_OBJECTIVE
+    assert {k: default[k] for k in TINY_PAPER_OBJECTIVE} != TINY_PAPER_OBJECTIVE
+    assert {k: v for k, v in paper.items() if k not in TINY_PAPER_OBJECTIVE} == {
+        k: v for k, v in default.items() if k not in TINY_PAPER_OBJECTIVE
+    }
+
+
 @pytest.mark.parametrize(
     ("setup", "args", "needle"),
     [
@@ -54,6 +69,7 @@ def test_dry_run_prints_config_and_plan(tmp_path):
         (lambda p: None, ["--prompts", "{d}/missing.txt"], "no such file"),
         (lambda p: (p / "file").write_text("x"), ["--out", "{d}/file"], "not a folder"),
         (lambda p: None, ["--rank", "0"], "at least 1"),
+        (lambda p: None, ["--regression-pairs", "0"], "pairs and steps must be >= 1"),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(tmp_path, pipe_dir, setup, args, needle):
@@ -72,6 +88,7 @@ def test_train_then_export_through_the_cli(tmp_path, pipe_dir):
     run = tmp_path / "run"
     base = ["distill", "--model", str(pipe_dir), "--out", str(run), "--device", "cpu", "--batch-size", "2"]
     base += ["--ema-decay", "0.9"]  # tiny's default has no EMA; export must pick the EMA copy
+    base += ["--regression-weight", "0"]  # skip the tiny default's 1024 teacher pairs
     result = runner.invoke(app, [*base, "--max-steps", "2", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["steps"] == 2
@@ -116,7 +133,8 @@ def test_train_then_export_through_the_cli(tmp_path, pipe_dir):
 
 
 def test_ctrl_c_saves_a_checkpoint_and_stops(tmp_path, pipe_dir):
-    cfg = resolve_config(overrides=dict(model=str(pipe_dir), batch_size=2, max_steps=5, device="cpu"))
+    over = dict(model=str(pipe_dir), batch_size=2, max_steps=5, device="cpu", regression_weight=0.0)
+    cfg = resolve_config(overrides=over)
 
     def interrupt(result, seconds):
         if result.step == 2:

@@ -22,6 +22,21 @@ def test_paper_defaults_for_sd15_and_pixart():
     tuned = (tiny.lr, tiny.fake_lr, tiny.guidance, tiny.fake_guidance, tiny.ema_decay)
     assert tuned == (1e-2, 1e-3, 3.0, 1.0, 0.0)
     assert (sd.lr, sd.fake_lr, sd.ema_decay) == (1e-4, 1e-2, 0.999)
+    # the tiny default adds a regression term and a wider fake score; SD keeps the paper's
+    assert (tiny.regression_weight, tiny.fake_rank, tiny.max_steps) == (4.0, 64, 800)
+    assert (sd.regression_weight, px.regression_weight) == (0.0, 0.0)
+
+
+def test_the_tiny_paper_objective_takes_the_additions_back_out():
+    from wadi_cli.backbones import get_backbone
+    from wadi_cli.distill.config import TINY_PAPER_OBJECTIVE, config_flags
+
+    paper = resolve_config(overrides={**TINY_PAPER_OBJECTIVE, "seed": 3})
+    assert (paper.regression_weight, paper.max_steps) == (0.0, 400)
+    assert paper.fake_rank == get_backbone("tiny").fake_rank  # the registry's own fake rank
+    assert (paper.lr, paper.guidance) == (resolve_config().lr, resolve_config().guidance)  # rest unchanged
+    flags = config_flags({"fake_rank": 8, "regression_weight": 0.0, "tensorboard": False})
+    assert flags == ["--fake-rank", "8", "--regression-weight", "0.0", "--no-tensorboard"]
 
 
 def test_a_full_fine_tune_defaults_to_a_small_lr_unless_set():

@@ -1,9 +1,12 @@
 """Issue #4 item 8: LoRaD vs LoRA vs DoRA vs full fine-tuning on the embedded tiny model.
 
 Each variant is one ``wadi distill --backbone tiny`` run (same training seed, same
-defaults apart from the student kind) in a fresh subprocess, so wall time and peak RSS
+settings apart from the student kind) in a fresh subprocess, so wall time and peak RSS
 (``os.wait4``) belong to that run alone; then ``wadi eval`` scores the final student on the
 same 500 prompts / seed as every other number in this repository.
+
+The runs use the paper's objective (``TINY_PAPER_OBJECTIVE``: no regression term, fake rank 8,
+400 steps) unless ``--objective default`` asks for the tiny defaults as they are.
 
     python analysis/adapter_study/study.py                 # the committed study
     python analysis/adapter_study/study.py --seeds 0 1 --variants lorad lora
@@ -25,6 +28,8 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+
+from wadi_cli.distill.config import TINY_PAPER_OBJECTIVE, config_flags
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -67,10 +72,11 @@ def trainable_params(flags: list[str]) -> int:
     return int(json.loads(plan.stdout)["plan"]["student"]["trainable_params"])
 
 
-def one_run(name: str, flags: list[str], seed: int, workdir: Path, eval_n: int, env: dict[str, str]) -> dict:
+def one_run(name: str, flags: list[str], seed: int, workdir: Path, eval_n: int, env: dict[str, str],
+            objective: list[str]) -> dict:  # fmt: skip
     run = workdir / f"{name}-seed{seed}"
-    cmd = _wadi("distill", "-b", "tiny", "--out", str(run), "--seed", str(seed), "--validate-every", "0",
-                "--no-tensorboard", *flags)  # fmt: skip
+    cmd = _wadi("distill", "-b", "tiny", "--out", str(run), "--seed", str(seed), *objective,
+                "--validate-every", "0", "--no-tensorboard", *flags)  # fmt: skip
     code, wall, rss, _ = run_child(cmd, env)
     if code != 0:
         raise SystemExit(f"{name}: distill failed with exit code {code}: {shlex.join(cmd)}")
@@ -153,6 +159,13 @@ def main() -> None:
     ap.add_argument(
         "--combine", nargs="*", default=None, metavar="TAG", help="merge earlier results into --tag"
     )
+    ap.add_argument(
+        "--objective",
+        choices=("paper", "default"),
+        default="paper",
+        help="paper: the WaDi objective (TINY_PAPER_OBJECTIVE, as in the committed study); "
+        "default: the tiny defaults (with their regression term)",
+    )
     args = ap.parse_args()
     if args.combine:
         docs = [json.loads((RESULTS / f"{t}.json").read_text()) for t in args.combine]
@@ -165,6 +178,7 @@ def main() -> None:
     for spec in args.variant:
         name, _, flags = spec.partition("=")
         variants[name] = shlex.split(flags)
+    objective = config_flags(TINY_PAPER_OBJECTIVE) if args.objective == "paper" else []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     meta = {**machine(), "eval_n": args.eval_n, "threads": args.threads}
     rows = []
@@ -173,7 +187,7 @@ def main() -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         for seed in args.seeds:
             for name, flags in variants.items():
-                row = one_run(name, flags, seed, workdir, args.eval_n, env)
+                row = one_run(name, flags, seed, workdir, args.eval_n, env, objective)
                 rows.append(row)
                 print(f"{name} seed {seed}: accuracy {row['accuracy']:.3f} fd {row['fd']:.2f} "
                       f"params {row['trainable_params']:,} {row['train_seconds']:.0f} s "

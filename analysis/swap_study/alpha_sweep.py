@@ -65,8 +65,11 @@ def _wadi(*args: str) -> list[str]:
 
 def train_student(workdir: Path, seed: int, env: dict[str, str]) -> tuple[Path, list[str], float]:
     run = workdir / "full"
+    from wadi_cli.distill.config import TINY_PAPER_OBJECTIVE, config_flags
+
+    # the paper's objective, as in the demo (the tiny default adds a regression term)
     cmd = _wadi("distill", "-b", "tiny", "--adapter", "full", "--out", str(run), "--seed", str(seed),
-                "--validate-every", "0", "--no-tensorboard")  # fmt: skip
+                *config_flags(TINY_PAPER_OBJECTIVE), "--validate-every", "0", "--no-tensorboard")  # fmt: skip
     print("training the student:", shlex.join(cmd), flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)

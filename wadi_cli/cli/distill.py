@@ -103,7 +103,14 @@ def register(app: typer.Typer) -> None:
         ] = None,
         regression_weight: Annotated[
             float | None,
-            _opt("--regression-weight", help="DMD-style regression to teacher samples (0 = off)."),
+            _opt(
+                "--regression-weight",
+                help="DMD-style regression to teacher samples, not in the paper (0 = off; tiny default 4).",
+            ),
+        ] = None,
+        regression_pairs: Annotated[
+            int | None,
+            _opt("--regression-pairs", help="Fixed (noise, teacher sample) pairs of the regression term."),
         ] = None,
         lr_schedule: Annotated[
             str | None, _opt("--lr-schedule", help="constant (the paper) or cosine (decays to 0).")
@@ -169,7 +176,7 @@ def register(app: typer.Typer) -> None:
             "gradient_checkpointing": gradient_checkpointing, "optimizer": optimizer,
             "validate_every": validate_every, "grad_accum": grad_accum, "fake_updates": fake_updates,
             "text_cache": text_cache, "tensorboard": tensorboard, "lr_schedule": lr_schedule,
-            "regression_weight": regression_weight,
+            "regression_weight": regression_weight, "regression_pairs": regression_pairs,
         }  # fmt: skip
         if out is None and not dry_run:
             raise BadInputError("--out RUN is required (the run folder)")

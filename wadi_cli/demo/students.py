@@ -50,11 +50,15 @@ class TrainResult:
 
 
 def student_config(spec: StudentSpec, steps: int, seed: int) -> Any:
-    """The resolved distill config of ``spec`` on the tiny backbone."""
+    """The resolved distill config of ``spec`` on the tiny backbone, with the paper's
+    objective only (:data:`~wadi_cli.distill.config.TINY_PAPER_OBJECTIVE`): the demo measures
+    the WaDi method itself, not the tiny default's regression term."""
     from wadi_cli.distill import resolve_config
+    from wadi_cli.distill.config import TINY_PAPER_OBJECTIVE
 
     return resolve_config(
         overrides={
+            **TINY_PAPER_OBJECTIVE,
             "backbone": "tiny",
             "max_steps": steps,
             "seed": seed,
