@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from wadi_cli.distill.config import DistillConfig, read_config_file, resolve_config
@@ -23,7 +25,7 @@ def test_paper_defaults_for_sd15_and_pixart():
     assert tuned == (1e-2, 1e-3, 3.0, 1.0, 0.0)
     assert (sd.lr, sd.fake_lr, sd.ema_decay) == (1e-4, 1e-2, 0.999)
     # the tiny default adds a regression term and a wider fake score; SD keeps the paper's
-    assert (tiny.regression_weight, tiny.fake_rank, tiny.max_steps) == (4.0, 64, 800)
+    assert (tiny.regression_weight, tiny.fake_rank, tiny.max_steps) == (4.0, 64, 1000)
     assert (sd.regression_weight, px.regression_weight) == (0.0, 0.0)
 
 
@@ -35,6 +37,8 @@ def test_the_tiny_paper_objective_takes_the_additions_back_out():
     assert (paper.regression_weight, paper.max_steps) == (0.0, 400)
     assert paper.fake_rank == get_backbone("tiny").fake_rank  # the registry's own fake rank
     assert (paper.lr, paper.guidance) == (resolve_config().lr, resolve_config().guidance)  # rest unchanged
+    toml = Path(__file__).resolve().parents[1] / "analysis" / "distill_tiny" / "paper_objective.toml"
+    assert resolve_config(toml) == resolve_config(overrides=TINY_PAPER_OBJECTIVE)  # the user's copy
     flags = config_flags({"fake_rank": 8, "regression_weight": 0.0, "tensorboard": False})
     assert flags == ["--fake-rank", "8", "--regression-weight", "0.0", "--no-tensorboard"]
 

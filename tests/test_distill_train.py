@@ -83,6 +83,8 @@ def test_resume_is_bit_identical_to_a_straight_run(pipe_dir, tmp_path):
     # validation (EMA swap + images + tiny metrics) on the split run must not change training
     distill(_cfg(pipe_dir, max_steps=3, checkpoint_every=1, keep_last=2, validate_every=2), split)
     assert (split / "validation" / "step-00000002.png").is_file()
+    rows = (split / "validation.csv").read_text().splitlines()
+    assert rows[0] == "step,accuracy,fd,student" and rows[1].startswith("2,") and rows[1].endswith(",ema")
     assert [p.name for p in list_checkpoints(split)] == ["step-00000002", "step-00000003"]  # --keep-last
     cfg = config_for_run(split, "latest", None, {"max_steps": 6})
     summary = distill(cfg, split, resume="latest")

@@ -86,7 +86,8 @@ def validate(distiller: Any, run: Path) -> dict[str, Any]:
     from wadi_cli.tiny.metrics import evaluate_images
 
     result = evaluate_images(images, attrs, real_seed=VALIDATION_SEED)
-    row = {"step": distiller.step, "accuracy": result["accuracy"], "fd": result["fd"]}
+    weights = "ema" if distiller.ema is not None else "raw"  # what student_images sampled
+    row = {"step": distiller.step, "accuracy": result["accuracy"], "fd": result["fd"], "student": weights}
     path = run / "validation.csv"
     new = not path.is_file()
     with path.open("a", newline="") as fh:
