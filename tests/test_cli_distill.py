@@ -132,7 +132,16 @@ def test_train_then_export_through_the_cli(tmp_path, pipe_dir):
     assert images["run"] == images["file"]
 
 
-def test_ctrl_c_saves_a_checkpoint_and_stops(tmp_path, pipe_dir):
+@pytest.fixture
+def sigint_handler():
+    """Run with Python's own SIGINT handler (a background job starts with SIG_IGN) and put
+    back whatever was there."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_stops(tmp_path, pipe_dir, sigint_handler):
     over = dict(model=str(pipe_dir), batch_size=2, max_steps=5, device="cpu", regression_weight=0.0)
     cfg = resolve_config(overrides=over)
 
@@ -144,3 +153,13 @@ def test_ctrl_c_saves_a_checkpoint_and_stops(tmp_path, pipe_dir):
     assert summary.interrupted and summary.step == 2
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000002"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_ignored_sigint_stays_ignored(tmp_path, pipe_dir, sigint_handler):
+    """`nohup wadi distill … &`: SIGINT was ignored before the run, so it is during it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    seen = []
+    over = dict(model=str(pipe_dir), batch_size=2, max_steps=1, device="cpu", regression_weight=0.0)
+    on_step = lambda result, seconds: seen.append(signal.getsignal(signal.SIGINT))  # noqa: E731
+    distill(resolve_config(overrides=over), tmp_path / "run", on_step=on_step)
+    assert seen == [signal.SIG_IGN] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN

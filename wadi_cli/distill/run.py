@@ -133,9 +133,13 @@ class TensorBoardLog:
 @contextlib.contextmanager
 def _stop_on_sigint() -> Iterator[dict[str, bool]]:
     """First Ctrl-C sets ``flag["stop"]`` (the loop saves and exits after the current
-    step); a second one interrupts at once."""
+    step); a second one interrupts at once. A SIGINT that is ignored (a job started with
+    ``nohup`` or in the background of a script) stays ignored."""
     flag = {"stop": False}
     if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         yield flag
         return
 
