@@ -352,7 +352,7 @@ class Distiller:
         saved, losses_g = [], []
         for prompts, d in zip(self._prompts(k), self._draws(cfg.batch_size, k), strict=True):
             cond = self.encode(prompts)
-            # 1. student: one step from pure noise at t = T-1 (+ the opt-in regression batch)
+            # 1. student: one step from pure noise at t = T-1 (+ the regression batch, when on)
             x0, loss_r = self._student_forward(d["z"], cond)
             # 2.-4. VSD gradient from teacher and fake score (no graph), generator loss
             ab = alpha_bar_at(self.alphas_cumprod, d["t"].cpu()).to(dev)
