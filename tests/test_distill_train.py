@@ -283,6 +283,19 @@ def test_two_processes_on_cpu_hold_identical_adapters(pipe_dir, tmp_path):
     assert [p.name for p in list_checkpoints(run)] == ["step-00000002"]
 
 
+def test_validation_rows_follow_the_header_already_in_the_file(tmp_path):
+    from wadi_cli.distill.validate import append_csv_row
+
+    fresh = tmp_path / "fresh.csv"
+    append_csv_row(fresh, {"step": 1, "fd": 2.0, "student": "raw"})
+    append_csv_row(fresh, {"step": 2, "fd": 3.0, "student": "ema"})
+    assert fresh.read_text().splitlines() == ["step,fd,student", "1,2.0,raw", "2,3.0,ema"]
+    old = tmp_path / "old.csv"  # a run from before the "student" column, resumed
+    old.write_text("step,fd\r\n1,2.0\r\n")
+    append_csv_row(old, {"step": 2, "fd": 3.0, "student": "raw"})
+    assert old.read_text().splitlines() == ["step,fd", "1,2.0", "2,3.0"]
+
+
 def test_validation_uses_the_ema_and_restores_the_raw_student(pipe_dir):
     from wadi_cli.distill.validate import student_images
 

@@ -42,6 +42,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
+from wadi_cli.distill.config import TINY_PAPER_OBJECTIVE, config_flags  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -65,8 +67,6 @@ def _wadi(*args: str) -> list[str]:
 
 def train_student(workdir: Path, seed: int, env: dict[str, str]) -> tuple[Path, list[str], float]:
     run = workdir / "full"
-    from wadi_cli.distill.config import TINY_PAPER_OBJECTIVE, config_flags
-
     # the paper's objective, as in the demo (the tiny default adds a regression term)
     cmd = _wadi("distill", "-b", "tiny", "--adapter", "full", "--out", str(run), "--seed", str(seed),
                 *config_flags(TINY_PAPER_OBJECTIVE), "--validate-every", "0", "--no-tensorboard")  # fmt: skip

@@ -331,8 +331,8 @@ class Distiller:
     def _student_forward(self, z: Tensor, cond: TextCondition) -> tuple[Tensor, Tensor | None]:
         """§4 step 1, the student's x0 for the VSD batch, and the regression term
         w · mean((G(z_j) − x0_j)²) on a batch of the fixed pairs (``None`` when it is off).
-        Both batches go through ONE student forward (on the tiny model that is ~0.1 s per
-        step cheaper than two)."""
+        Both batches go through ONE student forward (a tiny-model step: 0.38 s, against 0.47 s
+        with two; analysis/results/bench_regression_step.md)."""
         if self.pairs is None:
             return self._one_step_x0(z, cond), None
         z_r, cond_r, target = self._regression_batch()

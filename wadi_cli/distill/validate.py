@@ -88,11 +88,19 @@ def validate(distiller: Any, run: Path) -> dict[str, Any]:
     result = evaluate_images(images, attrs, real_seed=VALIDATION_SEED)
     weights = "ema" if distiller.ema is not None else "raw"  # what student_images sampled
     row = {"step": distiller.step, "accuracy": result["accuracy"], "fd": result["fd"], "student": weights}
-    path = run / "validation.csv"
-    new = not path.is_file()
+    append_csv_row(run / "validation.csv", row)
+    return row
+
+
+def append_csv_row(path: Path, row: dict[str, Any]) -> None:
+    """Append ``row`` to ``path`` under the columns its header already has (a run resumed
+    from an older version keeps its file consistent), or start the file with ``row``'s."""
+    fields = list(row)
+    if path.is_file():
+        with path.open(newline="") as fh:
+            fields = next(csv.reader(fh), fields)
     with path.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, list(row))
-        if new:
+        writer = csv.DictWriter(fh, fields, extrasaction="ignore")
+        if fh.tell() == 0:
             writer.writeheader()
         writer.writerow(row)
-    return row
