@@ -106,8 +106,12 @@ def test_hook_recreation_trains_exactly_like_ours(toy_config):
         assert mine.keys() == theirs.keys()
         moved = max(float(mine[k].abs().max()) for k in mine if k.endswith("lorad_A"))
         assert moved > 1e-5, role  # both adapters have left the identity
+        # Adam moves each entry by at most ~lr (1e-4 here) per step; the two variants sum the
+        # same float32 products in a different order, which perturbs near-zero gradients and so
+        # an entry's update by a few % of lr (1.4e-6 seen with diffusers 0.42). A wrong
+        # re-creation differs by O(lr) per step, far outside 5e-6.
         for k in mine:
-            torch.testing.assert_close(mine[k], theirs[k], rtol=1e-3, atol=1e-6, msg=k)
+            torch.testing.assert_close(mine[k], theirs[k], rtol=1e-3, atol=5e-6, msg=k)
 
 
 def _count(fn) -> int:
