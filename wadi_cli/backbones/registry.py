@@ -30,6 +30,11 @@ CONFIGS_DIR: Path = _PACKAGE_DIR / "configs"
 #: Where the tiny model's diffusers pipeline folder is shipped (see ``wadi_cli.tiny``).
 TINY_PIPELINE_DIR: Path = _PACKAGE_DIR / "assets" / "tiny" / "pipeline"
 
+#: Pipeline folders besides the denoiser that sampling and training load; the first two
+#: hold weights, the others only configs and vocabularies.
+PIPELINE_COMPONENTS: tuple[str, ...] = ("vae", "text_encoder", "tokenizer", "scheduler")
+WEIGHTED_COMPONENTS: tuple[str, ...] = ("vae", "text_encoder")
+
 _UNET_ROOTS = ("down_blocks", "mid_block", "up_blocks")
 _FAKE_EXCLUDES = ("proj_in", "proj_out", "time_emb_proj")
 
@@ -100,6 +105,11 @@ class Backbone:
     learned_sigma: bool = False  # PixArt outputs 8 channels: the first 4 are ε
     release_repo: str | None = None
     release_file: str | None = None
+    # Where the VAE, text encoder, tokenizer and scheduler come from when ``hub_id`` holds
+    # only the denoiser (PixArt-α 256's repo holds only transformer/); None: ``hub_id``.
+    components_repo: str | None = None
+    # Other base models of the same family, as (hub id, what it is): shown by `wadi info`.
+    alternatives: tuple[tuple[str, str], ...] = ()
     default_dtype: torch.dtype = torch.float16  # dtype of frozen weights on a GPU
     mixed_precision: str = "fp16"  # "fp16" | "bf16" | "no"
     # Intra-op threads on CPU (None: torch's choice). The tiny model's ops are too small
@@ -112,6 +122,20 @@ class Backbone:
     def model_id(self, override: str | None = None) -> str:
         """The base model to load: ``override`` (``--model PATH_OR_ID``) or the hub id."""
         return override if override else self.hub_id
+
+    def sources(self) -> dict[str, Any]:
+        """Where the base model's parts come from by default, and the flag that changes
+        each: ``{"denoiser": {"repo", "flag"}, "components": {...}, "alternatives": [...]}``."""
+        subfolder = self.denoiser_subfolder
+        return {
+            "denoiser": {"repo": self.hub_id, "folder": subfolder, "flag": "--model"},
+            "components": {
+                "repo": self.components_repo or self.hub_id,
+                "folders": ["vae", "text_encoder", "tokenizer", "scheduler"],
+                "flag": "--components",
+            },
+            "alternatives": [{"repo": h, "what": w, "flag": f"--model {h}"} for h, w in self.alternatives],
+        }
 
     def denoiser_config(self) -> dict[str, Any]:
         """The shipped denoiser config (diffusers ``config.json``)."""
@@ -194,6 +218,7 @@ class Backbone:
         plan: dict[str, Any] = {
             "backbone": self.name,
             "hub_id": self.hub_id,
+            "sources": self.sources(),
             "denoiser": self.denoiser_class,
             "base_params": base_params,
         }
@@ -274,6 +299,12 @@ def _make_registry() -> dict[str, Backbone]:
             hub_id="stabilityai/stable-diffusion-2-1-base",
             config_path=CONFIGS_DIR / "sd21" / "unet" / "config.json",
             release_file="rotated_unet-sdv2-1.safetensors",
+            alternatives=(
+                (
+                    "stabilityai/stable-diffusion-2-1",
+                    "SD2.1 at 768 px, v-prediction (resolution and prediction type are read from its config)",
+                ),
+            ),
             description="Stable Diffusion 2.1-base (512 px, OpenCLIP ViT-H/14, ε-prediction)",
             **sd_common,
         ),
@@ -296,6 +327,9 @@ def _make_registry() -> dict[str, Backbone]:
             learned_sigma=True,
             release_repo="gudaochangsheng/WaDi",
             release_file="rotated_transformer.safetensors",
+            # the 256 px repo holds only transformer/; the 512 px repo is the PixArt-α
+            # pipeline with the same T5-XXL, VAE, tokenizer and training schedule
+            components_repo="PixArt-alpha/PixArt-XL-2-512x512",
             default_dtype=torch.bfloat16,
             mixed_precision="bf16",
             description="PixArt-α 256 px DiT (T5-XXL, ε-prediction, learned variance)",

@@ -67,6 +67,14 @@ def register(app: typer.Typer) -> None:
         model: Annotated[
             str | None, _opt("--model", help="Base pipeline folder or hub id (default: the backbone's).")
         ] = None,
+        components: Annotated[
+            str | None,
+            _opt(
+                "--components",
+                help="VAE / text encoder / tokenizer / scheduler source, folder or hub id "
+                "(default: the --model pipeline; pixart: PixArt-alpha/PixArt-XL-2-512x512).",
+            ),
+        ] = None,
         adapter: Annotated[
             str | None,
             _opt("--adapter", help="Student: lorad (the method); lora, dora (peft) or full (baselines)."),
@@ -169,7 +177,8 @@ def register(app: typer.Typer) -> None:
         from wadi_cli.errors import BadInputError
 
         overrides = {
-            "backbone": backbone, "model": model, "adapter": adapter, "rank": rank, "fake_rank": fake_rank,
+            "backbone": backbone, "model": model, "components": components, "adapter": adapter, "rank": rank,
+            "fake_rank": fake_rank,
             "lr": lr, "fake_lr": fake_lr, "guidance": guidance, "fake_guidance": fake_guidance,
             "alpha_bar_T": alpha_bar_t, "prompt_dropout": prompt_dropout, "ema_decay": ema_decay,
             "batch_size": batch_size, "max_steps": max_steps, "seed": seed,

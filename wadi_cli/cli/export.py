@@ -15,7 +15,10 @@ HELP = """Export the one-step student of a `wadi distill` run.
 
 Formats: merged = the full U-Net/transformer state dict (the authors' release format,
 loads strictly into the base model); adapter = the LoRaD adapter file of `wadi merge`;
-diffusers = a complete pipeline folder for `from_pretrained` and `wadi sample --weights`.
+diffusers = a complete pipeline folder for `from_pretrained` and `wadi sample --weights`
+(the base's own components only: no safety checker, one copy of each weight);
+single-file = the original Stable Diffusion checkpoint layout (U-Net + VAE + text encoder)
+that ComfyUI and AUTOMATIC1111 load (sd15, sd21). Every format records the run's ᾱ_T.
 The EMA weights are used when the run kept them (--raw for the raw student).
 
 Examples:
@@ -25,6 +28,8 @@ Examples:
   wadi export runs/sd15 --format adapter --out sd15-student.safetensors --raw
 
   wadi export runs/sd15 --format diffusers --out sd15-onestep/
+
+  wadi export runs/sd15 --format single-file --out wadi-sd15.safetensors
 
   wadi export runs/sd15 -f merged -o m.safetensors --checkpoint runs/sd15/checkpoints/step-00001000
 """
@@ -38,7 +43,9 @@ def register(app: typer.Typer) -> None:
         out: Annotated[
             Path, typer.Option("--out", "-o", help="Output file (merged/adapter) or folder (diffusers).")
         ],
-        fmt: Annotated[str, typer.Option("--format", "-f", help="merged, adapter or diffusers.")] = "merged",
+        fmt: Annotated[
+            str, typer.Option("--format", "-f", help="merged, adapter, diffusers or single-file.")
+        ] = "merged",
         checkpoint: Annotated[
             str | None, typer.Option("--checkpoint", help="A checkpoint folder (default: the latest).")
         ] = None,

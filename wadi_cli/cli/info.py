@@ -33,8 +33,19 @@ def _plan_table(plan: dict) -> Table:
     table = Table(title=f"LoRaD plan: {plan['backbone']}", show_header=False, title_justify="left")
     table.add_column("field", style="bold")
     table.add_column("value")
-    table.add_row("hub id", plan["hub_id"])
-    table.add_row("denoiser", f"{plan['denoiser']} ({plan['base_params']:,} parameters)")
+    src = plan["sources"]
+    den, comp = src["denoiser"], src["components"]
+    if comp["repo"] == den["repo"]:
+        table.add_row("base model", f"{den['repo']} (another pipeline: --model PATH_OR_ID)")
+    else:
+        table.add_row("denoiser", f"{den['repo']} ({den['folder']}/ only; another: --model PATH_OR_ID)")
+        table.add_row(
+            "other components",
+            f"{comp['repo']} (another source: --components PATH_OR_ID)",
+        )
+    for alt in src["alternatives"]:
+        table.add_row("also supported", f"{alt['what']}: {alt['flag']}")
+    table.add_row("architecture", f"{plan['denoiser']} ({plan['base_params']:,} parameters)")
     for role, label in (("student", "student (generator)"), ("fake", "fake score")):
         r = plan[role]
         share = 100.0 * r["trainable_params"] / plan["base_params"]
@@ -43,11 +54,13 @@ def _plan_table(plan: dict) -> Table:
             f"rank {r['rank']}, {r['layers']} layers, {r['trainable_params']:,} trainable ({share:.2f}%)",
         )
     table.add_row(
-        "resolution", f"{plan['resolution']} px (latents {plan['latent_size']}×{plan['latent_size']})"
+        "resolution",
+        f"{plan['resolution']} px (latents {plan['latent_size']}×{plan['latent_size']}); "
+        "a model whose config says otherwise runs at its own",
     )
     table.add_row("text encoder", f"{plan['text_encoder']} (max {plan['text_max_length']} tokens)")
-    table.add_row("ᾱ_T", f"{plan['alpha_bar_T']}")
-    table.add_row("prediction", plan["prediction_type"])
+    table.add_row("ᾱ_T", f"{plan['alpha_bar_T']} (unless the weights record theirs; --alpha-bar-t)")
+    table.add_row("prediction", f"{plan['prediction_type']} (the scheduler config of the model decides)")
     table.add_row("mixed precision", plan["mixed_precision"])
     return table
 

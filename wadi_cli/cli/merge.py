@@ -24,6 +24,9 @@ Examples:
   wadi merge unet/diffusion_pytorch_model.safetensors adapter.safetensors --out m.safetensors --dtype fp16
 
   wadi merge model.safetensors adapter.safetensors --out m.safetensors --prefix unet. --json
+
+  wadi merge stable-diffusion-v1-5/stable-diffusion-v1-5 student.safetensors --format single-file
+  --out wadi-sd15.safetensors     (original SD layout for ComfyUI / AUTOMATIC1111: U-Net + VAE + CLIP)
 """
 
 
@@ -31,7 +34,7 @@ def register(app: typer.Typer) -> None:
     @app.command("merge", help=HELP)
     @handle_errors
     def merge(
-        base: Annotated[Path, typer.Argument(help="Base checkpoint (anything wadi can read).")],
+        base: Annotated[str, typer.Argument(help="Base checkpoint (anything wadi can read, or a hub id).")],
         adapter: Annotated[Path, typer.Argument(help="LoRaD adapter .safetensors file.")],
         out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors file.")],
         dtype: Annotated[
@@ -43,9 +46,20 @@ def register(app: typer.Typer) -> None:
             typer.Option("--prefix", help="Prefix of the adapted modules' keys in BASE (default: detect)."),
         ] = None,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
+        fmt: Annotated[
+            str,
+            typer.Option(
+                "--format",
+                "-f",
+                help="merged (diffusers names) or single-file (original SD layout, sd15/sd21; "
+                "BASE must then be a pipeline folder or hub id).",
+            ),
+        ] = "merged",
         json_out: JsonFlag = False,
     ) -> None:
-        summary = merge_adapter_file(base, adapter, out, dtype=dtype, prefix=prefix, overwrite=overwrite)
+        summary = merge_adapter_file(
+            base, adapter, out, dtype=dtype, prefix=prefix, overwrite=overwrite, fmt=fmt
+        )
         if json_out:
             typer.echo(json.dumps(summary, indent=2))
         else:

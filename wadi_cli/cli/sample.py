@@ -74,6 +74,14 @@ def register(app: typer.Typer) -> None:
                 "--model", help="Base pipeline: local diffusers folder or hub id (default: registry)."
             ),
         ] = None,
+        components: Annotated[
+            str | None,
+            typer.Option(
+                "--components",
+                help="Where the VAE, text encoder, tokenizer and scheduler come from: folder or hub id "
+                "(default: the --model pipeline; pixart: PixArt-alpha/PixArt-XL-2-512x512).",
+            ),
+        ] = None,
         prompts_file: Annotated[
             Path | None,
             typer.Option(
@@ -103,7 +111,8 @@ def register(app: typer.Typer) -> None:
         alpha_bar_t: Annotated[
             float | None,
             typer.Option(
-                "--alpha-bar-t", help="One-step ᾱ_T (default: the registry's 0.0047, as in training)."
+                "--alpha-bar-t",
+                help="One-step ᾱ_T (default: the value the weights record, else the registry's 0.0047).",
             ),
         ] = None,
         compile_: Annotated[
@@ -128,6 +137,8 @@ def register(app: typer.Typer) -> None:
         def loaded(sampler: object) -> None:
             for note in getattr(sampler, "notes", []):
                 err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+            for warning in getattr(sampler, "warnings", []):
+                err_console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
 
         with weights_for_sampling(weights) as run_weights:
             summary = sample_to_folder(
@@ -136,6 +147,7 @@ def register(app: typer.Typer) -> None:
                 prompts_file=prompts_file,
                 backbone=backbone,
                 model=model,
+                components=components,
                 weights=run_weights,
                 config=config,
                 num_images=num_images,

@@ -40,6 +40,7 @@ from wadi_cli.io import (
     provenance_metadata,
     save_safetensors,
 )
+from wadi_cli.io.writers import ALPHA_BAR_T_METADATA
 from wadi_cli.lorad import LoRaDConfig, load_adapter, save_adapter
 
 CHECKPOINTS = "checkpoints"
@@ -185,6 +186,8 @@ def save_checkpoint(run: str | os.PathLike[str], ckpt: Checkpoint, keep_last: in
                 base_model=base,
             )
             extra = {"ema_decay": str(ckpt.config.get("ema_decay"))} if name == "ema" else {}
+            if role == "student" and ckpt.config.get("alpha_bar_T") is not None:
+                extra[ALPHA_BAR_T_METADATA] = str(ckpt.config["alpha_bar_T"])
             if role == "student" and kind != "lorad":
                 save_baseline_adapter(tmp / f"{name}.safetensors", tensors, kind, cfg, extra)
             else:

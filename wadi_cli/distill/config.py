@@ -108,6 +108,7 @@ class DistillConfig:
 
     backbone: str = "tiny"
     model: str | None = None  # base pipeline folder or hub id (default: the backbone's)
+    components: str | None = None  # VAE/text encoder/tokenizer/scheduler source (default: as for sampling)
     adapter: str = "lorad"
     rank: int | None = None  # student rank (paper: 256 SD, 128 PixArt)
     fake_rank: int | None = None  # fake-score rank (paper: 32)
@@ -163,7 +164,9 @@ class DistillConfig:
 
     def fingerprint(self) -> dict[str, Any]:
         """What a resumed run must share with the run it continues."""
-        return {k: getattr(self, k) for k in ("backbone", "model", "adapter", "rank", "fake_rank")}
+        return {
+            k: getattr(self, k) for k in ("backbone", "model", "components", "adapter", "rank", "fake_rank")
+        }
 
 
 _FIELDS = {f.name: f for f in fields(DistillConfig)}
@@ -212,7 +215,7 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
 def _coerce(name: str, value: Any) -> Any:
     """Type-check one value (ints stay ints, ints are accepted for floats)."""
     if value is None:
-        if name in ("rank", "fake_rank", "alpha_bar_T", "model", "prompts"):
+        if name in ("rank", "fake_rank", "alpha_bar_T", "model", "components", "prompts"):
             return None
         raise BadInputError(f"config {name}: must not be empty")
     if name in _BOOL_FIELDS:

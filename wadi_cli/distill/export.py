@@ -1,16 +1,19 @@
 """Export a distillation run: ``merged`` (the authors' release format: a full denoiser
 state dict that loads strictly into the base U-Net / transformer), ``adapter`` (the LoRaD
-adapter file of ``wadi merge``) or ``diffusers`` (a complete pipeline folder).
+adapter file of ``wadi merge``), ``diffusers`` (a pipeline folder with the base's own
+components only) or ``single-file`` (the original Stable Diffusion checkpoint layout of
+ComfyUI / AUTOMATIC1111, sd15/sd21).
 
 Merging works on state dicts (no network is built): the base denoiser's tensors are read
 lazily from the run's base pipeline and rotated by :func:`wadi_cli.lorad.merge_adapter_into_state_dict`.
+Every exported file records the run's ᾱ_T (metadata ``alpha_bar_T``), which
+``wadi sample`` uses.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +26,10 @@ from wadi_cli.io import (
     provenance_metadata,
     save_safetensors,
 )
+from wadi_cli.io.writers import ALPHA_BAR_T_METADATA
 from wadi_cli.lorad import load_adapter, merge_adapter_into_state_dict, save_adapter
 
-FORMATS: tuple[str, ...] = ("merged", "adapter", "diffusers")
-_WEIGHT_PREFIXES = ("diffusion_pytorch_model", "model.safetensors", "pytorch_model")
+FORMATS: tuple[str, ...] = ("merged", "adapter", "diffusers", "single-file")
 
 
 def run_student_adapter(
@@ -48,16 +51,30 @@ def run_student_adapter(
     return file, config
 
 
-def _base_source(config: dict[str, Any]) -> tuple[Any, Path]:
+def run_variant(config: dict[str, Any]) -> str | None:
+    """The hub weights variant of the run's base: ``fp16`` when it trained in fp16."""
+    return "fp16" if config.get("mixed_precision") == "fp16" else None
+
+
+def _base_source(config: dict[str, Any], with_components: bool = False) -> tuple[Any, Any]:
     from wadi_cli.backbones import get_backbone
     from wadi_cli.sample import resolve_pipeline_source
 
     backbone = get_backbone(config["backbone"])
-    return backbone, resolve_pipeline_source(backbone, config.get("model"))
+    source = resolve_pipeline_source(
+        backbone,
+        config.get("model"),
+        config.get("components"),
+        variant=run_variant(config),
+        with_components=with_components,
+    )
+    return backbone, source
 
 
-def _merged_state(adapter_file: Path, config: dict[str, Any]) -> tuple[dict[str, Any], Any, Path]:
-    backbone, source = _base_source(config)
+def _merged_state(
+    adapter_file: Path, config: dict[str, Any], with_components: bool = False
+) -> tuple[dict[str, Any], Any, Any]:
+    backbone, source = _base_source(config, with_components)
     kind = config.get("adapter", "lorad")
     if kind == "full":  # the student IS a full state dict
         from wadi_cli.distill.checkpoint import read_adapter_tensors
@@ -66,7 +83,7 @@ def _merged_state(adapter_file: Path, config: dict[str, Any]) -> tuple[dict[str,
     if kind != "lorad":
         return _merged_baseline(adapter_file, config, backbone, source), backbone, source
     tensors, _ = load_adapter(adapter_file)
-    with open_checkpoint(source, backbone.denoiser_subfolder) as src:
+    with open_checkpoint(source.denoiser_root, backbone.denoiser_subfolder) as src:
         merged = merge_adapter_into_state_dict(src, tensors)
     return merged, backbone, source
 
@@ -84,7 +101,7 @@ def _merged_baseline(
         targets = json.loads(src.metadata().get("targets", "[]"))
     cls = getattr(diffusers, backbone.denoiser_class)
     net = cls.from_pretrained(
-        str(source), subfolder=backbone.denoiser_subfolder, local_files_only=True
+        str(source.denoiser_root), subfolder=backbone.denoiser_subfolder, local_files_only=True
     ).eval()
     add_switchable_adapter(net, "student", targets, int(config["rank"]), kind=config["adapter"])
     load_adapter_tensors(net, "student", read_adapter_tensors(adapter_file))
@@ -107,13 +124,17 @@ def export_run(
     if fmt not in FORMATS:
         raise BadInputError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
     out_path = Path(out).expanduser()
-    if fmt != "diffusers":
+    if fmt in ("merged", "adapter", "single-file"):
         check_writable(out_path)
         if out_path.exists() and not overwrite:
             raise BadInputError(f"{out_path} already exists (pass --overwrite to replace it)")
     else:
         check_writable(out_path, directory=True)
     adapter_file, config = run_student_adapter(run, checkpoint, ema)
+    if fmt == "single-file":
+        from wadi_cli.io.sd_single_file_write import check_single_file_backbone
+
+        check_single_file_backbone(config["backbone"])
     used_ema = adapter_file.name == "ema.safetensors"
     recipe = {
         "operation": "export",
@@ -122,38 +143,46 @@ def export_run(
         "ema": used_ema,
         "distill_config": config,
     }
+    alpha = {ALPHA_BAR_T_METADATA: str(config["alpha_bar_T"])} if config.get("alpha_bar_T") else {}
     summary = {"out": str(out_path), "format": fmt, "checkpoint": str(adapter_file.parent), "ema": used_ema}
     if fmt == "adapter":
         if config.get("adapter") == "full":
             raise BadInputError("a full fine-tune has no adapter; use --format merged or diffusers")
+        extra = {"export": json.dumps(recipe, default=str), **alpha}
         if config.get("adapter", "lorad") != "lorad":  # baseline: copy tensors and metadata
             with open_checkpoint(adapter_file) as src:
                 tensors, meta = {k: src.get(k) for k in src}, dict(src.metadata())
-            save_safetensors(tensors, out_path, {**meta, "export": json.dumps(recipe, default=str)})
+            save_safetensors(tensors, out_path, {**meta, **extra})
             return {**summary, "tensors": len(tensors)}
         tensors, lcfg = load_adapter(adapter_file)
-        save_adapter(out_path, tensors, lcfg, extra_metadata={"export": json.dumps(recipe, default=str)})
+        save_adapter(out_path, tensors, lcfg, extra_metadata=extra)
         return {**summary, "tensors": len(tensors)}
-    merged, backbone, source = _merged_state(adapter_file, config)
-    meta = provenance_metadata(config=recipe, sources=[str(source), str(adapter_file)])
+    merged, backbone, source = _merged_state(adapter_file, config, with_components=fmt != "merged")
+    sources = [source.denoiser_ref] + ([source.components_ref] if source.components_ref else [])
+    meta = {**provenance_metadata(config=recipe, sources=[*sources, str(adapter_file)]), **alpha}
     if fmt == "merged":
         save_safetensors(merged, out_path, meta)
         return {**summary, "tensors": len(merged)}
-    sub = backbone.denoiser_subfolder
+    if fmt == "single-file":
+        from wadi_cli.io.sd_single_file_write import save_single_file
+
+        unet_config = json.loads((source.denoiser_root / "unet" / "config.json").read_text(encoding="utf-8"))
+        count = save_single_file(out_path, merged, unet_config, source.components_root, backbone.name, meta)
+        return {**summary, "tensors": count}
+    from wadi_cli.backbones.registry import PIPELINE_COMPONENTS
+    from wadi_cli.io.pipeline_folder import write_pipeline_folder
+
     with atomic_output_dir(out_path) as tmp:
-        shutil.copytree(source, tmp, dirs_exist_ok=True, ignore=_skip_denoiser_weights(source / sub))
-        save_safetensors(merged, tmp / sub / "diffusion_pytorch_model.safetensors", meta)
+        write_pipeline_folder(
+            tmp,
+            denoiser_root=source.denoiser_root,
+            subfolder=backbone.denoiser_subfolder,
+            denoiser_class=backbone.denoiser_class,
+            denoiser_state=merged,
+            components_root=source.components_root,
+            components=PIPELINE_COMPONENTS,
+            family=backbone.family,
+            variant=source.variant,
+            metadata=meta,
+        )
     return {**summary, "tensors": len(merged)}
-
-
-def _skip_denoiser_weights(denoiser_dir: Path):
-    """``shutil.copytree`` ignore function: the denoiser's weight files (replaced by the
-    merged ones) and hidden files; everything else of the pipeline is copied."""
-
-    def ignore(folder: str, names: list[str]) -> list[str]:
-        skip = [n for n in names if n.startswith(".")]
-        if Path(folder).resolve() == denoiser_dir.resolve():
-            skip += [n for n in names if n.startswith(_WEIGHT_PREFIXES)]
-        return skip
-
-    return ignore

@@ -194,7 +194,12 @@ def build_distiller(cfg: DistillConfig, prompts: list[str]) -> Distiller:
 
     topology, device = process_topology(cfg)
     sampler = load_sampler(
-        cfg.backbone, model=cfg.model, teacher=True, device=device, dtype=weights_dtype(cfg, device)
+        cfg.backbone,
+        model=cfg.model,
+        components=cfg.components,
+        teacher=True,
+        device=device,
+        dtype=weights_dtype(cfg, device),
     )
     return Distiller(cfg, sampler, prompts, topology)
 

@@ -1,8 +1,12 @@
 """Hugging Face hub access, with every failure turned into one actionable HubError line.
 
-``resolve_model`` returns a local path: the given path if it exists, else a snapshot
-from the hub cache or the hub (respecting ``HF_HUB_OFFLINE``). Only safetensors and
-small text files are fetched by default; pickle formats are never downloaded.
+:func:`resolve_repo` returns the local snapshot folder of a hub repository holding the
+files a :class:`~wadi_cli.io.hub_files.FetchPlan` needs, and nothing else: online it
+lists the repository, picks the files (:func:`~wadi_cli.io.hub_files.select_files`) and
+downloads only those (files already in the hub cache, e.g. from an earlier diffusers
+download, are reused); offline (``HF_HUB_OFFLINE=1`` or an unreachable hub) it runs the
+same selection on the cached snapshot. :func:`resolve_model` does this for a local path
+or a hub id; pickle formats are never downloaded.
 """
 
 from __future__ import annotations
@@ -14,10 +18,10 @@ import socket
 from pathlib import Path
 
 from wadi_cli.errors import CheckpointError, HubError
+from wadi_cli.io.hub_files import FetchPlan, MissingFiles, select_files
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _OFFLINE_ERRORS = ("LocalEntryNotFoundError", "IncompleteSnapshotError", "OfflineModeIsEnabled")
-DEFAULT_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model")  # configs, weights, tokenizers
 
 
 def hub_offline() -> bool:
@@ -76,19 +80,98 @@ def _explain(exc: BaseException, repo_id: str, what: str) -> HubError:
     )
 
 
+def snapshot_files(root: str | os.PathLike[str]) -> list[str]:
+    """Paths (relative, ``/``-separated) of the files under a local snapshot or folder."""
+    base = Path(root)
+    out = []
+    for folder, _, names in os.walk(base, followlinks=True):
+        rel = Path(folder).relative_to(base)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        out += [(rel / n).as_posix() for n in names if not n.startswith(".")]
+    return sorted(out)
+
+
+def _missing(exc: MissingFiles, repo_id: str, offline: bool) -> HubError:
+    where = " in the local cache, and the hub is unreachable (offline or HF_HUB_OFFLINE=1)" if offline else ""
+    if exc.detail == "no such folder":
+        head = f"{repo_id!r} has no {exc.folder!r} folder{where}"
+    else:
+        head = f"cannot use the {exc.folder!r} folder of {repo_id!r}: {exc.detail}{where}"
+    return HubError(f"{head}; pass a local copy instead, e.g. --model PATH")
+
+
+def _folders_label(folders: tuple[str, ...]) -> str:
+    if not folders:
+        return "a snapshot"
+    names = ", ".join(repr(f) for f in folders)
+    return f"folder {names}" if len(folders) == 1 else f"folders {names}"
+
+
+def resolve_repo(
+    repo_id: str,
+    plan: FetchPlan,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> Path:
+    """The local snapshot folder of hub repo ``repo_id`` holding the files ``plan`` needs.
+
+    Online, only those files are downloaded (cached ones are reused); offline, the cached
+    snapshot must hold them. Every failure is one :class:`HubError` line.
+    """
+    from huggingface_hub import snapshot_download
+
+    offline = _local_only()
+    what = _folders_label(plan.folders)
+    try:
+        if offline:
+            root = Path(
+                snapshot_download(
+                    repo_id,
+                    revision=revision,
+                    cache_dir=cache_dir,
+                    allow_patterns=list(plan.root),
+                    local_files_only=True,
+                )
+            )
+            select_files(snapshot_files(root), plan)
+            return root
+        from huggingface_hub import HfApi
+
+        files = HfApi().list_repo_files(repo_id, revision=revision)
+        wanted = select_files(files, plan)
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=wanted))
+    except MissingFiles as exc:
+        raise _missing(exc, repo_id, offline) from None
+    except Exception as exc:  # noqa: BLE001 - every hub failure becomes one line
+        raise _explain(exc, repo_id, what) from None
+
+
+def denoiser_folder(files: list[str]) -> str | None:
+    """``unet`` or ``transformer``: the denoiser folder of a repository's file list."""
+    folders = {f.split("/", 1)[0] for f in files if "/" in f}
+    return next((name for name in ("unet", "transformer") if name in folders), None)
+
+
 def resolve_model(
     path_or_id: str | os.PathLike[str],
     subfolder: str | None = None,
     *,
     allow_patterns: list[str] | None = None,
+    variant: str | None = None,
     revision: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> Path:
     """A local folder or file for ``path_or_id``: the path itself, or a hub snapshot.
 
-    With ``subfolder`` the returned path is ``<root>/<subfolder>`` (and only that
-    subfolder plus ``model_index.json`` is fetched). Raises :class:`CheckpointError` for
-    a missing local path that cannot be a repo id, :class:`HubError` when the hub fails.
+    For a hub id, only ``subfolder`` (its configs and ONE copy of its safetensors
+    weights, ``variant`` preferred) and ``model_index.json`` are fetched; without
+    ``subfolder``, the denoiser folder (``unet``, else ``transformer``).
+    ``allow_patterns`` fetches exactly those patterns instead. The returned path is
+    ``<snapshot>/<subfolder>`` when a subfolder is given. Raises
+    :class:`CheckpointError` for a missing local path that cannot be a repo id,
+    :class:`HubError` when the hub fails.
     """
     local = Path(path_or_id).expanduser()
     if local.exists():
@@ -98,29 +181,64 @@ def resolve_model(
     text = str(path_or_id)
     if not looks_like_repo_id(text):
         raise CheckpointError(f"{local}: no such file or directory")
-    if allow_patterns is None:
-        allow_patterns = list(DEFAULT_PATTERNS)
-        if subfolder:
-            allow_patterns = [f"{subfolder}/{p}" for p in allow_patterns] + ["model_index.json"]
+    if allow_patterns is not None:
+        return _snapshot_patterns(text, allow_patterns, revision, cache_dir, subfolder)
+    folder = subfolder
+    if folder is None:
+        listing = repo_files(text, revision, cache_dir)
+        folder = denoiser_folder(listing)
+        if folder is None:
+            raise HubError(f"{text!r} has neither unet/ nor transformer/; pass a local checkpoint instead")
+    plan = FetchPlan(folders=(folder,), weights=(folder,), variant=variant, require_weights=False)
+    root = resolve_repo(text, plan, revision=revision, cache_dir=cache_dir)
+    return root / subfolder if subfolder else root
+
+
+def repo_files(
+    repo_id: str, revision: str | None = None, cache_dir: str | os.PathLike[str] | None = None
+) -> list[str]:
+    """The repository's file list: the hub's, or the cached snapshot's when offline."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    try:
+        if _local_only():
+            root = snapshot_download(
+                repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=["model_index.json"],
+                local_files_only=True,
+            )  # fmt: skip
+            return snapshot_files(root)
+        return list(HfApi().list_repo_files(repo_id, revision=revision))
+    except Exception as exc:  # noqa: BLE001 - every hub failure becomes one line
+        raise _explain(exc, repo_id, "the file list") from None
+
+
+def _snapshot_patterns(
+    repo_id: str,
+    patterns: list[str],
+    revision: str | None,
+    cache_dir: str | os.PathLike[str] | None,
+    subfolder: str | None,
+) -> Path:
     from huggingface_hub import snapshot_download
 
     what = f"folder {subfolder!r}" if subfolder else "a snapshot"
     try:
         root = Path(
             snapshot_download(
-                text,
+                repo_id,
                 revision=revision,
                 cache_dir=cache_dir,
-                allow_patterns=allow_patterns,
+                allow_patterns=patterns,
                 local_files_only=_local_only(),
             )
         )
     except Exception as exc:  # noqa: BLE001 - every hub failure becomes one line
-        raise _explain(exc, text, what) from None
+        raise _explain(exc, repo_id, what) from None
     out = root / subfolder if subfolder else root
     if not out.exists():
         raise HubError(
-            f"{text!r} has no {subfolder!r} folder (in {root}); pass a local copy instead, e.g. --model PATH"
+            f"{repo_id!r} has no {subfolder!r} folder (in {root}); "
+            "pass a local copy instead, e.g. --model PATH"
         )
     return out
 

@@ -10,7 +10,9 @@ Accepted inputs, in the order they are recognised:
 - a ``.safetensors`` file (diffusers names, or original SD names ``model.diffusion_model.*``
   which are mapped to diffusers names lazily) or a ``*.safetensors.index.json``;
 - ``.ckpt/.bin/.pt/.pth`` files, only through ``torch.load(weights_only=True)``: files
-  that need real unpickling are refused.
+  that need real unpickling are refused;
+- a hub id ``org/name`` that is not a local path: the denoiser folder of that hub
+  pipeline, fetched alone (cache first; see :func:`wadi_cli.io.hub.resolve_model`).
 """
 
 from __future__ import annotations
@@ -213,6 +215,10 @@ def open_checkpoint(
     EMA copy of such a file. Raises :class:`CheckpointError` with one line on bad input.
     """
     p = Path(path).expanduser()
+    if not p.exists() and _is_hub_model_id(str(path)):
+        from wadi_cli.io.hub import resolve_model
+
+        p = resolve_model(str(path), variant=variant)  # the denoiser folder of a hub pipeline
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or directory")
     if p.is_file():
@@ -242,6 +248,15 @@ def open_checkpoint(
     src.path = p
     src.description = f"{where}: {src.description}"
     return src
+
+
+def _is_hub_model_id(text: str) -> bool:
+    """``org/name`` that is not a local file name (no checkpoint suffix, one slash)."""
+    from wadi_cli.io.hub import looks_like_repo_id
+
+    lowered = text.lower()
+    suffixes = (".safetensors", ".json", *PICKLE_SUFFIXES)
+    return text.count("/") == 1 and looks_like_repo_id(text) and not lowered.endswith(suffixes)
 
 
 def load_state_dict(path: str | os.PathLike[str], **kwargs: Any) -> dict[str, torch.Tensor]:

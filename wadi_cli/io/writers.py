@@ -24,6 +24,9 @@ from wadi_cli import __version__
 from wadi_cli.errors import BadInputError
 
 MARKER = ".wadi"
+#: Metadata key under which every adapter, merged file and exported pipeline wadi writes
+#: records the ᾱ_T its student was trained with (sampling reads it back).
+ALPHA_BAR_T_METADATA = "alpha_bar_T"
 
 
 def provenance_metadata(

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from wadi_cli.errors import BadInputError, MismatchError
 from wadi_cli.io import open_checkpoint, provenance_metadata, save_safetensors
+from wadi_cli.io.writers import ALPHA_BAR_T_METADATA
 from wadi_cli.lorad.config import LoRaDConfig
 from wadi_cli.lorad.layer import lorad_theta, rotate_weight
 from wadi_cli.lorad.model import _preview, inject_lorad, load_adapter_state_dict, remove_lorad
@@ -238,6 +239,9 @@ def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
     return _DTYPES[key]
 
 
+MERGE_FORMATS: tuple[str, ...] = ("merged", "single-file")
+
+
 def merge_adapter_file(
     base: str | os.PathLike[str],
     adapter: str | os.PathLike[str],
@@ -246,14 +250,20 @@ def merge_adapter_file(
     dtype: str | torch.dtype | None = None,
     prefix: str | None = None,
     overwrite: bool = False,
+    fmt: str = "merged",
 ) -> dict[str, Any]:
     """Merge the adapter file ``adapter`` into the checkpoint ``base`` (anything
     :func:`wadi_cli.io.open_checkpoint` reads) and write one safetensors file ``out``
-    atomically, with provenance metadata. Nothing is written on error.
+    atomically, with provenance metadata (and the adapter's recorded ᾱ_T). Nothing is
+    written on error. ``fmt="single-file"`` writes the original Stable Diffusion layout
+    instead (U-Net + the VAE and text encoder of ``base``, which must then be a pipeline
+    folder or hub id of an sd15/sd21 adapter).
 
     Returns:
         A summary: ``out``, ``merged_layers``, ``tensors``, ``rank``, ``role``, ``dtype``.
     """
+    if fmt not in MERGE_FORMATS:
+        raise BadInputError(f"--format must be one of {', '.join(MERGE_FORMATS)}; got {fmt!r}")
     torch_dtype = parse_dtype(dtype)
     out_path = Path(out)
     if out_path.exists() and not overwrite:
@@ -261,13 +271,17 @@ def merge_adapter_file(
     if out_path.is_dir():
         raise BadInputError(f"{out_path} is a folder; --out must be a .safetensors file path")
     tensors, config = load_adapter(adapter)
+    with open_checkpoint(adapter) as src:
+        alpha = src.metadata().get(ALPHA_BAR_T_METADATA)
     base_path = Path(base)
     if base_path.exists() and out_path.exists() and out_path.resolve() == base_path.resolve():
         raise BadInputError("--out must differ from the base checkpoint it is read from")
-    with open_checkpoint(base) as src:
+    root = _single_file_base(base, config) if fmt == "single-file" else None
+    with open_checkpoint(root or base, "unet" if root else None) as src:
         merged = merge_adapter_into_state_dict(src, tensors, dtype=torch_dtype, prefix=prefix)
         recipe = {
             "operation": "merge_lorad",
+            "format": fmt,
             "base": str(base),
             "adapter": str(adapter),
             "dtype": str(torch_dtype).removeprefix("torch.") if torch_dtype else "unchanged",
@@ -275,15 +289,45 @@ def merge_adapter_file(
             "merged_layers": len(config.targets),
         }
         meta = provenance_metadata(config=recipe, sources=[str(base), str(adapter)])
-        save_safetensors(merged, out_path, meta)
+        if alpha:
+            meta[ALPHA_BAR_T_METADATA] = alpha
+        if root is None:
+            save_safetensors(merged, out_path, meta)
+            count = len(merged)
+        else:
+            from wadi_cli.io.sd_single_file_write import save_single_file
+
+            unet_config = json.loads((root / "unet" / "config.json").read_text(encoding="utf-8"))
+            count = save_single_file(out_path, merged, unet_config, root, str(config.backbone), meta)
     return {
         "out": str(out_path),
         "merged_layers": len(config.targets),
-        "tensors": len(merged),
+        "tensors": count,
         "rank": config.rank,
         "role": config.role,
         "dtype": recipe["dtype"],
+        "format": fmt,
     }
+
+
+def _single_file_base(base: str | os.PathLike[str], config: LoRaDConfig) -> Path:
+    """The pipeline folder a single-file merge reads its U-Net, VAE and text encoder from."""
+    from wadi_cli.io.hub import looks_like_repo_id, resolve_repo
+    from wadi_cli.io.hub_files import FetchPlan
+    from wadi_cli.io.sd_single_file_write import check_single_file_backbone
+
+    check_single_file_backbone(str(config.backbone))
+    path = Path(base).expanduser()
+    folders = ("unet", "vae", "text_encoder")
+    if path.exists():
+        if not all((path / f).is_dir() for f in folders):
+            raise BadInputError(
+                f"{path}: --format single-file needs a pipeline folder (with unet/, vae/, text_encoder/)"
+            )
+        return path
+    if looks_like_repo_id(str(base)):
+        return resolve_repo(str(base), FetchPlan(folders=folders, weights=folders))
+    raise BadInputError(f"{path}: no such file or directory")
 
 
 def apply_adapter(

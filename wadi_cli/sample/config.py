@@ -58,8 +58,9 @@ class SampleConfig:
         if self.seed < 0:
             raise BadInputError(f"--seed must be non-negative, got {self.seed}")
 
-    def resolved(self, backbone: object) -> SampleConfig:
-        """Copy with every ``None`` replaced by the backbone's default."""
+    def resolved(self, backbone: object, recorded_alpha_bar_T: float | None = None) -> SampleConfig:
+        """Copy with every ``None`` replaced by its default: ᾱ_T from the one-step weights'
+        metadata (``recorded_alpha_bar_T``), else the registry's constant."""
         name = str(getattr(backbone, "name", ""))
         steps, cfg = TEACHER_DEFAULTS.get(name, (25, 7.5))
         cfg = float(getattr(backbone, "teacher_cfg", None) or cfg)
@@ -67,8 +68,10 @@ class SampleConfig:
             teacher=self.teacher,
             steps=self.steps if self.steps is not None else steps,
             cfg=self.cfg if self.cfg is not None else cfg,
-            alpha_bar_T=(
-                self.alpha_bar_T if self.alpha_bar_T is not None else float(backbone.alpha_bar_T)  # type: ignore[attr-defined]
+            alpha_bar_T=resolve_alpha_bar_T(
+                self.alpha_bar_T,
+                recorded_alpha_bar_T,
+                float(backbone.alpha_bar_T),  # type: ignore[attr-defined]
             ),
             seed=self.seed,
             batch_size=self.batch_size,
@@ -76,6 +79,25 @@ class SampleConfig:
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+def resolve_alpha_bar_T(requested: float | None, recorded: float | None, registry: float) -> float:
+    """The one-step ᾱ_T: ``--alpha-bar-t`` when given, else the value the weights record
+    (what their student was trained with), else the registry's constant."""
+    if requested is not None:
+        return float(requested)
+    return float(recorded) if recorded is not None else float(registry)
+
+
+def alpha_bar_T_warning(requested: float | None, recorded: float | None) -> str | None:
+    """The warning for an ``--alpha-bar-t`` that differs from the value the weights
+    record (``None`` when they agree or either is unknown)."""
+    if requested is None or recorded is None or abs(float(requested) - float(recorded)) <= 1e-12:
+        return None
+    return (
+        f"--alpha-bar-t {requested:g} differs from the alpha_bar_T = {recorded:g} recorded in the weights "
+        f"(what their student was trained with); sampling with {requested:g}"
+    )
 
 
 def resolve_device(device: str | None) -> torch.device:

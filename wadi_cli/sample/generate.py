@@ -41,9 +41,23 @@ def one_step_latents(
     return one_step_x0(z, pred, alpha_bar_T, sampler.denoiser.prediction_type)
 
 
+#: DDIM settings of every teacher, whatever scheduler the pipeline ships: no clipping of
+#: the predicted x0 (latents are not bounded to [-1, 1]), the final step lands on
+#: ᾱ_0 of the schedule (not 1), trailing timesteps. SD's configs set the first two
+#: already; PixArt's DPM-Solver config has neither key, and DDIM's own defaults
+#: (clip_sample=True, set_alpha_to_one=True) would clip every x0 estimate.
+TEACHER_DDIM: dict[str, object] = {
+    "prediction_type": "epsilon",
+    "timestep_spacing": "trailing",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+}
+
+
 def teacher_scheduler(sampler: Sampler) -> object:
-    """A DDIM scheduler (η = 0, deterministic) on the pipeline's training schedule; it is
-    fed ε (the denoiser wrapper converts v-predictions), hence ``prediction_type=epsilon``.
+    """A DDIM scheduler (η = 0, deterministic) on the pipeline's training schedule, with
+    :data:`TEACHER_DDIM`; it is fed ε (the denoiser wrapper converts v-predictions),
+    hence ``prediction_type=epsilon``.
 
     Timesteps use *trailing* spacing (Lin et al. 2024, "Common Diffusion Noise Schedules
     and Sample Steps are Flawed"): N steps start at t = 999, so 1 step is [999] and 4 are
@@ -52,9 +66,7 @@ def teacher_scheduler(sampler: Sampler) -> object:
     meaningless."""
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler.from_config(
-        sampler.scheduler.config, prediction_type="epsilon", timestep_spacing="trailing"
-    )
+    return DDIMScheduler.from_config(sampler.scheduler.config, **TEACHER_DDIM)
 
 
 @torch.no_grad()
@@ -116,7 +128,7 @@ def generate(
     """Generate ``num_images_per_prompt`` images for each prompt (prompt-major order);
     image ``i`` uses seed ``config.seed + i``. ``progress(done, total)`` is called after
     every batch."""
-    cfg = config.resolved(sampler.backbone)
+    cfg = config.resolved(sampler.backbone, getattr(sampler, "weights_alpha_bar_T", None))
     jobs = [(p, cfg.seed + i) for i, p in enumerate(p for p in prompts for _ in range(num_images_per_prompt))]
     images: list[np.ndarray] = []
     timings: list[float] = []

@@ -17,7 +17,6 @@ copy instead.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from torch import nn
 
 from wadi_cli.diffusion import Denoiser, PromptEncoder, alphas_cumprod_of, wrap_denoiser
 from wadi_cli.errors import BadInputError, CheckpointError, HubError, MismatchError
+from wadi_cli.sample.pipeline import PipelineSource
 
 WeightsKind = Literal["merged", "adapter", "folder"]
 ADAPTER_SUFFIXES: tuple[str, ...] = (".lorad_A", ".lorad_B")
@@ -49,12 +49,22 @@ class Sampler:
     weights: str | None = None
     weights_kind: str | None = None
     notes: list[str] = field(default_factory=list)
+    latent_size: int | None = None  # from the denoiser's config (None: the registry's)
+    vae_scale: int = 8
+    weights_alpha_bar_T: float | None = None  # ᾱ_T recorded in the one-step weights' metadata
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of the latents, from the backbone registry."""
-        size = int(self.backbone.latent_size)
+        """(C, H, W) of the latents: the side from the denoiser's own config (SD2.1 768:
+        96), the registry's value when the config has none."""
+        size = int(self.latent_size or self.backbone.latent_size)
         return (int(self.backbone.latent_channels), size, size)
+
+    @property
+    def resolution(self) -> int:
+        """Image side in pixels."""
+        return self.latent_shape[-1] * int(self.vae_scale)
 
 
 def get_backbone_spec(backbone: str | Any) -> Any:
@@ -75,70 +85,39 @@ class _MissingDownload(Exception):
         self.hint = hint
 
 
-def resolve_pipeline_source(backbone: Any, model: str | os.PathLike[str] | None = None) -> Path:
-    """Folder of the base pipeline: ``model`` (a local folder or a hub id) if given; the
-    shipped tiny pipeline for ``tiny``; else the backbone's hub id (cache or download).
-    Hub failures raise :class:`HubError` naming the repo and the ``--model`` flag."""
+def resolve_pipeline_source(
+    backbone: Any,
+    model: str | os.PathLike[str] | None = None,
+    components: str | os.PathLike[str] | None = None,
+    **kwargs: Any,
+) -> PipelineSource:
+    """Folders of the base pipeline (see :func:`wadi_cli.sample.pipeline.resolve_pipeline_source`;
+    ``kwargs`` go there). Hub failures raise :class:`HubError` naming the repo and the
+    flag that takes a local copy."""
     try:
-        return _pipeline_source(backbone, model)
+        return _pipeline_source(backbone, model, components, **kwargs)
     except _MissingDownload as exc:
         raise HubError(f"cannot fetch {exc.hint}") from None
 
 
-def _pipeline_source(backbone: Any, model: str | os.PathLike[str] | None) -> Path:
-    from wadi_cli.io import resolve_model
+def _pipeline_source(
+    backbone: Any,
+    model: str | os.PathLike[str] | None,
+    components: str | os.PathLike[str] | None,
+    **kwargs: Any,
+) -> PipelineSource:
+    from wadi_cli.sample.pipeline import resolve_pipeline_source as resolve
 
-    if model is None and backbone.name == "tiny":
-        from wadi_cli.tiny import TINY_PIPELINE_DIR, tiny_pipeline_available
-
-        if not tiny_pipeline_available():
-            raise CheckpointError(
-                f"the shipped tiny pipeline is missing or incomplete at {TINY_PIPELINE_DIR}; "
-                "pass a tiny pipeline folder with --model DIR"
-            )
-        return Path(TINY_PIPELINE_DIR)
-    repo = str(model if model is not None else backbone.hub_id)
     try:
-        path = Path(resolve_model(repo))
-    except HubError:
+        return resolve(backbone, model, components, **kwargs)
+    except HubError as exc:
+        repo = str(model if model is not None else backbone.hub_id)
+        comp = components or backbone.components_repo
+        flags = "--model DIR" + (f" (and --components DIR for {comp})" if comp and comp != repo else "")
         raise _MissingDownload(
             f"the base pipeline {repo} (download it, e.g. `hf download {repo}`, and pass the folder "
-            "with --model DIR)"
+            f"with {flags}): {exc}"
         ) from None
-    if not (path / "model_index.json").is_file():
-        raise CheckpointError(f"--model {path}: not a diffusers pipeline folder (no model_index.json)")
-    return path
-
-
-def _load_pipeline(backbone: Any, path: Path, dtype: torch.dtype) -> Any:
-    from diffusers import PixArtAlphaPipeline, StableDiffusionPipeline
-
-    kwargs: dict[str, Any] = {"torch_dtype": dtype, "local_files_only": True}
-    if backbone.family == "dit":
-        cls = PixArtAlphaPipeline
-    else:
-        cls = StableDiffusionPipeline
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
-    from diffusers.utils import logging as dlogging
-    from transformers.utils import logging as tlogging
-
-    bars = dlogging.is_progress_bar_enabled(), tlogging.is_progress_bar_enabled()
-    dlogging.disable_progress_bar()
-    tlogging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return cls.from_pretrained(str(path), **kwargs)
-    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"{path}: cannot load it as a {cls.__name__} for {backbone.name} ({msg})"
-        ) from None
-    finally:
-        if bars[0]:
-            dlogging.enable_progress_bar()
-        if bars[1]:
-            tlogging.enable_progress_bar()
 
 
 # ---- weights -------------------------------------------------------------------------
@@ -258,25 +237,59 @@ def resolve_sources(
     model: str | os.PathLike[str] | None,
     weights: str | os.PathLike[str] | None,
     teacher: bool,
-) -> tuple[Path, Path | None]:
-    """(pipeline folder, weights path or None) for a run. Every hub failure is reported
-    in ONE :class:`HubError` that lists each missing download and the flag that takes it."""
+    components: str | os.PathLike[str] | None = None,
+    variant: str | None = None,
+) -> tuple[PipelineSource, Path | None]:
+    """(pipeline folders, weights path or None) for a run. Every hub failure is reported
+    in ONE :class:`HubError` that lists each missing download and the flag that takes it.
+
+    Merged one-step weights (and exported pipeline folders) replace the base denoiser
+    entirely, so its weights are not fetched then: only its config."""
     hints: list[str] = []
-    source: Path | None = None
-    try:
-        source = _pipeline_source(backbone, model)
-    except _MissingDownload as exc:
-        hints.append(exc.hint)
     wpath = None if weights is None else Path(weights).expanduser()
     if wpath is None and not teacher:
         try:
             wpath = _default_weights(backbone)
         except _MissingDownload as exc:
             hints.append(exc.hint)
+    replaces_base = wpath is not None and wpath.exists() and detect_weights_kind(wpath) != "adapter"
+    source: PipelineSource | None = None
+    try:
+        source = _pipeline_source(
+            backbone, model, components, variant=variant, denoiser_weights=not replaces_base
+        )
+    except _MissingDownload as exc:
+        hints.insert(0, exc.hint)
     if hints:
         raise HubError("offline or not on the hub; cannot fetch " + " and ".join(hints))
     assert source is not None
     return source, wpath
+
+
+def weights_alpha_bar_T(path: str | os.PathLike[str] | None, backbone: Any = None) -> float | None:
+    """ᾱ_T recorded in one-step weights (``alpha_bar_T`` metadata of an adapter, merged
+    file or the denoiser file of an exported pipeline folder), or ``None``."""
+    from wadi_cli.io import open_checkpoint
+    from wadi_cli.io.writers import ALPHA_BAR_T_METADATA
+
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    if not p.exists():
+        return None
+    component = None
+    if p.is_dir() and (p / "model_index.json").is_file() and backbone is not None:
+        component = backbone.denoiser_subfolder
+    try:
+        with open_checkpoint(p, component) if component else open_checkpoint(p) as src:
+            meta = dict(src.metadata())
+    except (CheckpointError, OSError, AttributeError):
+        return None
+    value = meta.get(ALPHA_BAR_T_METADATA)
+    try:
+        return float(value) if value not in (None, "") else None
+    except ValueError:
+        return None
 
 
 # ---- the sampler -----------------------------------------------------------------------
@@ -290,25 +303,32 @@ def load_sampler(
     dtype: torch.dtype = torch.float32,
     channels_last: bool | None = None,
     compile: bool = False,
+    components: str | os.PathLike[str] | None = None,
 ) -> Sampler:
-    """Load the base pipeline of ``backbone`` (``model`` overrides its source), put the
-    one-step ``weights`` into its denoiser (for the student: default = the authors'
-    release, when there is one), and move everything to ``device``/``dtype``.
+    """Load the base pipeline of ``backbone`` (``model`` overrides its source,
+    ``components`` where its VAE / text encoder / tokenizer / scheduler come from), put
+    the one-step ``weights`` into its denoiser (for the student: default = the authors'
+    release, when there is one), and move everything to ``device``/``dtype``. Hub
+    downloads take the fp16 weight files when ``dtype`` is fp16.
 
     ``channels_last`` (default: on CUDA) and ``compile`` (``torch.compile`` of the
     denoiser) are speed options for accelerators; neither changes the maths.
     """
+    from wadi_cli.sample.pipeline import latent_size, load_base_pipeline, vae_scale_factor, weights_variant
+
     spec = get_backbone_spec(backbone)
     dev = torch.device(device)
     notes: list[str] = []
     if teacher and weights is not None:
         raise BadInputError("--teacher samples the base model: drop --weights (or drop --teacher)")
-    source, weights = resolve_sources(spec, model, weights, teacher)
+    source, weights = resolve_sources(spec, model, weights, teacher, components, weights_variant(dtype))
     if not teacher and weights is None:
         notes.append(f"no --weights: one-step sampling from the base {spec.name} model itself")
-    pipe = _load_pipeline(spec, source, dtype)
-    net = pipe.transformer if spec.family == "dit" else pipe.unet
-    kind = apply_weights(net, weights, spec) if weights is not None else None
+    kind = detect_weights_kind(weights) if weights is not None else None
+    pipe = load_base_pipeline(spec, source, dtype, denoiser_weights=kind in (None, "adapter"))
+    net = pipe.denoiser
+    if weights is not None:
+        apply_weights(net, weights, spec)
     if channels_last is None:
         channels_last = dev.type == "cuda"
     for m in (net, pipe.vae, pipe.text_encoder):
@@ -329,8 +349,11 @@ def load_sampler(
         scheduler=pipe.scheduler,
         device=dev,
         dtype=dtype,
-        model_source=str(source),
+        model_source=source.describe(),
         weights=None if weights is None else str(weights),
         weights_kind=kind,
         notes=notes,
+        latent_size=latent_size(net, spec.latent_size),
+        vae_scale=vae_scale_factor(pipe.vae),
+        weights_alpha_bar_T=weights_alpha_bar_T(weights, spec),
     )

@@ -8,7 +8,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from wadi_cli.sample.config import SampleConfig, read_prompts, resolve_device, resolve_dtype
+from wadi_cli.sample.config import (
+    SampleConfig,
+    alpha_bar_T_warning,
+    read_prompts,
+    resolve_device,
+    resolve_dtype,
+)
 from wadi_cli.sample.generate import generate
 from wadi_cli.sample.loading import get_backbone_spec, load_sampler
 from wadi_cli.sample.output import check_output_dir, save_samples
@@ -21,6 +27,7 @@ def sample_to_folder(
     prompts_file: str | os.PathLike[str] | None = None,
     backbone: str = "sd21",
     model: str | os.PathLike[str] | None = None,
+    components: str | os.PathLike[str] | None = None,
     weights: str | os.PathLike[str] | None = None,
     config: SampleConfig | None = None,
     num_images: int = 1,
@@ -57,7 +64,12 @@ def sample_to_folder(
         device=dev,
         dtype=torch_dtype,
         compile=compile,
+        components=components,
     )
+    if not config.teacher:
+        warning = alpha_bar_T_warning(config.alpha_bar_T, sampler.weights_alpha_bar_T)
+        if warning:
+            sampler.warnings.append(warning)
     if on_loaded is not None:
         on_loaded(sampler)
     gen = generate(sampler, all_prompts, config, num_images, progress=progress)
@@ -74,10 +86,14 @@ def sample_to_folder(
         "steps": resolved.steps if resolved.teacher else 1,
         "cfg": resolved.cfg if resolved.teacher else None,
         "alpha_bar_T": None if resolved.teacher else resolved.alpha_bar_T,
+        "alpha_bar_T_recorded": sampler.weights_alpha_bar_T,
+        "resolution": sampler.resolution,
+        "prediction_type": sampler.denoiser.prediction_type,
         "seed": resolved.seed,
         "batch_size": resolved.batch_size,
         "seconds": round(gen.seconds, 3),
         "notes": sampler.notes,
+        "warnings": sampler.warnings,
     }
     save_samples(out_path, gen.images, gen.prompts, gen.seeds, summary, grid_cols)
     summary["out"] = str(out_path)

@@ -1,0 +1,336 @@
+"""The base pipeline of a backbone, assembled from where each part really lives.
+
+A pipeline is a denoiser (U-Net or transformer) plus a VAE, a text encoder, a tokenizer
+and a scheduler. They usually live in one hub repository, but not always: PixArt-α
+256's repository holds only ``transformer/``, and its VAE, T5 encoder, tokenizer and
+scheduler come from the PixArt-α 512 pipeline repository (the backbone registry's
+``components_repo``; ``--components`` overrides it). :func:`resolve_pipeline_source`
+finds both folders (local paths, or hub snapshots holding only the files the command
+needs, in the precision asked for); :func:`load_base_pipeline` loads each part with its
+own diffusers/transformers class, never the safety checker or feature extractor.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from wadi_cli.backbones.registry import PIPELINE_COMPONENTS, WEIGHTED_COMPONENTS
+from wadi_cli.errors import BadInputError, CheckpointError
+from wadi_cli.io.hub import looks_like_repo_id, repo_files, resolve_repo, snapshot_files
+from wadi_cli.io.hub_files import FetchPlan, MissingFiles, folder_weights, select_files
+
+_TEXT_ENCODERS = {"clip": ("CLIPTextModel", "CLIPTokenizer"), "t5": ("T5EncoderModel", "T5Tokenizer")}
+
+
+def weights_variant(dtype: torch.dtype) -> str | None:
+    """The hub weights variant to prefer for ``dtype``: ``fp16`` for float16 (half the
+    download, same values), else the plain fp32 files (bf16 is cast from fp32: the fp16
+    copies are rounded to a different grid and clipped to fp16's range)."""
+    return "fp16" if dtype == torch.float16 else None
+
+
+@dataclass(frozen=True)
+class PipelineSource:
+    """Local folders of a base pipeline: ``denoiser_root`` holds ``<subfolder>/`` of the
+    denoiser, ``components_root`` holds vae/, text_encoder/, tokenizer/, scheduler/
+    (``None`` when the command needs only the denoiser). ``*_ref`` are what was asked for
+    (hub ids or paths), for messages and provenance."""
+
+    denoiser_root: Path
+    denoiser_ref: str
+    subfolder: str
+    components_root: Path | None = None
+    components_ref: str | None = None
+    variant: str | None = None
+
+    def describe(self) -> str:
+        """One line: where the denoiser and the other components come from."""
+        if self.components_ref is None or self.components_ref == self.denoiser_ref:
+            return self.denoiser_ref
+        parts = "vae, text encoder, tokenizer, scheduler"
+        return f"{self.denoiser_ref} ({self.subfolder}) + {self.components_ref} ({parts})"
+
+
+def _plan(folders: tuple[str, ...], weights: tuple[str, ...], variant: str | None) -> FetchPlan:
+    return FetchPlan(folders=folders, weights=weights, variant=variant)
+
+
+def _open_root(ref: str, plan: FetchPlan, flag: str) -> Path:
+    """A local folder or a hub snapshot holding what ``plan`` needs; ``flag`` names the
+    option that takes a local copy, for the error message."""
+    local = Path(ref).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise CheckpointError(f"{flag} {local}: expected a diffusers pipeline folder, not a file")
+        try:
+            select_files(snapshot_files(local), plan)
+        except MissingFiles as exc:
+            raise CheckpointError(f"{flag} {local}: {exc.folder}/: {exc.detail}") from None
+        return local
+    if not looks_like_repo_id(ref):
+        raise CheckpointError(f"{flag} {local}: no such file or directory")
+    return resolve_repo(ref, plan)
+
+
+def _holds_components(ref: str) -> bool:
+    """Whether ``ref`` (a local folder or hub id) is a complete pipeline (not only a denoiser)."""
+    local = Path(ref).expanduser()
+    if local.exists():
+        return all((local / c).is_dir() for c in PIPELINE_COMPONENTS)
+
+    folders = {f.split("/", 1)[0] for f in repo_files(ref, None, None) if "/" in f}
+    return all(c in folders for c in PIPELINE_COMPONENTS)
+
+
+def resolve_pipeline_source(
+    backbone: Any,
+    model: str | os.PathLike[str] | None = None,
+    components: str | os.PathLike[str] | None = None,
+    *,
+    variant: str | None = None,
+    denoiser_weights: bool = True,
+    with_components: bool = True,
+) -> PipelineSource:
+    """Find (and fetch, for hub ids) the folders of ``backbone``'s base pipeline.
+
+    ``model`` (``--model``) replaces the registry's denoiser source: a complete pipeline
+    (folder or hub id) then also provides the other components, a denoiser-only one
+    (like PixArt-α 256) takes them from ``components`` (``--components``) or the
+    registry's ``components_repo``. ``denoiser_weights=False`` fetches only the
+    denoiser's config (its weights are replaced, e.g. by merged one-step weights);
+    ``with_components=False`` skips the other components (``export --format merged``).
+    Only the files needed are fetched, ``variant`` (``fp16``) preferred.
+    """
+    sub = backbone.denoiser_subfolder
+    if model is None and backbone.name == "tiny":
+        from wadi_cli.tiny import TINY_PIPELINE_DIR, tiny_pipeline_available
+
+        if not tiny_pipeline_available():
+            raise CheckpointError(
+                f"the shipped tiny pipeline is missing or incomplete at {TINY_PIPELINE_DIR}; "
+                "pass a tiny pipeline folder with --model DIR"
+            )
+        model = str(TINY_PIPELINE_DIR)
+    den_ref = str(model) if model is not None else backbone.hub_id
+    comp_ref: str | None = None
+    if with_components:
+        if components is not None:
+            comp_ref = str(components)
+        elif model is None:
+            comp_ref = backbone.components_repo or backbone.hub_id
+        elif backbone.components_repo is None or _holds_components(den_ref):
+            comp_ref = den_ref
+        else:
+            comp_ref = backbone.components_repo
+    den_weights = (sub,) if denoiser_weights else ()
+    if comp_ref == den_ref:  # one repository: one plan, one snapshot
+        plan = _plan((sub, *PIPELINE_COMPONENTS), den_weights + WEIGHTED_COMPONENTS, variant)
+        root = _open_root(den_ref, plan, "--model")
+        return PipelineSource(root, den_ref, sub, root, den_ref, variant)
+    den_root = _open_root(den_ref, _plan((sub,), den_weights, variant), "--model")
+    comp_root = None
+    if comp_ref is not None:
+        comp_plan = _plan(PIPELINE_COMPONENTS, WEIGHTED_COMPONENTS, variant)
+        comp_root = _open_root(comp_ref, comp_plan, "--components")
+    return PipelineSource(den_root, den_ref, sub, comp_root, comp_ref, variant)
+
+
+# ---- loading ------------------------------------------------------------------------------
+@dataclass
+class BasePipeline:
+    """The loaded parts of a base pipeline (all in eval mode, gradients off)."""
+
+    denoiser: nn.Module
+    vae: nn.Module
+    text_encoder: nn.Module
+    tokenizer: Any
+    scheduler: Any
+    source: PipelineSource
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """No progress bars or warnings from diffusers/transformers while loading."""
+    from diffusers.utils import logging as dlogging
+    from transformers.utils import logging as tlogging
+
+    bars = dlogging.is_progress_bar_enabled(), tlogging.is_progress_bar_enabled()
+    dlogging.disable_progress_bar()
+    tlogging.disable_progress_bar()
+    levels = dlogging.get_verbosity(), tlogging.get_verbosity()
+    dlogging.set_verbosity_error()
+    tlogging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        dlogging.set_verbosity(levels[0])
+        tlogging.set_verbosity(levels[1])
+        if bars[0]:
+            dlogging.enable_progress_bar()
+        if bars[1]:
+            tlogging.enable_progress_bar()
+
+
+def _variant_kwargs(folder: Path, variant: str | None) -> dict[str, Any]:
+    """``variant=`` for ``from_pretrained``: the variant of the weights actually present."""
+    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    _, found = folder_weights(names, variant)
+    return {"variant": found} if found else {}
+
+
+def _index_classes(root: Path) -> dict[str, str]:
+    """``{component: class name}`` from ``model_index.json`` (empty when absent)."""
+    index = root / "model_index.json"
+    if not index.is_file():
+        return {}
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {k: v[1] for k, v in data.items() if isinstance(v, list) and len(v) == 2 and v[1]}
+
+
+def require_tokenizer_packages(folder: Path) -> None:
+    """A T5 tokenizer shipped as ``spiece.model`` (no ``tokenizer.json``) is converted with
+    the sentencepiece and protobuf packages; without them transformers fails with an
+    unrelated message, so say which package is missing."""
+    if (folder / "tokenizer.json").is_file() or not (folder / "spiece.model").is_file():
+        return
+    missing = [
+        pkg for pkg, mod in (("sentencepiece", "sentencepiece"), ("protobuf", "google.protobuf"))
+        if _module_missing(mod)
+    ]  # fmt: skip
+    if missing:
+        raise BadInputError(
+            f"the T5 tokenizer in {folder} needs the {' and '.join(missing)} package"
+            f"{'s' if len(missing) > 1 else ''}: pip install {' '.join(missing)}"
+        )
+
+
+def _module_missing(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is None
+    except (ImportError, ValueError):
+        return True
+
+
+def _load(what: str, root: Path, fn: Any) -> Any:
+    try:
+        with _quiet():
+            return fn()
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError, AttributeError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{root}: cannot load its {what} ({msg[:300]})") from None
+
+
+def load_denoiser(
+    backbone: Any, source: PipelineSource, dtype: torch.dtype, weights: bool = True
+) -> nn.Module:
+    """The denoiser of ``source``: its weights, or (``weights=False``) built from its
+    config only, for weights that replace them all (merged one-step weights)."""
+    import diffusers
+
+    cls = getattr(diffusers, backbone.denoiser_class)
+    root, sub = source.denoiser_root, source.subfolder
+    if weights:
+        kwargs = _variant_kwargs(root / sub, source.variant)
+        net = _load(
+            f"{sub}/",
+            root,
+            lambda: cls.from_pretrained(
+                str(root), subfolder=sub, torch_dtype=dtype, local_files_only=True, **kwargs
+            ),
+        )
+    else:
+        net = _load(
+            f"{sub}/ config", root, lambda: cls.from_config(cls.load_config(str(root / sub))).to(dtype)
+        )
+    return net.eval().requires_grad_(False)
+
+
+def load_base_pipeline(
+    backbone: Any, source: PipelineSource, dtype: torch.dtype, *, denoiser_weights: bool = True
+) -> BasePipeline:
+    """Load every part of the base pipeline in ``dtype`` (the scheduler has no dtype)."""
+    import diffusers
+    import transformers
+
+    if source.components_root is None:
+        raise BadInputError("this command needs the whole base pipeline, not only its denoiser")
+    root = source.components_root
+    classes = _index_classes(root)
+    enc_name, tok_name = _TEXT_ENCODERS[backbone.text_encoder]
+    enc_cls = getattr(transformers, classes.get("text_encoder", enc_name), None) or getattr(
+        transformers, enc_name
+    )
+    tok_cls = getattr(transformers, classes.get("tokenizer", tok_name), None) or getattr(
+        transformers, tok_name
+    )
+    vae = _load(
+        "vae/",
+        root,
+        lambda: diffusers.AutoencoderKL.from_pretrained(
+            str(root), subfolder="vae", torch_dtype=dtype, local_files_only=True,
+            **_variant_kwargs(root / "vae", source.variant),
+        ),
+    )  # fmt: skip
+    text_encoder = _load(
+        "text_encoder/",
+        root,
+        lambda: enc_cls.from_pretrained(
+            str(root), subfolder="text_encoder", torch_dtype=dtype, local_files_only=True,
+            **_variant_kwargs(root / "text_encoder", source.variant),
+        ),
+    )  # fmt: skip
+    require_tokenizer_packages(root / "tokenizer")
+    tokenizer = _load(
+        "tokenizer/",
+        root,
+        lambda: tok_cls.from_pretrained(str(root), subfolder="tokenizer", local_files_only=True),
+    )
+    scheduler = _load("scheduler/", root, lambda: _scheduler(root))
+    denoiser = load_denoiser(backbone, source, dtype, denoiser_weights)
+    for m in (vae, text_encoder):
+        m.eval().requires_grad_(False)
+    return BasePipeline(denoiser, vae, text_encoder, tokenizer, scheduler, source)
+
+
+def _scheduler(root: Path) -> Any:
+    """The pipeline's scheduler, by the class its config names (any diffusers scheduler
+    with a discrete training schedule works: only ``alphas_cumprod`` and the config are
+    used)."""
+    import diffusers
+
+    config = diffusers.DDPMScheduler.load_config(str(root), subfolder="scheduler")
+    cls = getattr(diffusers, str(config.get("_class_name", "")), None)
+    if cls is None or not hasattr(cls, "from_config"):
+        cls = diffusers.DDPMScheduler
+    return cls.from_config(config)
+
+
+def latent_size(denoiser: nn.Module, default: int) -> int:
+    """The latent side the denoiser was trained at: its config's ``sample_size`` (SD2.1:
+    96 → 768 px; SD2.1-base and SD1.5: 64 → 512 px; PixArt-α 256: 32), else ``default``."""
+    size = getattr(getattr(denoiser, "config", None), "sample_size", None)
+    if isinstance(size, list | tuple):
+        size = size[0]
+    return int(size) if isinstance(size, int) and size > 0 else int(default)
+
+
+def vae_scale_factor(vae: nn.Module) -> int:
+    """Pixels per latent: 2^(number of VAE blocks − 1) (8 for SD and PixArt)."""
+    blocks = getattr(getattr(vae, "config", None), "block_out_channels", None)
+    return 2 ** (len(blocks) - 1) if blocks else 8
