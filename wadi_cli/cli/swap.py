@@ -265,6 +265,7 @@ def _sample(
     student_label: str,
 ) -> dict[str, Any]:
     from wadi_cli.io import open_checkpoint
+    from wadi_cli.io.resolve import recorded_alpha_bar_T
     from wadi_cli.sample import resolve_device, resolve_dtype
     from wadi_cli.swap import open_student, render_swap_grids
 
@@ -296,6 +297,7 @@ def _sample(
                 dtype=dtype,
                 metadata={"teacher": str(teacher), "student": student_label},
                 progress=progress,
+                alpha_bar_T=recorded_alpha_bar_T(student),
             )
         finally:
             close = getattr(s_src, "close", None)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -28,7 +28,7 @@ from typing import Any
 WEIGHT_STEMS: tuple[str, ...] = ("diffusion_pytorch_model", "model")
 #: Files of a component folder that describe it (configs, tokenizer vocabularies).
 CONFIG_SUFFIXES: tuple[str, ...] = (".json", ".txt", ".model")
-#: Folders of a diffusers pipeline that wadi never loads.
+#: Folders of a diffusers pipeline that wadi never loads (nor fetches, nor exports).
 UNUSED_COMPONENTS: tuple[str, ...] = ("safety_checker", "feature_extractor", "image_encoder")
 
 
@@ -126,18 +126,6 @@ def select_files(files: Iterable[str], plan: FetchPlan) -> list[str]:
                 raise MissingFiles(folder, f"no safetensors weights ({have})")
             out += [f"{folder}/{n}" for n in chosen]
     return sorted(set(out))
-
-
-def pipeline_folders(model_index: Mapping[str, Any]) -> list[str]:
-    """Component folders a ``model_index.json`` declares, minus those wadi never loads
-    (safety checker, feature extractor, image encoder) and ``null`` entries."""
-    out = []
-    for key, value in model_index.items():
-        if key.startswith("_") or key in UNUSED_COMPONENTS:
-            continue
-        if isinstance(value, list | tuple) and len(value) == 2 and value[0] and value[1]:
-            out.append(key)
-    return out
 
 
 @lru_cache(maxsize=1)

@@ -235,6 +235,11 @@ def open_checkpoint(
         if not (p / component).is_dir():
             raise CheckpointError(f"{p}: has no {component!r} subfolder")
         folder = p / component
+    elif not any(p.glob("*.safetensors*")) and any((p / d).is_dir() for d in DENOISERS):
+        # a denoiser-only repository (PixArt-α 256: transformer/ and no model_index.json)
+        component = _pick_component(p, None)
+        folder = p / component
+        where = f"diffusers pipeline folder ({component}"
     weights = _find_weights(folder, variant)
     src, shards = _open_file(weights, ldm_config, ema)
     parts = [f"sharded: {shards} files" if shards > 1 else None]
@@ -257,6 +262,25 @@ def _is_hub_model_id(text: str) -> bool:
     lowered = text.lower()
     suffixes = (".safetensors", ".json", *PICKLE_SUFFIXES)
     return text.count("/") == 1 and looks_like_repo_id(text) and not lowered.endswith(suffixes)
+
+
+def recorded_alpha_bar_T(path: str | os.PathLike[str], component: str | None = None) -> float | None:
+    """ᾱ_T recorded in the metadata of weights wadi wrote (an adapter, a merged or swapped
+    file, the denoiser of an exported pipeline folder), or ``None`` when there is none."""
+    from wadi_cli.io.writers import ALPHA_BAR_T_METADATA
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        return None
+    try:
+        with open_checkpoint(p, component) as src:
+            value = dict(src.metadata()).get(ALPHA_BAR_T_METADATA)
+    except (CheckpointError, OSError, AttributeError):
+        return None
+    try:
+        return float(value) if value not in (None, "") else None
+    except ValueError:
+        return None
 
 
 def load_state_dict(path: str | os.PathLike[str], **kwargs: Any) -> dict[str, torch.Tensor]:

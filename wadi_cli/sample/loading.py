@@ -269,27 +269,15 @@ def resolve_sources(
 def weights_alpha_bar_T(path: str | os.PathLike[str] | None, backbone: Any = None) -> float | None:
     """ᾱ_T recorded in one-step weights (``alpha_bar_T`` metadata of an adapter, merged
     file or the denoiser file of an exported pipeline folder), or ``None``."""
-    from wadi_cli.io import open_checkpoint
-    from wadi_cli.io.writers import ALPHA_BAR_T_METADATA
+    from wadi_cli.io.resolve import recorded_alpha_bar_T
 
     if path is None:
         return None
     p = Path(path).expanduser()
-    if not p.exists():
-        return None
     component = None
     if p.is_dir() and (p / "model_index.json").is_file() and backbone is not None:
         component = backbone.denoiser_subfolder
-    try:
-        with open_checkpoint(p, component) if component else open_checkpoint(p) as src:
-            meta = dict(src.metadata())
-    except (CheckpointError, OSError, AttributeError):
-        return None
-    value = meta.get(ALPHA_BAR_T_METADATA)
-    try:
-        return float(value) if value not in (None, "") else None
-    except ValueError:
-        return None
+    return recorded_alpha_bar_T(p, component)
 
 
 # ---- the sampler -----------------------------------------------------------------------

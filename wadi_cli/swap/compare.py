@@ -242,6 +242,7 @@ def render_swap_grids(
     batch_size: int = 8,
     metadata: Mapping[str, Any] | None = None,
     progress: Progress | None = None,
+    alpha_bar_T: float | None = None,
 ) -> dict[str, Any]:
     """Render one labelled grid per prompt (columns: teacher multi-step | student one-step |
     student + teacher norms | student + teacher directions; rows: seeds ``seed``, …,
@@ -266,6 +267,7 @@ def render_swap_grids(
     plan_swap(teacher_state, student_state, filter)
     check_writable(out_dir, directory=True)
     sampler = load_sampler(spec_name, model=model, teacher=True, device=device, dtype=dtype)
+    sampler.weights_alpha_bar_T = alpha_bar_T  # the student variants sample with the student's ᾱ_T
     classifier = _tiny_tools(sampler, model, device)[1] if evaluate else None
     images: dict[str, np.ndarray] = {}
     metrics: dict[str, dict[str, Any]] = {}

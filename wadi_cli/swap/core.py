@@ -408,6 +408,8 @@ def write_swap(
     is a temporary export (e.g. of a `wadi distill` run).
     """
     from wadi_cli.io import open_checkpoint, provenance_metadata, save_safetensors
+    from wadi_cli.io.resolve import recorded_alpha_bar_T
+    from wadi_cli.io.writers import ALPHA_BAR_T_METADATA
 
     keep, alpha = check_keep(keep), check_alpha(alpha)
     compile_filter(filter)
@@ -432,6 +434,9 @@ def write_swap(
             meta = provenance_metadata(
                 config=recipe, sources=[str(teacher_path), student_label or str(student_path)]
             )
+            alpha_bar_T = recorded_alpha_bar_T(student_path)
+            if alpha_bar_T is not None:  # the hybrid samples with its student's ᾱ_T
+                meta[ALPHA_BAR_T_METADATA] = str(alpha_bar_T)
             save_safetensors(hybrid, out_path, meta)
         finally:
             close = getattr(student, "close", None)

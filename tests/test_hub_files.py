@@ -1,0 +1,195 @@
+"""Fetch only what is used: the files wadi asks the hub for, checked against the real
+repositories' file lists (``wadi_cli/configs/hub_files.json``), online (the hub's
+listing and download are stand-ins that record the request) and offline (the cache)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from wadi_cli.backbones import get_backbone
+from wadi_cli.io import hub
+from wadi_cli.io.hub_files import UNUSED_COMPONENTS, FetchPlan, folder_weights, recorded_repos, select_files
+
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SD21_BASE = "stabilityai/stable-diffusion-2-1-base"
+SD21 = "stabilityai/stable-diffusion-2-1"
+PIX256, PIX512 = "PixArt-alpha/PixArt-XL-2-256x256", "PixArt-alpha/PixArt-XL-2-512x512"
+CLIP_TOKENIZER = {
+    f"tokenizer/{n}" for n in ("merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json")
+}
+T5_TOKENIZER = {
+    f"tokenizer/{n}"
+    for n in ("added_tokens.json", "special_tokens_map.json", "spiece.model", "tokenizer_config.json")
+}
+
+
+def _sd(weights: dict[str, str], unet_weights: bool = True) -> set[str]:
+    """Expected files of an SD pipeline, written out by hand from the real repo listing."""
+    files = {
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "text_encoder/config.json",
+        "unet/config.json",
+        "vae/config.json",
+        *CLIP_TOKENIZER,
+    }
+    for folder, name in weights.items():
+        if folder != "unet" or unet_weights:
+            files.add(f"{folder}/{name}")
+    return files
+
+
+SD_FP32 = {
+    "unet": "diffusion_pytorch_model.safetensors",
+    "vae": "diffusion_pytorch_model.safetensors",
+    "text_encoder": "model.safetensors",
+}
+SD_FP16 = {
+    "unet": "diffusion_pytorch_model.fp16.safetensors",
+    "vae": "diffusion_pytorch_model.fp16.safetensors",
+    "text_encoder": "model.fp16.safetensors",
+}
+PIX_TRANSFORMER = {"transformer/config.json", "transformer/diffusion_pytorch_model.safetensors"}
+PIX_COMMON = {
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "vae/config.json",
+    *T5_TOKENIZER,
+}
+PIX_FP32 = PIX_COMMON | {
+    "text_encoder/model.safetensors.index.json",
+    "vae/diffusion_pytorch_model.safetensors",
+    *(f"text_encoder/model-0000{i}-of-00004.safetensors" for i in range(1, 5)),
+}
+PIX_FP16 = PIX_COMMON | {
+    "text_encoder/model.safetensors.index.fp16.json",
+    "vae/diffusion_pytorch_model.fp16.safetensors",
+    *(f"text_encoder/model.fp16-0000{i}-of-00002.safetensors" for i in range(1, 3)),
+}
+
+
+@pytest.fixture
+def online(monkeypatch, tmp_path):
+    """The hub as seen by wadi: listings from the recorded real repositories; downloads
+    record what was asked for and create those (empty) files."""
+    import huggingface_hub
+
+    requested: dict[str, set[str]] = {}
+
+    class FakeApi:
+        def list_repo_files(self, repo_id, revision=None):
+            return list(recorded_repos()[repo_id]["files"])
+
+    def fake_download(repo_id, revision=None, cache_dir=None, allow_patterns=None, **kwargs):
+        files = set(recorded_repos()[repo_id]["files"])
+        wanted = set(allow_patterns or [])
+        assert wanted <= files, f"asked for files {repo_id} does not have: {sorted(wanted - files)}"
+        requested.setdefault(repo_id, set()).update(wanted)
+        root = tmp_path / repo_id.replace("/", "--")
+        for rel in wanted:
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).touch()
+        return str(root)
+
+    monkeypatch.setattr(hub, "_local_only", lambda: False)
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    return requested
+
+
+def _resolve(name, **kwargs):
+    from wadi_cli.sample import resolve_pipeline_source
+
+    return resolve_pipeline_source(get_backbone(name), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "expected"),
+    [
+        ("sd15", {}, {SD15: _sd(SD_FP32)}),
+        ("sd15", {"variant": "fp16"}, {SD15: _sd(SD_FP16)}),
+        ("sd15", {"variant": "fp16", "denoiser_weights": False}, {SD15: _sd(SD_FP16, unet_weights=False)}),
+        ("sd21", {}, {SD21_BASE: _sd(SD_FP32)}),
+        ("sd21", {"variant": "fp16"}, {SD21_BASE: _sd(SD_FP32)}),  # the repo has no fp16 copies
+        ("sd21", {"model": SD21}, {SD21: _sd(SD_FP32)}),
+        ("pixart", {}, {PIX256: PIX_TRANSFORMER, PIX512: PIX_FP32}),
+        ("pixart", {"variant": "fp16"}, {PIX256: PIX_TRANSFORMER, PIX512: PIX_FP16}),
+        ("pixart", {"denoiser_weights": False}, {PIX256: {"transformer/config.json"}, PIX512: PIX_FP32}),
+        ("pixart", {"with_components": False}, {PIX256: PIX_TRANSFORMER}),
+        ("pixart", {"model": PIX512}, {PIX512: PIX_FP32 | PIX_TRANSFORMER}),  # a complete pipeline: all of it
+    ],
+)
+def test_requested_files_are_exactly_the_used_ones(online, name, kwargs, expected):
+    _resolve(name, **kwargs)
+    assert online == expected
+
+
+def test_selection_never_takes_what_no_command_uses():
+    """Every recorded repo, every model folder, both precisions: no pickles, no root
+    single files, no non-EMA copy, never two precisions of one folder."""
+    for repo, info in recorded_repos().items():
+        files = list(info["files"])
+        folders = sorted({f.split("/")[0] for f in files if "/" in f} - {"asset", *UNUSED_COMPONENTS})
+        for variant in (None, "fp16"):
+            plan = FetchPlan(
+                folders=tuple(folders), weights=tuple(folders), variant=variant, require_weights=False
+            )
+            chosen = select_files(files, plan)
+            bad = [f for f in chosen if f.endswith((".bin", ".ckpt")) or "non_ema" in f]
+            bad += [f for f in chosen if "/" not in f and f != "model_index.json"]
+            assert not bad, (repo, variant, bad)
+            for folder in folders:
+                weights = [f for f in chosen if f.startswith(folder + "/") and f.endswith(".safetensors")]
+                precisions = {".fp16" in w for w in weights}
+                assert len(precisions) <= 1, (repo, folder, weights)
+
+
+def test_folder_weights_prefers_the_asked_precision_and_falls_back():
+    names = [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.fp16.safetensors",
+        "diffusion_pytorch_model.non_ema.safetensors",
+        "diffusion_pytorch_model.bin",
+    ]
+    assert folder_weights(names, "fp16") == (["diffusion_pytorch_model.fp16.safetensors"], "fp16")
+    assert folder_weights(names, None) == (["diffusion_pytorch_model.safetensors"], None)
+    only16 = ["config.json", "diffusion_pytorch_model.fp16.safetensors"]
+    assert folder_weights(only16, None) == (["diffusion_pytorch_model.fp16.safetensors"], "fp16")
+    assert folder_weights(["config.json", "diffusion_pytorch_model.bin"], None) == ([], None)
+
+
+def test_a_repo_without_safetensors_is_one_line(online, monkeypatch):
+    from wadi_cli.errors import HubError
+
+    monkeypatch.setitem(
+        recorded_repos(),
+        "org/pickles",
+        {"files": {"model_index.json": 1, "unet/config.json": 1, "unet/diffusion_pytorch_model.bin": 1}},
+    )
+    with pytest.raises(HubError, match=r"'unet' folder of 'org/pickles': no safetensors weights \(has only"):
+        hub.resolve_repo("org/pickles", FetchPlan(folders=("unet",), weights=("unet",)))
+
+
+def test_recorded_lists_are_well_formed():
+    for repo, info in recorded_repos().items():
+        assert re.fullmatch(r"[\w.-]+/[\w.-]+", repo) and info["source"]
+        sizes = [v for v in info["files"].values() if v is not None]
+        assert all(isinstance(v, int) and v > 0 for v in sizes), repo
+    sd15 = recorded_repos()[SD15]["files"]
+    assert sd15["v1-5-pruned.safetensors"] == 7703324286  # the 7.7 GB root single file exists
+
+
+def test_local_folder_missing_component_is_one_line(tmp_path):
+    from wadi_cli.errors import CheckpointError
+
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text("{}")
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"--model .*: unet/: no safetensors weights"):
+        _resolve("sd15", model=str(tmp_path))
+    assert Path(tmp_path).exists()
