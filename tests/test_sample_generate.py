@@ -201,3 +201,45 @@ def test_teacher_timesteps_are_trailing(steps, expected):
     scheduler = teacher_scheduler(SimpleNamespace(scheduler=base))
     scheduler.set_timesteps(steps)
     assert scheduler.timesteps.tolist() == expected
+
+
+PIXART_SCHEDULER = {  # PixArt-α's scheduler_config.json: no clip_sample, no set_alpha_to_one
+    "_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver++", "beta_end": 0.02,
+    "beta_schedule": "linear", "beta_start": 0.0001, "num_train_timesteps": 1000,
+    "prediction_type": "epsilon", "solver_order": 2, "steps_offset": 0, "timestep_spacing": "linspace",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("scheduler", ["pixart", "sd"])
+def test_teacher_ddim_never_clips_and_ends_on_the_schedule(scheduler):
+    """Teacher DDIM (η = 0) against a float64 reference: x0 = (x − σ_t ε)/α_t is never
+    clipped to [−1, 1], and the last step lands on ᾱ_0 of the schedule (not on 1), for
+    PixArt's DPM-Solver config as for SD's — whose configs spell both settings out."""
+    from types import SimpleNamespace
+
+    from diffusers import DPMSolverMultistepScheduler, PNDMScheduler
+
+    from wadi_cli.sample.generate import teacher_scheduler
+
+    if scheduler == "pixart":
+        base = DPMSolverMultistepScheduler.from_config(PIXART_SCHEDULER)
+    else:
+        base = PNDMScheduler(  # SD1.5's scheduler_config.json
+            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, set_alpha_to_one=False,
+            skip_prk_steps=True, steps_offset=1,
+        )  # fmt: skip
+    ddim = teacher_scheduler(SimpleNamespace(scheduler=base))
+    ddim.set_timesteps(2)
+    ac = base.alphas_cumprod.double()
+    g = torch.Generator().manual_seed(0)
+    x = 3.0 * torch.randn(1, 4, 8, 8, generator=g, dtype=torch.float64)  # x0 estimates far outside [-1, 1]
+    ref = x.clone()
+    for t in ddim.timesteps.tolist():
+        eps = torch.randn(1, 4, 8, 8, generator=g, dtype=torch.float64)
+        prev = t - 1000 // 2
+        ab, ab_prev = ac[t], (ac[prev] if prev >= 0 else ac[0])
+        x0 = (ref - (1 - ab).sqrt() * eps) / ab.sqrt()
+        assert x0.abs().max() > 1.5
+        ref = ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps
+        x = ddim.step(eps.float(), t, x.float()).prev_sample.double()
+    torch.testing.assert_close(x, ref, rtol=1e-4, atol=1e-4)
