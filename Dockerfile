@@ -12,7 +12,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /opt/wadi
 COPY pyproject.toml README.md ./
 COPY wadi_cli ./wadi_cli
-# torch comes from the base image (pyproject only asks for torch>=2.1, which it satisfies).
+# torch comes from the base image (pyproject asks for torch>=2.4 and Python>=3.11; the image has both).
 # baselines = peft (LoRA/DoRA students), tensorboard = training logs, 8bit = bitsandbytes AdamW8bit
 RUN pip install ".[baselines,tensorboard,8bit]" && wadi --version
 

@@ -4,6 +4,7 @@ listing and download are stand-ins that record the request) and offline (the cac
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -193,3 +194,16 @@ def test_local_folder_missing_component_is_one_line(tmp_path):
     with pytest.raises(CheckpointError, match=r"--model .*: unet/: no safetensors weights"):
         _resolve("sd15", model=str(tmp_path))
     assert Path(tmp_path).exists()
+
+
+def test_info_says_where_each_part_comes_from_and_the_flag():
+    from typer.testing import CliRunner
+
+    from wadi_cli.cli.main import app
+
+    r = CliRunner().invoke(app, ["info", "-b", "pixart", "--json"])
+    sources = json.loads(r.stdout)["sources"]
+    assert sources["denoiser"] == {"repo": PIX256, "folder": "transformer", "flag": "--model"}
+    assert sources["components"]["repo"] == PIX512 and sources["components"]["flag"] == "--components"
+    text = CliRunner().invoke(app, ["info", "-b", "sd21"], env={"COLUMNS": "200"}).stdout
+    assert SD21_BASE in text and f"--model {SD21}" in text and "v-prediction" in text
