@@ -85,6 +85,9 @@ def _image_side(folder: Path) -> int:
 
 
 _RUNS: dict[str, Path] = {}
+#: a run small enough for a miniature: batch 1, ranks 4 / 2, no validation, CPU
+SMALL_RUN = [*("--batch-size", "1", "--rank", "4", "--fake-rank", "2"), "--validate-every", "0"]
+SMALL_RUN += ["--device", "cpu", "--no-tensorboard"]
 
 
 def distilled(family: str, work: Path) -> Path:
@@ -92,36 +95,17 @@ def distilled(family: str, work: Path) -> Path:
     if family not in _RUNS:
         backbone, flags, _, _ = FAMILIES[family]
         run = work / f"{family}-run"
-        common = [
+        fp32 = [
             "--max-steps",
-            "2",
-            "--batch-size",
-            "1",
-            "--rank",
-            "4",
-            "--fake-rank",
             "2",
             "--checkpoint-every",
             "1",
-            "--validate-every",
-            "0",
-            "--device",
-            "cpu",
-            "--no-tensorboard",
-        ]
-        wadi(
-            "distill",
-            "-b",
-            backbone,
-            *flags,
-            "--out",
-            run,
-            *common,
             "--mixed-precision",
             "no",
             "--alpha-bar-T",
             ALPHA,
-        )
+        ]
+        wadi("distill", "-b", backbone, *flags, "--out", run, *SMALL_RUN, *fp32)
         wadi("distill", "--out", run, "--resume", "latest", "--max-steps", "3")
         _RUNS[family] = run
     return _RUNS[family]
@@ -143,21 +127,11 @@ def test_distill_fp32_resume_and_bf16(hub_cache, work, family):
         *flags,
         "--out",
         bf16,
+        *SMALL_RUN,
         "--max-steps",
         "3",
-        "--batch-size",
-        "1",
-        "--rank",
-        "4",
-        "--fake-rank",
-        "2",
-        "--validate-every",
-        "0",
-        "--device",
-        "cpu",
         "--mixed-precision",
         "bf16",
-        "--no-tensorboard",
     )
     losses = [float(r.split(",")[1]) for r in (bf16 / "metrics.csv").read_text().strip().splitlines()[1:]]
     assert len(losses) == 3 and all(np.isfinite(losses))
