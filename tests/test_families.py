@@ -159,6 +159,10 @@ def exported(family: str, work: Path) -> dict[str, Path]:
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_exports_carry_alpha_and_only_the_pipeline(hub_cache, work, family):
     paths = exported(family, work)
+    if family == "pixart":  # the original SD layout has no PixArt counterpart: one line, no file
+        bad = work / "pixart-single.safetensors"
+        r = wadi("export", distilled(family, work), "--format", "single-file", "--out", bad, code=2)
+        assert "sd15, sd21" in r.stderr and not bad.exists()
     for fmt in ("merged", "adapter", "single-file"):
         if fmt in paths:
             assert _metadata(paths[fmt])["alpha_bar_T"] == str(ALPHA), fmt

@@ -71,7 +71,9 @@ def register(app: typer.Typer) -> None:
         model: Annotated[
             str | None,
             typer.Option(
-                "--model", help="Base pipeline: local diffusers folder or hub id (default: registry)."
+                "--model",
+                help="Base model: diffusers pipeline folder or hub id, or one holding only the "
+                "denoiser (default: registry; see `wadi info -b NAME`).",
             ),
         ] = None,
         components: Annotated[

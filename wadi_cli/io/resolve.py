@@ -261,7 +261,9 @@ def _is_hub_model_id(text: str) -> bool:
 
     lowered = text.lower()
     suffixes = (".safetensors", ".json", *PICKLE_SUFFIXES)
-    return text.count("/") == 1 and looks_like_repo_id(text) and not lowered.endswith(suffixes)
+    if text.count("/") != 1 or not looks_like_repo_id(text) or lowered.endswith(suffixes):
+        return False
+    return not Path(text).parent.exists()  # "runs/sd15" with a local runs/ is a missing local path
 
 
 def recorded_alpha_bar_T(path: str | os.PathLike[str], component: str | None = None) -> float | None:
