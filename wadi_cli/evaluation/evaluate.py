@@ -72,6 +72,17 @@ def _load_classifier(metrics: Sequence[str], classifier: str | None) -> Any:
     return load_classifier(classifier)
 
 
+def check_ref(ref: str | None) -> None:
+    """Fail before any long work when ``--ref`` is neither a file nor a folder of images."""
+    if ref is None:
+        return
+    path = Path(ref).expanduser()
+    if not path.exists():
+        raise BadInputError(f"--ref {path}: no such file or folder")
+    if path.is_dir():
+        list_images(path, "--ref")
+
+
 def _reference(
     scorer: Scorer, ref: str | None, tiny_fallback: tuple[Path, list, int] | None, procs: Processes
 ) -> None:
@@ -131,6 +142,7 @@ def evaluate_model(
         "batch_size": request.batch_size,
         "dtype": str(dtype).replace("torch.", ""),
     }
+    check_ref(ref)
     manifest = prepare_out(request.out, settings, request.captions, request.seed, procs)
     attrs = _tiny_attrs(spec.name, request.captions)
     real_seed = request.seed if request.real_seed is None else request.real_seed
@@ -189,6 +201,7 @@ def evaluate_folder(
     folder = Path(images).expanduser()
     if any(m in protocol.TINY_METRICS for m in options.metrics):
         raise BadInputError("--images: accuracy and fd score tiny generations; use --metrics fid,kid,clip,pr")
+    check_ref(ref)
     found = manifest_images(folder)
     files, own = found if found is not None else (list_images(folder, "--images"), None)
     texts = list(captions) if captions is not None else own
@@ -245,6 +258,7 @@ def make_reference(
 
     if Path(ref).expanduser().is_file():
         raise BadInputError("--save-ref needs --ref DIR (a folder of real images), not a file")
+    check_ref(str(ref))
     check_writable(Path(save_to).expanduser())
     opts = EvalOptions(
         metrics=("fid", "kid", "pr"),

@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -113,7 +114,8 @@ class InceptionFeatures:
         self.path = resolve_inception_weights(weights)
         self.sha256 = sha256_file(self.path)
         try:
-            with _as_cleanfid_folder(self.path) as folder:
+            with _as_cleanfid_folder(self.path) as folder, warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation note
                 net = InceptionV3W(str(folder), download=False, resize_inside=False)
         except (RuntimeError, ValueError, OSError, AttributeError) as exc:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -152,6 +154,8 @@ def resolve_clip(model: str, weights: str | os.PathLike[str] | None) -> tuple[st
         if path.is_dir():
             if not (path / "open_clip_config.json").is_file():
                 raise CheckpointError(f"--clip-weights {path}: a folder needs open_clip_config.json")
+            if not any(path.glob(pattern) for pattern in ("*.safetensors", "*.bin", "*.pth")):
+                raise CheckpointError(f"--clip-weights {path}: no weights file (.safetensors, .bin, .pth)")
             return f"local-dir:{path}", None, f"local-dir:{path}"
         if not path.is_file():
             raise CheckpointError(f"--clip-weights {path}: no such file")
