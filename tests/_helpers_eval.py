@@ -39,7 +39,9 @@ class _Net(nn.Module):
         return self.layers((x - 128) / 128).reshape(x.shape[0], -1)
 
 
-def inception_file(folder: Path, dim: int = FEATURE_DIM, seed: int = 0, name: str = "inception-test.pt") -> Path:
+def inception_file(
+    folder: Path, dim: int = FEATURE_DIM, seed: int = 0, name: str = "inception-test.pt"
+) -> Path:
     """A random TorchScript 'Inception' that clean-fid's ``InceptionV3W`` loads."""
     torch.manual_seed(seed)
     path = folder / name
@@ -66,7 +68,10 @@ def clip_folder(folder: Path, seed: int = 0) -> Path:
     (folder / "open_clip_config.json").write_text(json.dumps(CLIP_CONFIG))
     torch.manual_seed(seed)
     model = open_clip.CLIP(**CLIP_CONFIG["model_cfg"])
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(folder / "open_clip_model.safetensors"),
+    )
     return folder
 
 
@@ -87,5 +92,7 @@ def random_images(n: int, seed: int, size: tuple[int, int] = (48, 40), shift: fl
     h, w = size
     base = rng.uniform(0, 1, size=(n, 1, 1, 3)) * 160 + shift
     yy, xx = np.mgrid[0:h, 0:w]
-    wave = 40 * np.sin(xx[None, :, :, None] * rng.uniform(0.1, 0.5, (n, 1, 1, 3)) + yy[None, :, :, None] * 0.2)
+    wave = 40 * np.sin(
+        xx[None, :, :, None] * rng.uniform(0.1, 0.5, (n, 1, 1, 3)) + yy[None, :, :, None] * 0.2
+    )
     return np.clip(base + wave + rng.normal(0, 8, (n, h, w, 3)), 0, 255).astype(np.uint8)

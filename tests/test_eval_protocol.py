@@ -124,7 +124,9 @@ def test_manifest_mismatch_names_the_difference(tmp_path):
     m = build_manifest({"seed": 0, "backbone": "tiny"}, ["a", "b"], 0)
     assert check_resumable(out, m) is None
     write_manifest(out, m)
-    assert check_resumable(out, build_manifest({"seed": 0, "backbone": "tiny"}, ["a", "b", "c"], 0)) is not None
+    assert (
+        check_resumable(out, build_manifest({"seed": 0, "backbone": "tiny"}, ["a", "b", "c"], 0)) is not None
+    )
     with pytest.raises(BadInputError, match="seed: 0 there vs 1 now"):
         check_resumable(out, build_manifest({"seed": 1, "backbone": "tiny"}, ["a", "b"], 1))
     with pytest.raises(BadInputError, match="caption 1: 'b' there vs 'x' now"):
@@ -213,7 +215,9 @@ def test_missing_extra_or_weights_is_one_line(tmp_path, monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cleanfid" else real(name))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "cleanfid" else real(name)
+    )
     (tmp_path / "img").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "img" / "a.png")
     r = run("--images", str(tmp_path / "img"), "--ref", str(tmp_path / "img"), "--metrics", "fid")
@@ -224,3 +228,66 @@ def test_watch_refuses_a_folder_that_is_not_a_run(tmp_path):
     (tmp_path / "notarun").mkdir()
     one_line_error(run("--watch", str(tmp_path / "notarun")), "not a wadi distill run")
     one_line_error(run("--watch", str(tmp_path / "absent")), "no such folder")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(base_dir, tmp_path_factory):
+    """A finished 2-step ``wadi distill`` run of the random tiny pipeline, both checkpoints kept."""
+    run_dir = tmp_path_factory.mktemp("run") / "run"
+    r = CliRunner().invoke(
+        app,
+        ["distill", "--model", base_dir, "--out", str(run_dir), "--max-steps", "2", "--checkpoint-every", "1",
+         "--keep-last", "5", "--batch-size", "1", "--regression-weight", "0", "--validate-every", "0",
+         "--device", "cpu"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    return run_dir
+
+
+def test_watch_scores_every_checkpoint_and_exits_when_the_run_is_finished(
+    tiny_run, base_dir, classifier_file, tmp_path
+):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    # a checkpoint being written: a hidden temporary folder, never read
+    (run_dir / "checkpoints" / ".step-00000003.abc.tmp").mkdir()
+    r = run("--watch", str(run_dir), "--classifier", str(classifier_file), "-n", "6", "--batch-size", "3",
+            "--metrics", "accuracy,fd", "--poll", "0.1")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    lines = (run_dir / "eval.csv").read_text().splitlines()
+    assert lines[0] == "step,accuracy,fd" and [ln.split(",")[0] for ln in lines[1:]] == ["1", "2"]
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    for step in ("step-00000001", "step-00000002"):
+        record = json.loads((run_dir / "eval" / step / "metrics.json").read_text())
+        assert record["weights"].endswith(f"{step}/student.safetensors") and record["num_images"] == 6
+    # the row equals a direct evaluation of the same checkpoint's student
+    direct = run("-b", "tiny", "--model", base_dir, "--classifier", str(classifier_file), "-n", "6",
+                 "--batch-size", "3", "-w", str(run_dir / "checkpoints" / "step-00000002" / "student.safetensors"),
+                 "--json")  # fmt: skip
+    assert json.loads(direct.stdout)["fd"] == pytest.approx(float(lines[2].split(",")[2]), rel=1e-12)
+    again = run(
+        "--watch", str(run_dir), "--classifier", str(classifier_file), "-n", "6", "--metrics", "accuracy,fd"
+    )
+    assert again.exit_code == 0 and len((run_dir / "eval.csv").read_text().splitlines()) == 3  # nothing twice
+
+
+def test_watch_waits_while_the_run_is_going(tiny_run, classifier_file, tmp_path):
+    import shutil
+    import time
+
+    from wadi_cli.evaluation.watch import run_finished
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    assert run_finished(run_dir)
+    state = run_dir / "checkpoints" / "step-00000002" / "state.json"
+    data = json.loads(state.read_text())
+    data["config"]["max_steps"] = 10
+    state.write_text(json.dumps(data))
+    time.sleep(0.01)
+    (run_dir / "config.json").touch()  # a resumed run started after the last stop
+    assert not run_finished(run_dir)
+    (run_dir / "ranks.json").touch()  # ... and stopped again
+    assert run_finished(run_dir)

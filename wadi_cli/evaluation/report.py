@@ -42,7 +42,9 @@ class _Rate(ProgressColumn):
 
 def progress_bars(console: Console, enabled: bool = True) -> Callable[..., Any]:
     """A progress factory for :mod:`wadi_cli.evaluation.run`: ``bars(description, total)``
-    is a context yielding ``advance(n)``; it draws on ``console`` (stderr)."""
+    is a context yielding ``advance(n)``. Bars draw on ``console`` (stderr) only when it is
+    a terminal, and vanish when done, so an error stays the one line on stderr."""
+    enabled = enabled and console.is_terminal
 
     @contextlib.contextmanager
     def bars(description: str, total: int) -> Iterator[Callable[[int], None]]:
@@ -58,7 +60,7 @@ def progress_bars(console: Console, enabled: bool = True) -> Callable[..., Any]:
             TextColumn("ETA"),
             TimeRemainingColumn(),
         )
-        with Progress(*columns, console=console, transient=False, speed_estimate_period=60) as prog:
+        with Progress(*columns, console=console, transient=True, speed_estimate_period=60) as prog:
             task = prog.add_task(description, total=total)
             yield lambda n: prog.advance(task, n)
 
