@@ -263,9 +263,9 @@ def test_watch_scores_every_checkpoint_and_exits_when_the_run_is_finished(
         record = json.loads((run_dir / "eval" / step / "metrics.json").read_text())
         assert record["weights"].endswith(f"{step}/student.safetensors") and record["num_images"] == 6
     # the row equals a direct evaluation of the same checkpoint's student
+    student = run_dir / "checkpoints" / "step-00000002" / "student.safetensors"
     direct = run("-b", "tiny", "--model", base_dir, "--classifier", str(classifier_file), "-n", "6",
-                 "--batch-size", "3", "-w", str(run_dir / "checkpoints" / "step-00000002" / "student.safetensors"),
-                 "--json")  # fmt: skip
+                 "--batch-size", "3", "-w", str(student), "--json")  # fmt: skip
     assert json.loads(direct.stdout)["fd"] == pytest.approx(float(lines[2].split(",")[2]), rel=1e-12)
     again = run(
         "--watch", str(run_dir), "--classifier", str(classifier_file), "-n", "6", "--metrics", "accuracy,fd"
