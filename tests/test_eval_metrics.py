@@ -194,6 +194,11 @@ def test_saved_reference_gives_the_same_numbers_and_other_settings_are_refused(f
 def test_missing_weights_name_the_flag(files, tmp_path):
     from wadi_cli.evaluation import protocol
 
+    gone = tmp_path / "absent.pt"
+    r = run(*_tiny_args(files, tmp_path / "e", ("--inception-weights", str(gone))))
+    assert r.exit_code == 2 and f"--inception-weights {gone}: no such file" in r.stderr
+    assert not (tmp_path / "e").exists()  # refused before anything was written
+
     if (protocol.INCEPTION_CACHE_DIR + "/" + protocol.INCEPTION_FILE) and os.path.exists(
         os.path.join(protocol.INCEPTION_CACHE_DIR, protocol.INCEPTION_FILE)
     ):

@@ -291,3 +291,14 @@ def test_watch_waits_while_the_run_is_going(tiny_run, classifier_file, tmp_path)
     assert not run_finished(run_dir)
     (run_dir / "ranks.json").touch()  # ... and stopped again
     assert run_finished(run_dir)
+
+
+def test_images_default_to_the_four_protocol_metrics(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("cleanfid") is not None:
+        pytest.skip("the eval extra is installed; this checks the message without it")
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "img" / "a.png")
+    r = run("--images", str(tmp_path / "img"), "--ref", str(tmp_path / "img"))
+    one_line_error(r, "--metrics fid,kid,clip,pr needs the eval extra")

@@ -3,6 +3,7 @@ any backbone, and the tiny model's attribute accuracy and Fréchet distance."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Annotated, Any
@@ -262,11 +263,11 @@ def _protocol_eval(a: dict[str, Any]) -> None:
     from wadi_cli.evaluation.run import EvalOptions
     from wadi_cli.sample.config import resolve_device
 
-    name = get_backbone(a["backbone"]).name  # unknown names get the registry's message
-    tiny = name == "tiny"
+    name = get_backbone(_watched_backbone(a["watch"]) or a["backbone"]).name  # unknown: registry's message
+    tiny = name == "tiny" and a["images"] is None
     default = "accuracy,fd" if tiny else ",".join(protocol.PROTOCOL_METRICS)
     options = EvalOptions(
-        metrics=protocol.parse_metrics(a["metrics"] or default, tiny=tiny and a["images"] is None),
+        metrics=protocol.parse_metrics(a["metrics"] or default, tiny=tiny),
         inception_weights=_str(a["inception_weights"]),
         clip_model=a["clip_model"],
         clip_weights=_str(a["clip_weights"]),
@@ -295,6 +296,17 @@ def _protocol_eval(a: dict[str, Any]) -> None:
         result = _evaluate_model(a, name, texts, options, procs, bars)
     if result is not None:
         _show(result, a["json_out"])
+
+
+def _watched_backbone(run: Path | None) -> str | None:
+    """The backbone of a ``--watch`` run (from its config.json), checked to be a run."""
+    if run is None:
+        return None
+    from wadi_cli.evaluation.watch import check_run
+
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return json.loads((check_run(run) / "config.json").read_text()).get("backbone")
+    return None
 
 
 def _captions(a: dict[str, Any], tiny: bool) -> list[str] | None:

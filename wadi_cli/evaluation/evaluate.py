@@ -17,7 +17,7 @@ from typing import Any
 
 from wadi_cli.errors import BadInputError
 from wadi_cli.evaluation import protocol
-from wadi_cli.evaluation.folders import list_images
+from wadi_cli.evaluation.folders import build_manifest, check_resumable, list_images
 from wadi_cli.evaluation.parallel import Processes
 from wadi_cli.evaluation.run import (
     EvalOptions,
@@ -143,11 +143,12 @@ def evaluate_model(
         "dtype": str(dtype).replace("torch.", ""),
     }
     check_ref(ref)
-    manifest = prepare_out(request.out, settings, request.captions, request.seed, procs)
+    check_resumable(request.out, build_manifest(settings, request.captions, request.seed))
     attrs = _tiny_attrs(spec.name, request.captions)
     real_seed = request.seed if request.real_seed is None else request.real_seed
     classifier = _load_classifier(options.metrics, request.classifier)
-    scorer = scorer or Scorer.load(options, procs, progress)
+    scorer = scorer or Scorer.load(options, procs, progress)  # missing weights: before anything is written
+    manifest = prepare_out(request.out, settings, request.captions, request.seed, procs)
     tiny_ref = (request.out, attrs, real_seed) if attrs is not None else None
     _reference(scorer, ref, tiny_ref, procs)
     sampler = load_sampler(

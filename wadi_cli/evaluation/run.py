@@ -155,9 +155,11 @@ class Scorer:
         if not self.procs.is_main:
             return None
         out: dict[str, np.ndarray] = {}
-        for key in parts[0][1]:
+        for key in sorted({k for _, arrays in parts for k in arrays}):
             rows: list[tuple[int, np.ndarray]] = []
             for spans_of, arrays in parts:
+                if not spans_of:
+                    continue
                 offset = 0
                 for s, e in spans_of:
                     rows.append((s, arrays[key][offset : offset + e - s]))
