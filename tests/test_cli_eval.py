@@ -97,7 +97,7 @@ def test_eval_teacher(base_dir, classifier_file):
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["-b", "sd15"], "only --backbone tiny"),
+        (["-b", "sd15"], "--captions FILE is required"),
         (["-b", "nope"], "unknown backbone"),
         (["-n", "1"], "at least 2"),
         (["--teacher", "-w", "x.safetensors"], "drop --weights"),

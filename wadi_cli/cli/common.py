@@ -29,7 +29,10 @@ def debug_enabled() -> bool:
 
 def fail(message: str, code: int = 2) -> None:
     """Print one red line on stderr and exit with ``code``."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    # the message is plain text: brackets (`pip install "wadi-cli[eval]"`) are not markup
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -26,8 +26,10 @@ def strip_option(argv: Sequence[str], name: str) -> list[str]:
     return out
 
 
-def accelerate_command(num_processes: int, distill_args: Sequence[str]) -> list[str]:
-    """``accelerate launch`` command running ``wadi distill distill_args`` on
+def accelerate_command(
+    num_processes: int, distill_args: Sequence[str], command: str = "distill"
+) -> list[str]:
+    """``accelerate launch`` command running ``wadi COMMAND distill_args`` on
     ``num_processes`` processes of this machine (gloo on CPU, NCCL on GPUs). wadi handles
     precision itself (fp16/bf16 frozen base, fp32 adapters), so accelerate's is ``no``."""
     if num_processes < 2:
@@ -48,6 +50,6 @@ def accelerate_command(num_processes: int, distill_args: Sequence[str]) -> list[
         "no",
         "-m",
         "wadi_cli",
-        "distill",
+        command,
         *distill_args,
     ]

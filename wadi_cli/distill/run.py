@@ -12,7 +12,6 @@ import csv
 import json
 import os
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +32,7 @@ from wadi_cli.distill.checkpoint import (
 from wadi_cli.distill.config import DistillConfig, resolve_config
 from wadi_cli.distill.data import load_prompts
 from wadi_cli.distill.trainer import Distiller, StepResult, Topology
+from wadi_cli.io import write_text_atomic
 
 METRIC_FIELDS = ("step", "loss_g", "loss_fake", "grad_norm_g", "grad_norm_fake", "lr", "fake_lr", "seconds")
 
@@ -68,13 +68,6 @@ def weights_dtype(cfg: DistillConfig, device: torch.device) -> torch.dtype:
     if mode == "auto":
         mode = get_backbone(cfg.backbone).mixed_precision if device.type == "cuda" else "no"
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mode]
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 class MetricsLog:
@@ -271,7 +264,7 @@ def distill(
     metrics = board = None
     if topo.is_main:
         create_run_dir(run)
-        _write_text_atomic(run / "config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+        write_text_atomic(run / "config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
         metrics = MetricsLog(run / "metrics.csv", start)
         board = TensorBoardLog.open(run, start) if cfg.tensorboard else None
     if on_start is not None and topo.is_main:
@@ -314,7 +307,7 @@ def distill(
     if saved_at != distiller.step:
         save()
     if topo.is_main:
-        _write_text_atomic(
+        write_text_atomic(
             run / "ranks.json", json.dumps({"world_size": topo.world, "checksums": checksums}) + "\n"
         )
     return RunSummary(

@@ -22,16 +22,19 @@ from wadi_cli.io.sd_single_file import ldm_unet_table
 from wadi_cli.io.sources import TensorSource
 from wadi_cli.io.writers import (
     MARKER,
+    atomic_file,
     atomic_output_dir,
     check_writable,
     provenance_metadata,
     save_safetensors,
+    write_text_atomic,
 )
 
 __all__ = [
     "MARKER",
     "SafetensorsFile",
     "TensorSource",
+    "atomic_file",
     "atomic_output_dir",
     "check_writable",
     "fetch_file",
@@ -41,4 +44,5 @@ __all__ = [
     "provenance_metadata",
     "resolve_model",
     "save_safetensors",
+    "write_text_atomic",
 ]

@@ -25,20 +25,25 @@ def _clean(values: Sequence[object], where: str) -> list[str]:
     return out
 
 
-def _column(rows: list[dict], column: str, where: str) -> list[object]:
+def _column(rows: list[dict], column: str, where: str, column_flag: str) -> list[object]:
     if rows and column not in rows[0]:
         raise BadInputError(
-            f"{where}: no column {column!r} (has {', '.join(map(str, rows[0]))}); set --prompt-column"
+            f"{where}: no column {column!r} (has {', '.join(map(str, rows[0]))}); set {column_flag}"
         )
     return [r.get(column) for r in rows]
 
 
-def read_prompt_file(path: str | os.PathLike[str], column: str = "prompt") -> list[str]:
+def read_prompt_file(
+    path: str | os.PathLike[str],
+    column: str = "prompt",
+    flag: str = "--prompts",
+    column_flag: str = "--prompt-column",
+) -> list[str]:
     """Prompts of a ``.txt`` (one per line, ``#`` comment lines) / ``.jsonl`` / ``.csv`` /
     ``.parquet`` (``column``) file, whitespace normalised, blank entries skipped.
-    :class:`BadInputError` if unreadable or empty."""
+    :class:`BadInputError` if unreadable or empty; messages name ``flag`` / ``column_flag``."""
     p = Path(path).expanduser()
-    where = f"--prompts {p}"
+    where = f"{flag} {p}"
     if not p.is_file():
         raise BadInputError(f"{where}: no such file")
     suffix = p.suffix.lower()
@@ -51,7 +56,7 @@ def read_prompt_file(path: str | os.PathLike[str], column: str = "prompt") -> li
             frame = pd.read_parquet(p)
             if column not in frame.columns:
                 cols = ", ".join(map(str, frame.columns))
-                raise BadInputError(f"{where}: no column {column!r} (has {cols}); set --prompt-column")
+                raise BadInputError(f"{where}: no column {column!r} (has {cols}); set {column_flag}")
             return _clean(frame[column].tolist(), where)
         text = p.read_text(encoding="utf-8")
     except BadInputError:
@@ -76,10 +81,10 @@ def read_prompt_file(path: str | os.PathLike[str], column: str = "prompt") -> li
             rows.append(row)
         missing = [i for i, r in enumerate(rows, 1) if column not in r]
         if rows and len(missing) == len(rows):
-            raise BadInputError(f"{where}: no row has the key {column!r}; set --prompt-column")
+            raise BadInputError(f"{where}: no row has the key {column!r}; set {column_flag}")
         return _clean([r.get(column) for r in rows], where)
     import csv
     import io
 
     rows = list(csv.DictReader(io.StringIO(text)))
-    return _clean(_column(rows, column, where), where)
+    return _clean(_column(rows, column, where, column_flag), where)

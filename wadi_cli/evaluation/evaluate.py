@@ -1,0 +1,288 @@
+"""The three jobs of ``wadi eval`` beyond the tiny classifier: evaluate a model (generate one
+image per caption into ``--out EVAL``, then score), evaluate a folder of images made
+elsewhere (``--images``), and compute reference statistics (``--save-ref``).
+
+Checks come first, in this order, so that nothing long runs before a refusal: the output
+folder and its manifest, the extractors' weights, the reference, then the model.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wadi_cli.errors import BadInputError
+from wadi_cli.evaluation import protocol
+from wadi_cli.evaluation.folders import build_manifest, check_resumable, list_images
+from wadi_cli.evaluation.parallel import Processes
+from wadi_cli.evaluation.run import (
+    EvalOptions,
+    ProgressFactory,
+    Scorer,
+    generate_missing,
+    manifest_images,
+    no_progress,
+    prepare_out,
+    tiny_scores,
+    write_metrics,
+    write_tiny_reference,
+)
+
+
+@dataclass
+class ModelRequest:
+    """What to generate: the backbone, its weights, the sampling settings and the captions."""
+
+    backbone: str
+    out: Path
+    captions: list[str]
+    weights: str | None = None
+    model: str | None = None
+    teacher: bool = False
+    steps: int | None = None
+    cfg: float | None = None
+    alpha_bar_T: float | None = None
+    seed: int = 0
+    batch_size: int = 8
+    dtype: str | None = None
+    real_seed: int | None = None
+    classifier: str | None = None
+    weights_label: str | None = None  # what the manifest records (default: ``weights``)
+
+
+def _tiny_attrs(backbone: str, captions: Sequence[str]) -> list[dict[str, str]] | None:
+    """Attributes of tiny prompts (``None`` unless every caption is one)."""
+    if backbone != "tiny":
+        return None
+    from wadi_cli.tiny.data import parse_prompt
+
+    attrs = [parse_prompt(c) for c in captions]
+    return None if any(a is None for a in attrs) else attrs  # type: ignore[return-value]
+
+
+def _load_classifier(metrics: Sequence[str], classifier: str | None) -> Any:
+    if not any(m in protocol.TINY_METRICS for m in metrics):
+        return None
+    from wadi_cli.tiny.classifier import load_classifier
+
+    return load_classifier(classifier)
+
+
+def check_ref(ref: str | None) -> None:
+    """Fail before any long work when ``--ref`` is neither a file nor a folder of images."""
+    if ref is None:
+        return
+    path = Path(ref).expanduser()
+    if not path.exists():
+        raise BadInputError(f"--ref {path}: no such file or folder")
+    if path.is_dir():
+        list_images(path, "--ref")
+
+
+def _reference(
+    scorer: Scorer, ref: str | None, tiny_fallback: tuple[Path, list, int] | None, procs: Processes
+) -> None:
+    """Load the reference once per scorer: ``ref``, or (tiny) the rendered real images."""
+    if (
+        not scorer.options.needs_reference
+        or scorer.reference is not None
+        or not scorer.options.protocol_metrics
+    ):
+        return
+    if ref is not None:
+        scorer.load_reference(ref)
+        return
+    if tiny_fallback is None:
+        raise BadInputError(
+            "--metrics fid/kid/pr need --ref REF: a folder of real images or a file made with --save-ref"
+        )
+    out, attrs, real_seed = tiny_fallback
+    scorer.load_reference(write_tiny_reference(out, attrs, real_seed, procs))
+
+
+def evaluate_model(
+    request: ModelRequest,
+    options: EvalOptions,
+    procs: Processes,
+    *,
+    ref: str | None = None,
+    scorer: Scorer | None = None,
+    progress: ProgressFactory = no_progress,
+    device: Any = None,
+) -> dict[str, Any] | None:
+    """Generate (or finish generating) ``request.out`` and score it. Returns the result on
+    the main process (also written to ``out/metrics.json``), ``None`` elsewhere."""
+    from wadi_cli.sample import SampleConfig, load_sampler, resolve_dtype
+    from wadi_cli.sample.config import alpha_bar_T_warning
+    from wadi_cli.sample.loading import get_backbone_spec, weights_alpha_bar_T
+
+    spec = get_backbone_spec(request.backbone)
+    # ᾱ_T: --alpha-bar-t, else the value recorded in the weights, else the registry's
+    recorded = None if request.teacher else weights_alpha_bar_T(request.weights, spec)
+    config = SampleConfig(
+        teacher=request.teacher,
+        steps=request.steps,
+        cfg=request.cfg,
+        alpha_bar_T=request.alpha_bar_T,
+        seed=request.seed,
+        batch_size=request.batch_size,
+    ).resolved(spec, recorded)
+    warning = None if request.teacher else alpha_bar_T_warning(request.alpha_bar_T, recorded)
+    dev = procs.device if device is None else device
+    dtype = resolve_dtype(request.dtype, dev, spec.family)
+    settings = {
+        "backbone": spec.name,
+        "model": request.model,
+        "weights": request.weights_label or request.weights,
+        "mode": "teacher" if request.teacher else "one-step",
+        "steps": config.steps if request.teacher else 1,
+        "cfg": config.cfg if request.teacher else None,
+        "alpha_bar_T": None if request.teacher else config.alpha_bar_T,
+        "seed": request.seed,
+        "batch_size": request.batch_size,
+        "dtype": str(dtype).replace("torch.", ""),
+    }
+    check_ref(ref)
+    check_resumable(request.out, build_manifest(settings, request.captions, request.seed))
+    attrs = _tiny_attrs(spec.name, request.captions)
+    real_seed = request.seed if request.real_seed is None else request.real_seed
+    classifier = _load_classifier(options.metrics, request.classifier)
+    scorer = scorer or Scorer.load(options, procs, progress)  # missing weights: before anything is written
+    manifest = prepare_out(request.out, settings, request.captions, request.seed, procs)
+    tiny_ref = (request.out, attrs, real_seed) if attrs is not None else None
+    _reference(scorer, ref, tiny_ref, procs)
+    sampler = load_sampler(
+        spec, model=request.model, weights=request.weights, teacher=request.teacher, device=dev, dtype=dtype
+    )
+    made, seconds = generate_missing(sampler, request.out, manifest, config, procs, progress)
+    scorer.timing.generated += made
+    scorer.timing.generation_s += seconds
+    files = [request.out / f for f in manifest.files]
+    metrics, how = scorer.score(files, manifest.captions)
+    if not procs.is_main:
+        return None
+    if classifier is not None:
+        metrics.update(tiny_scores(files, attrs, real_seed, classifier))
+        how.update(tiny_classifier={"library": "wadi (tiny classifier)", "real_seed": real_seed})
+    result = {
+        **settings,
+        "model": sampler.model_source,
+        "weights_kind": sampler.weights_kind,
+        "num_images": len(files),
+        "metrics": metrics,
+        "how": how,
+        "reference": _reference_summary(scorer),
+        "timing": scorer.timing.to_dict(),
+        "out": str(request.out),
+    }
+    if warning:
+        result["warnings"] = [warning]
+    write_metrics(request.out, result)
+    return result
+
+
+def _reference_summary(scorer: Scorer) -> dict[str, Any] | None:
+    ref = scorer.reference
+    if ref is None:
+        return None
+    return {"source": ref.source, "num_images": ref.num_images, **ref.settings}
+
+
+def evaluate_folder(
+    images: str | os.PathLike[str],
+    options: EvalOptions,
+    procs: Processes,
+    *,
+    captions: Sequence[str] | None = None,
+    num_images: int | None = None,
+    ref: str | None = None,
+    out: Path | None = None,
+    progress: ProgressFactory = no_progress,
+) -> dict[str, Any] | None:
+    """Score a folder of images made elsewhere (a wadi ``--out EVAL`` folder brings its own
+    captions). ``captions[i]`` belongs to the i-th image in sorted order."""
+    folder = Path(images).expanduser()
+    if any(m in protocol.TINY_METRICS for m in options.metrics):
+        raise BadInputError("--images: accuracy and fd score tiny generations; use --metrics fid,kid,clip,pr")
+    check_ref(ref)
+    found = manifest_images(folder)
+    files, own = found if found is not None else (list_images(folder, "--images"), None)
+    texts = list(captions) if captions is not None else own
+    if num_images is not None:
+        if num_images > len(files):
+            raise BadInputError(
+                f"--num-images {num_images} but --images {folder} holds only {len(files)} images"
+            )
+        files = files[:num_images]
+    if texts is not None:
+        if len(texts) < len(files):
+            raise BadInputError(f"--images {folder}: {len(files)} images but only {len(texts)} captions")
+        if num_images is None and len(texts) != len(files):
+            raise BadInputError(
+                f"--images {folder}: {len(files)} images but {len(texts)} captions; "
+                "pass -n N to use the first N"
+            )
+        texts = texts[: len(files)]
+    if out is not None:
+        from wadi_cli.io import check_writable
+
+        check_writable(out, directory=True)
+    scorer = Scorer.load(options, procs, progress)
+    _reference(scorer, ref, None, procs)
+    metrics, how = scorer.score(files, texts)
+    if not procs.is_main:
+        return None
+    result = {
+        "images": str(folder),
+        "num_images": len(files),
+        "metrics": metrics,
+        "how": how,
+        "reference": _reference_summary(scorer),
+        "timing": scorer.timing.to_dict(),
+    }
+    if out is not None:
+        from wadi_cli.evaluation.folders import ensure_eval_dir
+
+        ensure_eval_dir(out)
+        result["out"] = str(out)
+        write_metrics(out, result)
+    return result
+
+
+def make_reference(
+    ref: str | os.PathLike[str],
+    save_to: str | os.PathLike[str],
+    options: EvalOptions,
+    procs: Processes,
+    progress: ProgressFactory = no_progress,
+) -> dict[str, Any] | None:
+    """Compute the reference statistics of a folder of real images and save them."""
+    from wadi_cli.io import check_writable
+
+    if Path(ref).expanduser().is_file():
+        raise BadInputError("--save-ref needs --ref DIR (a folder of real images), not a file")
+    check_ref(str(ref))
+    check_writable(Path(save_to).expanduser())
+    opts = EvalOptions(
+        metrics=("fid", "kid", "pr"),
+        resolution=options.resolution,
+        inception_weights=options.inception_weights,
+        feature_batch_size=options.feature_batch_size,
+        workers=options.workers,
+    )
+    start = time.perf_counter()
+    scorer = Scorer.load(opts, procs, progress)
+    reference = scorer.load_reference(ref, save_to=Path(save_to).expanduser() if procs.is_main else None)
+    if reference is None:
+        return None
+    return {
+        "saved": str(save_to),
+        "source": reference.source,
+        "num_images": reference.num_images,
+        "settings": reference.settings,
+        "seconds": round(time.perf_counter() - start, 3),
+    }

@@ -1,0 +1,102 @@
+"""Reference statistics of real images (``--ref DIR|FILE``, ``--save-ref FILE``).
+
+A reference file is a plain ``.npz`` (read with ``allow_pickle=False``):
+
+- ``mu``, ``sigma``: mean and covariance of the Inception features (FID);
+- ``features``: the features themselves (KID, precision/recall);
+- ``settings``: JSON of :class:`~wadi_cli.evaluation.protocol.FeatureSettings` (resolution,
+  crop, filter, clean-fid mode, Inception file's SHA-256) plus provenance (source folder,
+  library versions). A file whose settings differ from the ones asked for is refused,
+  naming each difference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wadi_cli.errors import BadInputError, MismatchError
+from wadi_cli.evaluation import protocol
+from wadi_cli.io import atomic_file, check_writable
+
+REFERENCE_KEYS: tuple[str, ...] = ("mu", "sigma", "features", "settings")
+
+
+@dataclass
+class Reference:
+    """Inception statistics and features of a set of real images."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    features: np.ndarray
+    settings: dict[str, Any]
+    source: str = ""
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_images(self) -> int:
+        return int(len(self.features))
+
+    @classmethod
+    def from_features(
+        cls, features: np.ndarray, settings: protocol.FeatureSettings, source: str, provenance: dict[str, Any]
+    ) -> Reference:
+        from wadi_cli.evaluation.scores import statistics
+
+        mu, sigma = statistics(features)
+        return cls(mu, sigma, features, settings.to_dict(), source, dict(provenance))
+
+
+def save_reference(ref: Reference, path: str | os.PathLike[str]) -> Path:
+    """Write ``ref`` to ``path`` (``.npz``) atomically."""
+    dest = check_writable(Path(path))
+    meta = {**ref.settings, "num_images": ref.num_images, "source": ref.source, **ref.provenance}
+    with atomic_file(dest) as tmp, tmp.open("wb") as fh:
+        np.savez(
+            fh,
+            mu=ref.mu,
+            sigma=ref.sigma,
+            features=ref.features.astype(np.float32),
+            settings=np.array(json.dumps(meta, sort_keys=True)),
+        )
+    return dest
+
+
+def load_reference(path: str | os.PathLike[str], expected: protocol.FeatureSettings) -> Reference:
+    """Read a file of :func:`save_reference`; refuse it when its settings differ from
+    ``expected`` (:class:`MismatchError` naming every difference)."""
+    p = Path(path).expanduser()
+    try:
+        with np.load(p, allow_pickle=False) as data:
+            missing = [k for k in REFERENCE_KEYS if k not in data.files]
+            if missing:
+                raise BadInputError(
+                    f"--ref {p}: not a wadi reference file (no {', '.join(missing)}); "
+                    "make one with --ref DIR --save-ref FILE"
+                )
+            arrays = {k: data[k] for k in REFERENCE_KEYS}
+    except BadInputError:
+        raise
+    except (OSError, ValueError, EOFError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BadInputError(f"--ref {p}: cannot read it as a reference .npz ({msg})") from None
+    try:
+        meta = json.loads(str(arrays["settings"]))
+    except json.JSONDecodeError:
+        raise BadInputError(f"--ref {p}: its settings are not JSON") from None
+    diffs = expected.differences(meta)
+    if diffs:
+        raise MismatchError(
+            f"--ref {p} was computed with other settings ({'; '.join(diffs)}); "
+            "recompute it with --ref DIR --save-ref FILE"
+        )
+    settings = {k: meta[k] for k in expected.to_dict()}
+    extra = {k: v for k, v in meta.items() if k not in settings}
+    return Reference(
+        arrays["mu"], arrays["sigma"], arrays["features"], settings, str(extra.get("source", p)), extra
+    )

@@ -1,0 +1,368 @@
+"""Running an evaluation: generate (resumable, split over processes), extract features,
+score against a reference, write ``metrics.json``.
+
+Every process runs the same code: checks are made by all of them (so a refusal is the
+same everywhere, and nobody waits on a process that gave up), images and features are
+split by :func:`~wadi_cli.evaluation.folders.shard` over fixed chunks, and the main
+process gathers the features, scores and writes. Chunks are the same whatever the
+number of processes, so 1 and N processes make the same images and the same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from wadi_cli.errors import BadInputError
+from wadi_cli.evaluation import protocol
+from wadi_cli.evaluation.folders import (
+    IMAGES,
+    MANIFEST,
+    METRICS,
+    REFERENCE,
+    Manifest,
+    build_manifest,
+    check_resumable,
+    image_name,
+    list_images,
+    missing_chunks,
+    read_image,
+    save_png,
+    shard,
+    write_manifest,
+)
+from wadi_cli.evaluation.parallel import Processes
+from wadi_cli.evaluation.reference import Reference, load_reference, save_reference
+from wadi_cli.io import write_text_atomic
+
+
+class ProgressFactory(Protocol):
+    """``progress(description, total)``: a context yielding ``advance(n)``."""
+
+    def __call__(
+        self, description: str, total: int
+    ) -> contextlib.AbstractContextManager[Callable[[int], None]]: ...
+
+
+@contextlib.contextmanager
+def no_progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
+    yield lambda n: None
+
+
+@dataclass
+class EvalOptions:
+    """How to score: which metrics, the protocol's settings, the extractors' weights."""
+
+    metrics: tuple[str, ...]
+    resolution: int = protocol.RESOLUTION
+    inception_weights: str | None = None
+    clip_model: str = protocol.CLIP_MODEL
+    clip_weights: str | None = None
+    clip_prefix: str = protocol.CLIP_PREFIX
+    feature_batch_size: int = 50
+    workers: int = 0
+
+    @property
+    def protocol_metrics(self) -> tuple[str, ...]:
+        return tuple(m for m in self.metrics if m in protocol.PROTOCOL_METRICS)
+
+    @property
+    def needs_reference(self) -> bool:
+        return any(m in protocol.REFERENCE_METRICS for m in self.metrics)
+
+
+@dataclass
+class Timing:
+    generated: int = 0
+    generation_s: float = 0.0
+    featured: int = 0
+    features_s: float = 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        out: dict[str, float] = {"generated": self.generated, "generation_s": round(self.generation_s, 3)}
+        if self.generated:
+            out["generation_images_per_s"] = round(self.generated / max(self.generation_s, 1e-9), 3)
+        out.update(featured=self.featured, features_s=round(self.features_s, 3))
+        if self.featured:
+            out["feature_images_per_s"] = round(self.featured / max(self.features_s, 1e-9), 3)
+        return out
+
+
+@dataclass
+class Scorer:
+    """Loaded feature extractors and reference statistics, shared by every evaluation of a
+    session (``--watch`` scores many checkpoints against one reference)."""
+
+    options: EvalOptions
+    procs: Processes
+    progress: ProgressFactory = no_progress
+    inception: Any = None
+    clip: Any = None
+    reference: Reference | None = None
+    timing: Timing = field(default_factory=Timing)
+
+    @classmethod
+    def load(cls, options: EvalOptions, procs: Processes, progress: ProgressFactory = no_progress) -> Scorer:
+        """Check the extra and load the extractors the metrics need (before any generation)."""
+        from wadi_cli.evaluation.features import ClipFeatures, InceptionFeatures, require_extra
+
+        scorer = cls(options, procs, progress)
+        needed = options.protocol_metrics
+        if not needed:
+            return scorer
+        require_extra(needed)
+        if any(m in protocol.REFERENCE_METRICS for m in needed):
+            scorer.inception = InceptionFeatures(options.inception_weights, procs.device)
+        if "clip" in needed:
+            scorer.clip = ClipFeatures(options.clip_model, options.clip_weights, procs.device)
+        return scorer
+
+    def settings(self) -> protocol.FeatureSettings:
+        return self.inception.settings(self.options.resolution)
+
+    # ---- features ------------------------------------------------------------------
+    def features(self, files: Sequence[Path], clip: bool, label: str) -> dict[str, np.ndarray] | None:
+        """Features of ``files`` split over the processes in fixed batches; the main process
+        gets them all in file order, the others ``None``."""
+        from wadi_cli.evaluation.features import extract
+
+        batch = self.options.feature_batch_size
+        spans = [(s, min(s + batch, len(files))) for s in range(0, len(files), batch)]
+        mine = shard(spans, self.procs.rank, self.procs.world)
+        my_files = [f for s, e in mine for f in files[s:e]]
+        start = time.perf_counter()
+        with self.progress(label, len(my_files)) as advance:
+            feats = extract(
+                my_files,
+                inception=self.inception,
+                clip=self.clip if clip else None,
+                batch_size=batch,
+                resolution=self.options.resolution,
+                workers=self.options.workers,
+                progress=advance,
+            )
+        self.timing.featured += len(my_files)
+        self.timing.features_s += time.perf_counter() - start
+        parts = self.procs.gather([(mine, feats)])
+        if not self.procs.is_main:
+            return None
+        out: dict[str, np.ndarray] = {}
+        for key in sorted({k for _, arrays in parts for k in arrays}):
+            rows: list[tuple[int, np.ndarray]] = []
+            for spans_of, arrays in parts:
+                if not spans_of:
+                    continue
+                offset = 0
+                for s, e in spans_of:
+                    rows.append((s, arrays[key][offset : offset + e - s]))
+                    offset += e - s
+            out[key] = np.concatenate([a for _, a in sorted(rows, key=lambda r: r[0])])
+        return out
+
+    # ---- reference -------------------------------------------------------------------
+    def load_reference(self, ref: str | Path, save_to: str | Path | None = None) -> Reference | None:
+        """``ref``: a folder of real images (features computed here) or a reference file.
+        ``save_to`` writes the statistics of a folder (main process)."""
+        from wadi_cli.evaluation.features import library_version
+
+        path = Path(ref).expanduser()
+        if path.is_file():
+            if save_to is not None:
+                raise BadInputError("--save-ref needs --ref DIR (a folder of real images), not a file")
+            self.reference = load_reference(path, self.settings())
+            return self.reference
+        files = list_images(path, "--ref")
+        feats = self.features(files, clip=False, label="reference features")
+        if feats is None:
+            return None
+        provenance = {
+            "clean_fid_version": library_version("clean-fid"),
+            "inception_file": self.inception.path.name,
+        }
+        self.reference = Reference.from_features(feats["inception"], self.settings(), str(path), provenance)
+        if save_to is not None:
+            save_reference(self.reference, save_to)
+        return self.reference
+
+    # ---- scores ----------------------------------------------------------------------
+    def score(self, files: Sequence[Path], captions: Sequence[str] | None) -> tuple[dict[str, float], dict]:
+        """Protocol metrics of ``files`` (main process; others get empty dicts)."""
+        from wadi_cli.evaluation import scores
+
+        wanted = self.options.protocol_metrics
+        if not wanted:
+            return {}, {}
+        if "clip" in wanted and captions is None:
+            raise BadInputError("--metrics clip needs the caption of every image: pass --captions FILE")
+        feats = self.features(files, clip="clip" in wanted, label="features")
+        if feats is None:
+            return {}, {}
+        out: dict[str, float] = {}
+        ref = self.reference
+        if "fid" in wanted:
+            mu, sigma = scores.statistics(feats["inception"])
+            out["fid"] = scores.fid(mu, sigma, ref.mu, ref.sigma)  # type: ignore[union-attr]
+        if "kid" in wanted:
+            out["kid"] = scores.kid(feats["inception"], ref.features)  # type: ignore[union-attr]
+        if "pr" in wanted:
+            out["precision"], out["recall"] = scores.precision_recall(feats["inception"], ref.features)  # type: ignore[union-attr]
+        if "clip" in wanted:
+            text = np.concatenate(
+                [
+                    self.clip.texts(list(captions[i : i + 64]), self.options.clip_prefix)  # type: ignore[index]
+                    for i in range(0, len(captions), 64)  # type: ignore[arg-type]
+                ]
+            )
+            out["clip"] = scores.clip_score(feats["clip"], text)
+        return out, self.how(len(files))
+
+    def how(self, n: int) -> dict[str, dict[str, Any]]:
+        """How each metric was computed (library, version, extractor, resize, N)."""
+        from wadi_cli.evaluation.features import library_version
+
+        wanted = self.options.protocol_metrics
+        how: dict[str, dict[str, Any]] = {}
+        resize = (
+            f"RGB, center crop on the long edge, PIL LANCZOS to {self.options.resolution}x"
+            f"{self.options.resolution}, then clean-fid's clean resize to 299x299"
+        )
+        if self.inception is not None:
+            extractor = (
+                f"Inception-v3 pool3, {self.inception.path.name} (sha256 {self.inception.sha256[:12]}…)"
+            )
+            base = {"feature_extractor": extractor, "resize": resize, "n_generated": n}
+            base["n_reference"] = self.reference.num_images if self.reference else None
+            cf = f"clean-fid {library_version('clean-fid')}"
+            if "fid" in wanted:
+                how["fid"] = {"library": cf, "function": "frechet_distance", "mode": "clean", **base}
+            if "kid" in wanted:
+                kid = (
+                    f"kernel_distance, {protocol.KID_SUBSETS} subsets of ≤{protocol.KID_SUBSET_SIZE}, "
+                    f"seed {protocol.KID_SEED}"
+                )
+                how["kid"] = {"library": cf, "function": kid, "mode": "clean", **base}
+            if "pr" in wanted:
+                tf = f"torch-fidelity {library_version('torch-fidelity')}"
+                how["pr"] = {
+                    "library": tf,
+                    "function": f"prc_features_to_metric, k = {protocol.PR_NEIGHBORHOOD}",
+                    **base,
+                }
+        if "clip" in wanted:
+            how["clip"] = {
+                "library": f"open_clip {library_version('open_clip_torch')}",
+                "feature_extractor": self.clip.description,
+                "text": f"{self.options.clip_prefix!r} + caption",
+                "resize": "OpenCLIP's own preprocessing of the image as generated",
+                "scale": "mean cosine similarity (0-1)",
+                "n_generated": n,
+            }
+        return how
+
+
+# ---- generation ----------------------------------------------------------------------------
+def generate_missing(
+    sampler: Any, out: Path, manifest: Manifest, config: Any, procs: Processes, progress: ProgressFactory
+) -> tuple[int, float]:
+    """Generate every chunk of ``manifest`` with an incomplete image, split over processes.
+    Chunk ``[s, e)`` is one batch of captions ``s..e-1`` with seeds ``seed + s …``; returns
+    (images made by this process, seconds)."""
+    from wadi_cli.sample import generate
+
+    todo = missing_chunks(out, manifest, config.batch_size, None)
+    procs.barrier()  # every process has looked before anyone writes
+    mine = shard(todo, procs.rank, procs.world)
+    total = sum(e - s for s, e in mine)
+    start = time.perf_counter()
+    with progress("generating", total) as advance:
+        for s, e in mine:
+            cfg = dataclasses.replace(config, seed=int(manifest.entries[s]["seed"]), batch_size=e - s)
+            gen = generate(sampler, manifest.captions[s:e], cfg)
+            for i, image in zip(range(s, e), gen.images, strict=True):
+                save_png(image, out / manifest.entries[i]["file"])
+            advance(e - s)
+    seconds = time.perf_counter() - start
+    procs.barrier()
+    return total, seconds
+
+
+def prepare_out(
+    out: Path, settings: dict[str, Any], captions: Sequence[str], seed: int, procs: Processes
+) -> Manifest:
+    """The manifest of ``out`` after checking that a resumed folder matches (every process
+    checks; the main one writes)."""
+    manifest = build_manifest(settings, captions, seed)
+    check_resumable(out, manifest)
+    procs.barrier()
+    if procs.is_main:
+        write_manifest(out, manifest)
+    procs.barrier()
+    return manifest
+
+
+def write_tiny_reference(
+    out: Path, attrs: Sequence[dict[str, str]], real_seed: int, procs: Processes
+) -> Path:
+    """The tiny backbone's real images for ``attrs`` (rendered with ``real_seed``) as PNGs in
+    ``out/reference`` (main process)."""
+    from wadi_cli.tiny.data import render_batch
+
+    folder = out / REFERENCE
+    if procs.is_main:
+        images = render_batch(attrs, real_seed)
+        for i, image in enumerate(images):
+            save_png(image, folder / image_name(i, len(images)))
+    procs.barrier()
+    return folder
+
+
+def tiny_scores(
+    files: Sequence[Path], attrs: Sequence[dict[str, str]] | None, real_seed: int, classifier: Any
+) -> dict[str, float]:
+    """The tiny classifier's accuracy and Fréchet distance of the images in ``files``."""
+    from wadi_cli.tiny.metrics import evaluate_images
+
+    if attrs is None:
+        raise BadInputError(
+            "accuracy and fd need tiny prompts ('a red circle at the top left'); use --metrics"
+        )
+    images = np.stack([np.asarray(protocol.to_rgb(read_image(f))) for f in files])
+    result = evaluate_images(images, list(attrs), real_seed=real_seed, classifier=classifier)
+    return {"accuracy": float(result["accuracy"]), "fd": float(result["fd"])}
+
+
+def write_metrics(out: Path, result: dict[str, Any]) -> Path:
+    """``out/metrics.json``, atomically."""
+    return write_text_atomic(out / METRICS, json.dumps(result, indent=2, default=str) + "\n")
+
+
+def manifest_images(folder: Path) -> tuple[list[Path], list[str]] | None:
+    """Files and captions of a wadi evaluation folder (``None`` for any other folder)."""
+    if not (folder / MANIFEST).is_file():
+        return None
+    manifest = Manifest.read(folder / MANIFEST)
+    return [folder / f for f in manifest.files], manifest.captions
+
+
+__all__ = [
+    "IMAGES",
+    "EvalOptions",
+    "ProgressFactory",
+    "Scorer",
+    "Timing",
+    "generate_missing",
+    "manifest_images",
+    "no_progress",
+    "prepare_out",
+    "tiny_scores",
+    "write_metrics",
+    "write_tiny_reference",
+]
