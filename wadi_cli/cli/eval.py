@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from wadi_cli.cli.common import (
+    Base,
     JsonFlag,
     OutDir,
     Seed,
@@ -20,8 +21,9 @@ from wadi_cli.cli.common import (
 
 HELP = """Evaluate the tiny backbone: draw N prompts ("a red circle at the
 top left", …) with --seed, generate one image per prompt (one step with
---weights, or the multi-step teacher with --teacher), and score them with
-the shipped attribute classifier.
+--weights, by default the one-step student shipped with wadi; --base for
+the undistilled model in one step; or the multi-step teacher with
+--teacher), and score them with the shipped attribute classifier.
 
 accuracy: share of images whose colour, shape and position all match the
 prompt. fd: Fréchet distance between classifier features of the generated
@@ -29,6 +31,10 @@ images and of freshly rendered real images with the same attributes
 (compare FDs only at equal N).
 
 Examples:
+
+  wadi eval -b tiny -n 500 --seed 0
+
+  wadi eval -b tiny --base -n 500 --seed 0
 
   wadi eval --backbone tiny --weights student.safetensors -n 256 --seed 0
 
@@ -47,8 +53,13 @@ def register(app: typer.Typer) -> None:
         ] = "tiny",
         weights: Annotated[
             Path | None,
-            typer.Option("--weights", "-w", help="One-step weights: merged file, LoRaD adapter, or folder."),
+            typer.Option(
+                "--weights",
+                "-w",
+                help="One-step weights: merged file, LoRaD adapter or folder (default: the shipped student).",
+            ),
         ] = None,
+        base: Base = False,
         teacher: Annotated[bool, typer.Option("--teacher", help="Evaluate the multi-step teacher.")] = False,
         steps: Annotated[int | None, typer.Option("--steps", help="Teacher steps (default 25).")] = None,
         cfg: Annotated[
@@ -107,6 +118,7 @@ def register(app: typer.Typer) -> None:
                 device=resolve_device(device),
                 batch_size=batch_size,
                 classifier=classifier,
+                base=base,
             )
         if out is not None:
             save_samples(out, gen.images, gen.prompts, gen.seeds, result)

@@ -68,11 +68,24 @@ def get_backbone_spec(backbone: str | Any) -> Any:
 
 # ---- pipeline ------------------------------------------------------------------------
 class _MissingDownload(Exception):
-    """A hub fetch failed; ``hint`` says what to download and which flag takes it."""
+    """A hub fetch failed: ``what`` is missing, ``command`` fetches it where the hub is
+    reachable, ``flag`` takes a local copy instead."""
 
-    def __init__(self, hint: str) -> None:
-        super().__init__(hint)
-        self.hint = hint
+    def __init__(self, what: str, command: str, flag: str) -> None:
+        super().__init__(what)
+        self.what, self.command, self.flag = what, command, flag
+
+
+def _missing_message(missing: list[_MissingDownload]) -> str:
+    """One line naming every missing download, ending with the flags that take local copies."""
+    what = ", nor ".join(m.what for m in missing)
+    commands = " and ".join(f"`{m.command}`" for m in missing)
+    them = "it" if len(missing) == 1 else "them"
+    copies = "a local copy" if len(missing) == 1 else "local copies"
+    return (
+        f"offline or not on the hub: cannot fetch {what}; fetch {them} with {commands} where the hub "
+        f"is reachable, or pass {copies} with {' '.join(m.flag for m in missing)}"
+    )
 
 
 def resolve_pipeline_source(backbone: Any, model: str | os.PathLike[str] | None = None) -> Path:
@@ -82,7 +95,7 @@ def resolve_pipeline_source(backbone: Any, model: str | os.PathLike[str] | None 
     try:
         return _pipeline_source(backbone, model)
     except _MissingDownload as exc:
-        raise HubError(f"cannot fetch {exc.hint}") from None
+        raise HubError(_missing_message([exc])) from None
 
 
 def _pipeline_source(backbone: Any, model: str | os.PathLike[str] | None) -> Path:
@@ -101,10 +114,7 @@ def _pipeline_source(backbone: Any, model: str | os.PathLike[str] | None) -> Pat
     try:
         path = Path(resolve_model(repo))
     except HubError:
-        raise _MissingDownload(
-            f"the base pipeline {repo} (download it, e.g. `hf download {repo}`, and pass the folder "
-            "with --model DIR)"
-        ) from None
+        raise _MissingDownload(f"the base pipeline {repo}", f"hf download {repo}", "--model DIR") from None
     if not (path / "model_index.json").is_file():
         raise CheckpointError(f"--model {path}: not a diffusers pipeline folder (no model_index.json)")
     return path
@@ -228,17 +238,34 @@ def apply_weights(model: nn.Module, path: str | os.PathLike[str], backbone: Any)
     return kind
 
 
-def default_weights(backbone: Any) -> Path | None:
-    """The authors' released one-step weights for ``backbone`` (fetched from the hub and
-    cached), or ``None`` when the backbone has no release (``tiny``). A failed fetch
-    raises :class:`HubError` saying what to download and that ``--weights`` takes it."""
+def default_weights(backbone: Any, source: str | os.PathLike[str] | None = None) -> Path | None:
+    """The default one-step weights for ``backbone`` on the base pipeline ``source``: the
+    authors' release (fetched from the hub and cached) for sd15 / sd21 / pixart, the
+    student shipped with wadi for tiny on its shipped pipeline (``None`` on another tiny
+    base: the student was not trained on it). A failed fetch raises :class:`HubError`
+    saying what to download and that ``--weights`` takes it."""
     try:
-        return _default_weights(backbone)
+        return _default_weights(backbone, source)
     except _MissingDownload as exc:
-        raise HubError(f"cannot fetch {exc.hint}") from None
+        raise HubError(_missing_message([exc])) from None
 
 
-def _default_weights(backbone: Any) -> Path | None:
+def _shipped_tiny_student(source: str | os.PathLike[str] | None) -> Path | None:
+    from wadi_cli.tiny import TINY_PIPELINE_DIR, TINY_STUDENT_PATH
+
+    if source is not None and Path(source).resolve() != Path(TINY_PIPELINE_DIR).resolve():
+        return None
+    if not TINY_STUDENT_PATH.is_file():
+        raise CheckpointError(
+            f"the tiny one-step student is missing at {TINY_STUDENT_PATH} (incomplete install); "
+            "pass one-step weights with --weights FILE, or sample the undistilled model with --base"
+        )
+    return TINY_STUDENT_PATH
+
+
+def _default_weights(backbone: Any, source: str | os.PathLike[str] | None = None) -> Path | None:
+    if backbone.name == "tiny":
+        return _shipped_tiny_student(source)
     repo, name = getattr(backbone, "release_repo", None), getattr(backbone, "release_file", None)
     if not repo or not name:
         return None
@@ -248,8 +275,10 @@ def _default_weights(backbone: Any) -> Path | None:
         return Path(fetch_file(repo, name))
     except HubError:
         raise _MissingDownload(
-            f"the default {backbone.name} one-step weights {name} of the hub repo {repo} (download "
-            f"https://huggingface.co/{repo}/resolve/main/{name} and pass it with --weights {name})"
+            f"the {backbone.name} one-step weights {name} of the hub repo {repo} "
+            f"(https://huggingface.co/{repo}/resolve/main/{name})",
+            f"hf download {repo} {name}",
+            f"--weights {name}",
         ) from None
 
 
@@ -258,23 +287,26 @@ def resolve_sources(
     model: str | os.PathLike[str] | None,
     weights: str | os.PathLike[str] | None,
     teacher: bool,
+    base: bool = False,
 ) -> tuple[Path, Path | None]:
-    """(pipeline folder, weights path or None) for a run. Every hub failure is reported
-    in ONE :class:`HubError` that lists each missing download and the flag that takes it."""
-    hints: list[str] = []
+    """(pipeline folder, weights path or None) for a run: without ``weights`` the student
+    gets :func:`default_weights` unless ``base`` (one step from the undistilled base). Every
+    hub failure is reported in ONE :class:`HubError` that lists each missing download and
+    the flag that takes it."""
+    missing: list[_MissingDownload] = []
     source: Path | None = None
     try:
         source = _pipeline_source(backbone, model)
     except _MissingDownload as exc:
-        hints.append(exc.hint)
+        missing.append(exc)
     wpath = None if weights is None else Path(weights).expanduser()
-    if wpath is None and not teacher:
+    if wpath is None and not teacher and not base:
         try:
-            wpath = _default_weights(backbone)
+            wpath = _default_weights(backbone, source)
         except _MissingDownload as exc:
-            hints.append(exc.hint)
-    if hints:
-        raise HubError("offline or not on the hub; cannot fetch " + " and ".join(hints))
+            missing.append(exc)
+    if missing:
+        raise HubError(_missing_message(missing))
     assert source is not None
     return source, wpath
 
@@ -290,10 +322,12 @@ def load_sampler(
     dtype: torch.dtype = torch.float32,
     channels_last: bool | None = None,
     compile: bool = False,
+    base: bool = False,
 ) -> Sampler:
     """Load the base pipeline of ``backbone`` (``model`` overrides its source), put the
     one-step ``weights`` into its denoiser (for the student: default = the authors'
-    release, when there is one), and move everything to ``device``/``dtype``.
+    release, or the shipped tiny student; ``base=True``: none, one step from the
+    undistilled base), and move everything to ``device``/``dtype``.
 
     ``channels_last`` (default: on CUDA) and ``compile`` (``torch.compile`` of the
     denoiser) are speed options for accelerators; neither changes the maths.
@@ -303,9 +337,12 @@ def load_sampler(
     notes: list[str] = []
     if teacher and weights is not None:
         raise BadInputError("--teacher samples the base model: drop --weights (or drop --teacher)")
-    source, weights = resolve_sources(spec, model, weights, teacher)
+    if base and (weights is not None or teacher):
+        raise BadInputError("--base samples the undistilled model in one step: drop --weights and --teacher")
+    source, weights = resolve_sources(spec, model, weights, teacher, base)
     if not teacher and weights is None:
-        notes.append(f"no --weights: one-step sampling from the base {spec.name} model itself")
+        why = "--base" if base else "no --weights and no default for this base"
+        notes.append(f"{why}: one-step sampling from the undistilled {spec.name} model itself")
     pipe = _load_pipeline(spec, source, dtype)
     net = pipe.transformer if spec.family == "dit" else pipe.unet
     kind = apply_weights(net, weights, spec) if weights is not None else None

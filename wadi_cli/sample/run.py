@@ -30,9 +30,12 @@ def sample_to_folder(
     grid_cols: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     on_loaded: Callable[[Any], None] | None = None,
+    base: bool = False,
 ) -> dict[str, Any]:
     """Generate ``num_images`` images per prompt and write them to ``out`` (numbered PNGs,
-    ``grid.png``, ``samples.json``). Returns a JSON-ready summary.
+    ``grid.png``, ``samples.json``). Returns a JSON-ready summary. Without ``weights`` the
+    student is the backbone's default (:func:`~wadi_cli.sample.loading.default_weights`);
+    ``base=True`` samples the undistilled base in one step instead.
 
     Bad input (unknown backbone, no prompts, unwritable ``out``, weights that do not fit)
     raises a :class:`~wadi_cli.errors.BadInputError` subclass before anything is written.
@@ -57,6 +60,7 @@ def sample_to_folder(
         device=dev,
         dtype=torch_dtype,
         compile=compile,
+        base=base,
     )
     if on_loaded is not None:
         on_loaded(sampler)
