@@ -26,6 +26,8 @@ from wadi_cli.io.writers import (
     check_writable,
     provenance_metadata,
     save_safetensors,
+    unused_path,
+    write_text_atomic,
 )
 
 __all__ = [
@@ -41,4 +43,6 @@ __all__ = [
     "provenance_metadata",
     "resolve_model",
     "save_safetensors",
+    "unused_path",
+    "write_text_atomic",
 ]

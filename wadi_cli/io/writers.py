@@ -92,6 +92,34 @@ def save_safetensors(
     return dest
 
 
+def unused_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` if nothing is there yet, else the first free ``path-2``, ``path-3``, …
+    (default output folders that never replace an earlier result). Creates nothing."""
+    base = Path(path)
+    found, n = base, 1
+    while found.exists():
+        n += 1
+        found = base.with_name(f"{base.name}-{n}")
+    return found
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically: a temporary file in the same folder,
+    renamed over ``path`` once complete."""
+    dest = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, _umasked(0o666))
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return dest
+
+
 def _is_ours_or_empty(folder: Path) -> bool:
     return (folder / MARKER).is_file() or not any(folder.iterdir())
 
