@@ -5,6 +5,10 @@ Each measurement is the wall time of a fresh Python process running the CLI's en
 arguments, output discarded. Targets: ``--help`` and ``CMD --help`` <= 0.5 s, ``info -b
 NAME`` <= 1.5 s (medians).
 
+Each round also times the framework's own floor: a bare two-command Typer app in the same
+markup mode answering ``cmd --help`` (Python start-up plus typer, its pydantic coercion and
+rich), which no CLI built on them can beat.
+
 With ``--before PATH`` (a checkout of earlier code, e.g. ``git worktree add /tmp/before
 main``) every command is also run from that checkout, the two alternating run by run (the
 order flips every round), so that a busy machine slows both sides alike; the table gives
@@ -25,6 +29,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +39,20 @@ COMMANDS = ("analyze", "swap", "merge", "info", "sample", "eval", "distill", "ex
 BACKBONES = ("sd15", "sd21", "pixart", "tiny")
 LAUNCH = "import sys; sys.argv[0] = 'wadi'; from wadi_cli.cli.main import main; main()"
 TARGETS = {"help": 0.5, "info": 1.5}
+# `python -c` puts the working directory first on sys.path: run from a neutral folder so
+# that PYTHONPATH alone decides which copy of wadi_cli is imported.
+NEUTRAL_CWD = tempfile.gettempdir()
+FLOOR = (
+    "import typer\n"
+    "app = typer.Typer(rich_markup_mode='markdown', add_completion=False, pretty_exceptions_enable=False)\n"
+    "@app.command()\n"
+    "def cmd(x: int = typer.Option(1, help='An option.'), y: str = typer.Option('a', help='Another.')):\n"
+    "    'One command.'\n"
+    "@app.command()\n"
+    "def other():\n"
+    "    'Another command.'\n"
+    "app()\n"
+)
 
 
 def cases() -> list[tuple[str, list[str]]]:
@@ -54,15 +73,17 @@ def _env(root: Path) -> dict[str, str]:
 def imported_from(root: Path) -> Path:
     """Where ``wadi_cli`` is imported from with ``root`` first on the path."""
     code = "import wadi_cli, pathlib; print(pathlib.Path(wadi_cli.__file__).resolve().parent.parent)"
-    out = subprocess.run([sys.executable, "-c", code], env=_env(root), capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=_env(root), capture_output=True, text=True, cwd=NEUTRAL_CWD
+    )
     return Path(out.stdout.strip())
 
 
-def time_once(root: Path, argv: list[str]) -> float:
+def time_once(root: Path, argv: list[str], code: str = LAUNCH) -> float:
     """Wall time of one CLI process (exit status checked: a failing command is no answer)."""
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-c", LAUNCH, *argv], env=_env(root), capture_output=True, text=True
+        [sys.executable, "-c", code, *argv], env=_env(root), capture_output=True, text=True, cwd=NEUTRAL_CWD
     )
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -78,17 +99,19 @@ def git_commit(root: Path) -> str:
     return out.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
-def run(sides: dict[str, Path], repeats: int) -> dict[str, dict[str, list[float]]]:
-    """{argv string: {side: [seconds, …]}}, sides alternating run by run."""
+def run(sides: dict[str, Path], repeats: int) -> tuple[dict[str, dict[str, list[float]]], list[float]]:
+    """{argv string: {side: [seconds, …]}}, sides alternating run by run; and the floor's times."""
     times: dict[str, dict[str, list[float]]] = {" ".join(a): {s: [] for s in sides} for _, a in cases()}
+    floor: list[float] = []
     names = list(sides)
     for r in range(repeats):
         order = names if r % 2 == 0 else names[::-1]
         for _, argv in cases():
             for side in order:
                 times[" ".join(argv)][side].append(time_once(sides[side], argv))
+        floor.append(time_once(REPO, ["cmd", "--help"], FLOOR))
         print(f"round {r + 1}/{repeats} done", file=sys.stderr)
-    return times
+    return times, floor
 
 
 def table(results: dict[str, object]) -> str:
@@ -124,7 +147,7 @@ def main() -> None:
             raise SystemExit(f"{side}: wadi_cli is not imported from {root} (got {imported_from(root)})")
     load_start = os.getloadavg()[0]
     started = dt.datetime.now(dt.timezone.utc)
-    times = run(sides, args.repeats)
+    times, floor = run(sides, args.repeats)
     rows = []
     for kind, argv in cases():
         key = " ".join(argv)
@@ -156,6 +179,12 @@ def main() -> None:
         "date": started.isoformat(timespec="seconds"),
         "seconds": round((dt.datetime.now(dt.timezone.utc) - started).total_seconds(), 1),
         "rows": rows,
+        "floor_bare_typer_help": {
+            "median_s": statistics.median(floor),
+            "min_s": min(floor),
+            "max_s": max(floor),
+            "runs": [round(t, 4) for t in floor],
+        },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
@@ -168,6 +197,10 @@ def main() -> None:
         + (", before and after run alternately (the order flips every round)." if args.before else "."),
         "",
         table(results),
+        "",
+        "Floor of the framework, same rounds: a bare two-command Typer app answers `cmd --help` in "
+        f"{results['floor_bare_typer_help']['median_s']:.3f} s (median; "
+        f"{results['floor_bare_typer_help']['min_s']:.3f}–{results['floor_bare_typer_help']['max_s']:.3f}).",
         "",
         f"after = {results['after']['commit']}"
         + (f", before = {results['before']['commit']}" if args.before else "")

@@ -79,17 +79,25 @@ def save_safetensors(
         raise BadInputError(f"safetensors metadata must be str -> str; bad entry {bad[0]!r}")
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    with _replacing(dest) as tmp:
+        save_file(_prepare(tensors), tmp, metadata=meta)
+    return dest
+
+
+@contextlib.contextmanager
+def _replacing(dest: Path) -> Iterator[str]:
+    """A temporary file name next to ``dest``; renamed over ``dest`` when the block
+    succeeds, removed when it fails."""
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     try:
-        save_file(_prepare(tensors), tmp, metadata=meta)
+        yield tmp
         os.chmod(tmp, _umasked(0o666))  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    return dest
 
 
 def unused_path(path: str | os.PathLike[str]) -> Path:
@@ -107,16 +115,8 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically: a temporary file in the same folder,
     renamed over ``path`` once complete."""
     dest = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, _umasked(0o666))
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with _replacing(dest) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
     return dest
 
 
