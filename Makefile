@@ -21,3 +21,4 @@ format:
 bench:
 	python analysis/bench_analyze.py
 	python analysis/bench_sample.py
+	python analysis/bench_startup.py

@@ -18,6 +18,7 @@ from wadi_cli.io import (
     load_state_dict,
     provenance_metadata,
     save_safetensors,
+    write_text_atomic,
 )
 from wadi_cli.io import writers as writers_mod
 
@@ -155,3 +156,20 @@ def test_outputs_get_umask_permissions_not_private_temp_modes(tmp_path):
         os.umask(old)
     assert f.stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+
+
+def test_write_text_atomic_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    target = write_text_atomic(tmp_path / "table.json", "first\n")
+    write_text_atomic(target, "second\n")
+    assert target.read_text() == "second\n" and _leftovers(tmp_path) == []
+
+    def broken(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_text", broken)
+    with pytest.raises(OSError, match="disk full"):
+        write_text_atomic(target, "third\n")
+    monkeypatch.undo()
+    assert target.read_text() == "second\n" and _leftovers(tmp_path) == []

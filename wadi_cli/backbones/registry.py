@@ -4,6 +4,9 @@ Each :class:`Backbone` holds its hub id, the architecture config shipped inside 
 package (so the network skeleton can be built, and adapter sizes counted, without a
 download), the LoRaD target rules and ranks per role (WaDi §2), resolution, text
 encoder, and the one-step constant ``ᾱ_T`` (WaDi §3).
+
+Importing it needs neither torch nor diffusers (``wadi info`` answers at once): adapter
+plans come from the shape tables of :mod:`wadi_cli.backbones.skeletons`.
 """
 
 from __future__ import annotations
@@ -11,13 +14,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from wadi_cli.errors import BadInputError
-from wadi_cli.lorad.config import ROLES, LoRaDConfig
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from wadi_cli.lorad.config import LoRaDConfig
 
 #: ᾱ_T used to turn the student's ε-prediction at t = T−1 into x0 (WaDi §3). The
 #: authors' release uses this one constant for every backbone (SD's scaled-linear
@@ -65,6 +70,8 @@ class TargetRule:
 def linear_names(model: nn.Module) -> list[str]:
     """Paths of the plain Linears of ``model`` (the base layers inside LoRaD wrappers are
     reported under the wrapper's path, so an injected model gives the same names)."""
+    from torch import nn
+
     from wadi_cli.lorad.layer import LoRaDLinear  # local: registry stays importable alone
 
     modules = dict(model.named_modules())
@@ -110,7 +117,7 @@ class Backbone:
     components_repo: str | None = None
     # Other base models of the same family, as (hub id, what it is): shown by `wadi info`.
     alternatives: tuple[tuple[str, str], ...] = ()
-    default_dtype: torch.dtype = torch.float16  # dtype of frozen weights on a GPU
+    default_dtype_name: str = "float16"  # dtype of frozen weights on a GPU (see default_dtype)
     mixed_precision: str = "fp16"  # "fp16" | "bf16" | "no"
     # Intra-op threads on CPU (None: torch's choice). The tiny model's ops are too small
     # to gain from threads, and with 2 OpenMP threads on a machine whose other core is
@@ -119,6 +126,13 @@ class Backbone:
     description: str = field(default="", compare=False)
 
     # ---- names and config -----------------------------------------------------------
+    @property
+    def default_dtype(self) -> torch.dtype:
+        """The torch dtype of the frozen weights on a GPU (imports torch on first use)."""
+        import torch
+
+        return getattr(torch, self.default_dtype_name)
+
     def model_id(self, override: str | None = None) -> str:
         """The base model to load: ``override`` (``--model PATH_OR_ID``) or the hub id."""
         return override if override else self.hub_id
@@ -158,6 +172,7 @@ class Backbone:
         discovery); ``"cpu"`` gives randomly initialised weights to load a state dict into.
         """
         import diffusers
+        import torch
 
         cls = getattr(diffusers, self.denoiser_class)
         config = self.denoiser_config()
@@ -170,13 +185,9 @@ class Backbone:
     def _skeleton(self) -> tuple[dict[str, tuple[int, int]], int]:
         key = (self.name, str(self.config_path))
         if key not in _SKELETON_CACHE:
-            model = self.build_denoiser("meta")
-            shapes = {
-                n: (m.out_features, m.in_features)
-                for n, m in model.named_modules()
-                if isinstance(m, nn.Linear)
-            }
-            _SKELETON_CACHE[key] = (shapes, sum(p.numel() for p in model.parameters()))
+            from wadi_cli.backbones.skeletons import skeleton
+
+            _SKELETON_CACHE[key] = skeleton(self)
         return _SKELETON_CACHE[key]
 
     # ---- adapter targets and sizes --------------------------------------------------
@@ -186,6 +197,8 @@ class Backbone:
             return self.student_targets
         if role == "fake":
             return self.fake_targets
+        from wadi_cli.lorad.config import ROLES
+
         raise BadInputError(f"unknown LoRaD role {role!r}; expected one of {', '.join(ROLES)}")
 
     def default_rank(self, role: str) -> int:
@@ -203,6 +216,8 @@ class Backbone:
     def lorad_config(self, role: str, rank: int | None = None, model: str | None = None) -> LoRaDConfig:
         """The :class:`LoRaDConfig` for ``role`` on this backbone (targets from the shipped
         architecture, rank defaulting to the paper's, base model = ``model_id(model)``)."""
+        from wadi_cli.lorad.config import LoRaDConfig
+
         return LoRaDConfig(
             rank=self.default_rank(role) if rank is None else rank,
             role=role,
@@ -282,7 +297,7 @@ def _make_registry() -> dict[str, Backbone]:
         student_targets=_SD_STUDENT,
         fake_targets=_SD_FAKE,
         release_repo="gudaochangsheng/WaDi",
-        default_dtype=torch.float16,
+        default_dtype_name="float16",
         mixed_precision="fp16",
     )
     entries = [
@@ -330,7 +345,7 @@ def _make_registry() -> dict[str, Backbone]:
             # the 256 px repo holds only transformer/; the 512 px repo is the PixArt-α
             # pipeline with the same T5-XXL, VAE, tokenizer and training schedule
             components_repo="PixArt-alpha/PixArt-XL-2-512x512",
-            default_dtype=torch.bfloat16,
+            default_dtype_name="bfloat16",
             mixed_precision="bf16",
             description="PixArt-α 256 px DiT (T5-XXL, ε-prediction, learned variance)",
         ),
@@ -350,7 +365,7 @@ def _make_registry() -> dict[str, Backbone]:
             fake_rank=8,
             student_targets=_SD_STUDENT,
             fake_targets=_SD_FAKE,
-            default_dtype=torch.float32,
+            default_dtype_name="float32",
             mixed_precision="no",
             cpu_threads=1,
             description="tiny SD-like model shipped with wadi (32 px, CPU-friendly; for tests and demos)",

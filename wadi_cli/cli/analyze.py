@@ -5,14 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich import box
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from wadi_cli.cli.common import Device, JsonFlag, OutDir, console, err_console, handle_errors
+from wadi_cli.cli.common import Device, JsonFlag, OutDir, console, err_console, handle_errors, require
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 HELP = """Compare a teacher with its (one-step) student, row by row: how much did each
 output unit's weight row change in norm, and how much in direction?
@@ -48,6 +48,9 @@ def _fmt(x: Any, spec: str = ".4g") -> str:
 
 
 def _summary_table(summary: dict[str, Any], rank_k: int) -> Table:
+    from rich import box
+    from rich.table import Table
+
     table = Table(
         title="norm vs direction change per block (means over layers; definitions in summary.json)",
         title_justify="left",
@@ -97,8 +100,14 @@ def register(app: typer.Typer) -> None:
     @app.command("analyze", help=HELP, no_args_is_help=True)
     @handle_errors
     def analyze(
-        teacher: Annotated[str, typer.Argument(help="Teacher checkpoint (file or folder).")],
-        student: Annotated[str, typer.Argument(help="Student checkpoint (file or folder).")],
+        teacher: Annotated[
+            str | None,
+            typer.Argument(help="Teacher checkpoint (file or folder); required.", show_default=False),
+        ] = None,
+        student: Annotated[
+            str | None,
+            typer.Argument(help="Student checkpoint (file or folder); required.", show_default=False),
+        ] = None,
         out: OutDir = None,
         json_out: JsonFlag = False,
         filter_: Annotated[
@@ -112,10 +121,14 @@ def register(app: typer.Typer) -> None:
         top: Annotated[int, typer.Option("--top", help="Leading singular values kept per layer.")] = 8,
         device: Device = "cpu",
     ) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
         from wadi_cli.analysis import AnalyzeOptions, analyze_checkpoints
         from wadi_cli.analysis.outputs import write_report_files
         from wadi_cli.io import atomic_output_dir
 
+        teacher = require(teacher, "no checkpoints given: compare two with `wadi analyze TEACHER STUDENT`")
+        student = require(student, f"no student checkpoint given: `wadi analyze {teacher} STUDENT`")
         opts = AnalyzeOptions(
             rank_k=rank_k, top=top, filter=filter_, method="exact" if exact else "gram", device=device
         )

@@ -14,12 +14,13 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
-from wadi_cli.errors import WadiError
+from wadi_cli.errors import BadInputError, WadiError
 
 console = Console()  # stdout: tables, summaries
 err_console = Console(stderr=True)  # stderr: progress bars, errors
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 def debug_enabled() -> bool:
@@ -72,6 +73,17 @@ def handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def require(value: T | None, message: str) -> T:
+    """``value``, or (when the user did not give it) a one-line :class:`BadInputError`
+    ``message`` that names what is missing and ends with the flag or command supplying it.
+
+    Commands take their required inputs as optional parameters and check them with this,
+    so a missing one is one line like any other error, not Click's usage box."""
+    if value is None:
+        raise BadInputError(message)
+    return value
+
+
 def echo_debug(msg: str) -> None:
     if debug_enabled():
         print(msg, file=sys.stderr)
@@ -81,6 +93,10 @@ def echo_debug(msg: str) -> None:
 OutDir = Annotated[
     Path | None,
     typer.Option("--out", "-o", help="Output folder (written atomically: all or nothing)."),
+]
+Base = Annotated[
+    bool,
+    typer.Option("--base", help="One step from the undistilled base model instead of the default weights."),
 ]
 Device = Annotated[str, typer.Option("--device", help="Torch device: cpu, cuda, cuda:1, mps.")]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]

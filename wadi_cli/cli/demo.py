@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from wadi_cli.cli.common import console, err_console, handle_errors
+from wadi_cli.cli.common import console, err_console, handle_errors, require
 
 HELP = """Run the whole WaDi story on the embedded tiny model, offline, in minutes.
 
@@ -85,7 +85,15 @@ def register(app: typer.Typer) -> None:
     @app.command("demo", help=HELP)
     @handle_errors
     def demo(
-        out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (report.md, metrics.json, …).")],
+        out: Annotated[
+            Path | None,
+            typer.Option(
+                "--out",
+                "-o",
+                help="Output folder (report.md, metrics.json, …); required.",
+                show_default=False,
+            ),
+        ] = None,
         quick: Annotated[
             bool, typer.Option("--quick", help="LoRaD + full fine-tune only, 200 steps, 256 images.")
         ] = False,
@@ -103,6 +111,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         from wadi_cli.demo import DemoOptions, run_demo
 
+        out = require(out, "--out is missing: choose the folder for the report with --out demo/")
         options = DemoOptions(quick, steps, num_images, teacher_steps, seed, jobs)
         options.resolved()  # bad values fail before anything starts
         with _RichProgress() as progress:

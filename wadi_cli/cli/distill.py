@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,7 +21,15 @@ One frozen base serves teacher, student and fake score. Defaults are the paper's
 (--regression-weight 4; 0 gives the paper's objective; see --dry-run). Every value can be
 set in a YAML/TOML --config file or by a flag (flags win).
 
+Without --out the run goes to a new folder ./runs/NAME-YYYYmmdd-HHMMSS (NAME = the
+backbone), printed when training starts; `--resume latest` without --out continues the
+newest such run of --backbone (of any backbone when -b is not given).
+
 Examples:
+
+  wadi distill --backbone sd21
+
+  wadi distill --backbone tiny --resume latest
 
   wadi distill --backbone tiny --out runs/tiny
 
@@ -49,11 +58,20 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def distill_cmd(
         out: Annotated[
-            Path | None, typer.Option("--out", "-o", help="Run folder (checkpoints, metrics, config).")
+            Path | None,
+            typer.Option(
+                "--out",
+                "-o",
+                help="Run folder (checkpoints, metrics, config); default: a new ./runs/NAME-YYYYmmdd-HHMMSS.",
+            ),
         ] = None,
         config: Annotated[Path | None, _opt("--config", help="YAML or TOML file of config values.")] = None,
         resume: Annotated[
-            str | None, _opt("--resume", help="Continue a run: 'latest' or a checkpoint folder.")
+            str | None,
+            _opt(
+                "--resume",
+                help="Continue a run: 'latest' (of --out, else the newest ./runs/NAME-*) or a checkpoint.",
+            ),
         ] = None,
         dry_run: Annotated[
             bool, typer.Option("--dry-run", help="Print the resolved config and parameter plan, then exit.")
@@ -189,10 +207,9 @@ def register(app: typer.Typer) -> None:
             "text_cache": text_cache, "tensorboard": tensorboard, "lr_schedule": lr_schedule,
             "regression_weight": regression_weight, "regression_pairs": regression_pairs,
         }  # fmt: skip
-        if out is None and not dry_run:
-            raise BadInputError("--out RUN is required (the run folder)")
-        if resume is not None and out is None:
-            raise BadInputError("--resume needs --out RUN (the run folder to continue)")
+        default_out = out is None
+        if out is None and resume is not None:
+            out = _run_to_resume(resume, backbone)
         cfg = (
             config_for_run(out, resume, config, overrides)
             if resume
@@ -201,11 +218,20 @@ def register(app: typer.Typer) -> None:
         if dry_run:
             _print_plan(cfg.to_dict(), parameter_plan(cfg), json_out)
             return
+        if out is None:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise BadInputError(
+                    "under accelerate launch every process must write to the same run folder: pass --out RUN"
+                )
+            from wadi_cli.distill.run_dirs import new_run_dir
+
+            out = new_run_dir(cfg.backbone)
         if num_processes is not None:
-            _launch(num_processes)
+            _launch(num_processes, out if default_out else None)
             return
         use_backbone_cpu_threads(cfg.backbone, cfg.device)
-        summary = _run_with_progress(cfg, out, resume)
+        again = f"wadi distill -b {cfg.backbone}" if default_out else f"wadi distill --out {out}"
+        summary = _run_with_progress(cfg, out, resume, f"{again} --resume latest")
         if summary.rank != 0:
             return
         info = {
@@ -231,13 +257,33 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(130)
 
 
-def _launch(num_processes: int) -> None:
+def _run_to_resume(resume: str, backbone: str | None) -> Path:
+    """The run folder that ``--resume`` continues when no ``--out`` is given: for
+    ``latest`` the newest default-named run (of ``backbone``, or of any), otherwise the
+    run that holds the given checkpoint (or the given run folder itself)."""
+    from wadi_cli.distill.checkpoint import find_checkpoint
+    from wadi_cli.distill.run_dirs import latest_run_dir
+
+    if resume == "latest":
+        if backbone is None:
+            return latest_run_dir(None)
+        from wadi_cli.backbones import get_backbone
+
+        return latest_run_dir(get_backbone(backbone).name)
+    return find_checkpoint(".", resume).parent.parent
+
+
+def _launch(num_processes: int, out: Path | None) -> None:
+    """Re-run this command under `accelerate launch`; ``out``: the default run folder,
+    chosen here once so that every process writes to the same one."""
     import subprocess
     import sys
 
     from wadi_cli.distill.launch import accelerate_command, strip_option
 
     args = strip_option(sys.argv[sys.argv.index("distill") + 1 :], "--num-processes")
+    if out is not None:
+        args += ["--out", str(out)]
     code = subprocess.call(accelerate_command(num_processes, args))
     if code:
         raise typer.Exit(code)
@@ -264,7 +310,7 @@ def _print_plan(config: dict[str, Any], plan: dict[str, Any], as_json: bool) -> 
     console.print(f"base parameters (frozen): {plan['base_params']:,}")
 
 
-def _run_with_progress(cfg: Any, out: Path, resume: str | None) -> Any:
+def _run_with_progress(cfg: Any, out: Path, resume: str | None, again: str) -> Any:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from wadi_cli.distill import distill
@@ -284,6 +330,15 @@ def _run_with_progress(cfg: Any, out: Path, resume: str | None) -> Any:
     state: dict[str, Any] = {}
 
     def on_start(start: int, total: int) -> None:
+        progress.console.print(f"run folder: [bold]{out}[/] (continue it with: {again})", highlight=False)
+        if cfg.prompts is None and cfg.backbone != "tiny":
+            from wadi_cli.distill.data import SMOKE_PROMPTS
+
+            progress.console.print(
+                f"[yellow]note:[/] no --prompts: training on wadi's {len(SMOKE_PROMPTS)} built-in smoke-test "
+                "prompts; for a real run pass a caption file with --prompts FILE",
+                highlight=False,
+            )
         state["task"] = progress.add_task(
             "distill", total=total, completed=start, loss_g=0.0, loss_f=0.0, rate=0.0
         )

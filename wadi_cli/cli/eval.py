@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from wadi_cli.cli.common import (
+    Base,
     JsonFlag,
     OutDir,
     Seed,
@@ -31,8 +32,9 @@ manifest.json, resumable), then FID / KID (clean-fid, clean mode), CLIP score
 Every image is first center-cropped on its long edge and resized to 256 px
 with PIL LANCZOS. Needs: pip install "wadi-cli[eval]".
 
-Tiny, without protocol flags: draw N tiny prompts with --seed, generate, and
-report the shipped classifier's accuracy (colour, shape and position all
+Tiny, without protocol flags: draw N tiny prompts with --seed, generate (by
+default with the one-step student shipped with wadi; --base for the
+undistilled model in one step), and report the shipped classifier's accuracy (colour, shape and position all
 right) and fd (Fréchet distance of classifier features to rendered real
 images with the same attributes; compare only at equal N).
 
@@ -48,6 +50,10 @@ Examples:
   wadi eval --images other_method/ --captions coco2014_30k.csv --ref coco2014_256.npz
 
   wadi eval --watch runs/sd15 -n 5000 --captions coco2014_30k.csv --ref coco2014_256.npz
+
+  wadi eval -b tiny -n 500 --seed 0
+
+  wadi eval -b tiny --base -n 500 --seed 0
 
   wadi eval --backbone tiny --weights student.safetensors -n 256 --seed 0
 
@@ -69,9 +75,11 @@ def register(app: typer.Typer) -> None:
             typer.Option(
                 "--weights",
                 "-w",
-                help="One-step weights: merged file, LoRaD adapter, folder, or a `wadi distill` run.",
+                help="One-step weights: merged file, LoRaD adapter, folder, or a `wadi distill` run "
+                "(tiny default: the shipped one-step student).",
             ),
         ] = None,
+        base: Base = False,
         teacher: Annotated[bool, typer.Option("--teacher", help="Evaluate the multi-step teacher.")] = False,
         steps: Annotated[int | None, typer.Option("--steps", help="Teacher steps (default 25).")] = None,
         cfg: Annotated[
@@ -165,6 +173,7 @@ def register(app: typer.Typer) -> None:
             _tiny_classifier_eval(
                 weights, teacher, steps, cfg, alpha_bar_t, 256 if num_images is None else num_images, seed,
                 real_seed, model, 32 if batch_size is None else batch_size, device, classifier, out, json_out,
+                base,
             )  # fmt: skip
             return
         if num_processes is not None:
@@ -193,6 +202,7 @@ def _tiny_classifier_eval(
     classifier: Path | None,
     out: Path | None,
     json_out: bool,
+    base: bool,
 ) -> None:
     """The tiny classifier's accuracy and fd (no protocol flag given)."""
     from wadi_cli.errors import BadInputError
@@ -221,6 +231,7 @@ def _tiny_classifier_eval(
             device=resolve_device(device),
             batch_size=batch_size,
             classifier=classifier,
+            base=base,
         )
     if out is not None:
         save_samples(out, gen.images, gen.prompts, gen.seeds, result)
@@ -337,7 +348,7 @@ def _request(a: dict[str, Any], name: str, texts: list[str], weights: str | None
         backbone=name, out=out, captions=texts, weights=weights, model=a["model"], teacher=a["teacher"],
         steps=a["steps"], cfg=a["cfg"], alpha_bar_T=a["alpha_bar_t"], seed=a["seed"],
         batch_size=a["batch_size"] or (32 if name == "tiny" else 8), dtype=a["dtype"],
-        real_seed=a["real_seed"], classifier=_str(a["classifier"]),
+        real_seed=a["real_seed"], classifier=_str(a["classifier"]), base=a["base"],
     )  # fmt: skip
 
 

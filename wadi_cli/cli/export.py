@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from wadi_cli.cli.common import JsonFlag, console, handle_errors
+from wadi_cli.cli.common import JsonFlag, console, handle_errors, require
 
 HELP = """Export the one-step student of a `wadi distill` run.
 
@@ -39,10 +39,19 @@ def register(app: typer.Typer) -> None:
     @app.command("export", help=HELP, no_args_is_help=True)
     @handle_errors
     def export_cmd(
-        run: Annotated[Path, typer.Argument(help="Run folder written by `wadi distill --out`.")],
+        run: Annotated[
+            Path | None,
+            typer.Argument(help="Run folder written by `wadi distill`; required.", show_default=False),
+        ] = None,
         out: Annotated[
-            Path, typer.Option("--out", "-o", help="Output file (merged/adapter) or folder (diffusers).")
-        ],
+            Path | None,
+            typer.Option(
+                "--out",
+                "-o",
+                help="Output file (merged/adapter/single-file) or folder (diffusers); required.",
+                show_default=False,
+            ),
+        ] = None,
         fmt: Annotated[
             str, typer.Option("--format", "-f", help="merged, adapter, diffusers or single-file.")
         ] = "merged",
@@ -57,6 +66,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         from wadi_cli.distill.export import export_run
 
+        run = require(run, f"no run folder given: `wadi export RUN --format {fmt} --out PATH`")
+        out = require(
+            out,
+            "--out is missing: name the output file (merged, adapter, single-file) or folder (diffusers) "
+            "with --out PATH",
+        )
         summary = export_run(run, fmt, out, checkpoint=checkpoint, ema=not raw, overwrite=overwrite)
         if json_out:
             console.print_json(json.dumps(summary))

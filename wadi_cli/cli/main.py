@@ -15,11 +15,12 @@ app = typer.Typer(
     help=(
         "Weight-direction-aware one-step distillation of diffusion models (WaDi, CVPR 2026).\n\n"
         "Examples:\n\n"
+        "    wadi analyze teacher.safetensors student.safetensors\n"
+        "    wadi distill --backbone sd21\n"
+        '    wadi sample "a shiba inu wearing a beret"\n'
         "    wadi demo --out demo/\n"
-        "    wadi analyze teacher.safetensors student.safetensors --out report/\n"
         "    wadi info --backbone sd15\n"
         '    wadi sample "a red circle at the top left" --backbone tiny --teacher --out samples/\n'
-        '    wadi sample "a shiba inu wearing a beret" --backbone sd21 --out shiba/\n'
         "    wadi eval --backbone tiny --teacher --steps 25 --num-images 200 --json\n"
         "    wadi distill --backbone tiny --out runs/tiny\n"
         "    wadi export runs/tiny --format adapter --out student.safetensors\n"

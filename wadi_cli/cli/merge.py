@@ -9,8 +9,7 @@ from typing import Annotated
 
 import typer
 
-from wadi_cli.cli.common import JsonFlag, console, handle_errors
-from wadi_cli.lorad import merge_adapter_file
+from wadi_cli.cli.common import JsonFlag, console, handle_errors, require
 
 HELP = """Merge a LoRaD adapter into a base checkpoint and write one .safetensors file
 (atomically, with provenance metadata). Every adapted weight W becomes R(AB)·W; every
@@ -34,9 +33,19 @@ def register(app: typer.Typer) -> None:
     @app.command("merge", help=HELP)
     @handle_errors
     def merge(
-        base: Annotated[str, typer.Argument(help="Base checkpoint (anything wadi can read, or a hub id).")],
-        adapter: Annotated[Path, typer.Argument(help="LoRaD adapter .safetensors file.")],
-        out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors file.")],
+        base: Annotated[
+            str | None,
+            typer.Argument(
+                help="Base checkpoint (anything wadi can read, or a hub id); required.", show_default=False
+            ),
+        ] = None,
+        adapter: Annotated[
+            Path | None, typer.Argument(help="LoRaD adapter .safetensors file; required.", show_default=False)
+        ] = None,
+        out: Annotated[
+            Path | None,
+            typer.Option("--out", "-o", help="Output .safetensors file; required.", show_default=False),
+        ] = None,
         dtype: Annotated[
             str | None,
             typer.Option("--dtype", help="Cast floating tensors to fp16, bf16 or fp32 (default: keep)."),
@@ -57,6 +66,11 @@ def register(app: typer.Typer) -> None:
         ] = "merged",
         json_out: JsonFlag = False,
     ) -> None:
+        from wadi_cli.lorad import merge_adapter_file
+
+        base = require(base, "no checkpoints given: `wadi merge BASE ADAPTER --out merged.safetensors`")
+        adapter = require(adapter, f"no adapter given: `wadi merge {base} ADAPTER --out merged.safetensors`")
+        out = require(out, "--out is missing: name the merged checkpoint with --out FILE.safetensors")
         summary = merge_adapter_file(
             base, adapter, out, dtype=dtype, prefix=prefix, overwrite=overwrite, fmt=fmt
         )

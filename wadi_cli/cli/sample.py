@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from wadi_cli.cli.common import (
+    Base,
     JsonFlag,
     OutDir,
     Seed,
@@ -23,17 +24,30 @@ HELP = """Generate images in ONE step with WaDi weights,
 x0 = (z − sqrt(1 − ᾱ_T)·ε̂(z, 999, c)) / sqrt(ᾱ_T), or with the base
 model's multi-step teacher (--teacher) for side-by-side comparison.
 
-Writes --out DIR atomically: 0000.png, 0001.png, …, grid.png and
-samples.json (prompt, seed and settings of every image). Image i has its
-own random generator seeded SEED + i: the same seed gives the same images
-whatever --batch-size (up to last-bit rounding of batched kernels).
+The backbone is sd21 (SD2.1-base, the paper's showcase) unless --backbone
+says otherwise.
+
+Writes --out DIR atomically (default: a new folder
+./wadi-samples/PROMPT-SLUG/, numbered -2, -3, … when taken; printed at the
+end): 0000.png, 0001.png, …, grid.png and samples.json (prompt, seed and
+settings of every image). Image i has its own random generator seeded
+SEED + i: the same seed gives the same images whatever --batch-size (up
+to last-bit rounding of batched kernels).
 
 --weights takes the authors' merged release file (e.g.
 rotated_unet-sdv2-1.safetensors), a LoRaD adapter file, or an exported
 diffusers folder. Without --weights, sd15 / sd21 / pixart use the authors'
-release from the hub repo gudaochangsheng/WaDi.
+release from the hub repo gudaochangsheng/WaDi, and tiny the one-step
+student shipped with wadi; --base samples the undistilled base model in
+one step instead (the "before" of distillation).
 
 Examples:
+
+  wadi sample "a shiba inu wearing a beret"
+
+  wadi sample "a red circle at the top left" -b tiny
+
+  wadi sample "a red circle at the top left" -b tiny --base -o before/
 
   wadi sample "a photo of a cat" --backbone sd21 --out cats/
 
@@ -57,7 +71,7 @@ def register(app: typer.Typer) -> None:
         prompts: Annotated[list[str] | None, typer.Argument(help="Prompts (or use --prompts FILE).")] = None,
         out: OutDir = None,
         backbone: Annotated[
-            str, typer.Option("--backbone", "-b", help="sd15, sd21, pixart or tiny.")
+            str, typer.Option("--backbone", "-b", help="sd15, sd21 (the default), pixart or tiny.")
         ] = "sd21",
         weights: Annotated[
             Path | None,
@@ -101,6 +115,7 @@ def register(app: typer.Typer) -> None:
         teacher: Annotated[
             bool, typer.Option("--teacher", help="Sample the base model with a multi-step DDIM scheduler.")
         ] = False,
+        base: Base = False,
         steps: Annotated[
             int | None, typer.Option("--steps", help="Teacher steps (default: 25; 20 for pixart).")
         ] = None,
@@ -124,12 +139,13 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         from wadi_cli.errors import BadInputError
         from wadi_cli.sample.config import SampleConfig
+        from wadi_cli.sample.output import default_output_dir
         from wadi_cli.sample.run import sample_to_folder
 
         use_backbone_cpu_threads(backbone, device)
 
         if out is None:
-            raise BadInputError("--out DIR is required (the folder to write the images into)")
+            out = default_output_dir(prompts or [], prompts_file)
         if not teacher and (steps is not None or cfg is not None):
             raise BadInputError("--steps and --cfg apply to --teacher sampling only")
         config = SampleConfig(
@@ -157,6 +173,7 @@ def register(app: typer.Typer) -> None:
                 dtype=dtype,
                 compile=compile_,
                 on_loaded=loaded,
+                base=base,
             )
         if json_out:
             typer.echo(json.dumps(summary, indent=2))

@@ -19,6 +19,7 @@ from wadi_cli.cli.common import (
     err_console,
     handle_errors,
     is_run_folder,
+    require,
     use_backbone_cpu_threads,
 )
 
@@ -127,19 +128,32 @@ def register(app: typer.Typer) -> None:
     @app.command("swap", help=HELP)
     @handle_errors
     def swap(
-        teacher: Annotated[Path, typer.Argument(help="Teacher checkpoint (file or diffusers folder).")],
+        teacher: Annotated[
+            Path | None,
+            typer.Argument(
+                help="Teacher checkpoint (file or diffusers folder); required.", show_default=False
+            ),
+        ] = None,
         student: Annotated[
-            Path, typer.Argument(help="One-step student: merged file, folder, run folder, or LoRaD adapter.")
-        ],
+            Path | None,
+            typer.Argument(
+                help="One-step student: merged file, folder, run folder, or LoRaD adapter; required.",
+                show_default=False,
+            ),
+        ] = None,
         keep: Annotated[
-            str,
+            str | None,
             typer.Option(
                 "--keep",
-                help="direction: student directions + teacher norms; "
+                help="Required. direction: student directions + teacher norms; "
                 "norm: student norms + teacher directions.",
+                show_default=False,
             ),
-        ],
-        out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors file.")],
+        ] = None,
+        out: Annotated[
+            Path | None,
+            typer.Option("--out", "-o", help="Output .safetensors file; required.", show_default=False),
+        ] = None,
         alpha: Annotated[
             float, typer.Option("--alpha", help="Swap strength in [0, 1] (0 = student, 1 = full swap).")
         ] = 1.0,
@@ -179,6 +193,18 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         from wadi_cli.swap import check_alpha, check_keep, check_output, compile_filter, write_swap
 
+        teacher = require(
+            teacher, "no checkpoints given: `wadi swap TEACHER STUDENT --keep direction --out FILE`"
+        )
+        student = require(
+            student, f"no student given: `wadi swap {teacher} STUDENT --keep direction --out FILE`"
+        )
+        keep = require(
+            keep,
+            "--keep is missing: student directions + teacher norms with --keep direction, "
+            "student norms + teacher directions with --keep norm",
+        )
+        out = require(out, "--out is missing: name the hybrid checkpoint with --out FILE.safetensors")
         keep = check_keep(keep)
         alpha = check_alpha(alpha)
         compile_filter(filter)

@@ -1,14 +1,12 @@
 """The parameter plan of a run (printed by ``wadi distill --dry-run``): layers and
-trainable parameters per adapter, counted on a weightless (meta-device) skeleton."""
+trainable parameters per adapter, counted from the denoiser's Linear shapes (the shipped
+shape table, or a weightless meta-device build for another architecture)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any
-
-import torch
-from torch import nn
 
 from wadi_cli.distill.config import DistillConfig
 from wadi_cli.errors import BadInputError
@@ -41,24 +39,18 @@ def _adapter_size(kind: str, rank: int, out_features: int, in_features: int) -> 
 def parameter_plan(cfg: DistillConfig) -> dict[str, Any]:
     """Layers and trainable parameters of the student and fake adapters (``r · (out +
     in/2)`` per adapted Linear), plus the frozen base size."""
-    import diffusers
-
     from wadi_cli.backbones import get_backbone
+    from wadi_cli.backbones.skeletons import skeleton
 
     backbone = get_backbone(cfg.backbone)
-    cls = getattr(diffusers, backbone.denoiser_class)
-    with torch.device("meta"):
-        model = cls.from_config(_denoiser_config(cfg, backbone))
-    shapes = {
-        n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)
-    }
+    shapes, base_params = skeleton(backbone, _denoiser_config(cfg, backbone))
     plan: dict[str, Any] = {
         "backbone": backbone.name,
         "denoiser": backbone.denoiser_class,
-        "base_params": sum(p.numel() for p in model.parameters()),
+        "base_params": base_params,
     }
     for role, rank in (("student", cfg.rank), ("fake", cfg.fake_rank)):
-        targets = backbone.target_modules(model, role)
+        targets = [n for n in shapes if backbone.rule(role).matches(n)]
         kind = cfg.adapter if role == "student" else "lorad"
         if kind == "full":
             plan[role] = {"rank": None, "layers": len(shapes), "trainable_params": plan["base_params"]}

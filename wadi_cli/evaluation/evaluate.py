@@ -52,6 +52,7 @@ class ModelRequest:
     real_seed: int | None = None
     classifier: str | None = None
     weights_label: str | None = None  # what the manifest records (default: ``weights``)
+    base: bool = False  # one step from the undistilled base instead of the default weights
 
 
 def _tiny_attrs(backbone: str, captions: Sequence[str]) -> list[dict[str, str]] | None:
@@ -138,6 +139,7 @@ def evaluate_model(
         "backbone": spec.name,
         "model": request.model,
         "weights": request.weights_label or request.weights,
+        "base": request.base,
         "mode": "teacher" if request.teacher else "one-step",
         "steps": config.steps if request.teacher else 1,
         "cfg": config.cfg if request.teacher else None,
@@ -156,7 +158,13 @@ def evaluate_model(
     tiny_ref = (request.out, attrs, real_seed) if attrs is not None else None
     _reference(scorer, ref, tiny_ref, procs)
     sampler = load_sampler(
-        spec, model=request.model, weights=request.weights, teacher=request.teacher, device=dev, dtype=dtype
+        spec,
+        model=request.model,
+        weights=request.weights,
+        teacher=request.teacher,
+        device=dev,
+        dtype=dtype,
+        base=request.base,
     )
     made, seconds = generate_missing(sampler, request.out, manifest, config, procs, progress)
     scorer.timing.generated += made

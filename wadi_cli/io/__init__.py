@@ -27,6 +27,7 @@ from wadi_cli.io.writers import (
     check_writable,
     provenance_metadata,
     save_safetensors,
+    unused_path,
     write_text_atomic,
 )
 
@@ -44,5 +45,6 @@ __all__ = [
     "provenance_metadata",
     "resolve_model",
     "save_safetensors",
+    "unused_path",
     "write_text_atomic",
 ]

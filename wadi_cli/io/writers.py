@@ -81,18 +81,20 @@ def save_safetensors(
     if bad:
         raise BadInputError(f"safetensors metadata must be str -> str; bad entry {bad[0]!r}")
     dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    try:
-        save_file(_prepare(tensors), tmp, metadata=meta)
-        os.chmod(tmp, _umasked(0o666))  # mkstemp makes 0600; give the file normal permissions
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(dest) as tmp:
+        save_file(_prepare(tensors), str(tmp), metadata=meta)
     return dest
+
+
+def unused_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` if nothing is there yet, else the first free ``path-2``, ``path-3``, …
+    (default output folders that never replace an earlier result). Creates nothing."""
+    base = Path(path)
+    found, n = base, 1
+    while found.exists():
+        n += 1
+        found = base.with_name(f"{base.name}-{n}")
+    return found
 
 
 @contextlib.contextmanager

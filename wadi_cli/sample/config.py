@@ -145,6 +145,7 @@ def read_prompts(
     if not out:
         where = f" ({prompts_file} holds none)" if prompts_file is not None else ""
         raise BadInputError(
-            f"no prompts given{where}: pass PROMPT arguments or --prompts FILE (one per line)"
+            f"no prompts given{where}: pass PROMPT arguments, or a prompt file (one per line) "
+            "with --prompts FILE"
         )
     return out

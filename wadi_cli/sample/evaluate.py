@@ -47,8 +47,10 @@ def evaluate_tiny(
     batch_size: int = 32,
     sampler: Sampler | None = None,
     classifier: Any = None,
+    base: bool = False,
 ) -> tuple[dict[str, Any], Generation]:
-    """Generate ``num_images`` tiny images (one-step with ``weights``, or the teacher with
+    """Generate ``num_images`` tiny images (one-step with ``weights``, by default the shipped
+    student; ``base=True``: the undistilled base in one step; or the teacher with
     ``steps``/``cfg``) for prompts drawn with ``seed`` and score them.
 
     ``real_seed`` (default: ``seed``) draws the jitter of the real reference images.
@@ -68,7 +70,9 @@ def evaluate_tiny(
     if classifier is None or isinstance(classifier, (str, os.PathLike)):
         classifier = load_classifier(classifier)
     if sampler is None:
-        sampler = load_sampler("tiny", model=model, weights=weights, teacher=teacher, device=device)
+        sampler = load_sampler(
+            "tiny", model=model, weights=weights, teacher=teacher, device=device, base=base
+        )
     attrs = sample_attributes(num_images, seed)
     prompts = [prompt_for(a) for a in attrs]
     start = time.perf_counter()

@@ -78,11 +78,24 @@ def get_backbone_spec(backbone: str | Any) -> Any:
 
 # ---- pipeline ------------------------------------------------------------------------
 class _MissingDownload(Exception):
-    """A hub fetch failed; ``hint`` says what to download and which flag takes it."""
+    """A hub fetch failed: ``what`` is missing, ``command`` fetches it where the hub is
+    reachable, ``flag`` takes a local copy instead."""
 
-    def __init__(self, hint: str) -> None:
-        super().__init__(hint)
-        self.hint = hint
+    def __init__(self, what: str, command: str, flag: str) -> None:
+        super().__init__(what)
+        self.what, self.command, self.flag = what, command, flag
+
+
+def _missing_message(missing: list[_MissingDownload]) -> str:
+    """One line naming every missing download, ending with the flags that take local copies."""
+    what = ", nor ".join(m.what for m in missing)
+    commands = " and ".join(f"`{m.command}`" for m in missing)
+    them = "it" if len(missing) == 1 else "them"
+    copies = "a local copy" if len(missing) == 1 else "local copies"
+    return (
+        f"offline or not on the hub: cannot fetch {what}; fetch {them} with {commands} where the hub "
+        f"is reachable, or pass {copies} with {' '.join(m.flag for m in missing)}"
+    )
 
 
 def resolve_pipeline_source(
@@ -97,7 +110,7 @@ def resolve_pipeline_source(
     try:
         return _pipeline_source(backbone, model, components, **kwargs)
     except _MissingDownload as exc:
-        raise HubError(f"cannot fetch {exc.hint}") from None
+        raise HubError(_missing_message([exc])) from None
 
 
 def _pipeline_source(
@@ -112,11 +125,16 @@ def _pipeline_source(
         return resolve(backbone, model, components, **kwargs)
     except HubError as exc:
         repo = str(model if model is not None else backbone.hub_id)
-        comp = components or backbone.components_repo
-        flags = "--model DIR" + (f" (and --components DIR for {comp})" if comp and comp != repo else "")
+        comp = str(components or backbone.components_repo or repo)
+        detail = str(exc).split(";", 1)[0]  # which folder or file is missing, without its hint
+        if comp == repo:
+            raise _MissingDownload(
+                f"the base pipeline {repo} ({detail})", f"hf download {repo}", "--model DIR"
+            ) from None
         raise _MissingDownload(
-            f"the base pipeline {repo} (download it, e.g. `hf download {repo}`, and pass the folder "
-            f"with {flags}): {exc}"
+            f"the base pipeline {repo} with the components of {comp} ({detail})",
+            f"hf download {repo}; hf download {comp}",
+            "--model DIR --components DIR",
         ) from None
 
 
@@ -207,17 +225,34 @@ def apply_weights(model: nn.Module, path: str | os.PathLike[str], backbone: Any)
     return kind
 
 
-def default_weights(backbone: Any) -> Path | None:
-    """The authors' released one-step weights for ``backbone`` (fetched from the hub and
-    cached), or ``None`` when the backbone has no release (``tiny``). A failed fetch
-    raises :class:`HubError` saying what to download and that ``--weights`` takes it."""
+def default_weights(backbone: Any, source: str | os.PathLike[str] | None = None) -> Path | None:
+    """The default one-step weights for ``backbone`` on the base pipeline ``source``: the
+    authors' release (fetched from the hub and cached) for sd15 / sd21 / pixart, the
+    student shipped with wadi for tiny on its shipped pipeline (``None`` on another tiny
+    base: the student was not trained on it). A failed fetch raises :class:`HubError`
+    saying what to download and that ``--weights`` takes it."""
     try:
-        return _default_weights(backbone)
+        return _default_weights(backbone, source)
     except _MissingDownload as exc:
-        raise HubError(f"cannot fetch {exc.hint}") from None
+        raise HubError(_missing_message([exc])) from None
 
 
-def _default_weights(backbone: Any) -> Path | None:
+def _shipped_tiny_student(source: str | os.PathLike[str] | None) -> Path | None:
+    from wadi_cli.tiny import TINY_PIPELINE_DIR, TINY_STUDENT_PATH
+
+    if source is not None and Path(source).resolve() != Path(TINY_PIPELINE_DIR).resolve():
+        return None
+    if not TINY_STUDENT_PATH.is_file():
+        raise CheckpointError(
+            f"the tiny one-step student is missing at {TINY_STUDENT_PATH} (incomplete install); "
+            "pass one-step weights with --weights FILE, or sample the undistilled model with --base"
+        )
+    return TINY_STUDENT_PATH
+
+
+def _default_weights(backbone: Any, source: str | os.PathLike[str] | None = None) -> Path | None:
+    if backbone.name == "tiny":
+        return _shipped_tiny_student(source)
     repo, name = getattr(backbone, "release_repo", None), getattr(backbone, "release_file", None)
     if not repo or not name:
         return None
@@ -227,8 +262,10 @@ def _default_weights(backbone: Any) -> Path | None:
         return Path(fetch_file(repo, name))
     except HubError:
         raise _MissingDownload(
-            f"the default {backbone.name} one-step weights {name} of the hub repo {repo} (download "
-            f"https://huggingface.co/{repo}/resolve/main/{name} and pass it with --weights {name})"
+            f"the {backbone.name} one-step weights {name} of the hub repo {repo} "
+            f"(https://huggingface.co/{repo}/resolve/main/{name})",
+            f"hf download {repo} {name}",
+            f"--weights {name}",
         ) from None
 
 
@@ -239,19 +276,22 @@ def resolve_sources(
     teacher: bool,
     components: str | os.PathLike[str] | None = None,
     variant: str | None = None,
+    base: bool = False,
 ) -> tuple[PipelineSource, Path | None]:
-    """(pipeline folders, weights path or None) for a run. Every hub failure is reported
-    in ONE :class:`HubError` that lists each missing download and the flag that takes it.
+    """(pipeline folders, weights path or None) for a run: without ``weights`` the student
+    gets :func:`default_weights` unless ``base`` (one step from the undistilled base). Every
+    hub failure is reported in ONE :class:`HubError` that lists each missing download and
+    the flag that takes it.
 
     Merged one-step weights (and exported pipeline folders) replace the base denoiser
     entirely, so its weights are not fetched then: only its config."""
-    hints: list[str] = []
+    missing: list[_MissingDownload] = []
     wpath = None if weights is None else Path(weights).expanduser()
-    if wpath is None and not teacher:
+    if wpath is None and not teacher and not base:
         try:
-            wpath = _default_weights(backbone)
+            wpath = _default_weights(backbone, model)
         except _MissingDownload as exc:
-            hints.append(exc.hint)
+            missing.append(exc)
     replaces_base = wpath is not None and wpath.exists() and detect_weights_kind(wpath) != "adapter"
     source: PipelineSource | None = None
     try:
@@ -259,9 +299,9 @@ def resolve_sources(
             backbone, model, components, variant=variant, denoiser_weights=not replaces_base
         )
     except _MissingDownload as exc:
-        hints.insert(0, exc.hint)
-    if hints:
-        raise HubError("offline or not on the hub; cannot fetch " + " and ".join(hints))
+        missing.insert(0, exc)
+    if missing:
+        raise HubError(_missing_message(missing))
     assert source is not None
     return source, wpath
 
@@ -292,12 +332,14 @@ def load_sampler(
     channels_last: bool | None = None,
     compile: bool = False,
     components: str | os.PathLike[str] | None = None,
+    base: bool = False,
 ) -> Sampler:
     """Load the base pipeline of ``backbone`` (``model`` overrides its source,
     ``components`` where its VAE / text encoder / tokenizer / scheduler come from), put
     the one-step ``weights`` into its denoiser (for the student: default = the authors'
-    release, when there is one), and move everything to ``device``/``dtype``. Hub
-    downloads take the fp16 weight files when ``dtype`` is fp16.
+    release, or the shipped tiny student; ``base=True``: none, one step from the
+    undistilled base), and move everything to ``device``/``dtype``. Hub downloads take
+    the fp16 weight files when ``dtype`` is fp16.
 
     ``channels_last`` (default: on CUDA) and ``compile`` (``torch.compile`` of the
     denoiser) are speed options for accelerators; neither changes the maths.
@@ -309,9 +351,14 @@ def load_sampler(
     notes: list[str] = []
     if teacher and weights is not None:
         raise BadInputError("--teacher samples the base model: drop --weights (or drop --teacher)")
-    source, weights = resolve_sources(spec, model, weights, teacher, components, weights_variant(dtype))
+    if base and (weights is not None or teacher):
+        raise BadInputError("--base samples the undistilled model in one step: drop --weights and --teacher")
+    source, weights = resolve_sources(
+        spec, model, weights, teacher, components, weights_variant(dtype), base=base
+    )
     if not teacher and weights is None:
-        notes.append(f"no --weights: one-step sampling from the base {spec.name} model itself")
+        why = "--base" if base else "no --weights and no default for this base"
+        notes.append(f"{why}: one-step sampling from the undistilled {spec.name} model itself")
     kind = detect_weights_kind(weights) if weights is not None else None
     pipe = load_base_pipeline(spec, source, dtype, denoiser_weights=kind in (None, "adapter"))
     net = pipe.denoiser

@@ -15,6 +15,8 @@ from wadi_cli.errors import BadInputError
 
 SAMPLES_JSON = "samples.json"
 GRID_PNG = "grid.png"
+#: Parent folder of ``wadi sample``'s default output folders (relative to the working directory).
+SAMPLES_ROOT = Path("wadi-samples")
 
 
 def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.ndarray:
@@ -30,6 +32,32 @@ def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np
         r, q = divmod(i, ncols)
         grid[r * (h + pad) : r * (h + pad) + h, q * (w + pad) : q * (w + pad) + w] = img
     return grid
+
+
+def prompt_slug(text: str, max_len: int = 60) -> str:
+    """A folder name from a prompt: ASCII letters and digits, lower case, joined by ``-``
+    ("a shiba inu wearing a beret" -> "a-shiba-inu-wearing-a-beret"); ``samples`` when
+    nothing is left."""
+    import re
+    import unicodedata
+
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
+    return slug[:max_len].rstrip("-") or "samples"
+
+
+def default_output_dir(
+    prompts: list[str] | tuple[str, ...] = (),
+    prompts_file: str | os.PathLike[str] | None = None,
+    root: str | os.PathLike[str] = SAMPLES_ROOT,
+) -> Path:
+    """Where ``wadi sample`` writes without ``--out``: ``root/SLUG`` (the slug of the first
+    prompt, else of the prompt file's name), or ``root/SLUG-2``, ``-3``, … when taken, so
+    an earlier result is never replaced. Creates nothing."""
+    from wadi_cli.io import unused_path
+
+    text = prompts[0] if prompts else (Path(prompts_file).stem if prompts_file is not None else "")
+    return unused_path(Path(root) / prompt_slug(text))
 
 
 def check_output_dir(out: str | os.PathLike[str]) -> Path:

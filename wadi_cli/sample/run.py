@@ -37,9 +37,12 @@ def sample_to_folder(
     grid_cols: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     on_loaded: Callable[[Any], None] | None = None,
+    base: bool = False,
 ) -> dict[str, Any]:
     """Generate ``num_images`` images per prompt and write them to ``out`` (numbered PNGs,
-    ``grid.png``, ``samples.json``). Returns a JSON-ready summary.
+    ``grid.png``, ``samples.json``). Returns a JSON-ready summary. Without ``weights`` the
+    student is the backbone's default (:func:`~wadi_cli.sample.loading.default_weights`);
+    ``base=True`` samples the undistilled base in one step instead.
 
     Bad input (unknown backbone, no prompts, unwritable ``out``, weights that do not fit)
     raises a :class:`~wadi_cli.errors.BadInputError` subclass before anything is written.
@@ -65,6 +68,7 @@ def sample_to_folder(
         dtype=torch_dtype,
         compile=compile,
         components=components,
+        base=base,
     )
     if not config.teacher:
         warning = alpha_bar_T_warning(config.alpha_bar_T, sampler.weights_alpha_bar_T)

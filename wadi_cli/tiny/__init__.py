@@ -3,6 +3,7 @@
 from wadi_cli.tiny.arch import (
     TINY_CLASSIFIER_PATH,
     TINY_PIPELINE_DIR,
+    TINY_STUDENT_PATH,
     build_tiny_components,
     build_tokenizer,
     load_tiny_pipeline,
@@ -14,6 +15,7 @@ from wadi_cli.tiny.arch import (
 __all__ = [
     "TINY_CLASSIFIER_PATH",
     "TINY_PIPELINE_DIR",
+    "TINY_STUDENT_PATH",
     "build_tiny_components",
     "build_tokenizer",
     "load_tiny_pipeline",

@@ -32,6 +32,11 @@ TINY_ASSETS_DIR: Path = Path(__file__).resolve().parent.parent / "assets" / "tin
 TINY_PIPELINE_DIR: Path = TINY_ASSETS_DIR / "pipeline"
 #: Shipped attribute classifier (used by the accuracy and Fréchet-distance metrics).
 TINY_CLASSIFIER_PATH: Path = TINY_ASSETS_DIR / "classifier.safetensors"
+#: Shipped one-step student of the shipped pipeline: a LoRaD adapter trained by the tiny
+#: recipe (``wadi distill -b tiny`` defaults, seed 0), with its provenance in the file's
+#: metadata; the default weights of ``wadi sample -b tiny`` / ``wadi eval -b tiny``.
+#: How it was made: ``analysis/tiny_student/``.
+TINY_STUDENT_PATH: Path = TINY_ASSETS_DIR / "student.safetensors"
 
 IMAGE_SIZE = 32
 LATENT_SIZE = 8

@@ -67,7 +67,7 @@ def load_classifier(path: str | os.PathLike[str] | None = None) -> TinyClassifie
 
     p = Path(path) if path is not None else TINY_CLASSIFIER_PATH
     if not p.is_file():
-        raise CheckpointError(f"{p}: tiny classifier weights not found")
+        raise CheckpointError(f"{p}: tiny classifier weights not found; pass them with --classifier FILE")
     model = TinyClassifier()
     try:
         state = load_file(str(p))
