@@ -60,8 +60,8 @@ SETTINGS = dict(
     adam_beta2=0.95,
     weight_decay=0.01,
     warmup_steps=2,
-    max_grad_norm=1.0,  # the student's gradient norm: ≈ 1.3 at step 1 (clipped), ≈ 0.6 at step 2 (not)
-    fake_max_grad_norm=10.0,  # ≈ 2e-3: not clipped
+    max_grad_norm=0.4,  # the student's gradient norm: 0.24 at step 1 (not clipped), 0.66 at step 2 (clipped)
+    fake_max_grad_norm=10.0,  # the fake score's: 2e-4 to 0.08, never clipped
     text_cache=16,
     seed=1,
     device="cpu",
@@ -77,7 +77,18 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def pipe_dir():
+def shipped_pipeline():
+    """The trained tiny pipeline (nothing to build)."""
+    from wadi_cli.backbones.registry import TINY_PIPELINE_DIR
+
+    if not (TINY_PIPELINE_DIR / "unet").is_dir():
+        pytest.skip("the trained tiny pipeline is not shipped in this install")
+    return TINY_PIPELINE_DIR
+
+
+@pytest.fixture(scope="module")
+def random_pipeline():
+    """A randomly initialised tiny pipeline (see the mixed-precision test for why)."""
     helpers.tiny_module()
     return helpers.tiny_pipeline_dir()
 
@@ -352,14 +363,14 @@ def _gradient_errors(seen: list, ref: ReferenceWaDi) -> list[float]:
     return [_rel(got, want) for (_, got), want in zip(seen, ref.log["grads"], strict=True)]
 
 
-def test_two_steps_match_the_float64_reference_update_for_update(pipe_dir):
+def test_two_steps_match_the_float64_reference_update_for_update(shipped_pipeline):
     """Everything float64 (base, adapters, Adam state and, through the default dtype, the
     run's draws): the gradients handed to both optimizers, every student and fake-score
     tensor and the EMA agree with the reference after each of two steps, to 1e-9 of each
     update with Adam's ε = 1e-8 as in the paper (a float64 run agrees to ~1e-13). The EMA
     is kept in float32 by design: 1e-5 of its update (the run: ~7e-7)."""
     with default_dtype(torch.float64):
-        d, ref, seen = _setup(pipe_dir, torch.float64)
+        d, ref, seen = _setup(shipped_pipeline, torch.float64)
         start = _ref_state(ref)
         for step in range(2):
             d.train_step()
@@ -369,9 +380,9 @@ def test_two_steps_match_the_float64_reference_update_for_update(pipe_dir):
                 err = _rel(_minus(got[role], start[role]), _minus(want[role], start[role]))
                 assert err < (1e-5 if role == "ema" else 1e-9), (step, role, err)
     assert max(_gradient_errors(seen, ref)) < 1e-9
-    # not vacuous: prompts were dropped, the student clipped at step 1 and not at step 2,
+    # not vacuous: prompts were dropped, the student clipped at step 2 and not at step 1,
     # the fake score never, and every role moved
-    assert ref.log["dropped"] > 0 and ref.log["clipped"] == [True, False, False, False, False, False]
+    assert ref.log["dropped"] > 0 and ref.log["clipped"] == [False, False, False, True, False, False]
     moved = {role: _rel(_ref_state(ref)[role], start[role]) for role in ("student", "fake", "ema")}
     assert all(v > 1e-4 for v in moved.values()), moved
 
@@ -385,7 +396,7 @@ UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16
     [(torch.float32, 64), (torch.bfloat16, 16), (torch.float16, 16)],
     ids=["fp32", "bf16", "fp16"],
 )
-def test_mixed_precision_gradients_match_the_reference_within_the_dtypes_rounding(pipe_dir, dtype, multiple):
+def test_mixed_precision_gradients_match_the_reference_within_rounding(random_pipeline, dtype, multiple):
     """The shipped precision paths (draws in float32; the frozen base stored in fp32, bf16,
     or fp16 with a GradScaler; adapters in fp32): the gradient handed to each optimizer
     (unscaled, accumulated over 2 micro-batches, clipped) against the float64 reference.
@@ -396,8 +407,14 @@ def test_mixed_precision_gradients_match_the_reference_within_the_dtypes_roundin
     and adapter maths add their own roundings); 16 u (64 u for fp32) leaves a margin of
     more than 2. A wrongly scaled (GradScaler, accumulation), unclipped or reversed
     gradient is off by O(1). Adam normalises the step size, so updates would hide a wrong
-    scale: the gradients are compared, the update rule itself by the float64 test."""
-    d, ref, seen = _setup(pipe_dir, dtype)
+    scale: the gradients are compared, the update rule itself by the float64 test.
+
+    The base is a RANDOM tiny network: it does not predict the noise, so the one-step
+    x0 = (z − sqrt(1 − ᾱ_T) ε̂) / sqrt(ᾱ_T) does not cancel. The trained network's ε̂ ≈ z
+    at T − 1 makes it cancel and multiplies the rounding by up to 1/sqrt(ᾱ_T) ≈ 15
+    (measured there: fp16 12–14 u, bf16 11–40 u), a property of the model, not of the code
+    path this test guards."""
+    d, ref, seen = _setup(random_pipeline, dtype)
     d.train_step()
     ref.step()
     errors = _gradient_errors(seen, ref)
