@@ -88,7 +88,6 @@ def test_eval_scores_planted_images(base_dir, monkeypatch, wrong, accuracy):
         assert abs(got["fd"]) < 1e-3
 
 
-@pytest.mark.slow  # the teacher loop is covered by test_sample_generate; this is the CLI flag
 def test_eval_teacher(base_dir, classifier_file):
     r = run(
         "-b",
