@@ -116,7 +116,7 @@ def measure(workdir: Path, tag: str = "F32", keep: bool = False) -> dict:
             )
             rss_mb, secs, total = out.stdout.split()
             modes[mode] = {
-                "peak_rss_gb": int(rss_mb) / 1024,
+                "peak_rss_gib": int(rss_mb) / 1024,
                 "seconds": float(secs),
                 "checksum": float(total),
             }
@@ -143,7 +143,7 @@ def markdown(result: dict) -> str:
         "|---|---|---|",
     ]
     for mode in MODES:
-        lines.append(f"| {mode} | {m[mode]['peak_rss_gb']:.2f} GB | {m[mode]['seconds']:.1f} |")
+        lines.append(f"| {mode} | {m[mode]['peak_rss_gib']:.2f} GiB | {m[mode]['seconds']:.1f} |")
     lines += ["", "All three readers computed the same checksum."]
     return "\n".join(lines) + "\n"
 

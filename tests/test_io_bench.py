@@ -34,8 +34,10 @@ def test_streaming_two_sd15_unets_stays_under_1gb(tmp_path):
     modes = result["modes"]
     print(
         "\n"
-        + "\n".join(f"{k:9s}: peak RSS {v['peak_rss_gb']:.2f} GB, {v['seconds']} s" for k, v in modes.items())
+        + "\n".join(
+            f"{k:9s}: peak RSS {v['peak_rss_gib']:.2f} GiB, {v['seconds']} s" for k, v in modes.items()
+        )
     )
     for mode in ("wadi", "wadi+out"):
         assert modes[mode]["checksum"] == pytest.approx(modes["mmap"]["checksum"])  # same numbers either way
-        assert modes[mode]["peak_rss_gb"] < 1.0
+        assert modes[mode]["peak_rss_gib"] < 1.0
