@@ -9,9 +9,9 @@ does) with lr 3e-3 for 60 steps of batch 16. Both models are scored by ``wadi ev
 Measured (2 shared CPU cores, training seeds 0 / 1 / 2, n = 128): base 0.703 / fd 65.9;
 after 60 steps 0.867 / 38.8, 0.836 / 40.9, 0.852 / 48.5. The bar (accuracy +0.08 AND fd
 −10) therefore holds with room on every seed, while the breakages it guards against
-(mutation check, analysis/mutation_check.md) cannot reach it: with the generator loss's
-sign flipped or teacher and fake score swapped the student collapses (0.008 / 372 after 60
-steps), and with lr 0 it IS the base.
+(tests/mutations.py; table in analysis/results/mutation_check.md) cannot reach it: with
+the generator loss's sign flipped or teacher and fake score swapped the student collapses
+(0.008 / 372 after 60 steps), and with lr 0 it IS the base.
 """
 
 from __future__ import annotations
