@@ -9,27 +9,15 @@ Size: WADI_BENCH_DTYPE=F32 (default; 3.44 GB per file) or F16 (1.72 GB).
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "analysis" / "bench_streaming.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("bench_streaming", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_streaming"] = module
-    spec.loader.exec_module(module)
-    return module
+from _helpers_analysis import load_analysis_script
 
 
 @pytest.mark.slow
 def test_streaming_two_sd15_unets_stays_under_1gb(tmp_path):
-    bench = _load_script()
+    bench = load_analysis_script("bench_streaming")
     result = bench.measure(tmp_path, os.environ.get("WADI_BENCH_DTYPE", "F32"))
     modes = result["modes"]
     print(
