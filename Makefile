@@ -1,4 +1,4 @@
-.PHONY: install test test-all lint format bench
+.PHONY: install test test-all mutations lint format bench
 
 install:
 	pip install torch==2.13.0
@@ -9,6 +9,9 @@ test:
 
 test-all:  ## includes slow tests (GPU tests still need -m gpu on a CUDA machine)
 	python -m pytest -m "not gpu"
+
+mutations:  ## one-line mutations of the package; each must make its tests fail
+	python tests/mutations.py
 
 lint:
 	ruff check .

@@ -63,11 +63,48 @@ def test_third_party_chatter_is_filtered_and_everything_else_kept(monkeypatch):
     assert seen == ["Some weights of the model checkpoint were not used"]
 
 
-def test_machine_info_names_the_cpu_and_versions():
-    import torch
+def test_machine_info_against_independent_sources():
+    """Versions from the installed distribution's metadata and ``sys.version_info``; the
+    CPU name from ``/proc/cpuinfo`` parsed here with a regular expression (Linux)."""
+    import importlib.metadata
+    import re
+    import sys
+    from pathlib import Path
 
-    from wadi_cli.machine import cpu_model, machine_info
+    from wadi_cli.machine import machine_info
 
     info = machine_info()
-    assert info["torch"] == torch.__version__ and info["cores"] >= 1
-    assert info["cpu"] == cpu_model() and info["cpu"].strip()
+    assert info["torch"] == importlib.metadata.version("torch")
+    assert info["python"] == "{}.{}.{}".format(*sys.version_info[:3])
+    assert isinstance(info["cores"], int) and info["cores"] >= 1
+    cpuinfo = Path("/proc/cpuinfo")
+    names = re.findall(r"^model name\s*:\s*(.*?)\s*$", cpuinfo.read_text(), re.M) if cpuinfo.is_file() else []
+    if names:
+        assert info["cpu"] == names[0]
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "expected"),
+    [
+        (
+            "processor\t: 0\nvendor_id\t: X\nmodel name\t: Planted CPU @ 2.0GHz  \nprocessor\t: 1\n",
+            "Planted CPU @ 2.0GHz",
+        ),
+        ("processor\t: 0\nvendor_id\t: X\n", "planted-processor"),  # no model name: platform's answer
+        (None, "planted-processor"),  # unreadable
+    ],
+)
+def test_cpu_model_reads_the_first_model_name(monkeypatch, cpuinfo, expected):
+    import platform
+    from pathlib import Path
+
+    from wadi_cli.machine import cpu_model
+
+    def read_text(self, *args, **kwargs):
+        if cpuinfo is None:
+            raise OSError("unreadable")
+        return cpuinfo
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    monkeypatch.setattr(platform, "processor", lambda: "planted-processor")
+    assert cpu_model() == expected

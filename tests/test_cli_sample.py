@@ -113,7 +113,6 @@ def test_release_file_changes_the_output(base_dir, tmp_path):
     assert not np.array_equal(_pngs(a)["0000.png"], _pngs(b)["0000.png"])
 
 
-@pytest.mark.slow  # the teacher loop is covered by test_sample_generate; this is the CLI flag
 def test_teacher_mode(base_dir, tmp_path):
     out = tmp_path / "t"
     r = run(

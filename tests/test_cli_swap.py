@@ -157,7 +157,6 @@ def test_sampling_flags_need_sample(tiny_pair, tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.slow
 def test_run_folder_student(tmp_path, restore_threads):
     """A `wadi distill` run as STUDENT is its merged latest student; its LoRaD layers only
     rotate rows, so teacher norms leave them as they are (to fp32 rounding)."""

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from wadi_cli.distill.losses import fake_score_loss, generator_loss, guided_eps, vsd_gradient
+from wadi_cli.distill.losses import fake_score_loss, generator_loss, guided_eps, regression_loss, vsd_gradient
 
 
 def _data(seed: int = 0, shape=(3, 2, 4, 4)):
@@ -80,3 +80,11 @@ def test_fake_score_loss_gradient_flows_to_prediction_only():
     (grad,) = torch.autograd.grad(fake_score_loss(pred, eps, ab), pred)
     ref = 2 * ab.reshape(-1, 1, 1, 1) * (pred.detach() - eps) / pred.numel()
     torch.testing.assert_close(grad, ref, rtol=1e-12, atol=1e-15)
+
+
+def test_regression_loss_matches_slow_loop_in_at_least_float32():
+    x0, target, _, _ = _data(7)
+    total = sum((a - b) ** 2 for a, b in zip(x0.flatten().tolist(), target.flatten().tolist(), strict=True))
+    assert regression_loss(x0, target).item() == pytest.approx(total / x0.numel(), rel=1e-12)
+    assert regression_loss(x0, target.float()).dtype == torch.float64  # a float64 student stays float64
+    assert regression_loss(x0.to(torch.bfloat16), target.float()).dtype == torch.float32

@@ -23,8 +23,17 @@ def _fake_cache(cache, repo_id, files):
     return snap
 
 
-def test_offline_flag_is_set_for_tests():
-    assert hub_offline()
+@pytest.mark.parametrize(
+    ("value", "offline"),
+    [("1", True), ("true", True), (" YES ", True), ("on", True), ("0", False), ("false", False),
+     ("", False), ("maybe", False), (None, False)],
+)  # fmt: skip
+def test_offline_flag_is_read_from_the_environment_at_call_time(monkeypatch, value, offline):
+    if value is None:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    assert hub_offline() is offline
 
 
 def test_local_paths_pass_through(tmp_path):

@@ -139,6 +139,30 @@ def test_check_writable_read_only_folder(tmp_path):
         ro.chmod(0o700)
 
 
+def test_check_writable_folder_on_a_read_only_file_system(tmp_path, monkeypatch):
+    """The same refusal as above where permission bits cannot say no (root, as in CI and
+    the Docker image): every file creation under ``ro`` fails with EROFS, as on a
+    read-only mount, and so does saving there; nothing is left behind."""
+    import errno
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_open = os.open
+
+    def refusing_open(path, flags, *args, **kwargs):
+        if os.path.abspath(path).startswith(str(ro) + os.sep) and flags & (os.O_CREAT | os.O_WRONLY):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    with pytest.raises(BadInputError, match="not writable .*Read-only file system") as info:
+        check_writable(ro / "w.safetensors")
+    assert "\n" not in str(info.value)
+    with pytest.raises(OSError):
+        save_safetensors({"w": torch.zeros(2)}, ro / "w.safetensors")
+    assert list(ro.iterdir()) == []
+
+
 def test_outputs_get_umask_permissions_not_private_temp_modes(tmp_path):
     """mkstemp/mkdtemp create 0600/0700; finished outputs must follow the umask instead."""
     import os

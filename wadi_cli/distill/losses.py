@@ -48,3 +48,12 @@ def fake_score_loss(eps_pred: Tensor, eps: Tensor, alpha_bar_t: Tensor) -> Tenso
     dt = torch.float64 if eps_pred.dtype == torch.float64 else torch.float32
     w = _bcast(alpha_bar_t, eps_pred).sqrt()
     return torch.mean((w * eps_pred.to(dt) - w * eps.to(dt)) ** 2)
+
+
+# Not in WaDi: the DMD-style regression term (Yin et al., CVPR 2024, "one-step diffusion with
+# distribution matching distillation", eq. 6 with an L2 distance):  mean((G(z_j) − x0_j)²)
+# over fixed (noise z_j, teacher sample x0_j) pairs; the caller multiplies it by its weight.
+def regression_loss(x0: Tensor, target: Tensor) -> Tensor:
+    """Mean squared distance between the student's samples and fixed teacher samples."""
+    dt = torch.float64 if torch.float64 in (x0.dtype, target.dtype) else torch.float32
+    return torch.mean((x0.to(dt) - target.to(dt)) ** 2)

@@ -38,7 +38,13 @@ from wadi_cli.distill.adapters import (
 from wadi_cli.distill.checkpoint import Checkpoint, restore_rng, rng_state
 from wadi_cli.distill.config import DistillConfig
 from wadi_cli.distill.data import PromptStream
-from wadi_cli.distill.losses import fake_score_loss, generator_loss, guided_eps, vsd_gradient
+from wadi_cli.distill.losses import (
+    fake_score_loss,
+    generator_loss,
+    guided_eps,
+    regression_loss,
+    vsd_gradient,
+)
 from wadi_cli.errors import BadInputError, MismatchError, WadiError
 
 
@@ -338,7 +344,7 @@ class Distiller:
         z_r, cond_r, target = self._regression_batch()
         x_all = self._one_step_x0(torch.cat([z, z_r]), TextCondition.cat([cond, cond_r]))
         n = len(z)
-        return x_all[:n], self.cfg.regression_weight * torch.mean((x_all[n:].float() - target) ** 2)
+        return x_all[:n], self.cfg.regression_weight * regression_loss(x_all[n:], target)
 
     # ---- the step ----------------------------------------------------------------------
     def train_step(self) -> StepResult:

@@ -1,0 +1,321 @@
+"""Mutation check: break one line of the package at a time and prove a test notices.
+
+Each entry of :data:`MUTATIONS` names a file, one exact line fragment that must occur
+exactly once, its broken replacement, and the smallest selection of tests that must then
+fail. The package and tests are copied to a temporary folder per worker and the copy is
+imported through ``PYTHONPATH`` (the working tree is never modified). The run fails when
+a fragment is missing (the code moved: update this list), when the unmutated copy does not
+pass the selected tests, or when any mutation survives.
+
+    python tests/mutations.py                    # every mutation, baseline first
+    python tests/mutations.py --only ema-formula-swap regression-sign
+    python tests/mutations.py --skip-baseline --write analysis/results/mutation_check.md   # CI
+
+CI runs it after the default suite has passed (that is the baseline there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime as dt
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+REF = "tests/test_distill_reference.py::test_two_steps_match_the_float64_reference_update_for_update"
+FP16 = "tests/test_distill_reference.py::test_mixed_precision_gradients_match_the_reference_within_rounding[fp16]"  # noqa: E501
+QUALITY = "tests/test_distill_quality.py::test_a_short_distillation_beats_the_undistilled_one_step_base"
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    what: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+M = Mutation
+TRAINER = "wadi_cli/distill/trainer.py"
+LOSSES = "wadi_cli/distill/losses.py"
+SWAP = "wadi_cli/swap/core.py"
+
+MUTATIONS: tuple[Mutation, ...] = (
+    # ---- the training loop -----------------------------------------------------------------
+    M("ema-formula-swap", "EMA: (1−d)·ema + d·v instead of d·ema + (1−d)·v", TRAINER,
+      "self.ema[k].mul_(decay).add_(v.float(), alpha=1 - decay)",
+      "self.ema[k].mul_(1 - decay).add_(v.float(), alpha=decay)", (REF,)),
+    M("regression-sign", "regression term subtracted from the generator loss", TRAINER,
+      "loss_g = loss_g + loss_r", "loss_g = loss_g - loss_r", (REF,)),
+    M("fp16-no-loss-scaling", "mixed precision: backward of the unscaled loss (GradScaler still unscales)",
+      TRAINER, "self.scalers[name].scale(loss).backward()", "loss.backward()", (FP16,)),
+    M("fp16-clip-before-unscale", "mixed precision: clipping sees the scaled gradients", TRAINER,
+      "scaler.unscale_(opt)", "pass", (FP16,)),
+    M("generator-loss-sign", "VSD generator loss pushes along +g", LOSSES,
+      "target = (x - g.to(x.dtype)).detach()", "target = (x + g.to(x.dtype)).detach()", (QUALITY, REF)),
+    M("teacher-fake-swap", "VSD gradient with teacher and fake score swapped", TRAINER,
+      "generator_loss(x0, vsd_gradient(eps_real, eps_fake, ab))",
+      "generator_loss(x0, vsd_gradient(eps_fake, eps_real, ab))", (QUALITY, REF)),
+    M("zero-lr", "both learning rates set to 0", TRAINER,
+      'group["lr"] = base_lr * scale', 'group["lr"] = 0.0 * base_lr * scale', (QUALITY, REF)),
+    M("fake-accumulation-scale", "fake-score loss not divided by the micro-batch count", TRAINER,
+      'self._backward("fake", loss_f / k)', 'self._backward("fake", loss_f)', (REF,)),
+    M("stale-fake-samples", "extra fake updates reuse the old student samples", TRAINER,
+      "            if j > 0:", "            if j > 1:", (REF,)),
+    M("no-clipping", "gradient clipping disabled", TRAINER,
+      "norm = torch.nn.utils.clip_grad_norm_(params, max_norm)",
+      'norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))', (REF,)),
+    M("cfg-halves-swapped", "batched CFG with conditional and unconditional halves swapped", TRAINER,
+      "torch.cat([x_t, x_t]), torch.cat([t, t]), TextCondition.cat([uncond, cond])",
+      "torch.cat([x_t, x_t]), torch.cat([t, t]), TextCondition.cat([cond, uncond])", (REF,)),
+    M("fake-noise-reused", "fake update noised with the VSD noise instead of its own", TRAINER,
+      'x_tf = add_noise(x0, d["eps_fake"], ab_f)', 'x_tf = add_noise(x0, d["eps"], ab_f)', (REF,)),
+    M("prompt-dropout-inverted", "prompt dropout keeps the dropped rows", TRAINER,
+      "keep = ~drop.reshape(-1, 1, 1)", "keep = drop.reshape(-1, 1, 1)", (REF,)),
+    M("adam-betas-swapped", "AdamW betas (β2, β1)", TRAINER,
+      "lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2)",
+      "lr=lr, betas=(cfg.adam_beta2, cfg.adam_beta1)", (REF,)),
+    M("warmup-off-by-one", "linear warm-up starts at 0", TRAINER,
+      "return (step + 1) / w", "return step / w", (REF,)),
+    M("student-timestep", "the one-step student evaluated at T−2", TRAINER,
+      "pred = student(z, self.t_last, cond)", "pred = student(z, self.t_last - 1, cond)", (REF,)),
+    # ---- losses --------------------------------------------------------------------------
+    M("fake-loss-weight", "fake-score loss weighted by ᾱ² instead of ᾱ", LOSSES,
+      "w = _bcast(alpha_bar_t, eps_pred).sqrt()", "w = _bcast(alpha_bar_t, eps_pred)",
+      ("tests/test_distill_losses.py",)),
+    M("vsd-weight", "VSD gradient weighted by ᾱ_t instead of 1 − ᾱ_t", LOSSES,
+      "g = (1 - _bcast(alpha_bar_t, eps_real)) * (", "g = (_bcast(alpha_bar_t, eps_real)) * (",
+      ("tests/test_distill_losses.py",)),
+    M("cfg-formula", "guidance added to the conditional prediction", LOSSES,
+      "return eps_uncond + scale * (eps_cond - eps_uncond)",
+      "return eps_cond + scale * (eps_cond - eps_uncond)",
+      ("tests/test_distill_losses.py",)),
+    # ---- sampler formula, LoRaD, export, swap ----------------------------------------------
+    M("sampler-x0-sign", "x0 = (z + sqrt(1−ᾱ)·ε)/sqrt(ᾱ)", "wadi_cli/diffusion/schedule.py",
+      "return ((x_t.to(dt) - s * eps.to(dt)) / a).to(x_t.dtype)",
+      "return ((x_t.to(dt) + s * eps.to(dt)) / a).to(x_t.dtype)", ("tests/test_diffusion_schedule.py",)),
+    M("sampler-x0-divisor", "x0 = (z − sqrt(1−ᾱ)·ε)/sqrt(1−ᾱ)", "wadi_cli/diffusion/schedule.py",
+      "return ((x_t.to(dt) - s * eps.to(dt)) / a).to(x_t.dtype)",
+      "return ((x_t.to(dt) - s * eps.to(dt)) / s).to(x_t.dtype)", ("tests/test_diffusion_schedule.py",)),
+    M("lorad-rotation-sign", "LoRaD rotates each pair by −θ", "wadi_cli/lorad/layer.py",
+      "return torch.stack((cos * w0 - sin * w1, sin * w0 + cos * w1), dim=-1).reshape(m, n)",
+      "return torch.stack((cos * w0 + sin * w1, -sin * w0 + cos * w1), dim=-1).reshape(m, n)",
+      ("tests/test_lorad_layer.py",)),
+    M("export-raw-not-ema", "export takes the raw student even when the run kept an EMA",
+      "wadi_cli/distill/export.py", "if not (ema and file.is_file()):", "if True:",
+      ("tests/test_export.py::test_adapter_export_is_the_ema_by_default",)),
+    M("swap-norm-interpolation", "--alpha interpolates the norms the wrong way round", SWAP,
+      "g = (1.0 - alpha) * g_s + alpha * g_t", "g = alpha * g_s + (1.0 - alpha) * g_t",
+      ("tests/test_swap.py",)),
+    M("swap-keeps-student-directions", "--keep norm keeps the student's directions", SWAP,
+      "d = d_t  # exactly the teacher's directions", "d = s / g_s.unsqueeze(1)", ("tests/test_swap.py",)),
+    # ---- evaluation and IO (the tests that replaced same-path references) ---------------------
+    M("eval-accuracy-any-attribute", "accuracy counts an image when ANY attribute matches",
+      "wadi_cli/tiny/metrics.py", "all_ok = np.logical_and.reduce(list(match.values()))",
+      "all_ok = np.logical_or.reduce(list(match.values()))",
+      ("tests/test_cli_eval.py::test_eval_scores_planted_images",)),
+    M("writability-probe-elsewhere", "the writability probe writes in the temp folder, not the destination",
+      "wadi_cli/io/writers.py", 'fd, probe = tempfile.mkstemp(prefix=".wadi-probe.", dir=probe_dir)',
+      'fd, probe = tempfile.mkstemp(prefix=".wadi-probe.")',
+      ("tests/test_io_write.py::test_check_writable_folder_on_a_read_only_file_system",)),
+)  # fmt: skip
+
+
+def copy_tree(dest: Path) -> Path:
+    """The package, the tests and pyproject.toml under ``dest`` (no .git, no venv)."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
+    for name in ("wadi_cli", "tests"):
+        shutil.copytree(ROOT / name, dest / name, ignore=ignore)
+    shutil.copy2(ROOT / "pyproject.toml", dest / "pyproject.toml")
+    return dest
+
+
+def environment(tree: Path) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("WADI_DEBUG", None)
+    return env
+
+
+def _test_id(classname: str, name: str) -> str:
+    """``tests.test_x.TestY`` + ``test_z`` → ``test_x.py::TestY::test_z``."""
+    parts = classname.split(".")
+    i = next((j for j, p in enumerate(parts) if p.startswith("test_")), len(parts) - 1)
+    return "::".join([f"{parts[i]}.py", *parts[i + 1 :], name])
+
+
+def run_tests(tree: Path, tests: tuple[str, ...], tag: str) -> tuple[int, list[str], float]:
+    """Run ``tests`` in ``tree``; returns (pytest's exit code, failed test ids, seconds)."""
+    report = tree / f".report-{tag}.xml"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-x",
+        "-p",
+        "no:cacheprovider",
+        f"--junitxml={report}",
+        *tests,
+    ]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=tree, env=environment(tree), capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    failed = []
+    if report.is_file():
+        for case in ET.parse(report).getroot().iter("testcase"):
+            if case.find("failure") is not None or case.find("error") is not None:
+                failed.append(_test_id(case.get("classname", ""), case.get("name", "")))
+        report.unlink()
+    if proc.returncode not in (0, 1):
+        tail = (proc.stdout + proc.stderr)[-1500:]
+        raise RuntimeError(f"{tag}: pytest exited {proc.returncode} (not a test failure):\n{tail}")
+    return proc.returncode, failed, seconds
+
+
+def apply(tree: Path, m: Mutation) -> str:
+    """Mutate the copy; returns the original text (to restore)."""
+    path = tree / m.file
+    text = path.read_text(encoding="utf-8")
+    count = text.count(m.old)
+    if count != 1:
+        raise RuntimeError(
+            f"{m.name}: {m.file} holds {count} copies of {m.old!r} (expected 1): update the list"
+        )
+    path.write_text(text.replace(m.old, m.new), encoding="utf-8")
+    return text
+
+
+def check_imports_copy(tree: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", "import wadi_cli; print(wadi_cli.__file__)"],
+        cwd=tree,
+        env=environment(tree),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    if not Path(out).resolve().is_relative_to(tree.resolve()):
+        raise RuntimeError(f"the mutated copy is not what gets imported ({out})")
+
+
+def worker(mutations: list[Mutation]) -> list[dict]:
+    """Apply each mutation in turn to one private copy and run its tests."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="wadi-mutations-") as tmp:
+        tree = copy_tree(Path(tmp))
+        check_imports_copy(tree)
+        for m in mutations:
+            original = apply(tree, m)
+            try:
+                code, failed, seconds = run_tests(tree, m.tests, m.name)
+            finally:
+                (tree / m.file).write_text(original, encoding="utf-8")
+            line = original[: original.index(m.old)].count("\n") + 1
+            rows.append(
+                {
+                    "mutation": m,
+                    "line": line,
+                    "killed": code == 1 and bool(failed),
+                    "failed": failed,
+                    "s": seconds,
+                }
+            )
+            status = "killed" if rows[-1]["killed"] else "SURVIVED"
+            print(f"{status:8s} {m.name:32s} {seconds:6.1f} s  {', '.join(failed) or '-'}", flush=True)
+    return rows
+
+
+def write_table(path: Path, rows: list[dict], seconds: float, jobs: int) -> None:
+    sys.path.insert(0, str(ROOT))
+    from wadi_cli.machine import machine_info
+
+    info = machine_info()
+    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    killed = sum(r["killed"] for r in rows)
+    lines = [
+        "# Mutation check: every mutation is caught by a test",
+        "",
+        f"{when} · {info['cpu']} · {info['cores']} cores, {jobs} workers · torch {info['torch']} · "
+        f"load {load:.1f} at the end (the machine is shared). `python tests/mutations.py --write {path}`",
+        "",
+        f"{killed} of {len(rows)} mutations killed, {len(rows) - killed} survived; {seconds:.0f} s wall. "
+        "Each row: one line of the package changed, the tests run against it (in that order, "
+        "stopping at the first failure), the test that failed.",
+        "",
+        "| mutation | what breaks | where | tests run | caught by | s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        m = r["mutation"]
+        run = "<br>".join(t.replace("tests/", "") for t in m.tests)
+        caught = "<br>".join(r["failed"]) if r["killed"] else "**SURVIVED**"
+        lines.append(f"| `{m.name}` | {m.what} | `{m.file}:{r['line']}` | {run} | {caught} | {r['s']:.0f} |")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--only", nargs="*", help="mutation names to run (default: all)")
+    parser.add_argument(
+        "--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)), help="parallel copies"
+    )
+    parser.add_argument("--skip-baseline", action="store_true", help="the unmutated tests passed already")
+    parser.add_argument("--write", type=Path, help="write the result table (Markdown) here")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    args = parser.parse_args(argv)
+    selected = [m for m in MUTATIONS if not args.only or m.name in args.only]
+    if args.list or not selected:
+        for m in MUTATIONS:
+            found = (ROOT / m.file).read_text(encoding="utf-8").count(m.old)
+            print(
+                f"{m.name:32s} {m.file} ({found} match{'es' if found != 1 else ''})  ->  {', '.join(m.tests)}"
+            )
+        return 0 if args.list else 2
+    start = time.perf_counter()
+    if not args.skip_baseline:
+        tests = tuple(dict.fromkeys(t for m in selected for t in m.tests))
+        with tempfile.TemporaryDirectory(prefix="wadi-mutations-") as tmp:
+            tree = copy_tree(Path(tmp))
+            check_imports_copy(tree)
+            code, failed, seconds = run_tests(tree, tests, "baseline")
+        print(
+            f"baseline: {len(tests)} selections {'pass' if code == 0 else 'FAIL'} in {seconds:.0f} s",
+            flush=True,
+        )
+        if code != 0:
+            print(f"the unmutated package fails {failed}: fix that first", file=sys.stderr)
+            return 1
+    # longest first (the quality test), spread round-robin over the workers
+    order = sorted(selected, key=lambda m: QUALITY not in m.tests)
+    chunks = [order[i :: args.jobs] for i in range(args.jobs)]
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        results = [row for rows in pool.map(worker, [c for c in chunks if c]) for row in rows]
+    rank = {m.name: i for i, m in enumerate(MUTATIONS)}
+    results.sort(key=lambda r: rank[r["mutation"].name])
+    seconds = time.perf_counter() - start
+    survived = [r["mutation"].name for r in results if not r["killed"]]
+    print(f"{len(results) - len(survived)} of {len(results)} mutations killed in {seconds:.0f} s")
+    if args.write:
+        write_table(args.write, results, seconds, args.jobs)
+    if survived:
+        print(f"SURVIVED: {', '.join(survived)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
