@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 
 import pytest
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from wadi_cli import __version__
-from wadi_cli.errors import BadInputError
+from wadi_cli.errors import BadInputError, WriteError
 from wadi_cli.io import (
     MARKER,
     atomic_output_dir,
@@ -41,17 +42,24 @@ def test_save_round_trip_with_provenance(tmp_path):
     assert _leftovers(tmp_path / "sub") == []
 
 
-def test_save_failure_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "error",
+    [  # what safetensors raises on a full disk (checked on a 1 MB tmpfs), and a plain OSError
+        SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+        OSError(errno.ENOSPC, "No space left on device"),
+    ],
+)
+def test_save_failure_leaves_old_file_and_no_temp(tmp_path, monkeypatch, error):
     dest = tmp_path / "w.safetensors"
     save_safetensors({"a": torch.ones(2)}, dest)
 
     def crash(tensors, filename, metadata=None):
         with open(filename, "wb") as fh:
             fh.write(b"partial")
-        raise OSError("disk full")
+        raise error
 
     monkeypatch.setattr(writers_mod, "save_file", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(WriteError, match="cannot write .*w.safetensors: No space left on device$"):
         save_safetensors({"a": torch.zeros(2)}, dest)
     assert torch.equal(load_state_dict(dest)["a"], torch.ones(2))
     assert _leftovers(tmp_path) == []
