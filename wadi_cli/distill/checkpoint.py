@@ -167,7 +167,10 @@ def find_checkpoint(run: str | os.PathLike[str], which: str | os.PathLike[str] =
     if str(which) == "latest":
         found = list_checkpoints(run)
         if not found:
-            raise CheckpointError(f"{run}: no checkpoints to resume from (nothing under {CHECKPOINTS}/)")
+            what = "no such folder" if not Path(run).exists() else "not a folder"
+            if Path(run).is_dir():
+                what = f"holds no checkpoints (nothing under {CHECKPOINTS}/); not a wadi distill run folder?"
+            raise CheckpointError(f"{run}: {what}")
         return found[-1]
     path = Path(which).expanduser()
     if (path / "state.json").is_file():
@@ -249,25 +252,33 @@ REQUIRED_FILES = (
 )
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
-    """Read a checkpoint folder written by :func:`save_checkpoint`; anything missing or
-    inconsistent is one :class:`CheckpointError` line naming the folder."""
-    folder = Path(path)
+def read_state(folder: Path) -> dict[str, Any]:
+    """The ``state.json`` of a checkpoint folder, checked to be whole: every file of
+    :data:`REQUIRED_FILES` (and the EMA when the run keeps one) is there. One
+    :class:`CheckpointError` line naming the folder otherwise."""
     try:
         state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{folder}: unreadable checkpoint state ({exc})") from None
     try:
-        config, targets = dict(state["config"]), dict(state["targets"])
-        step, position = int(state["step"]), int(state["data_position"])
-        extra = dict(state.get("extra") or {})
-        ema = float(config.get("ema_decay") or 0) > 0
+        state["config"], state["targets"] = dict(state["config"]), dict(state["targets"])
+        state["step"], state["data_position"] = int(state["step"]), int(state["data_position"])
+        state["extra"] = dict(state.get("extra") or {})
+        ema = float(state["config"].get("ema_decay") or 0) > 0
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{folder}: state.json is not a wadi checkpoint state ({exc!r})") from None
     needed = list(REQUIRED_FILES) + (["ema.safetensors"] if ema else [])
     missing = [f for f in needed if not (folder / f).is_file()]
     if missing:
         raise CheckpointError(f"{folder}: incomplete checkpoint, missing {', '.join(missing)}")
+    return state
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Read a checkpoint folder written by :func:`save_checkpoint`; anything missing or
+    inconsistent is one :class:`CheckpointError` line naming the folder."""
+    folder = Path(path)
+    state = read_state(folder)
     adapters = {}
     for name in ("student", "fake", "ema"):
         file = folder / f"{name}.safetensors"
@@ -279,14 +290,14 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     with open_checkpoint(folder / "rng.safetensors") as src:
         rng = {k: src.get(k) for k in src}
     return Checkpoint(
-        step=step,
-        data_position=position,
+        step=state["step"],
+        data_position=state["data_position"],
         adapters=adapters,
         optimizers=optimizers,
         rng=rng,
-        config=config,
-        targets=targets,
-        extra=extra,
+        config=state["config"],
+        targets=state["targets"],
+        extra=state["extra"],
     )
 
 

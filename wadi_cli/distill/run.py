@@ -39,6 +39,7 @@ from wadi_cli.distill.checkpoint import (
     find_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    read_state,
     save_checkpoint,
 )
 from wadi_cli.distill.config import DistillConfig, resolve_config
@@ -226,12 +227,17 @@ def prepare(
         try:
             ckpt = load_checkpoint(path)
         except CheckpointError as exc:
-            older = [p for p in list_checkpoints(path.parent) if p.name < path.name]
-            hint = f"; the previous checkpoint is --resume {older[-1]}" if older else ""
-            raise CheckpointError(f"{exc}{hint}") from None
+            raise _naming_previous(path, exc) from None
         saved = resolve_config(base={**DistillConfig().to_dict(), **ckpt.config})
         check_compatible(saved.fingerprint(), cfg.fingerprint())
     return run, prompts, ckpt
+
+
+def _naming_previous(path: Path, exc: CheckpointError) -> CheckpointError:
+    """``exc`` about the checkpoint ``path``, plus the older checkpoint to resume from instead."""
+    older = [p for p in list_checkpoints(path.parent.parent) if p.name < path.name]
+    hint = f"; the previous checkpoint is --resume {older[-1]}" if older else ""
+    return CheckpointError(f"{exc}{hint}")
 
 
 def launch_rank() -> int:
@@ -436,9 +442,7 @@ def config_for_run(
         return resolve_config(file, overrides)
     ckpt_dir = find_checkpoint(out, resume)
     try:
-        saved = json.loads((ckpt_dir / "state.json").read_text())["config"]
-    except (OSError, KeyError, json.JSONDecodeError) as exc:
-        from wadi_cli.errors import CheckpointError
-
-        raise CheckpointError(f"{ckpt_dir}: unreadable checkpoint state ({exc})") from None
+        saved = read_state(ckpt_dir)["config"]
+    except CheckpointError as exc:
+        raise _naming_previous(ckpt_dir, exc) from None
     return resolve_config(file, overrides, base={**DistillConfig().to_dict(), **saved})

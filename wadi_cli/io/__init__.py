@@ -22,7 +22,7 @@ from wadi_cli.io.hub import fetch_file, resolve_model
 from wadi_cli.io.resolve import load_state_dict, open_checkpoint
 from wadi_cli.io.safetensors_reader import SafetensorsFile
 from wadi_cli.io.sd_single_file import ldm_unet_table
-from wadi_cli.io.sources import TensorSource
+from wadi_cli.io.sources import TensorSource, require_finite
 from wadi_cli.io.writers import (
     MARKER,
     atomic_file,
@@ -49,6 +49,7 @@ __all__ = [
     "open_checkpoint",
     "provenance_metadata",
     "remove_stale_temps",
+    "require_finite",
     "resolve_model",
     "save_safetensors",
     "write_text_atomic",

@@ -39,6 +39,8 @@ def read_prompt_file(path: str | os.PathLike[str], column: str = "prompt") -> li
     :class:`BadInputError` if unreadable or empty."""
     p = Path(path).expanduser()
     where = f"--prompts {p}"
+    if p.is_dir():
+        raise BadInputError(f"{where}: is a folder, not a prompt file")
     if not p.is_file():
         raise BadInputError(f"{where}: no such file")
     suffix = p.suffix.lower()
@@ -69,7 +71,7 @@ def read_prompt_file(path: str | os.PathLike[str], column: str = "prompt") -> li
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # RecursionError: [[[[... nested too deep
                 raise BadInputError(f"{where}: line {i} is not valid JSON") from None
             if not isinstance(row, dict):
                 raise BadInputError(f"{where}: line {i} is not a JSON object")
@@ -81,5 +83,8 @@ def read_prompt_file(path: str | os.PathLike[str], column: str = "prompt") -> li
     import csv
     import io
 
-    rows = list(csv.DictReader(io.StringIO(text)))
+    try:
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    except csv.Error as exc:  # e.g. a field over csv's 128 KiB limit
+        raise BadInputError(f"{where}: not a readable CSV file ({exc})") from None
     return _clean(_column(rows, column, where), where)

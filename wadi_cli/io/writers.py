@@ -344,9 +344,11 @@ def atomic_output_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         try:
             yield tmp
+        except WriteError as exc:  # name the file by its final path, not the temporary one
+            raise WriteError(str(exc).replace(str(tmp), str(dest))) from None
         except OSError as exc:
             if exc.errno in WRITE_ERRNOS:
-                raise write_error(exc.filename or dest, exc) from None
+                raise write_error(str(exc.filename or dest).replace(str(tmp), str(dest)), exc) from None
             raise
         _check_output_dir(dest)  # it may have changed while we worked
         try:

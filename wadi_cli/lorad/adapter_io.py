@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from wadi_cli.errors import BadInputError, MismatchError
-from wadi_cli.io import open_checkpoint, provenance_metadata, save_safetensors
+from wadi_cli.io import open_checkpoint, provenance_metadata, require_finite, save_safetensors
 from wadi_cli.lorad.config import LoRaDConfig
 from wadi_cli.lorad.layer import lorad_theta, rotate_weight
 from wadi_cli.lorad.model import _preview, inject_lorad, load_adapter_state_dict, remove_lorad
@@ -122,6 +122,8 @@ def load_adapter(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], LoRaD
         paths, rank = adapter_paths(tensors)
     except BadInputError as exc:
         raise BadInputError(f"{where}: {exc}") from None
+    for name, tensor in tensors.items():
+        require_finite(where, name, tensor)
     if meta.get("rank") and meta["rank"] != str(rank):
         raise BadInputError(f"{where}: metadata says rank {meta['rank']} but the tensors have rank {rank}")
     targets = paths
@@ -266,6 +268,8 @@ def merge_adapter_file(
         raise BadInputError("--out must differ from the base checkpoint it is read from")
     with open_checkpoint(base) as src:
         merged = merge_adapter_into_state_dict(src, tensors, dtype=torch_dtype, prefix=prefix)
+        for name, tensor in merged.items():  # a rotation of finite weights is finite: NaN/Inf came with BASE
+            require_finite(base, name, tensor)
         recipe = {
             "operation": "merge_lorad",
             "base": str(base),

@@ -193,9 +193,13 @@ def load_state_strict(model: nn.Module, source: Mapping[str, Any] | Any, label: 
             parts.append(f"{len(bad)} shape mismatch(es): {_preview(bad, 2)}")
         raise MismatchError(f"{label} does not fit the base model: " + "; ".join(parts))
     get = source.get if hasattr(source, "shape") else source.__getitem__
+    from wadi_cli.io import require_finite
+
     with torch.no_grad():
         for k, param in expected.items():
-            param.copy_(get(k).to(dtype=param.dtype))
+            tensor = get(k)
+            require_finite(label, k, tensor)
+            param.copy_(tensor.to(dtype=param.dtype))
 
 
 def _apply_adapter(model: nn.Module, path: Path, backbone: Any) -> None:
