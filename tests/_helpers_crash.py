@@ -24,6 +24,7 @@ import os
 import random
 import re
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -78,19 +79,24 @@ class Proc:
         return self.log.read_text(errors="replace")
 
 
-class ForkLauncher:
-    """Fork this process and run ``wadi ARGS`` in the child (see the module docstring)."""
-
-    name = "fork"
+class _Launcher:
+    """Starts ``wadi ARGS`` processes, each with its own log file under ``logs``."""
 
     def __init__(self, logs: Path) -> None:
         self.logs = logs
         self.count = 0
 
-    def start(self, args: list[str], env: dict[str, str]) -> Proc:
+    def _log(self) -> Path:
         self.count += 1
-        log = self.logs / f"proc-{self.count:03d}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        return self.logs / f"proc-{self.count:03d}.log"
+
+
+class ForkLauncher(_Launcher):
+    """Fork this process and run ``wadi ARGS`` in the child (see the module docstring)."""
+
+    def start(self, args: list[str], env: dict[str, str]) -> Proc:
+        log = self._log()
         pid = os.fork()
         if pid == 0:  # the child: never return into pytest
             code = 1
@@ -120,19 +126,11 @@ class ForkLauncher:
         return Proc(pid, log)
 
 
-class SubprocessLauncher:
+class SubprocessLauncher(_Launcher):
     """``python -m wadi_cli ARGS`` in a fresh interpreter."""
 
-    name = "subprocess"
-
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        self.count = 0
-
     def start(self, args: list[str], env: dict[str, str]) -> Proc:
-        self.count += 1
-        log = self.logs / f"proc-{self.count:03d}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
+        log = self._log()
         full = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **env}
         with open(log, "wb") as fh:
             popen = subprocess.Popen(
@@ -409,12 +407,30 @@ def check_finished_run(
 
 
 # ---- killing the writers of export / merge / swap ----------------------------------------
-def tree(path: Path) -> dict[str, bytes] | bytes | None:
-    """A file's bytes, a folder's {relative path: bytes}, or None if absent."""
+def _content(path: Path) -> object:
+    """What a file holds: for a safetensors file its metadata and tensors (safetensors writes
+    its metadata in a per-process hash order, so the bytes of two identical exports made by
+    two processes differ), else its bytes. A file that does not parse is its bytes."""
+    data = path.read_bytes()
+    if path.suffix != ".safetensors":
+        return data
+    try:
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + n])
+        meta = header.pop("__metadata__", {})
+        body = data[8 + n :]
+        tensors = {k: (v["dtype"], v["shape"], body[slice(*v["data_offsets"])]) for k, v in header.items()}
+        return ("safetensors", sorted(meta.items()), tensors, len(data))
+    except (ValueError, KeyError, TypeError, struct.error):
+        return data
+
+
+def tree(path: Path) -> dict[str, object] | object | None:
+    """A file's content, a folder's {relative path: content}, or None if absent."""
     if path.is_file():
-        return path.read_bytes()
+        return _content(path)
     if path.is_dir():
-        return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+        return {str(p.relative_to(path)): _content(p) for p in sorted(path.rglob("*")) if p.is_file()}
     return None
 
 

@@ -10,6 +10,11 @@ the counts).
 from __future__ import annotations
 
 import json
+import os
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
 
 import _helpers_crash as crash
 import _helpers_sample as helpers
@@ -78,7 +83,7 @@ def outputs(tmp_path_factory, pipe_dir):
 def _file_restorer(target, old_file):
     def restore():
         target.write_bytes(old_file.read_bytes())
-        return target.read_bytes()
+        return crash.tree(target)
 
     return restore
 
@@ -132,6 +137,7 @@ def test_distill_kill_loop_in_fresh_interpreters(pipe_dir, tmp_path):
         )  # fmt: skip
         print(f"run {seed}: " + json.dumps(stats.to_dict()))
         total.append(stats)
+    _record("distill", [s.to_dict() for s in total])
     assert sum(s.kills for s in total) >= 24
     assert sum(s.inside_checkpoint_write for s in total) >= 4
 
@@ -139,7 +145,25 @@ def test_distill_kill_loop_in_fresh_interpreters(pipe_dir, tmp_path):
 @pytest.mark.slow
 def test_export_merge_swap_kill_loop_in_fresh_interpreters(outputs, tmp_path):
     launcher = crash.SubprocessLauncher(tmp_path / "logs")
+    found = {}
     for name, args, target, restore in writer_cases(outputs, tmp_path):
-        stats = crash.kill_writer(launcher, args, target, restore, kills=4, est_seconds=12.0, pause=0.5)
+        stats = crash.kill_writer(launcher, args, target, restore, kills=6, est_seconds=12.0, pause=0.5)
         print(f"{name}: {stats}")
-        assert stats.kills >= 3 and stats.inside_write >= 2, (name, stats)
+        found[name] = asdict(stats)
+        assert stats.kills >= 4 and stats.inside_write >= 3, (name, stats)
+    _record("writers", found)
+
+
+def _record(key: str, value: object) -> None:
+    """With WADI_KILL_STATS=FILE the slow loops add their counts to that JSON file
+    (``analysis/kill_loop/results.json`` is made this way)."""
+    path = os.environ.get("WADI_KILL_STATS")
+    if not path:
+        return
+    data = json.loads(Path(path).read_text()) if Path(path).is_file() else {}
+    data[key] = value
+    data[f"{key}_meta"] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.node()}, {os.cpu_count()} CPUs shared with other jobs",
+    }
+    Path(path).write_text(json.dumps(data, indent=1) + "\n")

@@ -127,3 +127,20 @@ def test_a_second_wadi_distill_on_a_live_run_is_refused(pipe_dir, tmp_path):
     result = runner.invoke(app, [*args, "--resume", "latest", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["from_step"] == 1 and not lock.exists()
+
+
+def test_only_the_main_process_checks_and_takes_the_lock(pipe_dir, tmp_path, monkeypatch):
+    """Under accelerate every rank runs `prepare`; ranks > 0 train in the folder rank 0 holds."""
+    from wadi_cli.distill import resolve_config
+    from wadi_cli.distill.run import prepare
+
+    cfg = resolve_config(overrides=dict(model=str(pipe_dir), device="cpu", regression_weight=0.0))
+    from wadi_cli.distill.checkpoint import create_run_dir
+
+    run = create_run_dir(tmp_path / "run")
+    with acquire_run_lock(run):  # rank 0 of this launch holds it
+        monkeypatch.setenv("RANK", "1")
+        prepare(cfg, run, None)  # rank 1 goes ahead
+        monkeypatch.setenv("RANK", "0")
+        with pytest.raises(RunLockedError):
+            prepare(cfg, run, None)  # a second launch's rank 0 does not

@@ -239,14 +239,22 @@ test_prompts_random_bytes_long = pytest.mark.slow(
 test_prompts_mutated_files_long = pytest.mark.slow(SLOW(given(st.data())(prop_mutated_prompt_files)))
 
 
+def _flipped_parquet() -> bytes:
+    raw = bytearray(dict(PROMPT_FILES)[".parquet"])
+    raw[24] = 128  # the slow fuzz run's example: pyarrow raised ArrowException ("Wrapping ... failed")
+    return bytes(raw)
+
+
 @pytest.mark.parametrize(
     ("suffix", "content"),
     [
         (".jsonl", b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"),  # RecursionError in json
-        (".csv", b"prompt\n" + b"a" * 200_000 + b"\n"),  # a field over csv's 128 KiB limit
+        (".csv", b"prompt\n" + b"a" * 200_000 + b"\n"),  # csv.Error: a field over csv's 128 KiB limit
+        (".parquet", _flipped_parquet()),  # pyarrow's own exception type
     ],
+    ids=["jsonl-deep", "csv-long-field", "parquet-flipped-byte"],
 )
 def test_prompt_files_found_by_fuzzing(suffix, content):
-    """Inputs that escaped the reader as RecursionError / csv.Error before the fix."""
+    """Inputs that escaped the reader (RecursionError, csv.Error, ArrowException) before the fix."""
     with _file(content, suffix) as path, contextlib.suppress(WadiError):
         read_prompt_file(path)

@@ -33,6 +33,22 @@ def _column(rows: list[dict], column: str, where: str) -> list[object]:
     return [r.get(column) for r in rows]
 
 
+def _parquet_column(p: Path, column: str, where: str) -> list[object]:
+    import pandas as pd
+
+    try:
+        frame = pd.read_parquet(p)
+        if column not in frame.columns:
+            cols = ", ".join(map(str, frame.columns))
+            raise BadInputError(f"{where}: no column {column!r} (has {cols}); set --prompt-column")
+        return frame[column].tolist()  # strings are decoded here (invalid UTF-8 fails here)
+    except (BadInputError, OSError, ValueError, ImportError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises its own types on a corrupt file (ArrowException)
+        reason = (str(exc).splitlines() or [""])[0]
+        raise BadInputError(f"{where}: cannot read ({type(exc).__name__}: {reason})") from None
+
+
 def read_prompt_file(path: str | os.PathLike[str], column: str = "prompt") -> list[str]:
     """Prompts of a ``.txt`` (one per line, ``#`` comment lines) / ``.jsonl`` / ``.csv`` /
     ``.parquet`` (``column``) file, whitespace normalised, blank entries skipped.
@@ -48,13 +64,7 @@ def read_prompt_file(path: str | os.PathLike[str], column: str = "prompt") -> li
         raise BadInputError(f"{where}: unsupported type; use one of {', '.join(PROMPT_SUFFIXES)}")
     try:
         if suffix == ".parquet":
-            import pandas as pd
-
-            frame = pd.read_parquet(p)
-            if column not in frame.columns:
-                cols = ", ".join(map(str, frame.columns))
-                raise BadInputError(f"{where}: no column {column!r} (has {cols}); set --prompt-column")
-            return _clean(frame[column].tolist(), where)
+            return _clean(_parquet_column(p, column, where), where)
         text = p.read_text(encoding="utf-8")
     except BadInputError:
         raise
