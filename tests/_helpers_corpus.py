@@ -449,10 +449,12 @@ class Result:
         return bad
 
 
-def _snapshot(path: Path) -> dict[str, bytes] | None:
+def _snapshot(path: Path) -> dict[str, tuple[int, int]] | None:
+    """Every entry of a folder with its size and modification time (any write changes them)."""
     if not path.is_dir():
         return None
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+    stats = {p: p.stat() for p in sorted(path.rglob("*"))}
+    return {str(p.relative_to(path)): (st.st_size, st.st_mtime_ns) for p, st in stats.items()}
 
 
 def run_case(c: Corpus, case: Case, workdir: Path) -> Result:

@@ -34,16 +34,16 @@ def forked(tmp_path_factory, pipe_dir):
 
 
 def test_distill_killed_three_times_resumes_bit_exactly(pipe_dir, forked, tmp_path):
-    reference, seconds = crash.straight_run(forked, pipe_dir, tmp_path / "straight", 4, full=False)
+    reference, seconds = crash.straight_run(forked, pipe_dir, tmp_path / "straight", 3, full=False)
     stats = crash.kill_loop(
         forked,
         pipe_dir,
         tmp_path / "killed",
         reference,
-        4,
+        3,
         kills=3,
         # inside the write of checkpoint 2, after validation 2 wrote its row and image (which
-        # the resume from checkpoint 1 must drop); then in training; then in checkpoint 3 or 4
+        # the resume from checkpoint 1 must drop); then in training; then in the next checkpoint
         modes=["checkpoint:2", "train:1", "checkpoint:1"],
         est_seconds=seconds,
         pause=0.03,

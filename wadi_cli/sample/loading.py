@@ -202,14 +202,31 @@ def load_state_strict(model: nn.Module, source: Mapping[str, Any] | Any, label: 
             param.copy_(tensor.to(dtype=param.dtype))
 
 
-def _apply_adapter(model: nn.Module, path: Path, backbone: Any) -> None:
-    from wadi_cli.lorad import load_adapter, merge_adapter_into_state_dict
+def _read_adapter(path: Path, backbone: Any) -> tuple[dict[str, torch.Tensor], Any]:
+    from wadi_cli.lorad import load_adapter
 
     tensors, cfg = load_adapter(path)
     if getattr(cfg, "backbone", None) and cfg.backbone != backbone.name:
         raise MismatchError(
             f"--weights {path}: adapter was made for backbone {cfg.backbone!r}, not {backbone.name!r}"
         )
+    return tensors, cfg
+
+
+def check_weights(path: str | os.PathLike[str], backbone: Any) -> WeightsKind:
+    """Check ``--weights`` as far as it can be without the base model (the file's format and
+    header; an adapter's tensors, values and backbone), so a broken file fails before a
+    pipeline of gigabytes is loaded. Returns its kind."""
+    kind = detect_weights_kind(path)
+    if kind == "adapter":
+        _read_adapter(Path(path).expanduser(), backbone)
+    return kind
+
+
+def _apply_adapter(model: nn.Module, path: Path, backbone: Any) -> None:
+    from wadi_cli.lorad import merge_adapter_into_state_dict
+
+    tensors, _ = _read_adapter(path, backbone)
     # the rotation is computed in fp32 (fp64 for fp64 bases) and cast back to the base dtype
     merged = merge_adapter_into_state_dict(model.state_dict(), tensors)
     load_state_strict(model, merged, f"--weights {path} (adapter merged into the base)")
@@ -308,6 +325,8 @@ def load_sampler(
     if teacher and weights is not None:
         raise BadInputError("--teacher samples the base model: drop --weights (or drop --teacher)")
     source, weights = resolve_sources(spec, model, weights, teacher)
+    if weights is not None:
+        check_weights(weights, spec)  # before the pipeline loads
     if not teacher and weights is None:
         notes.append(f"no --weights: one-step sampling from the base {spec.name} model itself")
     pipe = _load_pipeline(spec, source, dtype)
