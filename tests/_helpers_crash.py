@@ -354,10 +354,9 @@ def kill_loop(
     t0 = time.monotonic()
     env = {PAUSE_ENV: str(pause)}
     args = distill_args(pipe, run, max_steps, **kw)
-    while stats.kills < kills:
+    finished = False  # a start that ran to its end without being killed
+    while stats.kills < kills and not finished:
         start = _latest_step(run)
-        if start == max_steps:
-            break
         _check_checkpoints(run, reference, stats, seen)
         resume = start is not None
         proc = launcher.start([*args, "--resume", "latest"] if resume else args, env)
@@ -368,13 +367,15 @@ def kill_loop(
         if not _kill(proc, run, mode, rng, start, est_seconds):
             code = proc.wait()
             assert code == 0, f"a run that was not killed failed ({code}):\n{proc.output()[-3000:]}"
-            break
+            finished = True
+            continue
         stats.kills += 1
         stats.by_mode[mode.partition(":")[0]] += 1
         stats.inside_checkpoint_write += bool(temp_checkpoints(run, proc.pid))
-    # the last start runs to the end
-    start = _latest_step(run)
-    if start != max_steps:
+    if not finished:
+        # one more start, to the end, as a user would after a kill; it continues from the last
+        # checkpoint (after a kill past the last one: resumes a finished run, a clean no-op)
+        start = _latest_step(run)
         _check_checkpoints(run, reference, stats, seen)
         resume = start is not None
         final = [*args, "--json"] + (["--resume", "latest"] if resume else [])
