@@ -47,8 +47,7 @@ from wadi_cli.distill.data import load_prompts
 from wadi_cli.distill.lock import acquire_run_lock, check_run_lock
 from wadi_cli.distill.trainer import Distiller, StepResult, Topology
 from wadi_cli.errors import CheckpointError, WriteError
-from wadi_cli.io import remove_stale_temps, write_text_atomic
-from wadi_cli.io.writers import write_error
+from wadi_cli.io import remove_stale_temps, write_error, write_text_atomic
 
 METRIC_FIELDS = ("step", "loss_g", "loss_fake", "grad_norm_g", "grad_norm_fake", "lr", "fake_lr", "seconds")
 

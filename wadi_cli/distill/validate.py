@@ -20,8 +20,7 @@ import numpy as np
 import torch
 
 from wadi_cli.distill.data import SMOKE_PROMPTS
-from wadi_cli.io import atomic_file
-from wadi_cli.io.writers import write_error
+from wadi_cli.io import atomic_file, write_error
 
 #: Seed of the fixed validation prompts / noise, and of the tiny metric's real images.
 VALIDATION_SEED = 20260

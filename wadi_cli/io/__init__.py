@@ -32,6 +32,7 @@ from wadi_cli.io.writers import (
     provenance_metadata,
     remove_stale_temps,
     save_safetensors,
+    write_error,
     write_text_atomic,
 )
 
@@ -52,5 +53,6 @@ __all__ = [
     "require_finite",
     "resolve_model",
     "save_safetensors",
+    "write_error",
     "write_text_atomic",
 ]
