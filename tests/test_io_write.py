@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 
 import pytest
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from wadi_cli import __version__
-from wadi_cli.errors import BadInputError
+from wadi_cli.errors import BadInputError, WriteError
 from wadi_cli.io import (
     MARKER,
     atomic_output_dir,
@@ -42,17 +43,24 @@ def test_save_round_trip_with_provenance(tmp_path):
     assert _leftovers(tmp_path / "sub") == []
 
 
-def test_save_failure_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "error",
+    [  # what safetensors raises on a full disk (checked on a 1 MB tmpfs), and a plain OSError
+        SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+        OSError(errno.ENOSPC, "No space left on device"),
+    ],
+)
+def test_save_failure_leaves_old_file_and_no_temp(tmp_path, monkeypatch, error):
     dest = tmp_path / "w.safetensors"
     save_safetensors({"a": torch.ones(2)}, dest)
 
     def crash(tensors, filename, metadata=None):
         with open(filename, "wb") as fh:
             fh.write(b"partial")
-        raise OSError("disk full")
+        raise error
 
     monkeypatch.setattr(writers_mod, "save_file", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(WriteError, match="cannot write .*w.safetensors: No space left on device$"):
         save_safetensors({"a": torch.zeros(2)}, dest)
     assert torch.equal(load_state_dict(dest)["a"], torch.ones(2))
     assert _leftovers(tmp_path) == []
@@ -141,25 +149,47 @@ def test_check_writable_read_only_folder(tmp_path):
 
 def test_check_writable_folder_on_a_read_only_file_system(tmp_path, monkeypatch):
     """The same refusal as above where permission bits cannot say no (root, as in CI and
-    the Docker image): every file creation under ``ro`` fails with EROFS, as on a
-    read-only mount, and so does saving there; nothing is left behind."""
+    the Docker image): every file or folder creation and every rename under ``ro`` fails
+    with EROFS, as on a read-only mount, and so does saving there (one-line WriteError);
+    nothing is left behind."""
     import errno
+
+    from wadi_cli.errors import WriteError
 
     ro = tmp_path / "ro"
     ro.mkdir()
-    real_open = os.open
+    real_open, real_mkdir, real_replace = os.open, os.mkdir, os.replace
+
+    def under_ro(path) -> bool:
+        return os.path.abspath(path).startswith(str(ro) + os.sep)
+
+    def erofs(path):
+        return OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
 
     def refusing_open(path, flags, *args, **kwargs):
-        if os.path.abspath(path).startswith(str(ro) + os.sep) and flags & (os.O_CREAT | os.O_WRONLY):
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        if under_ro(path) and flags & (os.O_CREAT | os.O_WRONLY):
+            raise erofs(path)
         return real_open(path, flags, *args, **kwargs)
 
+    def refusing_mkdir(path, *args, **kwargs):
+        if under_ro(path):
+            raise erofs(path)
+        return real_mkdir(path, *args, **kwargs)
+
+    def refusing_replace(src, dst, *args, **kwargs):
+        if under_ro(dst):
+            raise erofs(dst)
+        return real_replace(src, dst, *args, **kwargs)
+
     monkeypatch.setattr(os, "open", refusing_open)
+    monkeypatch.setattr(os, "mkdir", refusing_mkdir)
+    monkeypatch.setattr(os, "replace", refusing_replace)
     with pytest.raises(BadInputError, match="not writable .*Read-only file system") as info:
         check_writable(ro / "w.safetensors")
     assert "\n" not in str(info.value)
-    with pytest.raises(OSError):
+    with pytest.raises(WriteError, match="Read-only file system") as info:
         save_safetensors({"w": torch.zeros(2)}, ro / "w.safetensors")
+    assert "\n" not in str(info.value)
     assert list(ro.iterdir()) == []
 
 

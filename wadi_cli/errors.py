@@ -24,6 +24,13 @@ class MismatchError(BadInputError):
     """Two checkpoints (or a checkpoint and a model) do not fit together."""
 
 
+class WriteError(WadiError):
+    """An output could not be written (disk full, read-only file system, permissions) after
+    the early checks passed. Whatever was there before is left as it was. Exit code 4."""
+
+    exit_code = 4
+
+
 class HubError(WadiError):
     """A model could not be fetched from the Hugging Face hub (offline, missing repo)."""
 

@@ -32,7 +32,7 @@ def fail(message: str, code: int = 2) -> None:
     """Print one red line on stderr and exit with ``code``."""
     from rich.markup import escape
 
-    # the message is plain text: brackets (`pip install "wadi-cli[eval]"`) are not markup
+    # plain text: brackets ("[m, r]", `wadi-cli[eval]`) are not rich markup tags to swallow
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
@@ -129,15 +129,19 @@ def weights_for_sampling(weights: str | None) -> Any:
 
     adapter_file, config = run_student_adapter(weights)
     if config.get("adapter", "lorad") == "lorad":
-        err_console.print(f"[dim]using the run's student adapter {adapter_file}[/]", highlight=False)
+        from wadi_cli.lorad import load_adapter
+
+        load_adapter(adapter_file)  # a broken file fails here, before the note below
+        err_console.print(
+            f"[dim]using the run's student adapter {adapter_file}[/]", highlight=False, soft_wrap=True
+        )
         yield str(adapter_file)
         return
     with tempfile.TemporaryDirectory(prefix="wadi-run-") as tmp:
         merged = Path(tmp) / "student-merged.safetensors"
         export_run(weights, "merged", merged)
-        err_console.print(
-            f"[dim]using the run's student ({config.get('adapter')}), merged[/]", highlight=False
-        )
+        note = f"[dim]using the run's student ({config.get('adapter')}), merged[/]"
+        err_console.print(note, highlight=False, soft_wrap=True)
         yield str(merged)
 
 

@@ -330,7 +330,9 @@ def _run_with_progress(cfg: Any, out: Path, resume: str | None, again: str) -> A
     state: dict[str, Any] = {}
 
     def on_start(start: int, total: int) -> None:
-        progress.console.print(f"run folder: [bold]{out}[/] (continue it with: {again})", highlight=False)
+        progress.console.print(
+            f"run folder: [bold]{out}[/] (continue it with: {again})", highlight=False, soft_wrap=True
+        )
         if cfg.prompts is None and cfg.backbone != "tiny":
             from wadi_cli.distill.data import SMOKE_PROMPTS
 

@@ -75,7 +75,9 @@ def _student_file(student: Path) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="wadi-swap-") as tmp:
         merged = Path(tmp) / "student-merged.safetensors"
         export_run(student, "merged", merged)
-        err_console.print(f"[dim]using the run's latest student ({student}), merged[/]", highlight=False)
+        err_console.print(
+            f"[dim]using the run's latest student ({student}), merged[/]", highlight=False, soft_wrap=True
+        )
         yield merged
 
 

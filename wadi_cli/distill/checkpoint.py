@@ -14,15 +14,18 @@ Layout of ``--out RUN``::
         rng.safetensors            every RNG state (trainer generator, torch CPU / CUDA)
         state.json                 step, data position, targets, resolved config
 
-Only safetensors and JSON are read back: nothing is ever unpickled.
+Only safetensors and JSON are read back: nothing is ever unpickled. A checkpoint folder
+gets its ``step-NNNNNNNN`` name only once every file in it is complete and on disk, and an
+old one loses its name before it is deleted, so every ``step-*`` folder is whole, also
+after a ``kill -9``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +39,11 @@ from wadi_cli.io import (
     MARKER,
     atomic_output_dir,
     check_writable,
+    discard_dir,
     open_checkpoint,
     provenance_metadata,
     save_safetensors,
+    write_text_atomic,
 )
 from wadi_cli.io.writers import ALPHA_BAR_T_METADATA
 from wadi_cli.lorad import LoRaDConfig, load_adapter, save_adapter
@@ -109,11 +114,16 @@ def _optimizer_from_file(path: Path) -> dict[str, Any]:
     except (KeyError, json.JSONDecodeError):
         raise CheckpointError(f"{path}: not an optimizer state written by wadi") from None
     flat: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        _, idx, name = key.split(".", 2)
-        flat.setdefault(int(idx), {})[name] = value
-    for idx, entry in scalars.items():
-        flat.setdefault(int(idx), {}).update(entry)
+    try:
+        for key, value in tensors.items():
+            _, idx, name = key.split(".", 2)
+            flat.setdefault(int(idx), {})[name] = value
+        for idx, entry in scalars.items():
+            flat.setdefault(int(idx), {}).update(entry)
+        if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+            raise TypeError("param_groups is not a list of objects")
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: not an optimizer state written by wadi ({exc})") from None
     state = {idx: _nest(entry) for idx, entry in flat.items()}
     for group in groups:
         if "betas" in group:
@@ -158,7 +168,10 @@ def find_checkpoint(run: str | os.PathLike[str], which: str | os.PathLike[str] =
     if str(which) == "latest":
         found = list_checkpoints(run)
         if not found:
-            raise CheckpointError(f"{run}: no checkpoints to resume from (nothing under {CHECKPOINTS}/)")
+            what = "no such folder" if not Path(run).exists() else "not a folder"
+            if Path(run).is_dir():
+                what = f"holds no checkpoints (nothing under {CHECKPOINTS}/); not a wadi distill run folder?"
+            raise CheckpointError(f"{run}: {what}")
         return found[-1]
     path = Path(which).expanduser()
     if (path / "state.json").is_file():
@@ -202,9 +215,10 @@ def save_checkpoint(run: str | os.PathLike[str], ckpt: Checkpoint, keep_last: in
             "config": ckpt.config,
             "extra": ckpt.extra,
         }
-        (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+        write_text_atomic(tmp / "state.json", json.dumps(state, indent=2, sort_keys=True) + "\n")
     for old in list_checkpoints(run)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            discard_dir(old)
     return dest
 
 
@@ -230,34 +244,63 @@ def read_adapter_tensors(path: Path) -> dict[str, Tensor]:
     return load_adapter(path)[0]
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
-    """Read a checkpoint folder written by :func:`save_checkpoint`."""
-    folder = Path(path)
+#: Files every checkpoint holds (``ema.safetensors`` too when the run keeps an EMA).
+REQUIRED_FILES = (
+    "state.json",
+    "student.safetensors",
+    "fake.safetensors",
+    "optim_student.safetensors",
+    "optim_fake.safetensors",
+    "rng.safetensors",
+)
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    """The ``state.json`` of a checkpoint folder, checked to be whole: every file of
+    :data:`REQUIRED_FILES` (and the EMA when the run keeps one) is there. One
+    :class:`CheckpointError` line naming the folder otherwise."""
     try:
-        state = json.loads((folder / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{folder}: unreadable checkpoint state ({exc})") from None
+    try:
+        state["config"], state["targets"] = dict(state["config"]), dict(state["targets"])
+        state["step"], state["data_position"] = int(state["step"]), int(state["data_position"])
+        state["extra"] = dict(state.get("extra") or {})
+        ema = float(state["config"].get("ema_decay") or 0) > 0
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{folder}: state.json is not a wadi checkpoint state ({exc!r})") from None
+    needed = list(REQUIRED_FILES) + (["ema.safetensors"] if ema else [])
+    missing = [f for f in needed if not (folder / f).is_file()]
+    if missing:
+        raise CheckpointError(f"{folder}: incomplete checkpoint, missing {', '.join(missing)}")
+    return state
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Read a checkpoint folder written by :func:`save_checkpoint`; anything missing or
+    inconsistent is one :class:`CheckpointError` line naming the folder."""
+    folder = Path(path)
+    state = read_state(folder)
     adapters = {}
     for name in ("student", "fake", "ema"):
         file = folder / f"{name}.safetensors"
         if file.is_file():
             adapters[name] = read_adapter_tensors(file)
     optimizers = {
-        name: _optimizer_from_file(folder / f"optim_{name}.safetensors")
-        for name in ("student", "fake")
-        if (folder / f"optim_{name}.safetensors").is_file()
+        name: _optimizer_from_file(folder / f"optim_{name}.safetensors") for name in ("student", "fake")
     }
     with open_checkpoint(folder / "rng.safetensors") as src:
         rng = {k: src.get(k) for k in src}
     return Checkpoint(
-        step=int(state["step"]),
-        data_position=int(state["data_position"]),
+        step=state["step"],
+        data_position=state["data_position"],
         adapters=adapters,
         optimizers=optimizers,
         rng=rng,
         config=state["config"],
         targets=state["targets"],
-        extra=state.get("extra", {}),
+        extra=state["extra"],
     )
 
 

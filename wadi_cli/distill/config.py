@@ -181,6 +181,8 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     Keys may use ``-`` or ``_``; unknown keys raise :class:`BadInputError` naming them.
     """
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise BadInputError(f"--config {p}: is a folder, not a config file")
     if not p.is_file():
         raise BadInputError(f"--config {p}: no such file")
     try:
@@ -209,6 +211,11 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     unknown = sorted(set(out) - set(_FIELDS))
     if unknown:
         raise BadInputError(f"--config {p}: unknown key(s) {', '.join(unknown)}")
+    for key, value in out.items():  # every value, also those a flag will override
+        try:
+            _coerce(key, value)
+        except BadInputError as exc:
+            raise BadInputError(f"--config {p}: {exc}") from None
     return out
 
 

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from wadi_cli.distill.checkpoint import find_checkpoint
+from wadi_cli.distill.checkpoint import find_checkpoint, read_state
 from wadi_cli.errors import BadInputError, CheckpointError
 from wadi_cli.io import (
     atomic_output_dir,
@@ -39,10 +39,7 @@ def run_student_adapter(
     by default, or a checkpoint folder) and the checkpoint's config. ``ema=True`` takes the
     EMA copy when the run kept one."""
     ckpt = find_checkpoint(run, checkpoint or "latest")
-    try:
-        config = json.loads((ckpt / "state.json").read_text())["config"]
-    except (OSError, KeyError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{ckpt}: unreadable checkpoint state ({exc})") from None
+    config = read_state(ckpt)["config"]
     file = ckpt / "ema.safetensors"
     if not (ema and file.is_file()):
         file = ckpt / "student.safetensors"

@@ -1,16 +1,26 @@
 """Driving a distillation run: checks before work, the loop, checkpoints, metrics, Ctrl-C.
 
 Everything that can be checked is checked before the model loads: the config, the prompt
-file, the ``--out`` folder (writable; no checkpoints unless resuming), and on resume the
-checkpoint's compatibility (backbone, base model, adapter kind, ranks, then targets).
+file, the ``--out`` folder (writable; no checkpoints unless resuming; no live process
+training in it), and on resume the checkpoint's compatibility (backbone, base model,
+adapter kind, ranks, then targets).
+
+Crash safety: the main process holds the run folder's lock (:mod:`wadi_cli.distill.lock`)
+while it trains. A (re)started run first clears what a killed one left behind: temporary
+files, and the rows of ``metrics.csv`` / ``validation.csv`` and the validation images of
+steps after the checkpoint it starts from, so the logs read as if the run had never
+stopped. A checkpoint or log that cannot be written (disk full, read-only) stops the run
+with one line naming the file and the last good checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -22,17 +32,22 @@ from typing import Any
 import torch
 
 from wadi_cli.distill.checkpoint import (
+    CHECKPOINTS,
     check_compatible,
     check_run_dir,
     create_run_dir,
     find_checkpoint,
+    list_checkpoints,
     load_checkpoint,
+    read_state,
     save_checkpoint,
 )
 from wadi_cli.distill.config import DistillConfig, resolve_config
 from wadi_cli.distill.data import load_prompts
+from wadi_cli.distill.lock import acquire_run_lock, check_run_lock
 from wadi_cli.distill.trainer import Distiller, StepResult, Topology
-from wadi_cli.io import write_text_atomic
+from wadi_cli.errors import CheckpointError, WriteError
+from wadi_cli.io import remove_stale_temps, write_error, write_text_atomic
 
 METRIC_FIELDS = ("step", "loss_g", "loss_fake", "grad_norm_g", "grad_norm_fake", "lr", "fake_lr", "seconds")
 
@@ -70,26 +85,74 @@ def weights_dtype(cfg: DistillConfig, device: torch.device) -> torch.dtype:
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mode]
 
 
+def _complete_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """Header and complete rows of a CSV log. Rows are appended one at a time, so only the
+    last line can be cut short (by a kill); it has no line end and is dropped."""
+    raw = path.read_bytes()
+    text = raw[: raw.rfind(b"\n") + 1].decode("utf-8", errors="replace")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = [r for r in reader if None not in r and None not in r.values()]
+    return list(reader.fieldnames or []), rows
+
+
+def keep_rows_up_to(path: Path, step: int, fields: tuple[str, ...] | None = None) -> None:
+    """Rewrite the per-step CSV log ``path`` (atomically) with one complete row per step
+    ``<= step``: what a run that starts at ``step`` would hold had it never stopped. Rows
+    of later steps (written after the checkpoint a resumed run starts from), duplicated
+    and torn rows are dropped. ``fields``: the columns (default: the file's own header)."""
+    header, rows = _complete_rows(path) if path.is_file() else ([], [])
+    header = list(fields or header)
+    if not header:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return
+    by_step: dict[int, dict[str, str]] = {}
+    for row in rows:
+        try:
+            at = int(row["step"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if at <= step:
+            by_step[at] = row
+    out = io.StringIO(newline="")
+    writer = csv.DictWriter(out, header, extrasaction="ignore", restval="")
+    writer.writeheader()
+    writer.writerows(by_step[k] for k in sorted(by_step))
+    write_text_atomic(path, out.getvalue())
+
+
 class MetricsLog:
     """``metrics.csv``: one row per logged step; rows after ``resume_step`` are dropped so a
     resumed run's log reads as if it had never stopped."""
 
     def __init__(self, path: Path, resume_step: int) -> None:
         self.path = path
-        rows = []
-        if path.is_file() and resume_step > 0:
-            with path.open(newline="") as fh:
-                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
-        with path.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, METRIC_FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
+        keep_rows_up_to(path, resume_step, METRIC_FIELDS)
 
     def write(self, result: StepResult, seconds: float) -> None:
         row = {k: getattr(result, k) for k in METRIC_FIELDS if k != "seconds"}
         row["seconds"] = round(seconds, 4)
-        with self.path.open("a", newline="") as fh:
-            csv.DictWriter(fh, METRIC_FIELDS).writerow(row)
+        try:
+            with self.path.open("a", newline="") as fh:
+                csv.DictWriter(fh, METRIC_FIELDS).writerow(row)
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
+
+
+_VALIDATION_PNG = re.compile(r"^step-(\d{8})\.png$")
+
+
+def clear_leftovers(run: Path, start: int) -> None:
+    """Before a run (re)starts at step ``start``: remove what a killed run left in ``run``
+    (temporary files, validation rows and images of steps after ``start``)."""
+    for folder in (run, run / CHECKPOINTS, run / "validation"):
+        remove_stale_temps(folder)
+    keep_rows_up_to(run / "validation.csv", start)
+    if (run / "validation").is_dir():
+        for png in (run / "validation").iterdir():
+            m = _VALIDATION_PNG.match(png.name)
+            if m and int(m.group(1)) > start:
+                png.unlink()
 
 
 class TensorBoardLog:
@@ -153,14 +216,36 @@ def prepare(
 ) -> tuple[Path, list[str], Any | None]:
     """Checks before any model loads (nothing is created): run folder, prompts, checkpoint
     compatibility."""
+    if launch_rank() == 0:
+        check_run_lock(out)  # a live run in the folder: say so first
     run = check_run_dir(out, resume is not None)
     prompts = load_prompts(cfg.prompts, cfg.prompt_column, cfg.backbone, cfg.seed)
     ckpt = None
     if resume is not None:
-        ckpt = load_checkpoint(find_checkpoint(run, resume))
+        path = find_checkpoint(run, resume)
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as exc:
+            raise _naming_previous(path, exc) from None
         saved = resolve_config(base={**DistillConfig().to_dict(), **ckpt.config})
         check_compatible(saved.fingerprint(), cfg.fingerprint())
     return run, prompts, ckpt
+
+
+def _naming_previous(path: Path, exc: CheckpointError) -> CheckpointError:
+    """``exc`` about the checkpoint ``path``, plus the older checkpoint to resume from instead."""
+    older = [p for p in list_checkpoints(path.parent.parent) if p.name < path.name]
+    hint = f"; the previous checkpoint is --resume {older[-1]}" if older else ""
+    return CheckpointError(f"{exc}{hint}")
+
+
+def launch_rank() -> int:
+    """This process's rank as set by ``accelerate launch`` / ``torchrun`` (0 when alone),
+    known before the process group exists."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
 
 
 def process_topology(cfg: DistillConfig) -> tuple[Topology, torch.device]:
@@ -254,22 +339,47 @@ def distill(
 ) -> RunSummary:
     """Run (or continue, with ``resume="latest"`` or a checkpoint path) a distillation
     into the run folder ``out`` until ``cfg.max_steps``. Checkpoints every
-    ``cfg.checkpoint_every`` steps, at the end, and on Ctrl-C."""
+    ``cfg.checkpoint_every`` steps, at the end, and on Ctrl-C. The main process holds the
+    run folder's lock throughout (:class:`~wadi_cli.distill.lock.RunLockedError` if a live
+    process already trains there)."""
     run, prompts, ckpt = prepare(cfg, out, resume)
     distiller = build_distiller(cfg, prompts)
-    topo = distiller.topology
     if ckpt is not None:
         distiller.load(ckpt)
+    with contextlib.ExitStack() as stack:
+        if distiller.topology.is_main:
+            create_run_dir(run)
+            stack.enter_context(acquire_run_lock(run))
+            clear_leftovers(run, distiller.step)
+        try:
+            return _train(cfg, run, distiller, len(prompts), ckpt is not None, on_step, on_start, on_validate)
+        except WriteError as exc:
+            found = list_checkpoints(run)
+            last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved"
+            raise WriteError(f"{exc}; training stopped at step {distiller.step}, {last}") from None
+
+
+def _train(
+    cfg: DistillConfig,
+    run: Path,
+    distiller: Distiller,
+    num_prompts: int,
+    resumed: bool,
+    on_step: Callable[[StepResult, float], None] | None,
+    on_start: Callable[[int, int], None] | None,
+    on_validate: Callable[[dict[str, Any]], None] | None,
+) -> RunSummary:
+    """The loop of :func:`distill`, in a run folder that is ready (and locked)."""
+    topo = distiller.topology
     start = distiller.step
     metrics = board = None
     if topo.is_main:
-        create_run_dir(run)
         write_text_atomic(run / "config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
         metrics = MetricsLog(run / "metrics.csv", start)
         board = TensorBoardLog.open(run, start) if cfg.tensorboard else None
     if on_start is not None and topo.is_main:
         on_start(start, cfg.max_steps)
-    saved_at, last = (start if ckpt is not None else -1), None
+    saved_at, last = (start if resumed else -1), None
 
     def save() -> None:
         nonlocal saved_at, last
@@ -307,9 +417,8 @@ def distill(
     if saved_at != distiller.step:
         save()
     if topo.is_main:
-        write_text_atomic(
-            run / "ranks.json", json.dumps({"world_size": topo.world, "checksums": checksums}) + "\n"
-        )
+        ranks = json.dumps({"world_size": topo.world, "checksums": checksums}) + "\n"
+        write_text_atomic(run / "ranks.json", ranks)
     return RunSummary(
         run,
         start,
@@ -317,7 +426,7 @@ def distill(
         last,
         interrupted,
         time.perf_counter() - t0,
-        len(prompts),
+        num_prompts,
         topo.world,
         topo.rank,
         run / "tensorboard" if board is not None else None,
@@ -337,9 +446,7 @@ def config_for_run(
         return resolve_config(file, overrides)
     ckpt_dir = find_checkpoint(out, resume)
     try:
-        saved = json.loads((ckpt_dir / "state.json").read_text())["config"]
-    except (OSError, KeyError, json.JSONDecodeError) as exc:
-        from wadi_cli.errors import CheckpointError
-
-        raise CheckpointError(f"{ckpt_dir}: unreadable checkpoint state ({exc})") from None
+        saved = read_state(ckpt_dir)["config"]
+    except CheckpointError as exc:
+        raise _naming_previous(ckpt_dir, exc) from None
     return resolve_config(file, overrides, base={**DistillConfig().to_dict(), **saved})

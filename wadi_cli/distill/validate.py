@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from wadi_cli.distill.data import SMOKE_PROMPTS
+from wadi_cli.io import atomic_file, write_error
 
 #: Seed of the fixed validation prompts / noise, and of the tiny metric's real images.
 VALIDATION_SEED = 20260
@@ -78,9 +79,8 @@ def validate(distiller: Any, run: Path) -> dict[str, Any]:
     prompts, attrs = validation_prompts(distiller.cfg.backbone)
     seeds = [VALIDATION_SEED + i for i in range(len(prompts))]
     images = student_images(distiller, prompts, seeds)
-    folder = run / "validation"
-    folder.mkdir(exist_ok=True)
-    Image.fromarray(image_grid(images[:64])).save(folder / f"step-{distiller.step:08d}.png")
+    with atomic_file(run / "validation" / f"step-{distiller.step:08d}.png") as tmp:
+        Image.fromarray(image_grid(images[:64])).save(tmp, format="PNG")
     if attrs is None:
         return {}
     from wadi_cli.tiny.metrics import evaluate_images
@@ -96,11 +96,14 @@ def append_csv_row(path: Path, row: dict[str, Any]) -> None:
     """Append ``row`` to ``path`` under the columns its header already has (a run resumed
     from an older version keeps its file consistent), or start the file with ``row``'s."""
     fields = list(row)
-    if path.is_file():
-        with path.open(newline="") as fh:
-            fields = next(csv.reader(fh), fields)
-    with path.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, fields, extrasaction="ignore")
-        if fh.tell() == 0:
-            writer.writeheader()
-        writer.writerow(row)
+    try:
+        if path.is_file():
+            with path.open(newline="") as fh:
+                fields = next(csv.reader(fh), fields)
+        with path.open("a", newline="") as fh:
+            writer = csv.DictWriter(fh, fields, extrasaction="ignore")
+            if fh.tell() == 0:
+                writer.writeheader()
+            writer.writerow(row)
+    except OSError as exc:
+        raise write_error(path, exc) from None

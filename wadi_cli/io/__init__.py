@@ -9,6 +9,9 @@ Public API (everything else in the package receives tensors):
   files only through ``torch.load(weights_only=True)``.
 - :func:`save_safetensors` writes a state dict atomically with provenance metadata
   (:func:`provenance_metadata`).
+- :func:`atomic_file` / :func:`write_text_atomic` do the same for any file (PNG, JSON,
+  CSV); :func:`discard_dir` deletes a folder without leaving half of it under its name;
+  :func:`remove_stale_temps` clears what killed writers left behind.
 - :func:`atomic_output_dir` makes a ``--out DIR`` appear all at once or not at all,
   and never replaces a folder wadi did not write; :func:`check_writable` fails early.
 - :func:`resolve_model` / :func:`fetch_file`: local path or hub snapshot, with
@@ -19,15 +22,18 @@ from wadi_cli.io.hub import fetch_file, resolve_model
 from wadi_cli.io.resolve import load_state_dict, open_checkpoint
 from wadi_cli.io.safetensors_reader import SafetensorsFile
 from wadi_cli.io.sd_single_file import ldm_unet_table
-from wadi_cli.io.sources import TensorSource
+from wadi_cli.io.sources import TensorSource, require_finite
 from wadi_cli.io.writers import (
     MARKER,
     atomic_file,
     atomic_output_dir,
     check_writable,
+    discard_dir,
     provenance_metadata,
+    remove_stale_temps,
     save_safetensors,
     unused_path,
+    write_error,
     write_text_atomic,
 )
 
@@ -38,13 +44,17 @@ __all__ = [
     "atomic_file",
     "atomic_output_dir",
     "check_writable",
+    "discard_dir",
     "fetch_file",
     "ldm_unet_table",
     "load_state_dict",
     "open_checkpoint",
     "provenance_metadata",
+    "remove_stale_temps",
+    "require_finite",
     "resolve_model",
     "save_safetensors",
     "unused_path",
+    "write_error",
     "write_text_atomic",
 ]

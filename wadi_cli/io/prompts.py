@@ -33,6 +33,22 @@ def _column(rows: list[dict], column: str, where: str, column_flag: str) -> list
     return [r.get(column) for r in rows]
 
 
+def _parquet_column(p: Path, column: str, where: str, column_flag: str) -> list[object]:
+    import pandas as pd
+
+    try:
+        frame = pd.read_parquet(p)
+        if column not in frame.columns:
+            cols = ", ".join(map(str, frame.columns))
+            raise BadInputError(f"{where}: no column {column!r} (has {cols}); set {column_flag}")
+        return frame[column].tolist()  # strings are decoded here (invalid UTF-8 fails here)
+    except (BadInputError, OSError, ValueError, ImportError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises its own types on a corrupt file (ArrowException)
+        reason = (str(exc).splitlines() or [""])[0]
+        raise BadInputError(f"{where}: cannot read ({type(exc).__name__}: {reason})") from None
+
+
 def read_prompt_file(
     path: str | os.PathLike[str],
     column: str = "prompt",
@@ -44,6 +60,8 @@ def read_prompt_file(
     :class:`BadInputError` if unreadable or empty; messages name ``flag`` / ``column_flag``."""
     p = Path(path).expanduser()
     where = f"{flag} {p}"
+    if p.is_dir():
+        raise BadInputError(f"{where}: is a folder, not a prompt file")
     if not p.is_file():
         raise BadInputError(f"{where}: no such file")
     suffix = p.suffix.lower()
@@ -51,13 +69,7 @@ def read_prompt_file(
         raise BadInputError(f"{where}: unsupported type; use one of {', '.join(PROMPT_SUFFIXES)}")
     try:
         if suffix == ".parquet":
-            import pandas as pd
-
-            frame = pd.read_parquet(p)
-            if column not in frame.columns:
-                cols = ", ".join(map(str, frame.columns))
-                raise BadInputError(f"{where}: no column {column!r} (has {cols}); set {column_flag}")
-            return _clean(frame[column].tolist(), where)
+            return _clean(_parquet_column(p, column, where, column_flag), where)
         text = p.read_text(encoding="utf-8")
     except BadInputError:
         raise
@@ -74,7 +86,7 @@ def read_prompt_file(
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # RecursionError: [[[[... nested too deep
                 raise BadInputError(f"{where}: line {i} is not valid JSON") from None
             if not isinstance(row, dict):
                 raise BadInputError(f"{where}: line {i} is not a JSON object")
@@ -86,5 +98,8 @@ def read_prompt_file(
     import csv
     import io
 
-    rows = list(csv.DictReader(io.StringIO(text)))
+    try:
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    except csv.Error as exc:  # e.g. a field over csv's 128 KiB limit
+        raise BadInputError(f"{where}: not a readable CSV file ({exc})") from None
     return _clean(_column(rows, column, where, column_flag), where)

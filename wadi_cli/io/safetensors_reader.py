@@ -111,7 +111,7 @@ def _read_header(fd: int, path: Path, size: int) -> tuple[dict[str, object], int
         raise _fail(path, "not a safetensors file: the header is not a JSON object")
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: [[[[... nested
         raise _fail(path, f"corrupt safetensors header: invalid JSON ({exc})") from None
     if not isinstance(header, dict):
         raise _fail(path, "corrupt safetensors header: not a JSON object")

@@ -231,3 +231,10 @@ def require_tensors(path: Path, obj: object) -> dict[str, torch.Tensor]:
     if not tensors:
         raise CheckpointError(f"{path}: contains no tensors")
     return tensors
+
+
+def require_finite(where: object, name: str, tensor: torch.Tensor) -> None:
+    """Refuse (one :class:`CheckpointError` line) a floating tensor holding NaN or Inf:
+    such weights make every image, merge or export built on them meaningless."""
+    if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+        raise CheckpointError(f"{where}: tensor {name!r} holds NaN or Inf values")

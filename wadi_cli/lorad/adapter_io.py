@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from wadi_cli.errors import BadInputError, MismatchError
-from wadi_cli.io import open_checkpoint, provenance_metadata, save_safetensors
+from wadi_cli.io import open_checkpoint, provenance_metadata, require_finite, save_safetensors
 from wadi_cli.io.writers import ALPHA_BAR_T_METADATA
 from wadi_cli.lorad.config import LoRaDConfig
 from wadi_cli.lorad.layer import lorad_theta, rotate_weight
@@ -123,6 +123,8 @@ def load_adapter(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], LoRaD
         paths, rank = adapter_paths(tensors)
     except BadInputError as exc:
         raise BadInputError(f"{where}: {exc}") from None
+    for name, tensor in tensors.items():
+        require_finite(where, name, tensor)
     if meta.get("rank") and meta["rank"] != str(rank):
         raise BadInputError(f"{where}: metadata says rank {meta['rank']} but the tensors have rank {rank}")
     targets = paths
@@ -279,6 +281,8 @@ def merge_adapter_file(
     root = _single_file_base(base, config) if fmt == "single-file" else None
     with open_checkpoint(root or base, "unet" if root else None) as src:
         merged = merge_adapter_into_state_dict(src, tensors, dtype=torch_dtype, prefix=prefix)
+        for name, tensor in merged.items():  # a rotation of finite weights is finite: NaN/Inf came with BASE
+            require_finite(base, name, tensor)
         recipe = {
             "operation": "merge_lorad",
             "format": fmt,

@@ -190,19 +190,40 @@ def load_state_strict(model: nn.Module, source: Mapping[str, Any] | Any, label: 
             parts.append(f"{len(bad)} shape mismatch(es): {_preview(bad, 2)}")
         raise MismatchError(f"{label} does not fit the base model: " + "; ".join(parts))
     get = source.get if hasattr(source, "shape") else source.__getitem__
+    from wadi_cli.io import require_finite
+
     with torch.no_grad():
         for k, param in expected.items():
-            param.copy_(get(k).to(dtype=param.dtype))
+            tensor = get(k)
+            require_finite(label, k, tensor)
+            param.copy_(tensor.to(dtype=param.dtype))
 
 
-def _apply_adapter(model: nn.Module, path: Path, backbone: Any) -> None:
-    from wadi_cli.lorad import load_adapter, merge_adapter_into_state_dict
+def _read_adapter(path: Path, backbone: Any) -> tuple[dict[str, torch.Tensor], Any]:
+    from wadi_cli.lorad import load_adapter
 
     tensors, cfg = load_adapter(path)
     if getattr(cfg, "backbone", None) and cfg.backbone != backbone.name:
         raise MismatchError(
             f"--weights {path}: adapter was made for backbone {cfg.backbone!r}, not {backbone.name!r}"
         )
+    return tensors, cfg
+
+
+def check_weights(path: str | os.PathLike[str], backbone: Any) -> WeightsKind:
+    """Check ``--weights`` as far as it can be without the base model (the file's format and
+    header; an adapter's tensors, values and backbone), so a broken file fails before a
+    pipeline of gigabytes is loaded. Returns its kind."""
+    kind = detect_weights_kind(path)
+    if kind == "adapter":
+        _read_adapter(Path(path).expanduser(), backbone)
+    return kind
+
+
+def _apply_adapter(model: nn.Module, path: Path, backbone: Any) -> None:
+    from wadi_cli.lorad import merge_adapter_into_state_dict
+
+    tensors, _ = _read_adapter(path, backbone)
     # the rotation is computed in fp32 (fp64 for fp64 bases) and cast back to the base dtype
     merged = merge_adapter_into_state_dict(model.state_dict(), tensors)
     load_state_strict(model, merged, f"--weights {path} (adapter merged into the base)")
@@ -356,10 +377,10 @@ def load_sampler(
     source, weights = resolve_sources(
         spec, model, weights, teacher, components, weights_variant(dtype), base=base
     )
+    kind = check_weights(weights, spec) if weights is not None else None  # before the pipeline loads
     if not teacher and weights is None:
         why = "--base" if base else "no --weights and no default for this base"
         notes.append(f"{why}: one-step sampling from the undistilled {spec.name} model itself")
-    kind = detect_weights_kind(weights) if weights is not None else None
     pipe = load_base_pipeline(spec, source, dtype, denoiser_weights=kind in (None, "adapter"))
     net = pipe.denoiser
     if weights is not None:

@@ -62,22 +62,34 @@ def to_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def load_classifier(path: str | os.PathLike[str] | None = None) -> TinyClassifier:
-    """Load the trained classifier (default: the shipped ``classifier.safetensors``), in eval mode."""
-    from safetensors.torch import load_file
+    """Load the trained classifier (default: the shipped ``classifier.safetensors``), in eval
+    mode. The file is read like every weights file (:func:`wadi_cli.io.load_state_dict`:
+    strict header checks, no unpickling); keys, shapes and finite values are checked."""
+    from wadi_cli.io import load_state_dict, require_finite
 
     p = Path(path) if path is not None else TINY_CLASSIFIER_PATH
     if not p.is_file():
-        raise CheckpointError(f"{p}: tiny classifier weights not found; pass them with --classifier FILE")
+        what = "is a folder, not" if p.is_dir() else "not found: no"
+        raise CheckpointError(f"{p}: {what} tiny classifier weights file; pass one with --classifier FILE")
+    state = load_state_dict(p)
     model = TinyClassifier()
-    try:
-        state = load_file(str(p))
-    except Exception as exc:
-        raise CheckpointError(f"{p}: not a readable safetensors file ({exc})") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
+        first = lambda names: ", ".join(names[:2]) or "-"  # noqa: E731
         raise CheckpointError(
-            f"{p}: classifier keys do not match (missing {missing}, unexpected {unexpected})"
+            f"{p}: not the tiny classifier ({len(missing)} of its tensors missing, e.g. {first(missing)}; "
+            f"{len(unexpected)} unexpected, e.g. {first(unexpected)})"
         )
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            need = tuple(expected[k].shape)
+            raise CheckpointError(
+                f"{p}: tensor {k!r} has shape {tuple(v.shape)}, the classifier needs {need}"
+            )
+        require_finite(p, k, v)
+    model.load_state_dict(state)
     return model.eval()
 
 
