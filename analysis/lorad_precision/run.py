@@ -9,6 +9,7 @@ bf16 arm was run before and after the layer changed) and the |Θ| quantiles of t
 student and fake-score adapters.
 
     python analysis/lorad_precision/run.py --arms fp32 bf16 --seeds 0 1 --keep-runs /tmp/lp
+    python analysis/lorad_precision/run.py --arms fp32-paper-lr1e-3 bf16-paper-lr1e-3 --keep-runs /tmp/lp
     python analysis/lorad_precision/run.py --table      # rebuild results/runs.md
 
 Appends one JSON line per run to ``results/runs.jsonl`` and rewrites ``results/runs.md``.
@@ -32,11 +33,16 @@ ROOT = HERE.parents[1]
 RESULTS = HERE / "results"
 ROWS = RESULTS / "runs.jsonl"
 
-#: The compared arms: the tiny defaults as they are (fp32 on CPU), and with a bf16 base.
+PAPER = str(ROOT / "analysis" / "distill_tiny" / "paper_objective.toml")
+#: The compared arms: the tiny defaults as they are (fp32 on CPU), and with a bf16 base;
+#: then a small-angle regime: the paper's objective (400 steps) at a 10× lower student lr.
 ARMS: dict[str, list[str]] = {
     "fp32": ["--adapter", "lorad"],
     "bf16": ["--adapter", "lorad", "--mixed-precision", "bf16"],
-}
+    "fp32-paper-lr1e-3": ["--adapter", "lorad", "--config", PAPER, "--lr", "1e-3"],
+    "bf16-paper-lr1e-3": ["--adapter", "lorad", "--config", PAPER, "--lr", "1e-3", "--mixed-precision",
+                          "bf16"],
+}  # fmt: skip
 QUANTILES = (0.5, 0.9, 0.99, 1.0)
 
 
@@ -76,12 +82,13 @@ def markdown(rows: list[dict]) -> str:
     lines = [
         "# Tiny LoRaD distillation: bf16 base vs fp32",
         "",
-        "`wadi distill -b tiny` defaults (1000 steps) + the arm's flags; `wadi eval -b tiny -w RUN "
+        "`wadi distill -b tiny` defaults (1000 steps) + the arm's flags (`paper`: "
+        "analysis/distill_tiny/paper_objective.toml, 400 steps); `wadi eval -b tiny -w RUN "
         "-n 500 --seed 0` (fp32). One thread per run on a 2-core machine shared with other jobs "
         "(wall times are noisy). |Θ| columns: median / 99th percentile of the final adapters.",
         "",
-        "| arm | seed | commit | accuracy | fd | train s | peak RSS MB | student |Θ| q50 / q99 "
-        "| fake |Θ| q50 / q99 | date |",
+        "| arm | seed | commit | accuracy | fd | train s | peak RSS MB | student \\|Θ\\| q50 / q99 "
+        "| fake \\|Θ\\| q50 / q99 | date |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
