@@ -16,6 +16,9 @@ the others, and the exit code is non-zero when any step failed):
    (random weights written to fp16 safetensors; the student's rows are perturbed).
 5. ``bench_train_step``: ``analysis/bench_train_step.py --device cuda --dtype bf16
    --resolution 512 --batch 16`` (ours / hooks / LoRA).
+6. ``bench_layer``: ``analysis/lorad_precision/bench_layer.py --device cuda`` in bf16 and
+   fp16: what LoRaD's low-precision path (two weight halves, doubled inner size) costs
+   against the single rounded matmul and an fp32 matmul, on SD / PixArt Linear shapes.
 
 Resume and accelerate tolerance. On the CPU every kernel is deterministic and the check
 is bit-identity of the final adapters and of every logged loss (what
@@ -73,7 +76,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "analysis" / "results"
-STEPS: tuple[str, ...] = ("distill", "accelerate", "sample_compile", "analyze", "bench_train_step")
+STEPS: tuple[str, ...] = (
+    "distill", "accelerate", "sample_compile", "analyze", "bench_train_step", "bench_layer"
+)  # fmt: skip
 BUDGET_S = 480.0
 RESUME_LOSS_RTOL = 1e-3
 THETA_RTOL = 0.05
@@ -523,6 +528,13 @@ def _wadi_json(text: str) -> str:
 
 
 # ---- 5. training-step benchmark ---------------------------------------------------------
+def _run_script(script: Path, argv: list[str]) -> None:
+    """Run an analysis script in a fresh process; a non-zero exit is a failed step."""
+    proc = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, cwd=REPO)
+    if proc.returncode:
+        raise StepFailed(f"{script.name} exited with {proc.returncode}: {proc.stderr[-500:]}")
+
+
 def bench_argv(ctx: Context, out: Path) -> list[str]:
     if ctx.tiny:
         return ["--device", "cpu", "--dtype", "fp32", "--resolution", "32", "--batch", "1", "--blocks", "2",
@@ -547,10 +559,7 @@ def step_bench_train_step(ctx: Context, results: Path) -> dict[str, Any]:
             "bench_train_step: in-process at toy size (the script's own runs use fresh processes)"
         )
     else:
-        proc = subprocess.run([sys.executable, str(REPO / "analysis" / "bench_train_step.py"), *argv],
-                              capture_output=True, text=True, cwd=REPO)  # fmt: skip
-        if proc.returncode:
-            raise StepFailed(f"bench_train_step.py exited with {proc.returncode}: {proc.stderr[-500:]}")
+        _run_script(REPO / "analysis" / "bench_train_step.py", argv)
         summary = json.loads(out.read_text())
     table = {
         v: {"median_step_s": row["median_step_s"], "peak_memory_gb": row["peak_memory_gb"]}
@@ -558,6 +567,39 @@ def step_bench_train_step(ctx: Context, results: Path) -> dict[str, Any]:
     }
     return {"variants": table, "ratios": summary["ratios"], "targets_met": summary["targets_met"],
             "command": "python analysis/bench_train_step.py " + " ".join(argv)}  # fmt: skip
+
+
+# ---- 6. LoRaD layer precision/cost benchmark ---------------------------------------------
+def bench_layer_argv(ctx: Context, dtype: str, out: Path) -> list[str]:
+    argv = ["--device", ctx.device, "--dtype", dtype, "--results", str(out)]
+    return argv + (["--only", "text", "--rounds", "1"] if ctx.tiny else ["--rounds", "7"])
+
+
+def step_bench_layer(ctx: Context, results: Path) -> dict[str, Any]:
+    script = REPO / "analysis" / "lorad_precision" / "bench_layer.py"
+    out = ctx.work / "bench_layer" if ctx.tiny else REPO / "analysis" / "lorad_precision" / "results"
+    details: dict[str, Any] = {}
+    for dtype in ("bf16", "fp16"):
+        argv = bench_layer_argv(ctx, dtype, out)
+        if ctx.in_process:
+            spec = importlib.util.spec_from_file_location("bench_layer", script)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            threads = torch.get_num_threads()
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    doc = module.main(argv)
+            finally:
+                torch.set_num_threads(threads)
+        else:
+            _run_script(script, argv)
+            doc = json.loads((out / f"bench_layer_{ctx.device}_{dtype}.json").read_text())
+        rows = doc["rows"]
+        details[dtype] = {
+            v: {k: round(sum(r[v][k] for r in rows), 2) for k in ("train_ms", "forward_ms")}
+            for v in ("rounded", "layer", "fp32")
+        }
+    return details
 
 
 # ---- driver -----------------------------------------------------------------------------
@@ -603,6 +645,9 @@ def plan(ctx: Context) -> list[str]:
         f"wadi analyze {w}/pair/teacher.safetensors {w}/pair/student.safetensors --device {ctx.device} --json"
     )
     lines.append("python analysis/bench_train_step.py " + " ".join(bench_argv(ctx, RESULTS / "…")))
+    for dtype in ("bf16", "fp16"):
+        argv = bench_layer_argv(ctx, dtype, REPO / "analysis" / "lorad_precision" / "results")
+        lines.append("python analysis/lorad_precision/bench_layer.py " + " ".join(argv))
     return lines
 
 
@@ -685,6 +730,7 @@ def run_all(ctx: Context, args: argparse.Namespace, argv: list[str] | None) -> i
         "sample_compile": lambda: step_sample_compile(ctx),
         "analyze": lambda: step_analyze(ctx),
         "bench_train_step": lambda: step_bench_train_step(ctx, args.results),
+        "bench_layer": lambda: step_bench_layer(ctx, args.results),
     }
     t_start = time.perf_counter()
     steps: dict[str, Any] = {}

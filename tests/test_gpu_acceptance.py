@@ -51,6 +51,7 @@ def _check_report(results: Path, skipped: set[str]) -> dict:
     assert sample["eager"]["resolution"] == 512 and sample["compiled"]["ms_per_image_median"] > 0
     assert steps["analyze"]["details"]["layers"] > 0
     assert set(steps["bench_train_step"]["details"]["variants"]) == {"ours", "hook", "lora"}
+    assert steps["bench_layer"]["details"]["bf16"]["layer"]["train_ms"] > 0
     md = (results / "gpu_acceptance_cpu_tiny.md").read_text()
     assert "not a GPU measurement" in md and "| distill | ok |" in md
     return doc
@@ -87,6 +88,7 @@ def test_dry_run_prints_the_plan(tmp_path, capsys):
     assert "--mixed-precision fp16" in out and "--mixed-precision bf16" in out
     assert "accelerate launch --num_processes 1" in out and "--compile" in out
     assert "bench_train_step.py --device cuda --dtype bf16 --resolution 512 --batch 16" in out
+    assert "bench_layer.py --device cuda --dtype fp16" in out
 
 
 # ---- the resume rule on planted runs --------------------------------------------------
