@@ -17,8 +17,8 @@ the others, and the exit code is non-zero when any step failed):
 5. ``bench_train_step``: ``analysis/bench_train_step.py --device cuda --dtype bf16
    --resolution 512 --batch 16`` (ours / hooks / LoRA).
 6. ``bench_layer``: ``analysis/lorad_precision/bench_layer.py --device cuda`` in bf16 and
-   fp16: what LoRaD's low-precision path (two weight halves, doubled inner size) costs
-   against the single rounded matmul and an fp32 matmul, on SD / PixArt Linear shapes.
+   fp16: what LoRaD's ``exact_low_precision`` path (two weight halves, doubled inner size)
+   costs against the default rounded matmul and an fp32 matmul, on SD / PixArt shapes.
 
 Resume and accelerate tolerance. On the CPU every kernel is deterministic and the check
 is bit-identity of the final adapters and of every logged loss (what
@@ -597,7 +597,7 @@ def step_bench_layer(ctx: Context, results: Path) -> dict[str, Any]:
         rows = doc["rows"]
         details[dtype] = {
             v: {k: round(sum(r[v][k] for r in rows), 2) for k in ("train_ms", "forward_ms")}
-            for v in ("rounded", "layer", "fp32")
+            for v in ("rounded", "exact", "fp32")
         }
     return details
 

@@ -51,7 +51,7 @@ def _check_report(results: Path, skipped: set[str]) -> dict:
     assert sample["eager"]["resolution"] == 512 and sample["compiled"]["ms_per_image_median"] > 0
     assert steps["analyze"]["details"]["layers"] > 0
     assert set(steps["bench_train_step"]["details"]["variants"]) == {"ours", "hook", "lora"}
-    assert steps["bench_layer"]["details"]["bf16"]["layer"]["train_ms"] > 0
+    assert steps["bench_layer"]["details"]["bf16"]["exact"]["train_ms"] > 0
     md = (results / "gpu_acceptance_cpu_tiny.md").read_text()
     assert "not a GPU measurement" in md and "| distill | ok |" in md
     return doc

@@ -1,10 +1,12 @@
-"""LoRaD in fp16/bf16 applies the rotation it learned, against a float64 reference.
+"""LoRaD in fp16/bf16 against a float64 reference: how much of the rotation the forward applies.
 
-With the base weight stored in fp16/bf16, rounding the rotated weight ``R(Θ)W`` to that
-dtype before the matmul drops every change below half a step of ``W`` (``W`` itself lies
-on the low-precision grid): at angles 1e-4..1e-3 most of the intended change vanishes
-from the forward while the backward keeps pushing Θ. The checks here measure the share of
-the intended change the forward applies, in output space on random inputs:
+With the base weight stored in fp16/bf16, the default forward rounds the rotated weight
+``R(Θ)W`` to that dtype before its one matmul, which drops every change below half a step
+of ``W`` (``W`` itself lies on the low-precision grid): at angles 1e-4..1e-3 most of the
+intended change vanishes from the forward while the backward keeps pushing Θ.
+``exact_low_precision=True`` (``lorad_exact_low_precision`` in a distill config) must
+apply it. The checks measure the share of the intended change a forward applies, in
+output space on random inputs:
 
     share = ⟨y − y₀, δ⟩ / ‖δ‖²,   y₀ = x Wᵀ + b,  δ = x (R(Θ)W − W)ᵀ   (float64, numpy)
 
@@ -12,10 +14,9 @@ with ``R(Θ)W`` from the explicit block-diagonal rotation matrices of test_lorad
 reference. ``y`` is rounded to the low precision once per entry: an unbiased error of at
 most half a step of ``y_i``, independent of ``δ``, so ``share − 1`` has standard deviation
 ``σ ≤ sqrt(Σ δ_i² u_i² / 3) / ‖δ‖²`` with ``u_i`` half the dtype's step at ``|y_i|`` (the
-variance of a uniform error on ±u is u²/3). The layer must give ``|share − 1| ≤ 6σ +
-0.01`` (0.01: the fp32 rotation and the hi/lo split's own error); the single rounded matmul
-(the layer before the change, re-created) must fail that at the angles where it loses
-most of the change, and does (strict xfail).
+variance of a uniform error on ±u is u²/3). The exact path must give ``|share − 1| ≤ 6σ +
+0.01`` (0.01: the fp32 rotation and the hi/lo split's own error); the default path fails
+that at the angles where it loses most of the change (strict xfail: it must fail).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_lorad_layer import f64, reference_rotate
+from test_lorad_layer import _CountMatmuls, f64, reference_rotate
 from torch import nn
 
 from wadi_cli.errors import BadInputError
@@ -41,7 +42,7 @@ def half_step(y: np.ndarray, dtype: torch.dtype) -> np.ndarray:
     return 0.5 * np.exp2(exponent - (MANTISSA[dtype] - 1))
 
 
-def make(dtype: torch.dtype, angle: float, seed: int = 0):
+def make(dtype: torch.dtype, angle: float, seed: int = 0, exact: bool = True):
     """A layer with Θ = angle · N(0, 1) exactly (rank N/2, B = I), inputs, and the float64
     reference pieces."""
     g = torch.Generator().manual_seed(seed)
@@ -49,7 +50,7 @@ def make(dtype: torch.dtype, angle: float, seed: int = 0):
     with torch.no_grad():
         base.weight.copy_(torch.randn(M, N, generator=g) / N**0.5)
         base.bias.copy_(torch.randn(M, generator=g) * 0.1)
-    layer = LoRaDLinear(base.to(dtype), N // 2)
+    layer = LoRaDLinear(base.to(dtype), N // 2, exact_low_precision=exact)
     theta = angle * torch.randn(M, N // 2, generator=g)
     with torch.no_grad():
         layer.lorad_A.copy_(theta)
@@ -69,13 +70,7 @@ def applied_share(y: torch.Tensor, y0: np.ndarray, delta: np.ndarray, dtype: tor
     return share, sigma
 
 
-def rounded_forward(layer: LoRaDLinear, x: torch.Tensor) -> torch.Tensor:
-    """The single matmul with the rotated weight rounded to x's dtype (the old layer)."""
-    w = rotate_weight(layer.base_layer.weight, layer.theta(), dtype=x.dtype)
-    return F.linear(x, w, layer.base_layer.bias)
-
-
-# (dtype, angle, does the rounded single matmul lose so much that it fails the bound?)
+# (dtype, angle, does the default (rounded) path lose so much that it fails the bound?)
 CASES = [
     (torch.bfloat16, 1e-4, True),
     (torch.bfloat16, 1e-3, True),
@@ -87,7 +82,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("dtype,angle", [(d, a) for d, a, _ in CASES])
-def test_forward_applies_the_intended_change(dtype, angle):
+def test_exact_forward_applies_the_intended_change(dtype, angle):
     layer, x, y0, delta = make(dtype, angle)
     with torch.no_grad():
         y = layer(x)
@@ -102,10 +97,13 @@ def test_forward_applies_the_intended_change(dtype, angle):
     [pytest.param(d, a, marks=pytest.mark.xfail(strict=True, reason="rounding drops it")) if lossy
      else (d, a) for d, a, lossy in CASES],
 )  # fmt: skip
-def test_the_rounded_single_matmul_loses_small_rotations(dtype, angle):
-    layer, x, y0, delta = make(dtype, angle)
+def test_default_forward_loses_small_rotations(dtype, angle):
+    layer, x, y0, delta = make(dtype, angle, exact=False)
     with torch.no_grad():
-        y = rounded_forward(layer, x)
+        y = layer(x)
+    # the default is the single matmul with the rotated weight rounded to x's dtype
+    w = rotate_weight(layer.base_layer.weight, layer.theta(), dtype=dtype)
+    assert torch.equal(y, F.linear(x, w, layer.base_layer.bias))
     share, sigma = applied_share(y, y0, delta, dtype)
     assert abs(share - 1) <= 6 * sigma + 0.01, (share, sigma)
 
@@ -141,7 +139,7 @@ def test_identity_at_init_is_bit_exact_on_an_sd_sized_layer(dtype):
     # differs in the last bit of ~1e-4 of the outputs; at identity the layer must not use it
     g = torch.Generator().manual_seed(2)
     base = nn.Linear(320, 320).to(dtype)
-    layer = LoRaDLinear(base, 8, generator=g)
+    layer = LoRaDLinear(base, 8, generator=g, exact_low_precision=True)
     x = torch.randn(4096, 320, generator=g).to(dtype)
     assert layer.at_identity()
     assert torch.equal(layer(x), base(x))
@@ -160,6 +158,36 @@ def test_identity_at_init_is_bit_exact_on_an_sd_sized_layer(dtype):
     assert layer.at_identity()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_exact_path_is_still_one_matmul_of_twice_the_inner_size(dtype):
+    layer, _, _, _ = make(dtype, 1e-3)
+    x = torch.randn(10, N).to(dtype)
+    with torch.no_grad(), _CountMatmuls() as counter:
+        layer(x)
+    inner = N if dtype == torch.float32 else 2 * N  # fp32 keeps the plain single matmul
+    with_x = [c for c in counter.calls if any(s == (10, inner) for s in c[1])]
+    assert len(counter.calls) == 2 and len(with_x) == 1, counter.calls
+
+
 def test_split_linear_refuses_fp32_input():
     with pytest.raises(BadInputError, match="fp16/bf16"):
         split_linear(torch.randn(2, 4), torch.randn(3, 4))
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_distill_config_sets_the_path_of_every_lorad_layer(exact):
+    from _helpers_sample import tiny_pipeline_dir
+
+    from wadi_cli.distill.config import resolve_config
+    from wadi_cli.distill.trainer import Distiller
+    from wadi_cli.lorad import lorad_layers
+    from wadi_cli.sample import load_sampler
+
+    pipe = tiny_pipeline_dir()
+    values = {"backbone": "tiny", "model": str(pipe), "regression_weight": 0.0}
+    cfg = resolve_config(overrides={**values, "lorad_exact_low_precision": exact})
+    sampler = load_sampler("tiny", model=pipe, teacher=True)
+    distiller = Distiller(cfg, sampler, ["a red circle at the top left"])
+    layers = lorad_layers(distiller.net)
+    assert len(layers) == len(distiller.targets["student"]) + len(distiller.targets["fake"])
+    assert all(layer.exact_low_precision is exact for layer in layers.values())

@@ -1,12 +1,13 @@
-"""What does a LoRaD Linear cost in bf16: the single rounded matmul vs this checkout's layer
-vs an fp32 matmul, on SD-sized shapes.
+"""What does a LoRaD Linear cost in bf16 / fp16: the default (rounded) path vs the exact
+path vs an fp32 matmul, on SD- and PixArt-sized shapes.
 
-Variants, all with a bf16 base weight ``W`` and input ``x`` and fp32 adapter ``A``, ``B``:
+Variants, all with a low-precision base weight ``W`` and input ``x`` and fp32 ``A``, ``B``:
 
-- ``rounded``: ``F.linear(x, round_bf16(R(AB) W))`` with plain autograd: one bf16 matmul
-  whose weight has lost every change below half a bf16 step (the layer before the fix);
-- ``layer``: :class:`wadi_cli.lorad.LoRaDLinear` as it is in this checkout;
-- ``fp32``: ``F.linear(x.float(), R(AB) W).to(bf16)``: one fp32 matmul, nothing lost.
+- ``rounded``: :class:`wadi_cli.lorad.LoRaDLinear` as by default: one low-precision matmul
+  with ``R(AB) W`` rounded to the base dtype (every change below half a step is lost);
+- ``exact``: the same layer with ``exact_low_precision=True``: one matmul over the
+  interleaved halves ``hi + lo`` of ``R(AB) W``, twice the inner size;
+- ``fp32``: ``F.linear(x.float(), R(AB) W).to(x.dtype)``: one fp32 matmul, nothing lost.
 
 Per shape and variant: median milliseconds of forward + backward (gradients of ``x``,
 ``A``, ``B``) and of a no-grad forward over ``--rounds`` rounds, the variants interleaved
@@ -59,7 +60,7 @@ SHAPES: list[tuple[str, int, int, int]] = [
     ("pixart attn1.to_q", 256, 1152, 1152),
     ("pixart ff.fc1", 256, 1152, 4608),
 ]
-VARIANTS = ("rounded", "layer", "fp32")
+VARIANTS = ("rounded", "exact", "fp32")
 
 
 class _MallInfo2(ctypes.Structure):
@@ -113,10 +114,14 @@ def build(m: int, n: int, rank: int, dtype: torch.dtype, device: str, angle: flo
 
 def forward_fn(variant: str, layer: LoRaDLinear) -> Callable[[Tensor], Tensor]:
     w = layer.base_layer.weight
-    if variant == "layer":
-        return layer
-    if variant == "rounded":
-        return lambda x: F.linear(x, rotate_weight(w, layer.theta(), dtype=x.dtype))
+    if variant in ("rounded", "exact"):
+        exact = variant == "exact"
+
+        def run(x: Tensor) -> Tensor:
+            layer.exact_low_precision = exact
+            return layer(x)
+
+        return run
     return lambda x: F.linear(x.float(), rotate_weight(w, layer.theta(), dtype=torch.float32)).to(x.dtype)
 
 
@@ -203,7 +208,7 @@ def bench(args: argparse.Namespace) -> list[dict]:
 def markdown(doc: dict) -> str:
     m, a = doc["machine"], doc["args"]
     lines = [
-        f"# LoRaD Linear in {a['dtype']} on {a['device']}: rounded single matmul vs this layer vs fp32",
+        f"# LoRaD Linear in {a['dtype']} on {a['device']}: default (rounded) vs exact_low_precision vs fp32",
         "",
         f"{m['date']} · {m.get('gpu', m['cpu'])} · torch {m['torch']} · commit {m['commit']} · one thread · "
         f"{a['rounds']} interleaved rounds (medians) · rank {a['rank']} · |Θ| ≈ {a['angle']:g} · load "
@@ -213,13 +218,13 @@ def markdown(doc: dict) -> str:
         "ms = forward+backward (train) / no-grad forward; peak MB above the start during "
         "forward+backward; saved MB = kept by autograd for backward.",
         "",
-        "| shape (tokens × in → out) | rounded train / fwd ms | layer train / fwd ms "
-        "| fp32 train / fwd ms | layer / rounded (train, fwd) | fp32 / rounded (train, fwd) "
-        "| peak MB r / l / f | saved MB r / l / f |",
+        "| shape (tokens × in → out) | rounded train / fwd ms | exact train / fwd ms "
+        "| fp32 train / fwd ms | exact / rounded (train, fwd) | fp32 / rounded (train, fwd) "
+        "| peak MB r / e / f | saved MB r / e / f |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in doc["rows"]:
-        o, n, f = r["rounded"], r["layer"], r["fp32"]
+        o, n, f = r["rounded"], r["exact"], r["fp32"]
         lines.append(
             f"| {r['shape']} ({r['tokens']}×{r['in']}→{r['out']}) "
             f"| {o['train_ms']:.1f} / {o['forward_ms']:.1f} "
@@ -233,9 +238,9 @@ def markdown(doc: dict) -> str:
     fwd = {v: sum(r[v]["forward_ms"] for r in doc["rows"]) for v in VARIANTS}
     lines += [
         "",
-        f"Sum over the shapes: train layer / rounded {tot['layer'] / tot['rounded']:.2f}, fp32 / rounded "
-        f"{tot['fp32'] / tot['rounded']:.2f}; no-grad forward layer / rounded "
-        f"{fwd['layer'] / fwd['rounded']:.2f}, fp32 / rounded {fwd['fp32'] / fwd['rounded']:.2f}.",
+        f"Sum over the shapes: train exact / rounded {tot['exact'] / tot['rounded']:.2f}, fp32 / rounded "
+        f"{tot['fp32'] / tot['rounded']:.2f}; no-grad forward exact / rounded "
+        f"{fwd['exact'] / fwd['rounded']:.2f}, fp32 / rounded {fwd['fp32'] / fwd['rounded']:.2f}.",
     ]
     return "\n".join(lines) + "\n"
 

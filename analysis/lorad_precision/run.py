@@ -28,12 +28,15 @@ from pathlib import Path
 
 import torch
 
+from wadi_cli.distill.config import TINY_PAPER_OBJECTIVE, config_flags
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 RESULTS = HERE / "results"
 ROWS = RESULTS / "runs.jsonl"
 
 PAPER = str(ROOT / "analysis" / "distill_tiny" / "paper_objective.toml")
+EXACT = str(HERE / "exact.toml")  # lorad-exact-low-precision = true
 #: The compared arms: the tiny defaults as they are (fp32 on CPU), and with a bf16 base;
 #: then a small-angle regime: the paper's objective (400 steps) at a 10× lower student lr.
 ARMS: dict[str, list[str]] = {
@@ -42,6 +45,9 @@ ARMS: dict[str, list[str]] = {
     "fp32-paper-lr1e-3": ["--adapter", "lorad", "--config", PAPER, "--lr", "1e-3"],
     "bf16-paper-lr1e-3": ["--adapter", "lorad", "--config", PAPER, "--lr", "1e-3", "--mixed-precision",
                           "bf16"],
+    "bf16-exact": ["--adapter", "lorad", "--mixed-precision", "bf16", "--config", EXACT],
+    "bf16-paper-lr1e-3-exact": ["--adapter", "lorad", *config_flags(TINY_PAPER_OBJECTIVE), "--lr", "1e-3",
+                                "--mixed-precision", "bf16", "--config", EXACT],
 }  # fmt: skip
 QUANTILES = (0.5, 0.9, 0.99, 1.0)
 

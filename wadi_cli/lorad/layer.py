@@ -6,11 +6,12 @@ the two adapter parameters named in :attr:`LoRaDLinear.adapter_param_names`, and
 computes the rotated weight once per forward followed by exactly one matmul with the
 input (the base layer's own forward is never called in adapted mode).
 
-In fp16/bf16 that one matmul takes the rotated weight as two low-precision halves,
-``R(Θ)W = hi + lo``, against the input repeated, so its fp32 accumulator sums
-``x·(hi + lo)ᵀ``: rounding ``R(Θ)W`` to the base dtype instead would drop every change
-below half a step of the weight's own precision, i.e. most of the small rotations
-(:func:`split_linear`; analysis/lorad_precision/).
+In fp16/bf16 the rotated weight is rounded to the base dtype before that matmul, which
+drops every change below half a step of the stored weight: most of a 1e-4..1e-3 rotation
+(analysis/lorad_precision/). ``exact_low_precision=True`` multiplies by the rotated
+weight as two low-precision halves ``R(Θ)W = hi + lo`` against the input repeated
+(:func:`split_linear`: still one matmul, of twice the inner size), so the fp32
+accumulator sums ``x·(hi + lo)ᵀ`` and small rotations reach the output.
 """
 
 from __future__ import annotations
@@ -179,17 +180,20 @@ class LoRaDLinear(nn.Module):
     the rotated weight into the base layer (exact up to the base dtype's rounding);
     ``unmerge()`` rotates it back by ``−Θ``.
 
-    With fp16/bf16 inputs the matmul is :func:`split_linear` (the rotated weight as two
-    low-precision halves, twice the inner size), so rotations smaller than the base
-    dtype's step still reach the output; while ``lorad_A`` is all zeros (``Θ = 0``
-    exactly, :meth:`at_identity`) it is the base layer's own matmul, bit for bit.
-    fp32/fp64 inputs take the plain single matmul.
+    With fp16/bf16 inputs the rotated weight is rounded to the input's dtype (changes
+    below half its step are lost); with ``exact_low_precision`` the matmul is
+    :func:`split_linear` instead (the rotated weight as two low-precision halves, twice the
+    inner size), so rotations smaller than the base dtype's step still reach the output,
+    and while ``lorad_A`` is all zeros (``Θ = 0`` exactly, :meth:`at_identity`) it is the
+    base layer's own matmul, bit for bit. fp32/fp64 inputs always take the single matmul.
 
     Args:
         base_layer: the Linear to adapt; its ``in_features`` must be even.
         rank: rank ``r`` of ``Θ``.
         name: module path, used in error messages.
         generator: optional RNG for the Xavier initialisation of ``lorad_B``.
+        exact_low_precision: the hi/lo matmul for fp16/bf16 inputs (an attribute: it can
+            be switched on a built model).
     """
 
     adapter_param_names: tuple[str, ...] = ("lorad_A", "lorad_B")
@@ -201,6 +205,7 @@ class LoRaDLinear(nn.Module):
         *,
         name: str | None = None,
         generator: torch.Generator | None = None,
+        exact_low_precision: bool = False,
     ) -> None:
         super().__init__()
         label = name or "Linear"
@@ -218,6 +223,7 @@ class LoRaDLinear(nn.Module):
         self.base_layer.requires_grad_(False)
         self.rank = rank
         self.merged = False
+        self.exact_low_precision = exact_low_precision
         self._identity_cache: tuple[tuple[int, int, int], bool] | None = None
         device = base_layer.weight.device
         self.lorad_A = nn.Parameter(torch.zeros(m, rank, dtype=torch.float32, device=device))
@@ -288,7 +294,8 @@ class LoRaDLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b = self.base_layer.bias
         bias = None if b is None else b.to(x.dtype)
-        if x.dtype not in LOW_PRECISION or self.merged or self.at_identity():
+        split = self.exact_low_precision and x.dtype in LOW_PRECISION and not self.merged
+        if not split or self.at_identity():
             return F.linear(x, self.effective_weight(dtype=x.dtype), bias)
         return split_linear(x, self.effective_weight(dtype=torch.float32), bias)
 
