@@ -6,29 +6,16 @@ numbers."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
+from _helpers_scripts import load_analysis_script
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-SCRIPT = Path(__file__).resolve().parents[1] / "analysis" / "bench_train_step.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("bench_train_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_train_step"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bts = _load_script()
+bts = load_analysis_script("bench_train_step.py")
 TOY = dict(resolution=32, batch=2, rank=8, fake_rank=4, seed=3)
 
 

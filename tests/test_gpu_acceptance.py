@@ -4,36 +4,14 @@ without a GPU, and its resume rule tells a faithful resume from a broken one."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _helpers_scripts import load_analysis_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "analysis" / "gpu_acceptance.py"
-
-
-def _load():
-    if "gpu_acceptance" in sys.modules:
-        return sys.modules["gpu_acceptance"]
-    spec = importlib.util.spec_from_file_location("gpu_acceptance", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_acceptance"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ga = _load()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+ga = load_analysis_script("gpu_acceptance.py")
 
 
 def _check_report(results: Path, skipped: set[str]) -> dict:
