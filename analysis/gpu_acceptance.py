@@ -399,7 +399,7 @@ def step_sample_compile(ctx: Context) -> dict[str, Any]:
     t0 = time.perf_counter()
     folder, adapter = build_sd21_pipeline(ctx, ctx.work / "sd21" / "pipeline", dtype)
     details: dict[str, Any] = {"build_s": round(time.perf_counter() - t0, 1), "dtype": str(dtype)[6:]}
-    images, cli_images = (2, 1) if ctx.tiny else (8, 2)
+    images, cli_images = (2, 1) if ctx.tiny else (6, 2)
     with _dynamo_disabled(not ctx.cuda):
         if not ctx.cuda:
             ctx.notes.append(

@@ -150,6 +150,7 @@ def measure(
     """One forward + backward of ``grad`` and one no-grad forward: seconds, and peak bytes
     (C heap / CUDA) of the forward + backward."""
     read = _heap_reader() if device == "cpu" else None
+    peak = 0  # no reader (not glibc): not measured
     layer.zero_grad(set_to_none=True)
     x.grad = None
     _sync(device)
