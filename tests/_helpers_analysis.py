@@ -1,26 +1,10 @@
 """Planted teacher/student pairs for the analysis tests: known per-row norm scalings,
-rotations by known angles, direction residuals of known rank, conv layers; and the loader
-of the scripts under ``analysis/`` that tests exercise."""
+rotations by known angles, direction residuals of known rank, conv layers."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
 import numpy as np
 import torch
-
-
-def load_analysis_script(name: str) -> ModuleType:
-    """Import ``analysis/<name>.py`` (a script folder, not a package) as module ``name``."""
-    path = Path(__file__).resolve().parents[1] / "analysis" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def orthonormal_complement_vectors(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -11,11 +11,11 @@ from collections import Counter
 
 import pytest
 import torch
-from _helpers_analysis import load_analysis_script
+from _helpers_scripts import load_analysis_script
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-bts = load_analysis_script("bench_train_step")
+bts = load_analysis_script("bench_train_step.py")
 TOY = dict(resolution=32, batch=2, rank=8, fake_rank=4, seed=3)
 
 

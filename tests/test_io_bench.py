@@ -12,12 +12,12 @@ from __future__ import annotations
 import os
 
 import pytest
-from _helpers_analysis import load_analysis_script
+from _helpers_scripts import load_analysis_script
 
 
 @pytest.mark.slow
 def test_streaming_two_sd15_unets_stays_under_1gb(tmp_path):
-    bench = load_analysis_script("bench_streaming")
+    bench = load_analysis_script("bench_streaming.py")
     result = bench.measure(tmp_path, os.environ.get("WADI_BENCH_DTYPE", "F32"))
     modes = result["modes"]
     print(

@@ -155,6 +155,10 @@ class DistillConfig:
     tensorboard: bool = True  # TensorBoard event files in RUN/tensorboard (when tensorboard is installed)
     device: str = "auto"
     mixed_precision: str = "auto"
+    # fp16/bf16 LoRaD: off = the rotated weight rounded to the base dtype (one matmul; most of
+    # a rotation below ~1e-3 is lost); on = one matmul over hi + lo halves, twice the adapted
+    # Linears' FLOPs (analysis/lorad_precision: the tiny run matches fp32 either way)
+    lorad_exact_low_precision: bool = False
     gradient_checkpointing: bool = False
     optimizer: str = "adamw"  # "adamw" | "adamw8bit" (bitsandbytes)
 

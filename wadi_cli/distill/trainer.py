@@ -46,6 +46,7 @@ from wadi_cli.distill.losses import (
     vsd_gradient,
 )
 from wadi_cli.errors import BadInputError, MismatchError, WadiError
+from wadi_cli.lorad import lorad_layers
 
 
 class TrainingDiverged(WadiError):
@@ -134,6 +135,8 @@ class Distiller:
         add_switchable_adapter(
             self.net, "fake", self.targets["fake"], cfg.fake_rank, init_seed=cfg.init_seed + 1
         )
+        for layer in lorad_layers(self.net).values():
+            layer.exact_low_precision = cfg.lorad_exact_low_precision
         self.params = {name: adapter_parameters(self.net, name) for name in ("student", "fake")}
         if self.student_net is not None:
             self.params["student"] = list(self.student_net.parameters())

@@ -46,7 +46,7 @@ def _plain_source(path: Path, stores: list[Store], kind: str) -> TensorSource:
     for store in stores:
         for raw in store.names():
             entries[raw] = (store, raw)
-    return TensorSource(path, entries, f"{kind} ({len(entries)} tensors)")
+    return TensorSource(path, entries, f"{kind} ({len(entries)} tensors)", stores=stores)
 
 
 def _ldm_source(path: Path, store: Store, config: Mapping[str, Any] | None, ema: bool) -> TensorSource:

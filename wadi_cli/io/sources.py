@@ -10,7 +10,7 @@ diffusers-style names to tensors and reads one tensor per :meth:`TensorSource.ge
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -113,9 +113,13 @@ class TensorSource:
         path: Path,
         entries: Mapping[str, tuple[Store, str] | str | os.PathLike[str]],
         description: str,
+        stores: Sequence[Store] = (),
     ) -> None:
         self.path = Path(path)
         self.description = description
+        # stores that hold no entry (a file with metadata but no tensors) still own a file
+        # handle and metadata: keep them, so metadata() reads them and close() closes them
+        self._own_stores = list(stores)
         opened: dict[Path, Store] = {}
         self._entries: dict[str, tuple[Store, str]] = {}
         for name, where in entries.items():
@@ -205,7 +209,8 @@ class TensorSource:
         return out
 
     def _stores(self) -> list[Store]:
-        return list({id(s): s for s, _ in self._entries.values()}.values())
+        found = [*self._own_stores, *(s for s, _ in self._entries.values())]
+        return list({id(s): s for s in found}.values())
 
     def close(self) -> None:
         for store in self._stores():

@@ -5,6 +5,13 @@ layer :class:`LoRaDLinear` wraps a frozen ``nn.Linear`` (kept as ``base_layer``)
 the two adapter parameters named in :attr:`LoRaDLinear.adapter_param_names`, and
 computes the rotated weight once per forward followed by exactly one matmul with the
 input (the base layer's own forward is never called in adapted mode).
+
+In fp16/bf16 the rotated weight is rounded to the base dtype before that matmul, which
+drops every change below half a step of the stored weight: most of a 1e-4..1e-3 rotation
+(analysis/lorad_precision/). ``exact_low_precision=True`` multiplies by the rotated
+weight as two low-precision halves ``R(Θ)W = hi + lo`` against the input repeated
+(:func:`split_linear`: still one matmul, of twice the inner size), so the fp32
+accumulator sums ``x·(hi + lo)ᵀ`` and small rotations reach the output.
 """
 
 from __future__ import annotations
@@ -96,6 +103,57 @@ def rotate_weight(weight: Tensor, theta: Tensor, *, dtype: torch.dtype | None = 
     return out.to(dtype or weight.dtype)
 
 
+LOW_PRECISION: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
+
+
+class _SplitLinear(torch.autograd.Function):
+    """``y = x (hi + lo)ᵀ + b`` in ONE low-precision matmul of twice the inner size.
+
+    ``hi = round(W')`` and ``lo = round(W' − hi)`` in ``x``'s dtype hold the fp32 weight
+    ``W'`` to about twice that dtype's mantissa. The input's columns are repeated and the
+    halves interleaved (``[x₀, x₀, x₁, x₁, …] · [hi₀, lo₀, hi₁, lo₁, …]``), so every
+    partial sum of the matmul, split-K partitions included, sees ``hi`` and ``lo`` of the
+    same column together and rounds once. Backward saves ``x`` and ``hi`` only and runs the
+    usual two matmuls: ``∂L/∂x = g · hi`` (a low-precision gradient, like any other layer's)
+    and ``∂L/∂W' = gᵀ x`` (to the rotation's backward, in fp32).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # type: ignore[override]
+        m, n = weight.shape
+        hi = weight.to(x.dtype)
+        lo = (weight - hi.to(weight.dtype)).to(x.dtype)
+        x2 = torch.stack((x, x), dim=-1).reshape(*x.shape[:-1], 2 * n)
+        y = F.linear(x2, torch.stack((hi, lo), dim=-1).reshape(m, 2 * n), bias)
+        ctx.save_for_backward(x, hi)
+        ctx.weight_dtype = weight.dtype
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        x, hi = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ hi
+        if ctx.needs_input_grad[1]:
+            g2 = grad_out.reshape(-1, grad_out.shape[-1])
+            grad_w = (g2.T @ x.reshape(-1, x.shape[-1])).to(ctx.weight_dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def split_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)`` for a low-precision ``x`` and an fp32 ``weight`` that
+    keeps the weight's fp32 detail: one matmul over ``weight = hi + lo`` (see
+    :class:`_SplitLinear`), where ``F.linear(x, weight.to(x.dtype))`` would round every
+    entry to ``x``'s dtype first. Output in ``x``'s dtype."""
+    if x.dtype not in LOW_PRECISION:
+        raise BadInputError(f"split_linear is for fp16/bf16 inputs, got {x.dtype}")
+    return _SplitLinear.apply(x, weight, None if bias is None else bias.to(x.dtype))
+
+
 def lorad_theta(A: Tensor, B: Tensor) -> Tensor:
     """Angle matrix ``Θ = A B`` ([m, r] @ [r, n/2]) in fp32 (fp64 if an input is fp64)."""
     cd = _compute_dtype(A, B)
@@ -122,11 +180,20 @@ class LoRaDLinear(nn.Module):
     the rotated weight into the base layer (exact up to the base dtype's rounding);
     ``unmerge()`` rotates it back by ``−Θ``.
 
+    With fp16/bf16 inputs the rotated weight is rounded to the input's dtype (changes
+    below half its step are lost); with ``exact_low_precision`` the matmul is
+    :func:`split_linear` instead (the rotated weight as two low-precision halves, twice the
+    inner size), so rotations smaller than the base dtype's step still reach the output,
+    and while ``lorad_A`` is all zeros (``Θ = 0`` exactly, :meth:`at_identity`) it is the
+    base layer's own matmul, bit for bit. fp32/fp64 inputs always take the single matmul.
+
     Args:
         base_layer: the Linear to adapt; its ``in_features`` must be even.
         rank: rank ``r`` of ``Θ``.
         name: module path, used in error messages.
         generator: optional RNG for the Xavier initialisation of ``lorad_B``.
+        exact_low_precision: the hi/lo matmul for fp16/bf16 inputs (an attribute: it can
+            be switched on a built model).
     """
 
     adapter_param_names: tuple[str, ...] = ("lorad_A", "lorad_B")
@@ -138,6 +205,7 @@ class LoRaDLinear(nn.Module):
         *,
         name: str | None = None,
         generator: torch.Generator | None = None,
+        exact_low_precision: bool = False,
     ) -> None:
         super().__init__()
         label = name or "Linear"
@@ -155,6 +223,8 @@ class LoRaDLinear(nn.Module):
         self.base_layer.requires_grad_(False)
         self.rank = rank
         self.merged = False
+        self.exact_low_precision = exact_low_precision
+        self._identity_cache: tuple[tuple[int, int, int], bool] | None = None
         device = base_layer.weight.device
         self.lorad_A = nn.Parameter(torch.zeros(m, rank, dtype=torch.float32, device=device))
         self.lorad_B = nn.Parameter(torch.empty(rank, n // 2, dtype=torch.float32, device=device))
@@ -195,6 +265,20 @@ class LoRaDLinear(nn.Module):
             nn.init.xavier_uniform_(b, generator=generator)
             self.lorad_B.copy_(b)
 
+    def at_identity(self) -> bool:
+        """True when ``lorad_A`` is all zeros (as :meth:`reset_adapter` leaves it), so
+        ``Θ = A B = 0`` exactly and the layer is its base. Decided by the values alone (a
+        resumed run takes the same path as the run it continues); the answer is kept until
+        ``lorad_A`` is replaced or changed in place (torch's version counter: optimizer
+        steps, loads), so the check, one host sync on a GPU, runs once per such change."""
+        a = self.lorad_A
+        if a.device.type == "meta":
+            return False
+        stamp = (id(a), a.data_ptr(), a._version)
+        if self._identity_cache is None or self._identity_cache[0] != stamp:
+            self._identity_cache = (stamp, not bool(a.detach().any()))
+        return self._identity_cache[1]
+
     def theta(self) -> Tensor:
         """The angle matrix ``Θ = A B`` ([out, in/2], fp32)."""
         return lorad_theta(self.lorad_A, self.lorad_B)
@@ -208,9 +292,12 @@ class LoRaDLinear(nn.Module):
             return rotate_weight(w, self.theta(), dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.effective_weight(dtype=x.dtype)
         b = self.base_layer.bias
-        return F.linear(x, w, None if b is None else b.to(x.dtype))
+        bias = None if b is None else b.to(x.dtype)
+        split = self.exact_low_precision and x.dtype in LOW_PRECISION and not self.merged
+        if not split or self.at_identity():
+            return F.linear(x, self.effective_weight(dtype=x.dtype), bias)
+        return split_linear(x, self.effective_weight(dtype=torch.float32), bias)
 
     @torch.no_grad()
     def merge(self) -> None:
