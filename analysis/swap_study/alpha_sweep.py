@@ -42,8 +42,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from wadi_cli.distill.config import TINY_PAPER_OBJECTIVE, config_flags  # noqa: E402
-
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -69,7 +67,7 @@ def train_student(workdir: Path, seed: int, env: dict[str, str]) -> tuple[Path, 
     run = workdir / "full"
     # the paper's objective, as in the demo (the tiny default adds a regression term)
     cmd = _wadi("distill", "-b", "tiny", "--adapter", "full", "--out", str(run), "--seed", str(seed),
-                *config_flags(TINY_PAPER_OBJECTIVE), "--validate-every", "0", "--no-tensorboard")  # fmt: skip
+                "--config", "tiny_paper", "--validate-every", "0", "--no-tensorboard")  # fmt: skip
     print("training the student:", shlex.join(cmd), flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)

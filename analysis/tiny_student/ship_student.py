@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 SEED = 0
 TRAIN = ["distill", "-b", "tiny", "--seed", str(SEED)]
 EVAL = ["eval", "-b", "tiny", "-n", "500", "--seed", "0", "--json"]
-RECIPE = "tiny defaults (wadi distill -b tiny: wadi_cli/distill/config.py, BACKBONE_DEFAULTS['tiny'])"
+RECIPE = "tiny defaults (wadi distill -b tiny: wadi_cli/configs/distill/tiny.toml)"
 
 
 def wadi(*args: str, capture: bool = False) -> str:

@@ -16,7 +16,10 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from wadi_cli.distill.config import DistillConfig
 
 
 @dataclass(frozen=True)
@@ -49,16 +52,15 @@ class TrainResult:
     steps: int
 
 
-def student_config(spec: StudentSpec, steps: int, seed: int) -> Any:
+def student_config(spec: StudentSpec, steps: int, seed: int) -> DistillConfig:
     """The resolved distill config of ``spec`` on the tiny backbone, with the paper's
-    objective only (:data:`~wadi_cli.distill.config.TINY_PAPER_OBJECTIVE`): the demo measures
-    the WaDi method itself, not the tiny default's regression term."""
-    from wadi_cli.distill import resolve_config
-    from wadi_cli.distill.config import TINY_PAPER_OBJECTIVE
+    objective only (``--config tiny_paper``, ``wadi_cli/configs/distill/tiny_paper.toml``):
+    the demo measures the WaDi method itself, not the tiny recipe's regression term."""
+    from wadi_cli.distill.config import resolve_config
 
     return resolve_config(
+        "tiny_paper",
         overrides={
-            **TINY_PAPER_OBJECTIVE,
             "backbone": "tiny",
             "max_steps": steps,
             "seed": seed,
@@ -68,7 +70,7 @@ def student_config(spec: StudentSpec, steps: int, seed: int) -> Any:
             "tensorboard": False,
             "device": "cpu",
             **spec.overrides,
-        }
+        },
     )
 
 

@@ -158,7 +158,7 @@ def prepare(
     ckpt = None
     if resume is not None:
         ckpt = load_checkpoint(find_checkpoint(run, resume))
-        saved = resolve_config(base={**DistillConfig().to_dict(), **ckpt.config})
+        saved = resolve_config(base=ckpt.config)
         check_compatible(saved.fingerprint(), cfg.fingerprint())
     return run, prompts, ckpt
 
@@ -330,7 +330,7 @@ def config_for_run(
     file: str | os.PathLike[str] | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> DistillConfig:
-    """The resolved config of a run: defaults → file → flags; when resuming, the
+    """The resolved config of a run: recipe → file → flags; when resuming, the
     checkpoint's saved config takes the place of the defaults (flags still override, and a
     changed backbone / model / adapter / rank is then refused by :func:`distill`)."""
     if resume is None:
@@ -342,4 +342,4 @@ def config_for_run(
         from wadi_cli.errors import CheckpointError
 
         raise CheckpointError(f"{ckpt_dir}: unreadable checkpoint state ({exc})") from None
-    return resolve_config(file, overrides, base={**DistillConfig().to_dict(), **saved})
+    return resolve_config(file, overrides, base=saved)
