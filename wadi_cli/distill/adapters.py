@@ -20,7 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from wadi_cli.errors import BadInputError, MismatchError
+from wadi_cli.io.tensor_map import KeyDiff
 from wadi_cli.lorad import LoRaDLinear
+from wadi_cli.lorad.model import set_submodule
 
 
 class SwitchableLoRaDLinear(nn.Module):
@@ -111,11 +113,6 @@ def switchable_layers(model: nn.Module) -> dict[str, SwitchableLoRaDLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, SwitchableLoRaDLinear)}
 
 
-def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def add_switchable_adapter(
     model: nn.Module,
     name: str,
@@ -150,7 +147,7 @@ def add_switchable_adapter(
         layer = layers.get(path)
         if layer is None:
             layer = SwitchableLoRaDLinear(model.get_submodule(path))
-            _set_submodule(model, path, layer)
+            set_submodule(model, path, layer)
         layer.add_adapter(name, rank, label=path, generator=generator, kind=kind)
     return names
 
@@ -223,12 +220,9 @@ def load_adapter_tensors(model: nn.Module, name: str, tensors: Mapping[str, Tens
     for path, layer in switchable_layers(model).items():
         if name in layer.adapters:
             params.update({f"{path}.{p}": t for p, t in layer.adapter_tensors(name).items()})
-    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-    bad = [k for k in params if k in tensors and tuple(tensors[k].shape) != tuple(params[k].shape)]
-    if missing or unexpected or bad:
-        raise MismatchError(
-            f"adapter {name!r} does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}, "
-            f"shape mismatch {bad[:3]}"
-        )
+    diff = KeyDiff.between(params, tensors)
+    if diff:
+        what = diff.describe("missing key(s)", "unexpected key(s)", "model", "file")
+        raise MismatchError(f"adapter {name!r} does not fit: {what}")
     for k, p in params.items():
         p.copy_(tensors[k].to(device=p.device, dtype=p.dtype))

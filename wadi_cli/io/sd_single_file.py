@@ -17,6 +17,7 @@ from importlib import resources
 from typing import Any
 
 from wadi_cli.errors import CheckpointError
+from wadi_cli.io.tensor_map import KeyDiff
 
 LDM_UNET_PREFIX = "model.diffusion_model."
 EMA_PREFIX = "model_ema."
@@ -92,20 +93,10 @@ def _verify(
 ) -> None:
     """Strict check of the mapped names and shapes against the architecture (a wrong config
     otherwise maps every tensor to a plausible but wrong name)."""
-    expected = expected_unet_shapes(config)
-    missing = sorted(set(expected) - set(names))
-    unexpected = sorted(set(names) - set(expected))
-    wrong = sorted(n for n in set(names) & set(expected) if tuple(shapes[names[n]]) != expected[n])
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing (e.g. {missing[0]!r})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]!r})")
-    if wrong:
-        n = wrong[0]
-        problems.append(f"{len(wrong)} of the wrong shape (e.g. {n!r}: {shapes[names[n]]} vs {expected[n]})")
-    if problems:
-        raise CheckpointError(f"the U-Net does not match {which}: " + "; ".join(problems))
+    diff = KeyDiff.between(expected_unet_shapes(config), {n: tuple(shapes[raw]) for n, raw in names.items()})
+    if diff:
+        what = diff.describe("missing", "unexpected", "expected", "file")
+        raise CheckpointError(f"the U-Net does not match {which}: {what}")
 
 
 def _ema_key(key: str) -> str:

@@ -17,7 +17,6 @@ copy instead.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +26,7 @@ from torch import nn
 
 from wadi_cli.diffusion import Denoiser, PromptEncoder, alphas_cumprod_of, wrap_denoiser
 from wadi_cli.errors import BadInputError, CheckpointError, HubError, MismatchError
+from wadi_cli.io.tensor_map import KeyDiff, Tensors, as_tensor_map
 from wadi_cli.sample.pipeline import PipelineSource
 
 WeightsKind = Literal["merged", "adapter", "folder"]
@@ -156,43 +156,21 @@ def detect_weights_kind(path: str | os.PathLike[str]) -> WeightsKind:
     return "merged"
 
 
-def _preview(names: list[str], limit: int = 3) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f", … (+{len(names) - limit})" if len(names) > limit else "")
-
-
-def load_state_strict(model: nn.Module, source: Mapping[str, Any] | Any, label: str) -> None:
+def load_state_strict(model: nn.Module, source: Tensors, label: str) -> None:
     """Copy a full state dict (a mapping or a lazy ``TensorSource``) into ``model``.
 
     Names and shapes are checked before any tensor is read or copied; a mismatch raises
     :class:`MismatchError` naming the first missing/unexpected keys and shape mismatches.
     """
     expected = model.state_dict()
-    have = list(source.keys())
-    missing = sorted(set(expected) - set(have))
-    unexpected = sorted(set(have) - set(expected))
-
-    def shape_of(k: str) -> tuple[int, ...]:
-        return tuple(source.shape(k)) if hasattr(source, "shape") else tuple(source[k].shape)
-
-    bad = [
-        f"{k}: file {shape_of(k)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(have) & set(expected))
-        if shape_of(k) != tuple(expected[k].shape)
-    ]
-    if missing or unexpected or bad:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s): {_preview(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): {_preview(unexpected)}")
-        if bad:
-            parts.append(f"{len(bad)} shape mismatch(es): {_preview(bad, 2)}")
-        raise MismatchError(f"{label} does not fit the base model: " + "; ".join(parts))
-    get = source.get if hasattr(source, "shape") else source.__getitem__
+    diff = KeyDiff.between(expected, source)
+    if diff:
+        what = diff.describe("missing key(s)", "unexpected key(s)", "model", "file")
+        raise MismatchError(f"{label} does not fit the base model: {what}")
+    src = as_tensor_map(source)
     with torch.no_grad():
         for k, param in expected.items():
-            param.copy_(get(k).to(dtype=param.dtype))
+            param.copy_(src.get(k).to(dtype=param.dtype))
 
 
 def _apply_adapter(model: nn.Module, path: Path, backbone: Any) -> None:

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from wadi_cli.analysis.decompose import as_matrix, layer_kind
 from wadi_cli.errors import BadInputError, MismatchError
+from wadi_cli.io.tensor_map import KeyDiff, Tensors, as_tensor_map, preview
 
 KEEP_CHOICES: tuple[str, ...] = ("direction", "norm")
 #: ``keep`` -> the name of the hybrid it makes (what the student receives from the teacher).
@@ -232,56 +233,26 @@ def swap_rows(teacher: Tensor, student: Tensor, keep: str, alpha: float = 1.0) -
 
 
 # ---- state dicts -------------------------------------------------------------------------
-def _shape(src: Any, name: str) -> tuple[int, ...]:
-    shape_fn = getattr(src, "shape", None)
-    return tuple(shape_fn(name)) if callable(shape_fn) else tuple(src[name].shape)
-
-
-def _dtype(src: Any, name: str) -> torch.dtype:
-    dtype_fn = getattr(src, "dtype", None)
-    return dtype_fn(name) if callable(dtype_fn) else src[name].dtype
-
-
-def _preview(names: list[str], limit: int = 3) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f", … (+{len(names) - limit})" if len(names) > limit else "")
-
-
-def check_compatible(teacher: Any, student: Any) -> None:
+def check_compatible(teacher: Tensors, student: Tensors) -> None:
     """Raise :class:`MismatchError` (one line naming the first differences) unless both
     checkpoints hold the same tensor names with the same shapes. Reads headers only."""
-    t_keys, s_keys = list(teacher.keys()), list(student.keys())
-    only_t = sorted(set(t_keys) - set(s_keys))
-    only_s = sorted(set(s_keys) - set(t_keys))
-    common = [k for k in s_keys if k in set(t_keys)]
-    shapes = [(k, _shape(teacher, k), _shape(student, k)) for k in common]
-    bad = [f"{k}: {ts} vs {ss}" for k, ts, ss in shapes if ts != ss]
-    if not (only_t or only_s or bad):
+    diff = KeyDiff.between(teacher, student)
+    if not diff:
         return
-    parts = []
-    if only_t:
-        parts.append(f"{len(only_t)} keys only in the teacher (e.g. {_preview(only_t)})")
-    if only_s:
-        parts.append(f"{len(only_s)} keys only in the student (e.g. {_preview(only_s)})")
-    if bad:
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        parts.append(f"shape differs for {bad[0]}{more}")
     hint = ""
-    if len(common) < 0.5 * max(len(s_keys), 1):
+    if len(diff.common) < 0.5 * max(len(diff.common) + len(diff.only_b), 1):
         hint = "; if STUDENT is an adapter, merge it first (`wadi merge` or `wadi export --format merged`)"
-    raise MismatchError("teacher and student are different architectures: " + "; ".join(parts) + hint)
+    what = diff.describe("keys only in the teacher", "keys only in the student", "teacher", "student")
+    raise MismatchError(f"teacher and student are different architectures: {what}{hint}")
 
 
-def swappable_names(student: Any) -> list[str]:
+def swappable_names(student: Tensors) -> list[str]:
     """Names of the floating linear/conv weights of a checkpoint (the rows that can swap)."""
-    return [
-        k
-        for k in student
-        if layer_kind(k, _shape(student, k)) != "other" and _dtype(student, k).is_floating_point
-    ]
+    src = as_tensor_map(student)
+    return [k for k in src if layer_kind(k, src.shape(k)) != "other" and src.dtype(k).is_floating_point]
 
 
-def plan_swap(teacher: Any, student: Any, filter: str | None = None) -> tuple[list[str], list[str]]:
+def plan_swap(teacher: Tensors, student: Tensors, filter: str | None = None) -> tuple[list[str], list[str]]:
     """Check compatibility and select the tensors to swap (headers only, nothing read).
 
     Returns ``(selected, swappable)``. Raises :class:`MismatchError` for different
@@ -297,14 +268,14 @@ def plan_swap(teacher: Any, student: Any, filter: str | None = None) -> tuple[li
     if not selected:
         raise BadInputError(
             f"--filter {filter!r} matches none of the {len(swappable)} swappable weights "
-            f"(e.g. {_preview(swappable, 2)})"
+            f"(e.g. {preview(swappable, 2)})"
         )
     return selected, swappable
 
 
 def swap_state_dict(
-    teacher: Mapping[str, Tensor] | Any,
-    student: Mapping[str, Tensor] | Any,
+    teacher: Tensors,
+    student: Tensors,
     keep: str,
     *,
     alpha: float = 1.0,
