@@ -39,6 +39,7 @@ from wadi_cli.analysis.spectrum import (
 )
 from wadi_cli.errors import BadInputError, MismatchError
 from wadi_cli.io.tensor_map import KeyDiff, TensorMap
+from wadi_cli.machine import resolve_device
 
 
 @dataclass
@@ -65,12 +66,7 @@ class AnalyzeOptions:
                 raise BadInputError(
                     f"--filter {self.filter!r} is not a valid regular expression: {exc}"
                 ) from None
-        try:
-            dev = torch.device(self.device)
-        except RuntimeError as exc:
-            raise BadInputError(f"--device {self.device!r}: {exc}") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise BadInputError(f"--device {self.device}: CUDA is not available on this machine")
+        resolve_device(self.device)
 
 
 @dataclass

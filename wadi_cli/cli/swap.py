@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,7 +17,6 @@ from wadi_cli.cli.common import (
     console,
     err_console,
     handle_errors,
-    is_run_folder,
     require,
     use_backbone_cpu_threads,
 )
@@ -65,16 +63,16 @@ Examples:
 
 @contextlib.contextmanager
 def _student_file(student: Path) -> Iterator[Path]:
-    """A `wadi distill` run folder becomes its latest student exported as a merged state
-    dict in a temporary file (removed afterwards); anything else passes through."""
+    """A `wadi distill` run folder becomes its latest student, merged (a temporary file);
+    anything else passes through."""
+    from wadi_cli.distill.run_dirs import is_run_folder
+
     if not is_run_folder(student):
         yield student
         return
-    from wadi_cli.distill.export import export_run
+    from wadi_cli.distill.export import run_weights
 
-    with tempfile.TemporaryDirectory(prefix="wadi-swap-") as tmp:
-        merged = Path(tmp) / "student-merged.safetensors"
-        export_run(student, "merged", merged)
+    with run_weights(student, merged=True) as (merged, _, _):
         err_console.print(f"[dim]using the run's latest student ({student}), merged[/]", highlight=False)
         yield merged
 

@@ -45,7 +45,8 @@ __all__ = [
     "read_config_file",
     "read_prompt_file",
     "resolve_config",
-    "run_student_adapter",
+    "run_student_file",
+    "run_weights",
     "switchable_layers",
     "use_adapter",
     "vsd_gradient",
@@ -81,7 +82,7 @@ if TYPE_CHECKING:
     from wadi_cli.distill.checkpoint import Checkpoint, find_checkpoint, list_checkpoints, load_checkpoint
     from wadi_cli.distill.config import DistillConfig, read_config_file, resolve_config
     from wadi_cli.distill.data import SMOKE_PROMPTS, PromptStream, load_prompts, read_prompt_file
-    from wadi_cli.distill.export import FORMATS, export_run, run_student_adapter
+    from wadi_cli.distill.export import FORMATS, export_run, run_student_file, run_weights
     from wadi_cli.distill.losses import fake_score_loss, generator_loss, guided_eps, vsd_gradient
     from wadi_cli.distill.plan import parameter_plan
     from wadi_cli.distill.run import RunSummary, config_for_run, distill

@@ -12,8 +12,12 @@ Every exported file records the run's ᾱ_T (metadata ``alpha_bar_T``), which
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +36,13 @@ from wadi_cli.lorad import load_adapter, merge_adapter_into_state_dict, save_ada
 FORMATS: tuple[str, ...] = ("merged", "adapter", "diffusers", "single-file")
 
 
-def run_student_adapter(
+def run_student_file(
     run: str | os.PathLike[str], checkpoint: str | None = None, ema: bool = True
 ) -> tuple[Path, dict[str, Any]]:
-    """Path of the student adapter file in a run's checkpoint (``checkpoint``: ``latest``
-    by default, or a checkpoint folder) and the checkpoint's config. ``ema=True`` takes the
-    EMA copy when the run kept one."""
+    """Path of the student file in a run's checkpoint (``checkpoint``: ``latest`` by
+    default, or a checkpoint folder) and the checkpoint's config: the adapter tensors, or
+    every weight for ``--adapter full``. ``ema=True`` takes the EMA copy when the run kept
+    one."""
     ckpt = find_checkpoint(run, checkpoint or "latest")
     try:
         config = json.loads((ckpt / "state.json").read_text())["config"]
@@ -49,6 +54,29 @@ def run_student_adapter(
     if not file.is_file():
         raise CheckpointError(f"{ckpt}: holds no student adapter")
     return file, config
+
+
+@contextlib.contextmanager
+def run_weights(
+    run: str | os.PathLike[str], checkpoint: str | None = None, *, merged: bool = False, private: bool = False
+) -> Iterator[tuple[Path, Path, dict[str, Any]]]:
+    """A run's student as one file that ``--weights`` (and ``wadi swap``) take: the LoRaD
+    adapter file of the checkpoint itself, or, for LoRA / DoRA / full students or with
+    ``merged``, its merged state dict exported to a temporary file that is removed
+    afterwards. ``private`` copies an adapter file too (the run may delete the checkpoint
+    meanwhile). EMA when the run kept one. Yields ``(file, checkpoint file, run config)``."""
+    student, config = run_student_file(run, checkpoint)
+    lorad = config.get("adapter", "lorad") == "lorad" and not merged
+    if lorad and not private:
+        yield student, student, config
+        return
+    with tempfile.TemporaryDirectory(prefix="wadi-run-") as tmp:
+        dest = Path(tmp) / "student.safetensors"
+        if lorad:
+            shutil.copyfile(student, dest)
+        else:
+            export_run(run, "merged", dest, checkpoint=checkpoint)
+        yield dest, student, config
 
 
 def run_variant(config: dict[str, Any]) -> str | None:
@@ -130,7 +158,7 @@ def export_run(
             raise BadInputError(f"{out_path} already exists (pass --overwrite to replace it)")
     else:
         check_writable(out_path, directory=True)
-    adapter_file, config = run_student_adapter(run, checkpoint, ema)
+    adapter_file, config = run_student_file(run, checkpoint, ema)
     if fmt == "single-file":
         from wadi_cli.io.sd_single_file_write import check_single_file_backbone
 

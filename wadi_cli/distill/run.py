@@ -33,6 +33,7 @@ from wadi_cli.distill.config import DistillConfig, resolve_config
 from wadi_cli.distill.data import load_prompts
 from wadi_cli.distill.trainer import Distiller, StepResult, Topology
 from wadi_cli.io import write_text_atomic
+from wadi_cli.machine import resolve_device
 
 METRIC_FIELDS = ("step", "loss_g", "loss_fake", "grad_norm_g", "grad_norm_fake", "lr", "fake_lr", "seconds")
 
@@ -51,13 +52,6 @@ class RunSummary:
     world_size: int = 1
     rank: int = 0
     tensorboard: Path | None = None  # where the event files went (None: off or not installed)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def weights_dtype(cfg: DistillConfig, device: torch.device) -> torch.dtype:

@@ -16,6 +16,14 @@ _STAMP = "%Y%m%d-%H%M%S"
 _NAME_RE = re.compile(r"^(?P<backbone>[a-z0-9]+)-(?P<stamp>\d{8}-\d{6})(?:-(?P<n>\d+))?$")
 
 
+def is_run_folder(path: str | os.PathLike[str] | None) -> bool:
+    """True for a ``wadi distill --out RUN`` folder (it has ``checkpoints/step-*``)."""
+    if path is None:
+        return False
+    p = Path(path).expanduser()
+    return p.is_dir() and any((p / "checkpoints").glob("step-*"))
+
+
 def new_run_dir(
     backbone: str, root: str | os.PathLike[str] = RUNS_ROOT, now: dt.datetime | None = None
 ) -> Path:

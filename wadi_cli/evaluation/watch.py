@@ -17,8 +17,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -87,16 +85,10 @@ def student_weights(run: Path, ckpt: Path) -> Iterator[tuple[str, str]]:
     """``(file, label)``: a private copy of the checkpoint's student, as ``--weights`` takes
     it (the LoRaD adapter file, or for LoRA / DoRA / full baselines the merged state
     dict), and the checkpoint file it came from."""
-    from wadi_cli.distill.export import export_run, run_student_adapter
+    from wadi_cli.distill.export import run_weights
 
-    adapter, config = run_student_adapter(run, str(ckpt))
-    with tempfile.TemporaryDirectory(prefix="wadi-watch-") as tmp:
-        dest = Path(tmp) / "student.safetensors"
-        if config.get("adapter", "lorad") == "lorad":
-            shutil.copyfile(adapter, dest)
-        else:
-            export_run(run, "merged", dest, checkpoint=str(ckpt))
-        yield str(dest), str(adapter)
+    with run_weights(run, str(ckpt), private=True) as (file, student, _):
+        yield str(file), str(student)
 
 
 def append_row(run: Path, row: dict[str, Any]) -> None:

@@ -23,9 +23,8 @@ from wadi_cli.io.tensor_map import Tensors, as_tensor_map, preview
 from wadi_cli.io.writers import ALPHA_BAR_T_METADATA
 from wadi_cli.lorad.config import LoRaDConfig
 from wadi_cli.lorad.layer import lorad_theta, rotate_weight
-from wadi_cli.lorad.model import inject_lorad, load_adapter_state_dict, remove_lorad
+from wadi_cli.lorad.model import A_SUFFIX, B_SUFFIX, inject_lorad, load_adapter_state_dict, remove_lorad
 
-A_SUFFIX, B_SUFFIX = ".lorad_A", ".lorad_B"
 _RESERVED_METADATA = ("adapter", "rank", "role", "backbone", "base_model", "targets")
 
 
@@ -38,9 +37,7 @@ def adapter_paths(tensors: Mapping[str, Tensor]) -> tuple[list[str], int]:
     """
     if not len(tensors):
         raise BadInputError("adapter holds no tensors")
-    bad = [
-        k for k in tensors if not (k.endswith(A_SUFFIX) or k.endswith(B_SUFFIX)) or k in (A_SUFFIX, B_SUFFIX)
-    ]
+    bad = [k for k in tensors if not k.endswith((A_SUFFIX, B_SUFFIX)) or k in (A_SUFFIX, B_SUFFIX)]
     if bad:
         raise BadInputError(
             "not a LoRaD adapter: keys must be '<module>.lorad_A' / '<module>.lorad_B'; "

@@ -18,7 +18,16 @@ from wadi_cli.errors import BadInputError, MismatchError
 from wadi_cli.io.tensor_map import KeyDiff, preview
 from wadi_cli.lorad.layer import LoRaDLinear
 
+#: The key endings of adapter tensors (``<module path>.lorad_A`` / ``.lorad_B``): the one
+#: place they are spelled, from the layer's parameter names.
 ADAPTER_SUFFIXES: tuple[str, ...] = tuple(f".{p}" for p in LoRaDLinear.adapter_param_names)
+A_SUFFIX, B_SUFFIX = ADAPTER_SUFFIXES
+
+
+def is_adapter(keys: Iterable[str]) -> bool:
+    """Whether tensor names ``keys`` are those of a LoRaD adapter file (any key ends in
+    ``.lorad_A`` / ``.lorad_B``; :func:`~wadi_cli.lorad.adapter_paths` checks the rest)."""
+    return any(k.endswith(ADAPTER_SUFFIXES) for k in keys)
 
 
 def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:

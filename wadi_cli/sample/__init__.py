@@ -2,7 +2,8 @@
 format, a LoRaD adapter, or an exported folder), generate one-step or with the
 multi-step teacher, write numbered PNGs + grid + JSON, and evaluate the tiny model."""
 
-from wadi_cli.sample.config import TEACHER_DEFAULTS, SampleConfig, read_prompts, resolve_device, resolve_dtype
+from wadi_cli.machine import resolve_device
+from wadi_cli.sample.config import TEACHER_DEFAULTS, SampleConfig, read_prompts, resolve_dtype
 from wadi_cli.sample.evaluate import evaluate_tiny
 from wadi_cli.sample.generate import (
     Generation,

@@ -100,23 +100,6 @@ def alpha_bar_T_warning(requested: float | None, recorded: float | None) -> str 
     )
 
 
-def resolve_device(device: str | None) -> torch.device:
-    """``None``/"auto" -> cuda if available else cpu; otherwise validated ``torch.device``."""
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise BadInputError(
-            f"--device: {device!r} is not a torch device (try cpu, cuda, cuda:1, mps)"
-        ) from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BadInputError(f"--device {device}: CUDA is not available on this machine")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise BadInputError(f"--device {device}: MPS is not available on this machine")
-    return dev
-
-
 def resolve_dtype(dtype: str | None, device: torch.device, family: str = "unet") -> torch.dtype:
     """``None``/"auto" -> fp32 on CPU; on accelerators fp16 for U-Nets (SD was trained in
     fp16) and bf16 for DiTs (PixArt's release trained in bf16)."""

@@ -24,13 +24,24 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from wadi_cli import tiny  # module, not names: tests point tiny.TINY_STUDENT_PATH elsewhere
+from wadi_cli.backbones import get_backbone
 from wadi_cli.diffusion import Denoiser, PromptEncoder, alphas_cumprod_of, wrap_denoiser
 from wadi_cli.errors import BadInputError, CheckpointError, HubError, MismatchError
+from wadi_cli.io import fetch_file, open_checkpoint
+from wadi_cli.io.resolve import recorded_alpha_bar_T
 from wadi_cli.io.tensor_map import KeyDiff, Tensors, as_tensor_map
-from wadi_cli.sample.pipeline import PipelineSource
+from wadi_cli.lorad import is_adapter, load_adapter, merge_adapter_into_state_dict
+from wadi_cli.sample import pipeline
+from wadi_cli.sample.pipeline import (
+    PipelineSource,
+    latent_size,
+    load_base_pipeline,
+    vae_scale_factor,
+    weights_variant,
+)
 
 WeightsKind = Literal["merged", "adapter", "folder"]
-ADAPTER_SUFFIXES: tuple[str, ...] = (".lorad_A", ".lorad_B")
 
 
 @dataclass
@@ -71,8 +82,6 @@ def get_backbone_spec(backbone: str | Any) -> Any:
     """A registry entry from its name (``sd15``, ``sd21``, ``pixart``, ``tiny``) or as given."""
     if not isinstance(backbone, str):
         return backbone
-    from wadi_cli.backbones import get_backbone
-
     return get_backbone(backbone)
 
 
@@ -119,10 +128,8 @@ def _pipeline_source(
     components: str | os.PathLike[str] | None,
     **kwargs: Any,
 ) -> PipelineSource:
-    from wadi_cli.sample.pipeline import resolve_pipeline_source as resolve
-
     try:
-        return resolve(backbone, model, components, **kwargs)
+        return pipeline.resolve_pipeline_source(backbone, model, components, **kwargs)
     except HubError as exc:
         repo = str(model if model is not None else backbone.hub_id)
         comp = str(components or backbone.components_repo or repo)
@@ -142,17 +149,14 @@ def _pipeline_source(
 def detect_weights_kind(path: str | os.PathLike[str]) -> WeightsKind:
     """``folder`` for a directory, ``adapter`` for a file with ``*.lorad_A/B`` tensors,
     ``merged`` for any other weights file (a full denoiser state dict)."""
-    from wadi_cli.io import open_checkpoint
-
     p = Path(path).expanduser()
     if not p.exists():
         raise CheckpointError(f"--weights {p}: no such file or directory")
     if p.is_dir():
         return "folder"
     with open_checkpoint(p) as src:
-        keys = list(src.keys())
-    if any(k.endswith(ADAPTER_SUFFIXES) for k in keys):
-        return "adapter"
+        if is_adapter(src.keys()):
+            return "adapter"
     return "merged"
 
 
@@ -174,8 +178,6 @@ def load_state_strict(model: nn.Module, source: Tensors, label: str) -> None:
 
 
 def _apply_adapter(model: nn.Module, path: Path, backbone: Any) -> None:
-    from wadi_cli.lorad import load_adapter, merge_adapter_into_state_dict
-
     tensors, cfg = load_adapter(path)
     if getattr(cfg, "backbone", None) and cfg.backbone != backbone.name:
         raise MismatchError(
@@ -188,8 +190,6 @@ def _apply_adapter(model: nn.Module, path: Path, backbone: Any) -> None:
 
 def apply_weights(model: nn.Module, path: str | os.PathLike[str], backbone: Any) -> WeightsKind:
     """Load one-step weights of any supported kind into the base denoiser ``model``."""
-    from wadi_cli.io import open_checkpoint
-
     p = Path(path).expanduser()
     kind = detect_weights_kind(p)
     if kind == "adapter":
@@ -216,16 +216,14 @@ def default_weights(backbone: Any, source: str | os.PathLike[str] | None = None)
 
 
 def _shipped_tiny_student(source: str | os.PathLike[str] | None) -> Path | None:
-    from wadi_cli.tiny import TINY_PIPELINE_DIR, TINY_STUDENT_PATH
-
-    if source is not None and Path(source).resolve() != Path(TINY_PIPELINE_DIR).resolve():
+    if source is not None and Path(source).resolve() != Path(tiny.TINY_PIPELINE_DIR).resolve():
         return None
-    if not TINY_STUDENT_PATH.is_file():
+    if not tiny.TINY_STUDENT_PATH.is_file():
         raise CheckpointError(
-            f"the tiny one-step student is missing at {TINY_STUDENT_PATH} (incomplete install); "
+            f"the tiny one-step student is missing at {tiny.TINY_STUDENT_PATH} (incomplete install); "
             "pass one-step weights with --weights FILE, or sample the undistilled model with --base"
         )
-    return TINY_STUDENT_PATH
+    return tiny.TINY_STUDENT_PATH
 
 
 def _default_weights(backbone: Any, source: str | os.PathLike[str] | None = None) -> Path | None:
@@ -234,8 +232,6 @@ def _default_weights(backbone: Any, source: str | os.PathLike[str] | None = None
     repo, name = getattr(backbone, "release_repo", None), getattr(backbone, "release_file", None)
     if not repo or not name:
         return None
-    from wadi_cli.io import fetch_file
-
     try:
         return Path(fetch_file(repo, name))
     except HubError:
@@ -287,8 +283,6 @@ def resolve_sources(
 def weights_alpha_bar_T(path: str | os.PathLike[str] | None, backbone: Any = None) -> float | None:
     """ᾱ_T recorded in one-step weights (``alpha_bar_T`` metadata of an adapter, merged
     file or the denoiser file of an exported pipeline folder), or ``None``."""
-    from wadi_cli.io.resolve import recorded_alpha_bar_T
-
     if path is None:
         return None
     p = Path(path).expanduser()
@@ -322,8 +316,6 @@ def load_sampler(
     ``channels_last`` (default: on CUDA) and ``compile`` (``torch.compile`` of the
     denoiser) are speed options for accelerators; neither changes the maths.
     """
-    from wadi_cli.sample.pipeline import latent_size, load_base_pipeline, vae_scale_factor, weights_variant
-
     spec = get_backbone_spec(backbone)
     dev = torch.device(device)
     notes: list[str] = []

@@ -8,13 +8,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from wadi_cli.sample.config import (
-    SampleConfig,
-    alpha_bar_T_warning,
-    read_prompts,
-    resolve_device,
-    resolve_dtype,
-)
+from wadi_cli.machine import resolve_device
+from wadi_cli.sample.config import SampleConfig, alpha_bar_T_warning, read_prompts, resolve_dtype
 from wadi_cli.sample.generate import generate
 from wadi_cli.sample.loading import get_backbone_spec, load_sampler
 from wadi_cli.sample.output import check_output_dir, save_samples

@@ -34,7 +34,11 @@ from torch import Tensor
 
 from wadi_cli.analysis.decompose import as_matrix, layer_kind
 from wadi_cli.errors import BadInputError, MismatchError
+from wadi_cli.io import check_writable, open_checkpoint, provenance_metadata, save_safetensors
+from wadi_cli.io.resolve import recorded_alpha_bar_T
 from wadi_cli.io.tensor_map import KeyDiff, Tensors, as_tensor_map, preview
+from wadi_cli.io.writers import ALPHA_BAR_T_METADATA
+from wadi_cli.lorad import is_adapter, load_adapter, merge_adapter_into_state_dict
 
 KEEP_CHOICES: tuple[str, ...] = ("direction", "norm")
 #: ``keep`` -> the name of the hybrid it makes (what the student receives from the teacher).
@@ -311,25 +315,14 @@ def swap_state_dict(
 
 
 # ---- files ---------------------------------------------------------------------------------
-def _is_adapter(src: Any) -> bool:
-    from wadi_cli.lorad.adapter_io import A_SUFFIX, B_SUFFIX
-
-    keys = list(src.keys())
-    return bool(keys) and all(k.endswith((A_SUFFIX, B_SUFFIX)) for k in keys)
-
-
 def open_student(student_path: str | os.PathLike[str], teacher: Any) -> tuple[Any, str]:
     """Open STUDENT lazily; a LoRaD adapter file is merged into ``teacher`` (its base by
     construction: student = teacher + LoRaD) in memory. Returns ``(source, description)``;
     the caller closes a returned TensorSource."""
-    from wadi_cli.io import open_checkpoint
-
     src = open_checkpoint(student_path)
-    if not _is_adapter(src):
+    if not is_adapter(src.keys()):
         return src, src.description
     src.close()
-    from wadi_cli.lorad import load_adapter, merge_adapter_into_state_dict
-
     tensors, config = load_adapter(student_path)
     merged = merge_adapter_into_state_dict(teacher, tensors)
     return merged, f"LoRaD adapter (rank {config.rank}) merged into the teacher"
@@ -343,8 +336,6 @@ def check_output(
 ) -> Path:
     """Fail early (one line) if the hybrid cannot be written to ``out``: not writable, a
     folder, an existing file without ``overwrite``, or one of ``inputs`` (label -> path)."""
-    from wadi_cli.io import check_writable
-
     out_path = check_writable(out)
     if out_path.exists() and not overwrite:
         raise BadInputError(f"{out_path} already exists (pass --overwrite to replace it)")
@@ -378,10 +369,6 @@ def write_swap(
     with ``overwrite=True``. ``student_label`` names STUDENT in the metadata when the path
     is a temporary export (e.g. of a `wadi distill` run).
     """
-    from wadi_cli.io import open_checkpoint, provenance_metadata, save_safetensors
-    from wadi_cli.io.resolve import recorded_alpha_bar_T
-    from wadi_cli.io.writers import ALPHA_BAR_T_METADATA
-
     keep, alpha = check_keep(keep), check_alpha(alpha)
     compile_filter(filter)
     out_path = check_output(
