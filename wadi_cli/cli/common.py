@@ -105,7 +105,7 @@ Seed = Annotated[int, typer.Option("--seed", help="Random seed.")]
 
 @contextlib.contextmanager
 def weights_for_sampling(weights: str | None) -> Any:
-    """Yield what ``--weights`` should mean to the sampler.
+    """Yield what ``--weights`` should mean to ``wadi sample`` / ``wadi eval``.
 
     A distill run folder becomes its latest student (EMA when kept), as
     :func:`wadi_cli.distill.export.run_weights` gives it; anything else passes through

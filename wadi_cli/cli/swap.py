@@ -189,7 +189,7 @@ def register(app: typer.Typer) -> None:
         device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, mps.")] = "auto",
         json_out: JsonFlag = False,
     ) -> None:
-        from wadi_cli.swap import check_alpha, check_keep, check_output, compile_filter, write_swap
+        from wadi_cli.swap import check_alpha, check_output, compile_filter, variant_of_keep, write_swap
 
         teacher = require(
             teacher, "no checkpoints given: `wadi swap TEACHER STUDENT --keep direction --out FILE`"
@@ -203,7 +203,7 @@ def register(app: typer.Typer) -> None:
             "student norms + teacher directions with --keep norm",
         )
         out = require(out, "--out is missing: name the hybrid checkpoint with --out FILE.safetensors")
-        keep = check_keep(keep)
+        variant = variant_of_keep(keep)
         alpha = check_alpha(alpha)
         compile_filter(filter)
         out_path = check_output(out, overwrite=overwrite, inputs={"TEACHER": teacher, "STUDENT": student})
@@ -216,7 +216,7 @@ def register(app: typer.Typer) -> None:
             raise BadInputError("--steps, --cfg, --model and --samples-dir apply with --sample only")
         with _student_file(student) as student_path:
             stats = write_swap(
-                teacher, student_path, keep, out_path, alpha=alpha, filter=filter, overwrite=True,
+                teacher, student_path, variant, out_path, alpha=alpha, filter=filter, overwrite=True,
                 student_label=str(student),
             )  # fmt: skip
             result: dict[str, Any] = {"out": str(out_path), **stats.to_dict()}
@@ -289,7 +289,7 @@ def _sample(
     student_label: str,
 ) -> dict[str, Any]:
     from wadi_cli.io import open_checkpoint
-    from wadi_cli.io.resolve import recorded_alpha_bar_T
+    from wadi_cli.io.checkpoints import recorded_alpha_bar_T
     from wadi_cli.sample import resolve_device, resolve_dtype
     from wadi_cli.swap import open_student, render_swap_grids
 

@@ -263,7 +263,7 @@ def _swap(tmp: Path, teacher_unet: Path, opts: DemoOptions, progress: DemoProgre
     with open_checkpoint(teacher_unet) as t, open_checkpoint(tmp / "students" / "full.safetensors") as s:
         for key, keep, label in variants:
             path = tmp / "swaps" / f"full_{key}.safetensors"
-            hybrid, stats = swap_state_dict(t, s, keep)
+            hybrid, stats = swap_state_dict(t, s, key)
             save_safetensors(hybrid, path, {"wadi_swap": f"keep={keep} alpha=1"})
             res, gen = _evaluate(opts.num_images, opts.seed, weights=path)  # type: ignore[arg-type]
             images[label] = gen.images[: opts.grid_rows]

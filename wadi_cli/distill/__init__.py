@@ -23,7 +23,7 @@ __all__ = [
     "PromptStream",
     "RunSummary",
     "StepResult",
-    "SwitchableLoRaDLinear",
+    "MultiAdapterLinear",
     "Topology",
     "TrainingDiverged",
     "adapter_parameters",
@@ -70,7 +70,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from wadi_cli.distill.adapters import (
-        SwitchableLoRaDLinear,
+        MultiAdapterLinear,
         adapter_parameters,
         adapter_state_dict,
         add_switchable_adapter,

@@ -2,8 +2,9 @@
 
 The student and the fake score model are the teacher plus a LoRaD adapter each (different
 targets and ranks). Instead of three networks, every targeted Linear is wrapped once in a
-:class:`SwitchableLoRaDLinear` that holds one :class:`~wadi_cli.lorad.LoRaDLinear` per
-adapter, all sharing the SAME frozen ``base_layer``. :func:`use_adapter` selects which one
+:class:`MultiAdapterLinear` that holds one adapter per role (a
+:class:`~wadi_cli.lorad.LoRaDLinear`, or peft's LoRA / DoRA for the ablation's student), all
+sharing the SAME frozen ``base_layer``. :func:`use_adapter` selects which one
 runs (``None`` = the teacher). Each forward does exactly one matmul: the plain base
 weight, or the rotated weight of the active adapter (the maths stays in
 :mod:`wadi_cli.lorad`).
@@ -25,8 +26,9 @@ from wadi_cli.lorad import LoRaDLinear
 from wadi_cli.lorad.model import set_submodule
 
 
-class SwitchableLoRaDLinear(nn.Module):
-    """A frozen ``nn.Linear`` plus named LoRaD adapters; ``active`` picks the one applied.
+class MultiAdapterLinear(nn.Module):
+    """A frozen ``nn.Linear`` plus named adapters (LoRaD, LoRA or DoRA); ``active`` picks
+    the one applied.
 
     ``active is None`` or an adapter this layer does not hold → the base Linear itself.
     """
@@ -108,9 +110,9 @@ def _peft_linear(base: nn.Linear, rank: int, dora: bool, generator: torch.Genera
     return layer.eval()
 
 
-def switchable_layers(model: nn.Module) -> dict[str, SwitchableLoRaDLinear]:
+def switchable_layers(model: nn.Module) -> dict[str, MultiAdapterLinear]:
     """Every switchable layer of ``model`` keyed by the path of the Linear it wraps."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, SwitchableLoRaDLinear)}
+    return {n: m for n, m in model.named_modules() if isinstance(m, MultiAdapterLinear)}
 
 
 def add_switchable_adapter(
@@ -123,7 +125,7 @@ def add_switchable_adapter(
     kind: str = "lorad",
 ) -> list[str]:
     """Give the Linears ``targets`` of ``model`` a LoRaD adapter ``name`` of ``rank``,
-    wrapping each Linear in a :class:`SwitchableLoRaDLinear` the first time. With
+    wrapping each Linear in a :class:`MultiAdapterLinear` the first time. With
     ``init_seed`` the ``B`` matrices come from one CPU generator in target order."""
     names = list(dict.fromkeys(targets))
     if not names:
@@ -146,7 +148,7 @@ def add_switchable_adapter(
     for path in names:
         layer = layers.get(path)
         if layer is None:
-            layer = SwitchableLoRaDLinear(model.get_submodule(path))
+            layer = MultiAdapterLinear(model.get_submodule(path))
             set_submodule(model, path, layer)
         layer.add_adapter(name, rank, label=path, generator=generator, kind=kind)
     return names
@@ -190,7 +192,7 @@ def adapter_state_dict(model: nn.Module, name: str) -> dict[str, Tensor]:
 
 def merged_state_dict(model: nn.Module, name: str) -> dict[str, Tensor]:
     """The plain network's state dict with every weight that adapter ``name`` changes
-    replaced by its effective weight (probed, see :meth:`SwitchableLoRaDLinear.effective_weight`).
+    replaced by its effective weight (probed, see :meth:`MultiAdapterLinear.effective_weight`).
     Used to export the LoRA / DoRA baselines; LoRaD merges exactly on state dicts."""
     layers = switchable_layers(model)
     out: dict[str, Tensor] = {}

@@ -177,10 +177,10 @@ def _barrier(topology: Topology) -> None:
 
 def build_distiller(cfg: DistillConfig, prompts: list[str]) -> Distiller:
     """Load the base pipeline (frozen teacher) and set up the run's state."""
-    from wadi_cli.sample import load_sampler
+    from wadi_cli.sample import load_pipeline
 
     topology, device = process_topology(cfg)
-    sampler = load_sampler(
+    pipe = load_pipeline(
         cfg.backbone,
         model=cfg.model,
         components=cfg.components,
@@ -188,7 +188,7 @@ def build_distiller(cfg: DistillConfig, prompts: list[str]) -> Distiller:
         device=device,
         dtype=weights_dtype(cfg, device),
     )
-    return Distiller(cfg, sampler, prompts, topology)
+    return Distiller(cfg, pipe, prompts, topology)
 
 
 def _validate(
@@ -221,7 +221,7 @@ def _adapter_checksum(distiller: Distiller) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for k, v in sorted(distiller.student_adapter().items()):
+    for k, v in sorted(distiller.student_weights().items()):
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]

@@ -117,7 +117,7 @@ def evaluate_model(
 ) -> dict[str, Any] | None:
     """Generate (or finish generating) ``request.out`` and score it. Returns the result on
     the main process (also written to ``out/metrics.json``), ``None`` elsewhere."""
-    from wadi_cli.sample import SampleConfig, load_sampler, resolve_dtype
+    from wadi_cli.sample import SampleConfig, load_pipeline, resolve_dtype
     from wadi_cli.sample.config import alpha_bar_T_warning
     from wadi_cli.sample.loading import get_backbone_spec, weights_alpha_bar_T
 
@@ -157,7 +157,7 @@ def evaluate_model(
     manifest = prepare_out(request.out, settings, request.captions, request.seed, procs)
     tiny_ref = (request.out, attrs, real_seed) if attrs is not None else None
     _reference(scorer, ref, tiny_ref, procs)
-    sampler = load_sampler(
+    pipe = load_pipeline(
         spec,
         model=request.model,
         weights=request.weights,
@@ -166,7 +166,7 @@ def evaluate_model(
         dtype=dtype,
         base=request.base,
     )
-    made, seconds = generate_missing(sampler, request.out, manifest, config, procs, progress)
+    made, seconds = generate_missing(pipe, request.out, manifest, config, procs, progress)
     scorer.timing.generated += made
     scorer.timing.generation_s += seconds
     files = [request.out / f for f in manifest.files]
@@ -178,8 +178,8 @@ def evaluate_model(
         how.update(tiny_classifier={"library": "wadi (tiny classifier)", "real_seed": real_seed})
     result = {
         **settings,
-        "model": sampler.model_source,
-        "weights_kind": sampler.weights_kind,
+        "model": pipe.model_source,
+        "weights_kind": pipe.weights_kind,
         "num_images": len(files),
         "metrics": metrics,
         "how": how,

@@ -270,7 +270,7 @@ class Scorer:
 
 # ---- generation ----------------------------------------------------------------------------
 def generate_missing(
-    sampler: Any, out: Path, manifest: Manifest, config: Any, procs: Processes, progress: ProgressFactory
+    pipe: Any, out: Path, manifest: Manifest, config: Any, procs: Processes, progress: ProgressFactory
 ) -> tuple[int, float]:
     """Generate every chunk of ``manifest`` with an incomplete image, split over processes.
     Chunk ``[s, e)`` is one batch of captions ``s..e-1`` with seeds ``seed + s …``; returns
@@ -285,7 +285,7 @@ def generate_missing(
     with progress("generating", total) as advance:
         for s, e in mine:
             cfg = dataclasses.replace(config, seed=int(manifest.entries[s]["seed"]), batch_size=e - s)
-            gen = generate(sampler, manifest.captions[s:e], cfg)
+            gen = generate(pipe, manifest.captions[s:e], cfg)
             for i, image in zip(range(s, e), gen.images, strict=True):
                 save_png(image, out / manifest.entries[i]["file"])
             advance(e - s)

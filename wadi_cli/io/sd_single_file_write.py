@@ -216,7 +216,7 @@ def single_file_state(
     Stable Diffusion names."""
     import json
 
-    from wadi_cli.io.resolve import open_checkpoint
+    from wadi_cli.io.checkpoints import open_checkpoint
 
     layout = check_single_file_backbone(backbone)
     root = Path(components_root)

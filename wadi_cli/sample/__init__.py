@@ -14,11 +14,11 @@ from wadi_cli.sample.generate import (
     teacher_latents,
 )
 from wadi_cli.sample.loading import (
-    Sampler,
+    LoadedPipeline,
     apply_weights,
     default_weights,
     detect_weights_kind,
-    load_sampler,
+    load_pipeline,
     load_state_strict,
     resolve_pipeline_source,
 )
@@ -29,7 +29,7 @@ __all__ = [
     "TEACHER_DEFAULTS",
     "Generation",
     "SampleConfig",
-    "Sampler",
+    "LoadedPipeline",
     "apply_weights",
     "check_output_dir",
     "decode",
@@ -39,7 +39,7 @@ __all__ = [
     "generate",
     "image_grid",
     "initial_noise",
-    "load_sampler",
+    "load_pipeline",
     "load_state_strict",
     "one_step_latents",
     "read_prompts",

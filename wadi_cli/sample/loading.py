@@ -1,4 +1,4 @@
-"""Loading a backbone's pipeline and one-step weights into a :class:`Sampler`.
+"""Loading a backbone's pipeline and one-step weights into a :class:`LoadedPipeline`.
 
 ``--weights`` accepts, detected from the path and the tensor names:
 
@@ -29,10 +29,10 @@ from wadi_cli.backbones import get_backbone
 from wadi_cli.diffusion import Denoiser, PromptEncoder, alphas_cumprod_of, wrap_denoiser
 from wadi_cli.errors import BadInputError, CheckpointError, HubError, MismatchError
 from wadi_cli.io import fetch_file, open_checkpoint
-from wadi_cli.io.resolve import recorded_alpha_bar_T
+from wadi_cli.io.checkpoints import recorded_alpha_bar_T
 from wadi_cli.io.tensor_map import KeyDiff, Tensors, as_tensor_map
 from wadi_cli.lorad import is_adapter, load_adapter, merge_adapter_into_state_dict
-from wadi_cli.sample import pipeline
+from wadi_cli.sample import pipeline as pipeline_files
 from wadi_cli.sample.pipeline import (
     PipelineSource,
     latent_size,
@@ -45,7 +45,7 @@ WeightsKind = Literal["merged", "adapter", "folder"]
 
 
 @dataclass
-class Sampler:
+class LoadedPipeline:
     """Everything generation needs, on one device: the wrapped denoiser, the VAE, the
     prompt encoder, the pipeline's scheduler (for ``alphas_cumprod`` and the teacher)."""
 
@@ -129,7 +129,7 @@ def _pipeline_source(
     **kwargs: Any,
 ) -> PipelineSource:
     try:
-        return pipeline.resolve_pipeline_source(backbone, model, components, **kwargs)
+        return pipeline_files.resolve_pipeline_source(backbone, model, components, **kwargs)
     except HubError as exc:
         repo = str(model if model is not None else backbone.hub_id)
         comp = str(components or backbone.components_repo or repo)
@@ -292,8 +292,8 @@ def weights_alpha_bar_T(path: str | os.PathLike[str] | None, backbone: Any = Non
     return recorded_alpha_bar_T(p, component)
 
 
-# ---- the sampler -----------------------------------------------------------------------
-def load_sampler(
+# ---- the loaded pipeline --------------------------------------------------------------
+def load_pipeline(
     backbone: str | Any,
     *,
     model: str | os.PathLike[str] | None = None,
@@ -305,7 +305,7 @@ def load_sampler(
     compile: bool = False,
     components: str | os.PathLike[str] | None = None,
     base: bool = False,
-) -> Sampler:
+) -> LoadedPipeline:
     """Load the base pipeline of ``backbone`` (``model`` overrides its source,
     ``components`` where its VAE / text encoder / tokenizer / scheduler come from), put
     the one-step ``weights`` into its denoiser (for the student: default = the authors'
@@ -330,28 +330,28 @@ def load_sampler(
         why = "--base" if base else "no --weights and no default for this base"
         notes.append(f"{why}: one-step sampling from the undistilled {spec.name} model itself")
     kind = detect_weights_kind(weights) if weights is not None else None
-    pipe = load_base_pipeline(spec, source, dtype, denoiser_weights=kind in (None, "adapter"))
-    net = pipe.denoiser
+    base = load_base_pipeline(spec, source, dtype, denoiser_weights=kind in (None, "adapter"))
+    net = base.denoiser
     if weights is not None:
         apply_weights(net, weights, spec)
     if channels_last is None:
         channels_last = dev.type == "cuda"
-    for m in (net, pipe.vae, pipe.text_encoder):
+    for m in (net, base.vae, base.text_encoder):
         m.to(dev).eval().requires_grad_(False)
     if channels_last and spec.family == "unet":
         net.to(memory_format=torch.channels_last)
-        pipe.vae.to(memory_format=torch.channels_last)
-    prediction_type = str(pipe.scheduler.config.get("prediction_type", "epsilon"))
-    denoiser = wrap_denoiser(net, prediction_type, alphas_cumprod_of(pipe.scheduler), family=spec.family)
+        base.vae.to(memory_format=torch.channels_last)
+    prediction_type = str(base.scheduler.config.get("prediction_type", "epsilon"))
+    denoiser = wrap_denoiser(net, prediction_type, alphas_cumprod_of(base.scheduler), family=spec.family)
     if compile:
         net.compile()  # in place: parameter names and the wrapper stay as they are
-    encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, spec.text_encoder, spec.text_max_length)
-    return Sampler(
+    encoder = PromptEncoder(base.tokenizer, base.text_encoder, spec.text_encoder, spec.text_max_length)
+    return LoadedPipeline(
         backbone=spec,
         denoiser=denoiser,
-        vae=pipe.vae,
+        vae=base.vae,
         prompt_encoder=encoder,
-        scheduler=pipe.scheduler,
+        scheduler=base.scheduler,
         device=dev,
         dtype=dtype,
         model_source=source.describe(),
@@ -359,6 +359,6 @@ def load_sampler(
         weights_kind=kind,
         notes=notes,
         latent_size=latent_size(net, spec.latent_size),
-        vae_scale=vae_scale_factor(pipe.vae),
+        vae_scale=vae_scale_factor(base.vae),
         weights_alpha_bar_T=weights_alpha_bar_T(weights, spec),
     )

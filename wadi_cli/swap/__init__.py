@@ -10,14 +10,14 @@ from wadi_cli.swap.compare import (
     variant_states,
 )
 from wadi_cli.swap.core import (
-    KEEP_CHOICES,
+    SWAP_VARIANTS,
     VARIANT_OF_KEEP,
     RowCounts,
     SwapStats,
     check_alpha,
     check_compatible,
-    check_keep,
     check_output,
+    check_variant,
     compile_filter,
     open_student,
     plan_swap,
@@ -25,20 +25,21 @@ from wadi_cli.swap.core import (
     swap_rows,
     swap_state_dict,
     swappable_names,
+    variant_of_keep,
     write_swap,
 )
 
 __all__ = [
-    "KEEP_CHOICES",
     "VARIANTS",
     "VARIANT_LABELS",
     "VARIANT_OF_KEEP",
+    "SWAP_VARIANTS",
     "RowCounts",
     "SwapStats",
     "check_alpha",
     "check_compatible",
-    "check_keep",
     "check_output",
+    "check_variant",
     "compile_filter",
     "evaluate_swap_variants",
     "open_student",
@@ -48,6 +49,7 @@ __all__ = [
     "swap_rows",
     "swap_state_dict",
     "swappable_names",
+    "variant_of_keep",
     "variant_states",
     "write_swap",
 ]

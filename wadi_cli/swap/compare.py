@@ -1,8 +1,8 @@
 """Compare the four swap variants side by side: the multi-step teacher, the one-step
-student, the student with the teacher's norms (``keep="direction"``) and the student with
-the teacher's directions (``keep="norm"``).
+student, the student with the teacher's norms (``teacher_norms``) and the student with
+the teacher's directions (``teacher_directions``).
 
-Variants are produced one at a time (:func:`variant_states`) and loaded into ONE sampler's
+Variants are produced one at a time (:func:`variant_states`) and loaded into ONE pipeline's
 denoiser, so memory holds the base pipeline plus one hybrid, whatever the backbone. For
 each variant, images for every prompt are generated from the same noise (seed ``seed + i``
 for image ``i``) and, for the tiny backbone, the variant is scored like ``wadi eval``.
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from wadi_cli.errors import BadInputError
-from wadi_cli.swap.core import check_alpha, plan_swap, swap_state_dict
+from wadi_cli.swap.core import SWAP_VARIANTS, check_alpha, plan_swap, swap_state_dict
 
 VARIANTS: tuple[str, ...] = ("teacher", "student", "teacher_norms", "teacher_directions")
 VARIANT_LABELS: dict[str, str] = {
@@ -49,8 +49,8 @@ def variant_states(
     Validate first (:func:`wadi_cli.swap.plan_swap`): errors would surface mid-way."""
     yield "teacher", teacher
     yield "student", student
-    yield "teacher_norms", swap_state_dict(teacher, student, "direction", alpha=alpha, filter=filter)[0]
-    yield "teacher_directions", swap_state_dict(teacher, student, "norm", alpha=alpha, filter=filter)[0]
+    for variant in SWAP_VARIANTS:
+        yield variant, swap_state_dict(teacher, student, variant, alpha=alpha, filter=filter)[0]
 
 
 def _check_tiny(backbone: Any) -> None:
@@ -60,17 +60,17 @@ def _check_tiny(backbone: Any) -> None:
 
 
 def _run_variants(
-    sampler: Any,
+    pipe: Any,
     teacher: Any,
     student: Any,
     alpha: float,
     filter: str | None,
     work: Callable[[str], None],
 ) -> None:
-    """Load each variant into the sampler's denoiser (strictly) and call ``work(variant)``."""
+    """Load each variant into the pipeline's denoiser (strictly) and call ``work(variant)``."""
     from wadi_cli.sample import load_state_strict
 
-    net = sampler.denoiser.model
+    net = pipe.denoiser.model
     for name, state in variant_states(teacher, student, alpha=alpha, filter=filter):
         load_state_strict(net, state, f"the {name.replace('_', ' ')} weights")
         del state
@@ -98,7 +98,7 @@ def evaluate_swap_variants(
     model: str | os.PathLike[str] | None = None,
     device: torch.device | str = "cpu",
     batch_size: int = 32,
-    sampler: Any = None,
+    pipe: Any = None,
     progress: Progress | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Accuracy and Fréchet distance (as ``wadi eval``) of the four variants of the tiny model.
@@ -114,29 +114,29 @@ def evaluate_swap_variants(
     check_alpha(alpha)
     plan_swap(teacher_state, student_state, filter)
     results: dict[str, dict[str, Any]] = {}
-    sampler, classifier = _tiny_tools(sampler, model, device)
+    pipe, classifier = _tiny_tools(pipe, model, device)
 
     def work(name: str) -> None:
         results[name] = _evaluate_one(
-            sampler, classifier, name, num_images, seed, teacher_steps, cfg, batch_size, progress
+            pipe, classifier, name, num_images, seed, teacher_steps, cfg, batch_size, progress
         )
 
-    _run_variants(sampler, teacher_state, student_state, alpha, filter, work)
+    _run_variants(pipe, teacher_state, student_state, alpha, filter, work)
     return results
 
 
-def _tiny_tools(sampler: Any, model: Any, device: torch.device | str) -> tuple[Any, Any]:
-    from wadi_cli.sample import load_sampler
+def _tiny_tools(pipe: Any, model: Any, device: torch.device | str) -> tuple[Any, Any]:
+    from wadi_cli.sample import load_pipeline
     from wadi_cli.tiny.classifier import load_classifier
 
     classifier = load_classifier(None)
-    if sampler is None:
-        sampler = load_sampler("tiny", model=model, teacher=True, device=device)
-    return sampler, classifier
+    if pipe is None:
+        pipe = load_pipeline("tiny", model=model, teacher=True, device=device)
+    return pipe, classifier
 
 
 def _evaluate_one(
-    sampler: Any,
+    pipe: Any,
     classifier: Any,
     name: str,
     num_images: int,
@@ -158,7 +158,7 @@ def _evaluate_one(
         num_images=num_images,
         seed=seed,
         batch_size=batch_size,
-        sampler=sampler,
+        pipe=pipe,
         classifier=classifier,
     )
     if progress is not None:
@@ -253,7 +253,7 @@ def render_swap_grids(
     Returns ``{"out", "grids", "metrics"}`` (``metrics`` is ``None`` without evaluation).
     """
     from wadi_cli.io import check_writable
-    from wadi_cli.sample import load_sampler
+    from wadi_cli.sample import load_pipeline
 
     if not prompts:
         raise BadInputError("--sample needs at least one prompt")
@@ -266,22 +266,20 @@ def render_swap_grids(
     check_alpha(alpha)
     plan_swap(teacher_state, student_state, filter)
     check_writable(out_dir, directory=True)
-    sampler = load_sampler(spec_name, model=model, teacher=True, device=device, dtype=dtype)
-    sampler.weights_alpha_bar_T = alpha_bar_T  # the student variants sample with the student's ᾱ_T
-    classifier = _tiny_tools(sampler, model, device)[1] if evaluate else None
+    pipe = load_pipeline(spec_name, model=model, teacher=True, device=device, dtype=dtype)
+    pipe.weights_alpha_bar_T = alpha_bar_T  # the student variants sample with the student's ᾱ_T
+    classifier = _tiny_tools(pipe, model, device)[1] if evaluate else None
     images: dict[str, np.ndarray] = {}
     metrics: dict[str, dict[str, Any]] = {}
     config: dict[str, Any] = {}
 
     def work(name: str) -> None:
-        gen = _generate_variant(sampler, name, prompts, rows, seed, steps, cfg, batch_size, progress)
+        gen = _generate_variant(pipe, name, prompts, rows, seed, steps, cfg, batch_size, progress)
         images[name], config[name] = gen.images, gen.config.to_dict()
         if evaluate:
-            metrics[name] = _evaluate_one(
-                sampler, classifier, name, num_images, seed, steps, cfg, 32, progress
-            )
+            metrics[name] = _evaluate_one(pipe, classifier, name, num_images, seed, steps, cfg, 32, progress)
 
-    _run_variants(sampler, teacher_state, student_state, alpha, filter, work)
+    _run_variants(pipe, teacher_state, student_state, alpha, filter, work)
     teacher_label = f"teacher ({int(config['teacher']['steps'])} steps)"
     labels = [teacher_label] + [VARIANT_LABELS[v] for v in VARIANTS[1:]]
     width = max(2, len(str(len(prompts) - 1)))
@@ -304,7 +302,7 @@ def render_swap_grids(
 
 
 def _generate_variant(
-    sampler: Any,
+    pipe: Any,
     name: str,
     prompts: Sequence[str],
     rows: int,
@@ -314,7 +312,7 @@ def _generate_variant(
     batch_size: int,
     progress: Progress | None,
 ) -> Any:
-    """``rows`` images per prompt from the variant loaded in ``sampler`` (the teacher
+    """``rows`` images per prompt from the variant loaded in ``pipe`` (the teacher
     multi-step with guidance, the others in one step), seeds ``seed + i``."""
     from wadi_cli.sample import SampleConfig, generate
 
@@ -332,7 +330,7 @@ def _generate_variant(
         if progress is not None:
             progress(label, done, total)
 
-    return generate(sampler, list(prompts), config, num_images_per_prompt=rows, progress=tick)
+    return generate(pipe, list(prompts), config, num_images_per_prompt=rows, progress=tick)
 
 
 def _write_outputs(
