@@ -7,7 +7,7 @@ import contextlib
 import functools
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -104,7 +104,7 @@ Seed = Annotated[int, typer.Option("--seed", help="Random seed.")]
 
 
 @contextlib.contextmanager
-def weights_for_sampling(weights: str | None) -> Any:
+def weights_for_sampling(weights: str | None) -> Iterator[str | None]:
     """Yield what ``--weights`` should mean to ``wadi sample`` / ``wadi eval``.
 
     A distill run folder becomes its latest student (EMA when kept), as

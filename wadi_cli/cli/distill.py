@@ -7,11 +7,14 @@ import inspect
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from wadi_cli.cli.common import console, err_console, handle_errors, use_backbone_cpu_threads
+
+if TYPE_CHECKING:  # the CLI imports the library inside command bodies (start-up time)
+    from wadi_cli.distill import DistillConfig, RunSummary, StepResult
 
 HELP = """Distil a one-step student with LoRaD + variational score distillation (WaDi §4).
 
@@ -248,7 +251,7 @@ def _print_plan(config: dict[str, Any], plan: dict[str, Any], as_json: bool) -> 
     console.print(f"base parameters (frozen): {plan['base_params']:,}")
 
 
-def _run_with_progress(cfg: Any, out: Path, resume: str | None, again: str) -> Any:
+def _run_with_progress(cfg: DistillConfig, out: Path, resume: str | None, again: str) -> RunSummary:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from wadi_cli.distill import distill
@@ -281,7 +284,7 @@ def _run_with_progress(cfg: Any, out: Path, resume: str | None, again: str) -> A
             "distill", total=total, completed=start, loss_g=0.0, loss_f=0.0, rate=0.0
         )
 
-    def on_step(result: Any, seconds: float) -> None:
+    def on_step(result: StepResult, seconds: float) -> None:
         progress.update(
             state["task"],
             completed=result.step,

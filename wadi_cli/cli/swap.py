@@ -7,7 +7,7 @@ import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -20,6 +20,9 @@ from wadi_cli.cli.common import (
     require,
     use_backbone_cpu_threads,
 )
+
+if TYPE_CHECKING:  # the CLI imports the library inside command bodies (start-up time)
+    from wadi_cli.swap import SwapStats
 
 HELP = """Give a student its teacher's row norms or row directions and write the
 hybrid checkpoint.
@@ -97,7 +100,7 @@ def _progress() -> Iterator[Any]:
         yield update
 
 
-def _print_stats(stats: Any, out: Path) -> None:
+def _print_stats(stats: SwapStats, out: Path) -> None:
     what = "teacher norms" if stats.keep == "direction" else "teacher directions"
     skipped = f", {stats.rows_skipped:,} rows left as the student's" if stats.rows_skipped else ""
     console.print(

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from wadi_cli.backbones import Backbone
 from wadi_cli.distill.checkpoint import find_checkpoint
 from wadi_cli.errors import BadInputError, CheckpointError
 from wadi_cli.io import (
@@ -32,6 +33,7 @@ from wadi_cli.io import (
 )
 from wadi_cli.io.writers import ALPHA_BAR_T_METADATA
 from wadi_cli.lorad import load_adapter, merge_adapter_into_state_dict, save_adapter
+from wadi_cli.sample.pipeline import PipelineSource
 
 FORMATS: tuple[str, ...] = ("merged", "adapter", "diffusers", "single-file")
 
@@ -84,7 +86,7 @@ def run_variant(config: dict[str, Any]) -> str | None:
     return "fp16" if config.get("mixed_precision") == "fp16" else None
 
 
-def _base_source(config: dict[str, Any], with_components: bool = False) -> tuple[Any, Any]:
+def _base_source(config: dict[str, Any], with_components: bool = False) -> tuple[Backbone, PipelineSource]:
     from wadi_cli.backbones import get_backbone
     from wadi_cli.sample import resolve_pipeline_source
 
@@ -101,7 +103,7 @@ def _base_source(config: dict[str, Any], with_components: bool = False) -> tuple
 
 def _merged_state(
     adapter_file: Path, config: dict[str, Any], with_components: bool = False
-) -> tuple[dict[str, Any], Any, Any]:
+) -> tuple[dict[str, Any], Backbone, PipelineSource]:
     backbone, source = _base_source(config, with_components)
     kind = config.get("adapter", "lorad")
     if kind == "full":  # the student IS a full state dict
@@ -117,7 +119,7 @@ def _merged_state(
 
 
 def _merged_baseline(
-    adapter_file: Path, config: dict[str, Any], backbone: Any, source: Path
+    adapter_file: Path, config: dict[str, Any], backbone: Backbone, source: PipelineSource
 ) -> dict[str, Any]:
     """LoRA / DoRA: build the base denoiser, attach the adapter, probe effective weights."""
     import diffusers

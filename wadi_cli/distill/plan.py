@@ -8,11 +8,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from wadi_cli.backbones import Backbone
 from wadi_cli.distill.config import DistillConfig
 from wadi_cli.errors import BadInputError
 
 
-def _denoiser_config(cfg: DistillConfig, backbone: Any) -> dict[str, Any]:
+def _denoiser_config(cfg: DistillConfig, backbone: Backbone) -> dict[str, Any]:
     """The denoiser's architecture config: the ``--model`` folder's when it is local, else
     the shipped one, else (tiny without its shipped pipeline) the tiny spec."""
     if cfg.model is not None:

@@ -14,7 +14,7 @@ import copy
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -40,6 +40,9 @@ from wadi_cli.distill.config import DistillConfig
 from wadi_cli.distill.data import PromptStream
 from wadi_cli.distill.losses import fake_score_loss, generator_loss, guided_eps, vsd_gradient
 from wadi_cli.errors import BadInputError, MismatchError, WadiError
+
+if TYPE_CHECKING:
+    from wadi_cli.sample import LoadedPipeline
 
 
 class TrainingDiverged(WadiError):
@@ -91,7 +94,7 @@ class Distiller:
     the base pipeline (teacher weights, frozen); its denoiser network gets both adapters."""
 
     def __init__(
-        self, cfg: DistillConfig, pipe: Any, prompts: list[str], topology: Topology | None = None
+        self, cfg: DistillConfig, pipe: LoadedPipeline, prompts: list[str], topology: Topology | None = None
     ) -> None:
         self.cfg = cfg
         self.topology = topology or Topology()

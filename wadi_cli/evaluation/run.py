@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -42,6 +42,10 @@ from wadi_cli.evaluation.folders import (
 from wadi_cli.evaluation.parallel import Processes
 from wadi_cli.evaluation.reference import Reference, load_reference, save_reference
 from wadi_cli.io import write_text_atomic
+
+if TYPE_CHECKING:
+    from wadi_cli.sample import LoadedPipeline
+    from wadi_cli.tiny.classifier import TinyClassifier
 
 
 class ProgressFactory(Protocol):
@@ -270,7 +274,12 @@ class Scorer:
 
 # ---- generation ----------------------------------------------------------------------------
 def generate_missing(
-    pipe: Any, out: Path, manifest: Manifest, config: Any, procs: Processes, progress: ProgressFactory
+    pipe: LoadedPipeline,
+    out: Path,
+    manifest: Manifest,
+    config: Any,
+    procs: Processes,
+    progress: ProgressFactory,
 ) -> tuple[int, float]:
     """Generate every chunk of ``manifest`` with an incomplete image, split over processes.
     Chunk ``[s, e)`` is one batch of captions ``s..e-1`` with seeds ``seed + s …``; returns
@@ -325,7 +334,10 @@ def write_tiny_reference(
 
 
 def tiny_scores(
-    files: Sequence[Path], attrs: Sequence[dict[str, str]] | None, real_seed: int, classifier: Any
+    files: Sequence[Path],
+    attrs: Sequence[dict[str, str]] | None,
+    real_seed: int,
+    classifier: TinyClassifier | None,
 ) -> dict[str, float]:
     """The tiny classifier's accuracy and Fréchet distance of the images in ``files``."""
     from wadi_cli.tiny.metrics import evaluate_images

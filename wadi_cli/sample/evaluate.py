@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,9 +22,15 @@ from wadi_cli.sample.config import SampleConfig
 from wadi_cli.sample.generate import Generation, generate
 from wadi_cli.sample.loading import LoadedPipeline, load_pipeline
 
+if TYPE_CHECKING:
+    from wadi_cli.tiny.classifier import TinyClassifier
+
 
 def evaluate_generation(
-    generation: Generation, attrs: list[dict[str, str]], real_seed: int, classifier: Any = None
+    generation: Generation,
+    attrs: list[dict[str, str]],
+    real_seed: int,
+    classifier: TinyClassifier | None = None,
 ) -> dict[str, Any]:
     """Accuracy / FD of already generated tiny images against their attribute dicts."""
     from wadi_cli.tiny.metrics import evaluate_images
@@ -46,7 +52,7 @@ def evaluate_tiny(
     device: torch.device | str = "cpu",
     batch_size: int = 32,
     pipe: LoadedPipeline | None = None,
-    classifier: Any = None,
+    classifier: TinyClassifier | None = None,
     base: bool = False,
 ) -> tuple[dict[str, Any], Generation]:
     """Generate ``num_images`` tiny images (one-step with ``weights``, by default the shipped

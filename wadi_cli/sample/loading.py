@@ -19,13 +19,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
 from wadi_cli import tiny  # module, not names: tests point tiny.TINY_STUDENT_PATH elsewhere
-from wadi_cli.backbones import get_backbone
+from wadi_cli.backbones import Backbone, get_backbone
 from wadi_cli.diffusion import Denoiser, PromptEncoder, alphas_cumprod_of, wrap_denoiser
 from wadi_cli.errors import BadInputError, CheckpointError, HubError, MismatchError
 from wadi_cli.io import fetch_file, open_checkpoint
@@ -41,6 +41,9 @@ from wadi_cli.sample.pipeline import (
     weights_variant,
 )
 
+if TYPE_CHECKING:
+    from diffusers import SchedulerMixin
+
 WeightsKind = Literal["merged", "adapter", "folder"]
 
 
@@ -49,11 +52,11 @@ class LoadedPipeline:
     """Everything generation needs, on one device: the wrapped denoiser, the VAE, the
     prompt encoder, the pipeline's scheduler (for ``alphas_cumprod`` and the teacher)."""
 
-    backbone: Any
+    backbone: Backbone
     denoiser: Denoiser
     vae: nn.Module
     prompt_encoder: PromptEncoder
-    scheduler: Any
+    scheduler: SchedulerMixin
     device: torch.device
     dtype: torch.dtype
     model_source: str
@@ -78,7 +81,7 @@ class LoadedPipeline:
         return self.latent_shape[-1] * int(self.vae_scale)
 
 
-def get_backbone_spec(backbone: str | Any) -> Any:
+def get_backbone_spec(backbone: str | Backbone) -> Backbone:
     """A registry entry from its name (``sd15``, ``sd21``, ``pixart``, ``tiny``) or as given."""
     if not isinstance(backbone, str):
         return backbone
@@ -108,7 +111,7 @@ def _missing_message(missing: list[_MissingDownload]) -> str:
 
 
 def resolve_pipeline_source(
-    backbone: Any,
+    backbone: Backbone,
     model: str | os.PathLike[str] | None = None,
     components: str | os.PathLike[str] | None = None,
     **kwargs: Any,
@@ -123,7 +126,7 @@ def resolve_pipeline_source(
 
 
 def _pipeline_source(
-    backbone: Any,
+    backbone: Backbone,
     model: str | os.PathLike[str] | None,
     components: str | os.PathLike[str] | None,
     **kwargs: Any,
@@ -177,7 +180,7 @@ def load_state_strict(model: nn.Module, source: Tensors, label: str) -> None:
             param.copy_(src.get(k).to(dtype=param.dtype))
 
 
-def _apply_adapter(model: nn.Module, path: Path, backbone: Any) -> None:
+def _apply_adapter(model: nn.Module, path: Path, backbone: Backbone) -> None:
     tensors, cfg = load_adapter(path)
     if getattr(cfg, "backbone", None) and cfg.backbone != backbone.name:
         raise MismatchError(
@@ -188,7 +191,7 @@ def _apply_adapter(model: nn.Module, path: Path, backbone: Any) -> None:
     load_state_strict(model, merged, f"--weights {path} (adapter merged into the base)")
 
 
-def apply_weights(model: nn.Module, path: str | os.PathLike[str], backbone: Any) -> WeightsKind:
+def apply_weights(model: nn.Module, path: str | os.PathLike[str], backbone: Backbone) -> WeightsKind:
     """Load one-step weights of any supported kind into the base denoiser ``model``."""
     p = Path(path).expanduser()
     kind = detect_weights_kind(p)
@@ -203,7 +206,7 @@ def apply_weights(model: nn.Module, path: str | os.PathLike[str], backbone: Any)
     return kind
 
 
-def default_weights(backbone: Any, source: str | os.PathLike[str] | None = None) -> Path | None:
+def default_weights(backbone: Backbone, source: str | os.PathLike[str] | None = None) -> Path | None:
     """The default one-step weights for ``backbone`` on the base pipeline ``source``: the
     authors' release (fetched from the hub and cached) for sd15 / sd21 / pixart, the
     student shipped with wadi for tiny on its shipped pipeline (``None`` on another tiny
@@ -226,7 +229,7 @@ def _shipped_tiny_student(source: str | os.PathLike[str] | None) -> Path | None:
     return tiny.TINY_STUDENT_PATH
 
 
-def _default_weights(backbone: Any, source: str | os.PathLike[str] | None = None) -> Path | None:
+def _default_weights(backbone: Backbone, source: str | os.PathLike[str] | None = None) -> Path | None:
     if backbone.name == "tiny":
         return _shipped_tiny_student(source)
     repo, name = getattr(backbone, "release_repo", None), getattr(backbone, "release_file", None)
@@ -244,7 +247,7 @@ def _default_weights(backbone: Any, source: str | os.PathLike[str] | None = None
 
 
 def resolve_sources(
-    backbone: Any,
+    backbone: Backbone,
     model: str | os.PathLike[str] | None,
     weights: str | os.PathLike[str] | None,
     teacher: bool,
@@ -280,7 +283,9 @@ def resolve_sources(
     return source, wpath
 
 
-def weights_alpha_bar_T(path: str | os.PathLike[str] | None, backbone: Any = None) -> float | None:
+def weights_alpha_bar_T(
+    path: str | os.PathLike[str] | None, backbone: Backbone | None = None
+) -> float | None:
     """ᾱ_T recorded in one-step weights (``alpha_bar_T`` metadata of an adapter, merged
     file or the denoiser file of an exported pipeline folder), or ``None``."""
     if path is None:
@@ -294,7 +299,7 @@ def weights_alpha_bar_T(path: str | os.PathLike[str] | None, backbone: Any = Non
 
 # ---- the loaded pipeline --------------------------------------------------------------
 def load_pipeline(
-    backbone: str | Any,
+    backbone: str | Backbone,
     *,
     model: str | os.PathLike[str] | None = None,
     weights: str | os.PathLike[str] | None = None,

@@ -20,15 +20,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from wadi_cli.backbones.registry import PIPELINE_COMPONENTS, WEIGHTED_COMPONENTS
+from wadi_cli.backbones.registry import PIPELINE_COMPONENTS, WEIGHTED_COMPONENTS, Backbone
 from wadi_cli.errors import BadInputError, CheckpointError
 from wadi_cli.io.hub import looks_like_repo_id, repo_files, resolve_repo, snapshot_files
 from wadi_cli.io.hub_files import FetchPlan, MissingFiles, folder_weights, select_files
+
+if TYPE_CHECKING:
+    from diffusers import SchedulerMixin
 
 _TEXT_ENCODERS = {"clip": ("CLIPTextModel", "CLIPTokenizer"), "t5": ("T5EncoderModel", "T5Tokenizer")}
 
@@ -94,7 +97,7 @@ def _holds_components(ref: str) -> bool:
 
 
 def resolve_pipeline_source(
-    backbone: Any,
+    backbone: Backbone,
     model: str | os.PathLike[str] | None = None,
     components: str | os.PathLike[str] | None = None,
     *,
@@ -155,7 +158,7 @@ class BasePipeline:
     vae: nn.Module
     text_encoder: nn.Module
     tokenizer: Any
-    scheduler: Any
+    scheduler: SchedulerMixin
     source: PipelineSource
 
 
@@ -237,7 +240,7 @@ def _load(what: str, root: Path, fn: Any) -> Any:
 
 
 def load_denoiser(
-    backbone: Any, source: PipelineSource, dtype: torch.dtype, weights: bool = True
+    backbone: Backbone, source: PipelineSource, dtype: torch.dtype, weights: bool = True
 ) -> nn.Module:
     """The denoiser of ``source``: its weights, or (``weights=False``) built from its
     config only, for weights that replace them all (merged one-step weights)."""
@@ -262,7 +265,7 @@ def load_denoiser(
 
 
 def load_base_pipeline(
-    backbone: Any, source: PipelineSource, dtype: torch.dtype, *, denoiser_weights: bool = True
+    backbone: Backbone, source: PipelineSource, dtype: torch.dtype, *, denoiser_weights: bool = True
 ) -> BasePipeline:
     """Load every part of the base pipeline in ``dtype`` (the scheduler has no dtype)."""
     import diffusers

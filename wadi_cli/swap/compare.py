@@ -15,13 +15,18 @@ import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from wadi_cli.errors import BadInputError
 from wadi_cli.swap.core import SWAP_VARIANTS, check_alpha, plan_swap, swap_state_dict
+
+if TYPE_CHECKING:
+    from wadi_cli.backbones import Backbone
+    from wadi_cli.sample import LoadedPipeline
+    from wadi_cli.tiny.classifier import TinyClassifier
 
 VARIANTS: tuple[str, ...] = ("teacher", "student", "teacher_norms", "teacher_directions")
 VARIANT_LABELS: dict[str, str] = {
@@ -53,14 +58,14 @@ def variant_states(
         yield variant, swap_state_dict(teacher, student, variant, alpha=alpha, filter=filter)[0]
 
 
-def _check_tiny(backbone: Any) -> None:
+def _check_tiny(backbone: str | Backbone) -> None:
     name = str(getattr(backbone, "name", backbone)).strip().lower()
     if name != "tiny":
         raise BadInputError(f"accuracy / fd can be computed for the tiny backbone only (got {name!r})")
 
 
 def _run_variants(
-    pipe: Any,
+    pipe: LoadedPipeline,
     teacher: Any,
     student: Any,
     alpha: float,
@@ -98,7 +103,7 @@ def evaluate_swap_variants(
     model: str | os.PathLike[str] | None = None,
     device: torch.device | str = "cpu",
     batch_size: int = 32,
-    pipe: Any = None,
+    pipe: LoadedPipeline | None = None,
     progress: Progress | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Accuracy and Fréchet distance (as ``wadi eval``) of the four variants of the tiny model.
@@ -125,7 +130,9 @@ def evaluate_swap_variants(
     return results
 
 
-def _tiny_tools(pipe: Any, model: Any, device: torch.device | str) -> tuple[Any, Any]:
+def _tiny_tools(
+    pipe: LoadedPipeline | None, model: str | os.PathLike[str] | None, device: torch.device | str
+) -> tuple[LoadedPipeline, TinyClassifier]:
     from wadi_cli.sample import load_pipeline
     from wadi_cli.tiny.classifier import load_classifier
 
@@ -136,8 +143,8 @@ def _tiny_tools(pipe: Any, model: Any, device: torch.device | str) -> tuple[Any,
 
 
 def _evaluate_one(
-    pipe: Any,
-    classifier: Any,
+    pipe: LoadedPipeline,
+    classifier: TinyClassifier | None,
     name: str,
     num_images: int,
     seed: int,
@@ -302,7 +309,7 @@ def render_swap_grids(
 
 
 def _generate_variant(
-    pipe: Any,
+    pipe: LoadedPipeline,
     name: str,
     prompts: Sequence[str],
     rows: int,
