@@ -16,10 +16,10 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from wadi_cli.distill.config import DistillConfig
+from wadi_cli.distill.config import DistillConfig, resolve_config
+from wadi_cli.errors import WadiError
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,6 @@ def student_config(spec: StudentSpec, steps: int, seed: int) -> DistillConfig:
     """The resolved distill config of ``spec`` on the tiny backbone, with the paper's
     objective only (``--config tiny_paper``, ``wadi_cli/configs/distill/tiny_paper.toml``):
     the demo measures the WaDi method itself, not the tiny recipe's regression term."""
-    from wadi_cli.distill.config import resolve_config
-
     return resolve_config(
         "tiny_paper",
         overrides={
@@ -75,7 +73,8 @@ def student_config(spec: StudentSpec, steps: int, seed: int) -> DistillConfig:
 
 
 def _worker(name: str, cfg_dict: dict[str, Any], run: str, events: Any) -> None:
-    """Spawned process: train one student on one thread, report steps through ``events``."""
+    """Spawned process: train one student on one thread, report steps through ``events``.
+    (Imports here: the child sets its environment and threads before torch and diffusers load.)"""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from wadi_cli.quiet import quiet_third_party_logs
 
@@ -83,7 +82,7 @@ def _worker(name: str, cfg_dict: dict[str, Any], run: str, events: Any) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from wadi_cli.distill import distill, resolve_config
+    from wadi_cli.distill import distill
 
     try:
         cfg = resolve_config(base=cfg_dict)
@@ -116,8 +115,6 @@ def train_students(
     ``side_job`` (e.g. the teacher's evaluation) runs in this process once a slot frees
     up for it, i.e. when fewer than ``jobs`` students remain to be trained.
     """
-    from wadi_cli.errors import WadiError
-
     ctx = mp.get_context("spawn")
     events = ctx.Queue()
     pending = list(specs)

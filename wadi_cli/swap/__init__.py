@@ -5,8 +5,10 @@ variants (images and, for the tiny backbone, accuracy / Fréchet distance)."""
 from wadi_cli.swap.compare import (
     VARIANT_LABELS,
     VARIANTS,
+    SwapSampling,
     evaluate_swap_variants,
     render_swap_grids,
+    sample_swap,
     variant_states,
 )
 from wadi_cli.swap.core import (
@@ -35,6 +37,7 @@ __all__ = [
     "VARIANT_OF_KEEP",
     "SWAP_VARIANTS",
     "RowCounts",
+    "SwapSampling",
     "SwapStats",
     "check_alpha",
     "check_compatible",
@@ -45,6 +48,7 @@ __all__ = [
     "open_student",
     "plan_swap",
     "render_swap_grids",
+    "sample_swap",
     "slerp_rows",
     "swap_rows",
     "swap_state_dict",
