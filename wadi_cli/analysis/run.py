@@ -38,6 +38,7 @@ from wadi_cli.analysis.spectrum import (
     spectrum_stats,
 )
 from wadi_cli.errors import BadInputError, MismatchError
+from wadi_cli.io import open_checkpoint
 from wadi_cli.io.tensor_map import KeyDiff, TensorMap
 from wadi_cli.machine import resolve_device
 
@@ -275,7 +276,6 @@ def analyze_checkpoints(
     progress: ProgressFn | None = None,
 ) -> AnalysisResult:
     """Open two checkpoints with :func:`wadi_cli.io.open_checkpoint` and analyze them."""
-    from wadi_cli.io import open_checkpoint
 
     (options or AnalyzeOptions()).validate()  # fail on bad flags before touching files
     with open_checkpoint(teacher_path) as t_src, open_checkpoint(student_path) as s_src:

@@ -72,9 +72,9 @@ class TargetRule:
 def linear_names(model: nn.Module) -> list[str]:
     """Paths of the plain Linears of ``model`` (the base layers inside LoRaD wrappers are
     reported under the wrapper's path, so an injected model gives the same names)."""
-    from torch import nn
+    from torch import nn  # start-up time: the registry imports no torch (`wadi info`)
 
-    from wadi_cli.lorad.layer import LoRaDLinear  # local: registry stays importable alone
+    from wadi_cli.lorad.layer import LoRaDLinear
 
     modules = dict(model.named_modules())
     wrapped = {f"{n}.base_layer" for n, m in modules.items() if isinstance(m, LoRaDLinear)}
@@ -131,7 +131,7 @@ class Backbone:
     @property
     def default_dtype(self) -> torch.dtype:
         """The torch dtype of the frozen weights on a GPU (imports torch on first use)."""
-        import torch
+        import torch  # start-up time: the registry imports no torch (`wadi info`)
 
         return getattr(torch, self.default_dtype_name)
 
@@ -173,7 +173,7 @@ class Backbone:
         ``device="meta"`` gives a weightless skeleton (instant; for counting and target
         discovery); ``"cpu"`` gives randomly initialised weights to load a state dict into.
         """
-        import diffusers
+        import diffusers  # start-up time: the registry imports neither torch nor diffusers
         import torch
 
         cls = getattr(diffusers, self.denoiser_class)
@@ -187,7 +187,7 @@ class Backbone:
     def _skeleton(self) -> tuple[dict[str, tuple[int, int]], int]:
         key = (self.name, str(self.config_path))
         if key not in _SKELETON_CACHE:
-            from wadi_cli.backbones.skeletons import skeleton
+            from wadi_cli.backbones.skeletons import skeleton  # it imports the registry
 
             _SKELETON_CACHE[key] = skeleton(self)
         return _SKELETON_CACHE[key]
@@ -199,7 +199,7 @@ class Backbone:
             return self.student_targets
         if role == "fake":
             return self.fake_targets
-        from wadi_cli.lorad.config import ROLES
+        from wadi_cli.lorad.config import ROLES  # start-up time: lorad imports torch
 
         raise BadInputError(f"unknown LoRaD role {role!r}; expected one of {', '.join(ROLES)}")
 
@@ -223,7 +223,7 @@ class Backbone:
     def lorad_config(self, role: str, rank: int | None = None, model: str | None = None) -> LoRaDConfig:
         """The :class:`LoRaDConfig` for ``role`` on this backbone (targets from the shipped
         architecture, rank defaulting to the recipe's, base model = ``model_id(model)``)."""
-        from wadi_cli.lorad.config import LoRaDConfig
+        from wadi_cli.lorad.config import LoRaDConfig  # start-up time: lorad imports torch
 
         return LoRaDConfig(
             rank=self.default_rank(role) if rank is None else rank,

@@ -89,11 +89,9 @@ class MultiAdapterLinear(nn.Module):
 def _peft_linear(base: nn.Linear, rank: int, dora: bool, generator: torch.Generator | None) -> nn.Module:
     """peft's LoRA/DoRA Linear on ``base`` (fp32 adapter tensors; init from ``generator``)."""
     try:
-        from peft import LoraConfig
+        from peft import LoraConfig  # optional dependency (the baselines extra)
         from peft.tuners.lora import Linear as PeftLoraLinear
     except ImportError:
-        from wadi_cli.errors import BadInputError
-
         raise BadInputError(
             "--adapter lora/dora needs peft: pip install 'wadi-cli[baselines]' (or pip install peft)"
         ) from None

@@ -21,6 +21,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from wadi_cli.backbones import BACKBONES, get_backbone
 from wadi_cli.backbones.recipes import (
     PER_ADAPTER,
     backbone_recipe,
@@ -167,7 +168,6 @@ def default_text(name: str) -> str:
     """What ``wadi distill --help`` says of field ``name``'s default, read from the recipes:
     the value when every backbone's recipe (for every student kind) agrees on it, else
     "backbone default"; ``""`` for fields no recipe sets (their help says it)."""
-    from wadi_cli.backbones import BACKBONES
 
     if name == "backbone":
         return f"default {DEFAULT_BACKBONE}"
@@ -256,7 +256,7 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _read_yaml(p: Path) -> Any:
-    import yaml  # only YAML files need it
+    import yaml  # start-up time (`wadi distill --help`): only YAML files need it
 
     try:
         return yaml.safe_load(p.read_text(encoding="utf-8")) or {}
@@ -345,7 +345,6 @@ def resolve_config(
     Keys a saved config lacks (written by an older wadi) come from its backbone's recipe;
     ``None`` ranks and ᾱ_T are filled from the registry.
     """
-    from wadi_cli.backbones import get_backbone
 
     layer = read_config_file(file) if file is not None else {}
     flags = {k: v for k, v in (overrides or {}).items() if v is not None}

@@ -5,7 +5,8 @@ tensors we hand it placeholder objects that carry only the original key and shap
 read back which diffusers name received which placeholder. The result is a name table;
 tensors are read later, one at a time, by the caller. For SD 1.x/2.x U-Nets the
 conversion only renames (no reshaping, splitting or concatenation); we assert that every
-placeholder came through untouched and exactly once, and refuse otherwise.
+placeholder came through untouched and exactly once, and refuse otherwise. diffusers is
+imported where the mapping runs (start-up time: every command imports :mod:`wadi_cli.io`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
+
+import torch
 
 from wadi_cli.errors import CheckpointError
 from wadi_cli.io.tensor_map import KeyDiff
@@ -77,7 +80,6 @@ def infer_model_type(shapes: Mapping[str, tuple[int, ...]]) -> str:
 
 def expected_unet_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     """Name -> shape of the diffusers U-Net ``config`` describes (built on the meta device)."""
-    import torch
     from diffusers import UNet2DConditionModel
 
     try:

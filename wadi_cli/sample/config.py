@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from wadi_cli.errors import BadInputError
+from wadi_cli.io.prompts import read_prompt_file
 
 #: Multi-step teacher defaults (steps, classifier-free guidance scale) per backbone: the
 #: paper's teacher baselines (SD1.5: 25 steps, cfg 3; PixArt-α: 20 steps, cfg 4.5), the
@@ -122,8 +123,6 @@ def read_prompts(
     :class:`BadInputError` when the result is empty."""
     out = [str(p) for p in prompts]
     if prompts_file is not None:
-        from wadi_cli.io.prompts import read_prompt_file
-
         out.extend(read_prompt_file(prompts_file))
     if not out:
         where = f" ({prompts_file} holds none)" if prompts_file is not None else ""

@@ -21,6 +21,9 @@ from wadi_cli.errors import BadInputError
 from wadi_cli.sample.config import SampleConfig
 from wadi_cli.sample.generate import Generation, generate
 from wadi_cli.sample.loading import LoadedPipeline, load_pipeline
+from wadi_cli.tiny.classifier import load_classifier
+from wadi_cli.tiny.data import prompt_for, sample_attributes
+from wadi_cli.tiny.metrics import evaluate_images
 
 if TYPE_CHECKING:
     from wadi_cli.tiny.classifier import TinyClassifier
@@ -33,7 +36,6 @@ def evaluate_generation(
     classifier: TinyClassifier | None = None,
 ) -> dict[str, Any]:
     """Accuracy / FD of already generated tiny images against their attribute dicts."""
-    from wadi_cli.tiny.metrics import evaluate_images
 
     return dict(evaluate_images(generation.images, attrs, real_seed=real_seed, classifier=classifier))
 
@@ -65,8 +67,6 @@ def evaluate_tiny(
     ``pipe`` may be passed to skip loading. Returns the JSON-ready result and the
     generation (images, prompts, seeds).
     """
-    from wadi_cli.tiny.classifier import load_classifier
-    from wadi_cli.tiny.data import prompt_for, sample_attributes
 
     if num_images < 2:
         raise BadInputError(f"--num-images must be at least 2 to estimate FD, got {num_images}")

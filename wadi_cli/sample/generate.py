@@ -64,7 +64,7 @@ def teacher_scheduler(pipe: LoadedPipeline) -> object:
     [999, 749, 499, 249]. SD's default "leading" spacing with ``steps_offset=1`` would
     start a 1-step run at t = 1 on pure noise, which makes few-step teacher numbers
     meaningless."""
-    from diffusers import DDIMScheduler
+    from diffusers import DDIMScheduler  # start-up time: only the teacher needs diffusers here
 
     return DDIMScheduler.from_config(pipe.scheduler.config, **TEACHER_DDIM)
 

@@ -8,6 +8,8 @@ scheduler come from the PixArt-α 512 pipeline repository (the backbone registry
 finds both folders (local paths, or hub snapshots holding only the files the command
 needs, in the precision asked for); :func:`load_base_pipeline` loads each part with its
 own diffusers/transformers class, never the safety checker or feature extractor.
+diffusers and transformers are imported by the functions that load (start-up time:
+several seconds, which commands that only resolve folders or read weights do not pay).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from wadi_cli.backbones.registry import PIPELINE_COMPONENTS, WEIGHTED_COMPONENTS
 from wadi_cli.errors import BadInputError, CheckpointError
 from wadi_cli.io.hub import looks_like_repo_id, repo_files, resolve_repo, snapshot_files
 from wadi_cli.io.hub_files import FetchPlan, MissingFiles, folder_weights, select_files
+from wadi_cli.tiny import TINY_PIPELINE_DIR, tiny_pipeline_available
 
 if TYPE_CHECKING:
     from diffusers import SchedulerMixin
@@ -117,8 +120,6 @@ def resolve_pipeline_source(
     """
     sub = backbone.denoiser_subfolder
     if model is None and backbone.name == "tiny":
-        from wadi_cli.tiny import TINY_PIPELINE_DIR, tiny_pipeline_available
-
         if not tiny_pipeline_available():
             raise CheckpointError(
                 f"the shipped tiny pipeline is missing or incomplete at {TINY_PIPELINE_DIR}; "

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from wadi_cli.errors import BadInputError
 from wadi_cli.machine import resolve_device
 from wadi_cli.sample.config import SampleConfig, alpha_bar_T_warning, read_prompts, resolve_dtype
 from wadi_cli.sample.generate import generate
@@ -42,7 +43,6 @@ def sample_to_folder(
     Bad input (unknown backbone, no prompts, unwritable ``out``, weights that do not fit)
     raises a :class:`~wadi_cli.errors.BadInputError` subclass before anything is written.
     """
-    from wadi_cli.errors import BadInputError
 
     config = config or SampleConfig()
     spec = get_backbone_spec(backbone)
