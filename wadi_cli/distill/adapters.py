@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from wadi_cli.errors import BadInputError, MismatchError
-from wadi_cli.io.tensor_map import KeyDiff
+from wadi_cli.io.tensor_map import KeyDiff, preview
 from wadi_cli.lorad import LoRaDLinear
 from wadi_cli.lorad.model import set_submodule
 
@@ -141,7 +141,7 @@ def add_switchable_adapter(
         if not isinstance(module, nn.Linear):
             bad.append(f"{path} ({type(module).__name__})")
     if bad:
-        raise BadInputError(f"adapter {name!r}: targets must be nn.Linear modules: {', '.join(bad[:5])}")
+        raise BadInputError(f"adapter {name!r}: targets must be nn.Linear modules: {preview(bad, 5)}")
     generator = torch.Generator().manual_seed(init_seed) if init_seed is not None else None
     for path in names:
         layer = layers.get(path)
