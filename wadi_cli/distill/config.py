@@ -13,6 +13,7 @@ recipe agrees on it.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -164,23 +165,27 @@ def _show(value: Any) -> str:
     return str(value)
 
 
+@functools.cache
+def _recipe_values_everywhere() -> tuple[dict[str, Any], ...]:
+    """The values of every backbone's recipe for every student kind it names (read once)."""
+    out = []
+    for backbone in BACKBONES:
+        recipe = backbone_recipe(backbone)
+        out += [recipe_values(recipe, adapter) for adapter in (None, *recipe.get(PER_ADAPTER, {}))]
+    return tuple(out)
+
+
 def default_text(name: str) -> str:
     """What ``wadi distill --help`` says of field ``name``'s default, read from the recipes:
     the value when every backbone's recipe (for every student kind) agrees on it, else
     "backbone default"; ``""`` for fields no recipe sets (their help says it)."""
-
     if name == "backbone":
         return f"default {DEFAULT_BACKBONE}"
     if name not in REQUIRED_FIELDS:
         return ""
-    seen = set()
-    for backbone in BACKBONES:
-        recipe = backbone_recipe(backbone)
-        for adapter in (None, *recipe.get(PER_ADAPTER, {})):
-            values = recipe_values(recipe, adapter)
-            seen.add(repr(values.get(name)))
-    if len(seen) == 1:
-        return f"default {_show(recipe_values(backbone_recipe(DEFAULT_BACKBONE), None)[name])}"
+    everywhere = _recipe_values_everywhere()
+    if len({repr(values.get(name)) for values in everywhere}) == 1:
+        return f"default {_show(everywhere[0][name])}"
     return "backbone default, see --dry-run"
 
 
