@@ -35,13 +35,13 @@ PROMPT = "a red circle at the top left"
 
 
 def _load(tmp: Path):
-    from wadi_cli.sample import load_sampler
+    from wadi_cli.sample import load_pipeline
     from wadi_cli.tiny import build_tiny_components, save_tiny_pipeline, tiny_pipeline_available
 
     if tiny_pipeline_available():
-        return load_sampler("tiny", teacher=True), "trained (shipped wadi_cli/assets/tiny/pipeline)"
+        return load_pipeline("tiny", teacher=True), "trained (shipped wadi_cli/assets/tiny/pipeline)"
     path = save_tiny_pipeline(build_tiny_components(seed=0), tmp / "pipeline")
-    return load_sampler(
+    return load_pipeline(
         "tiny", model=path, teacher=True
     ), "random (same architecture; trained tiny not shipped)"
 

@@ -128,14 +128,14 @@ class RandomTextEncoder:
 def build_sampler(
     unet_config: dict[str, Any], resolution: int, device: str, dtype: torch.dtype, seed: int = 0
 ) -> Any:
-    """A :class:`wadi_cli.sample.Sampler` around a random-weight U-Net of ``unet_config``
+    """A :class:`wadi_cli.sample.LoadedPipeline` around a random-weight U-Net of ``unet_config``
     (SD2.1's scheduler, a random text condition, no VAE: training never decodes)."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from diffusers.utils import logging as dlogging
 
     from wadi_cli.backbones import get_backbone
     from wadi_cli.diffusion import alphas_cumprod_of, wrap_denoiser
-    from wadi_cli.sample import Sampler
+    from wadi_cli.sample import LoadedPipeline
 
     if resolution % 8:
         raise ValueError("resolution must be a multiple of 8 (the VAE's factor)")
@@ -155,7 +155,7 @@ def build_sampler(
     backbone = dataclasses.replace(get_backbone("sd21"), resolution=resolution, latent_size=resolution // 8)
     denoiser = wrap_denoiser(unet, "epsilon", alphas_cumprod_of(scheduler), family="unet")
     encoder = RandomTextEncoder(backbone.text_max_length, unet.config.cross_attention_dim, dev, dtype)
-    return Sampler(backbone, denoiser, nn.Identity(), encoder, scheduler, dev, dtype, "random weights")
+    return LoadedPipeline(backbone, denoiser, nn.Identity(), encoder, scheduler, dev, dtype, "random weights")
 
 
 def lorad_count(shapes: list[tuple[int, int]], rank: int) -> int:

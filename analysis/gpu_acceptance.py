@@ -391,7 +391,7 @@ def build_sd21_pipeline(ctx: Context, folder: Path, dtype: torch.dtype) -> tuple
 
 
 def step_sample_compile(ctx: Context) -> dict[str, Any]:
-    from wadi_cli.sample import load_sampler
+    from wadi_cli.sample import load_pipeline
     from wadi_cli.sample.config import SampleConfig
     from wadi_cli.sample.generate import generate
 
@@ -407,7 +407,7 @@ def step_sample_compile(ctx: Context) -> dict[str, Any]:
                 "build alone takes minutes; the --compile code path still runs, both timings are eager"
             )
         for mode in ("eager", "compiled"):
-            sampler = load_sampler(
+            sampler = load_pipeline(
                 "sd21", model=folder, weights=adapter, device=torch.device(ctx.device), dtype=dtype,
                 compile=mode == "compiled",
             )  # fmt: skip

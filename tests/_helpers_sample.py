@@ -38,9 +38,9 @@ def tiny_pipeline_dir() -> Path:
 @functools.lru_cache(maxsize=1)
 def tiny_sampler():
     """A sampler on the random tiny pipeline (base weights, CPU, fp32). Do not modify it."""
-    from wadi_cli.sample import load_sampler
+    from wadi_cli.sample import load_pipeline
 
-    return load_sampler("tiny", model=tiny_pipeline_dir(), teacher=True)
+    return load_pipeline("tiny", model=tiny_pipeline_dir(), teacher=True)
 
 
 # ---- stand-ins for the hub's SD repos ---------------------------------------------------

@@ -46,18 +46,21 @@ def test_dry_run_prints_config_and_plan(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_the_paper_objective_flags_reach_the_tiny_config():
-    """The studies pin the paper's objective through these flags (config_flags)."""
-    from wadi_cli.distill.config import TINY_PAPER_OBJECTIVE, config_flags
+def test_the_paper_objective_reaches_the_tiny_config():
+    """The demo and the studies pin the paper's objective with `--config tiny_paper`."""
+    import tomllib
 
+    from wadi_cli.backbones.recipes import RECIPES_DIR
+
+    file = tomllib.loads((RECIPES_DIR / "tiny_paper.toml").read_text())
     default = json.loads(runner.invoke(app, ["distill", "--dry-run", "--json"]).stdout)["config"]
-    result = runner.invoke(app, ["distill", *config_flags(TINY_PAPER_OBJECTIVE), "--dry-run", "--json"])
+    result = runner.invoke(app, ["distill", "--config", "tiny_paper", "--dry-run", "--json"])
     assert result.exit_code == 0, result.output
     paper = json.loads(result.stdout)["config"]
-    assert {k: paper[k] for k in TINY_PAPER_OBJECTIVE} == TINY_PAPER_OBJECTIVE
-    assert {k: default[k] for k in TINY_PAPER_OBJECTIVE} != TINY_PAPER_OBJECTIVE
-    assert {k: v for k, v in paper.items() if k not in TINY_PAPER_OBJECTIVE} == {
-        k: v for k, v in default.items() if k not in TINY_PAPER_OBJECTIVE
+    assert {k: paper[k] for k in file} == file
+    assert {k: default[k] for k in file} != file
+    assert {k: v for k, v in paper.items() if k not in file} == {
+        k: v for k, v in default.items() if k not in file
     }
 
 

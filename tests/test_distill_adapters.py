@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from wadi_cli.distill.adapters import (
-    SwitchableLoRaDLinear,
+    MultiAdapterLinear,
     adapter_parameters,
     adapter_state_dict,
     adapter_targets,
@@ -60,7 +60,7 @@ def test_teacher_mode_is_the_base_and_adapters_differ():
     with use_adapter(net, "fake"):
         yf = net(x)
     assert not torch.allclose(ys, plain(x)) and not torch.allclose(yf, ys)
-    assert all(layer.active is None for layer in net.modules() if isinstance(layer, SwitchableLoRaDLinear))
+    assert all(layer.active is None for layer in net.modules() if isinstance(layer, MultiAdapterLinear))
 
 
 def test_active_adapter_equals_merged_reference_in_float64():

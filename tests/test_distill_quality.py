@@ -1,7 +1,7 @@
 """Distillation makes the student better: a short fixed-seed run on the shipped tiny model
 must beat the undistilled one-step base on ``wadi eval`` numbers by a clear margin.
 
-The run uses the paper's objective (``TINY_PAPER_OBJECTIVE``: VSD only, no regression
+The run uses the paper's objective (the shipped ``tiny_paper`` recipe: VSD only, no regression
 term, which would pull the student towards the teacher's samples whatever the VSD term
 does) with lr 3e-3 for 60 steps of batch 16. Both models are scored by ``wadi eval -n 128
 --seed 0``; the base is the shipped U-Net itself passed as one-step weights.
@@ -25,7 +25,6 @@ from typer.testing import CliRunner
 from wadi_cli.backbones.registry import TINY_PIPELINE_DIR
 from wadi_cli.cli.main import app
 from wadi_cli.distill import distill, resolve_config
-from wadi_cli.distill.config import TINY_PAPER_OBJECTIVE
 
 ACCURACY_MARGIN = 0.08
 FD_MARGIN = 10.0
@@ -50,8 +49,8 @@ def test_a_short_distillation_beats_the_undistilled_one_step_base(tmp_path):
         pytest.skip("the trained tiny pipeline is not shipped in this install")
     torch.set_num_threads(1)  # the tiny model's ops are too small to gain from threads
     cfg = resolve_config(
+        "tiny_paper",
         overrides={
-            **TINY_PAPER_OBJECTIVE,
             "lr": 3e-3,
             "max_steps": 60,
             "batch_size": 16,
@@ -60,7 +59,7 @@ def test_a_short_distillation_beats_the_undistilled_one_step_base(tmp_path):
             "checkpoint_every": 60,
             "validate_every": 0,
             "tensorboard": False,
-        }
+        },
     )
     distill(cfg, tmp_path / "run")
     base = _eval(TINY_PIPELINE_DIR / "unet")

@@ -62,9 +62,9 @@ def _cfg(pipe_dir, **kw):
 
 
 def _distiller(pipe_dir, **kw) -> tuple[Distiller, torch.nn.Module]:
-    from wadi_cli.sample import load_sampler
+    from wadi_cli.sample import load_pipeline
 
-    sampler = load_sampler("tiny", model=pipe_dir, teacher=True)
+    sampler = load_pipeline("tiny", model=pipe_dir, teacher=True)
     plain = copy.deepcopy(sampler.denoiser.model)
     return Distiller(
         _cfg(pipe_dir, **kw), sampler, ["a red circle at the top left", "a blue square at the top right"]
@@ -138,7 +138,7 @@ def test_guided_predictions_match_separate_forwards_of_independent_models(pipe_d
     with torch.no_grad():
         for p in d.params["fake"]:  # move the fake adapter away from the identity
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    enc = d.sampler.prompt_encoder
+    enc = d.pipe.prompt_encoder
     cond = enc(["a red circle at the top left", "a green triangle at the bottom right"])
     uncond = enc.empty(2)
     x = torch.randn(2, 4, 8, 8, generator=g)
@@ -222,7 +222,7 @@ def test_gradient_accumulation_equals_one_big_batch(pipe_dir):
 
 def test_text_cache_encodes_each_prompt_alone_and_evicts_the_oldest(pipe_dir):
     d, _ = _distiller(pipe_dir, text_cache=2)
-    enc = d.sampler.prompt_encoder
+    enc = d.pipe.prompt_encoder
     prompts = [
         "a red circle at the top left",
         "a blue square at the top right",
@@ -385,11 +385,11 @@ def test_regression_pairs_are_teacher_samples_and_the_loss_is_its_formula(pipe_d
     d, _ = _distiller(pipe_dir, **kw)
     again, _ = _distiller(pipe_dir, **kw)
     assert torch.equal(d.pairs["x0"], again.pairs["x0"]) and d.pairs["prompts"] == again.pairs["prompts"]
-    cond = d.sampler.prompt_encoder(d.pairs["prompts"][:1])
-    ref = teacher_latents(d.sampler, cond, d.pairs["z"][:1], 2, 2.0)
+    cond = d.pipe.prompt_encoder(d.pairs["prompts"][:1])
+    ref = teacher_latents(d.pipe, cond, d.pairs["z"][:1], 2, 2.0)
     torch.testing.assert_close(d.pairs["x0"][:1], ref, rtol=1e-4, atol=1e-4)  # batch 6 vs 1: float order
     # ONE student forward over the VSD batch + the pair batch == two separate forwards
-    z = torch.randn(3, *d.sampler.latent_shape, generator=torch.Generator().manual_seed(5))
+    z = torch.randn(3, *d.pipe.latent_shape, generator=torch.Generator().manual_seed(5))
     cond = d.encode(["a red circle at the top left"] * 3)
     state = d.generator.get_state()
     x0_got, got = d._student_forward(z, cond)
@@ -400,7 +400,7 @@ def test_regression_pairs_are_teacher_samples_and_the_loss_is_its_formula(pipe_d
     with d.student() as student:
         x0_ref = one_step_x0(z, student(z, d.t_last, cond), d.cfg.alpha_bar_T, d.denoiser.prediction_type)
         zp = d.pairs["z"][idx]
-        cond_p = d.sampler.prompt_encoder([d.pairs["prompts"][i] for i in idx.tolist()])
+        cond_p = d.pipe.prompt_encoder([d.pairs["prompts"][i] for i in idx.tolist()])
         x0 = one_step_x0(zp, student(zp, d.t_last, cond_p), d.cfg.alpha_bar_T, d.denoiser.prediction_type)
     expected = 0.5 * ((x0 - d.pairs["x0"][idx]) ** 2).mean()
     # batch 3+2 vs 3 and 2: float order, amplified 1/sqrt(ᾱ_T) ≈ 15× by the one-step x0

@@ -238,7 +238,7 @@ def tiny_run(base_dir, tmp_path_factory):
         app,
         ["distill", "--model", base_dir, "--out", str(run_dir), "--max-steps", "2", "--checkpoint-every", "1",
          "--keep-last", "5", "--batch-size", "1", "--regression-weight", "0", "--validate-every", "0",
-         "--device", "cpu", "--alpha-bar-T", "0.01"],
+         "--device", "cpu", "--alpha-bar-t", "0.01"],
     )  # fmt: skip
     assert r.exit_code == 0, r.stderr
     return run_dir

@@ -102,7 +102,7 @@ def distilled(family: str, work: Path) -> Path:
             "1",
             "--mixed-precision",
             "no",
-            "--alpha-bar-T",
+            "--alpha-bar-t",
             ALPHA,
         ]
         wadi("distill", "-b", backbone, *flags, "--out", run, *SMALL_RUN, *fp32)

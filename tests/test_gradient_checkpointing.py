@@ -15,9 +15,9 @@ from wadi_cli.distill.trainer import Distiller
 
 @pytest.mark.parametrize("checkpointing", [True, False])
 def test_blocks_run_again_during_backward(checkpointing):
-    from wadi_cli.sample import load_sampler
+    from wadi_cli.sample import load_pipeline
 
-    sampler = load_sampler("tiny", model=helpers.tiny_pipeline_dir(), teacher=True)
+    sampler = load_pipeline("tiny", model=helpers.tiny_pipeline_dir(), teacher=True)
     cfg = resolve_config(
         overrides={
             "backbone": "tiny",

@@ -181,12 +181,12 @@ def test_distill_config_sets_the_path_of_every_lorad_layer(exact):
     from wadi_cli.distill.config import resolve_config
     from wadi_cli.distill.trainer import Distiller
     from wadi_cli.lorad import lorad_layers
-    from wadi_cli.sample import load_sampler
+    from wadi_cli.sample import load_pipeline
 
     pipe = tiny_pipeline_dir()
     values = {"backbone": "tiny", "model": str(pipe), "regression_weight": 0.0}
     cfg = resolve_config(overrides={**values, "lorad_exact_low_precision": exact})
-    sampler = load_sampler("tiny", model=pipe, teacher=True)
+    sampler = load_pipeline("tiny", model=pipe, teacher=True)
     distiller = Distiller(cfg, sampler, ["a red circle at the top left"])
     layers = lorad_layers(distiller.net)
     assert len(layers) == len(distiller.targets["student"]) + len(distiller.targets["fake"])

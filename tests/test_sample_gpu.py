@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from wadi_cli.sample import SampleConfig, generate, load_sampler
+from wadi_cli.sample import SampleConfig, generate, load_pipeline
 
 pytestmark = pytest.mark.gpu
 PROMPTS = ["a red circle at the top left", "a blue square at the bottom right"]
@@ -20,7 +20,7 @@ PROMPTS = ["a red circle at the top left", "a blue square at the bottom right"]
 def test_cuda_half_precision_close_to_cpu_fp32(dtype, compile_):
     base = helpers.tiny_pipeline_dir()
     ref = generate(helpers.tiny_sampler(), PROMPTS, SampleConfig(seed=1, batch_size=2)).images
-    s = load_sampler("tiny", model=base, device="cuda", dtype=dtype, compile=compile_)
+    s = load_pipeline("tiny", model=base, device="cuda", dtype=dtype, compile=compile_)
     assert s.denoiser.model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     got = generate(s, PROMPTS, SampleConfig(seed=1, batch_size=2)).images
     diff = np.abs(got.astype(int) - ref.astype(int))

@@ -61,16 +61,16 @@ def _partial_cache(full: Path, dest: Path, repo: str, files: list[str]) -> Path:
 
 
 def test_a_diffusers_download_in_the_cache_is_used_offline(full_cache, tmp_path, monkeypatch):
-    from wadi_cli.sample import load_sampler
+    from wadi_cli.sample import load_pipeline
 
     cache = _partial_cache(full_cache, tmp_path / "hub", hubh.SD15, SD15_FP32_DOWNLOAD)
     hubh.use_hub_cache(monkeypatch, cache)
-    sampler = load_sampler("sd15", teacher=True)
+    sampler = load_pipeline("sd15", teacher=True)
     assert sampler.latent_shape == (4, 8, 8) and sampler.resolution == 16
 
 
 def test_only_fp16_copies_in_the_cache_serve_an_fp32_run(full_cache, tmp_path, monkeypatch):
-    from wadi_cli.sample import load_sampler
+    from wadi_cli.sample import load_pipeline
 
     fp16 = [
         f.replace(".safetensors", ".fp16.safetensors")
@@ -81,7 +81,7 @@ def test_only_fp16_copies_in_the_cache_serve_an_fp32_run(full_cache, tmp_path, m
     ]
     cache = _partial_cache(full_cache, tmp_path / "hub", hubh.SD15, fp16)
     hubh.use_hub_cache(monkeypatch, cache)
-    sampler = load_sampler("sd15", teacher=True)  # fp32 on CPU, read from the fp16 files
+    sampler = load_pipeline("sd15", teacher=True)  # fp32 on CPU, read from the fp16 files
     unet = sampler.denoiser.model
     assert unet.dtype == torch.float32
     from safetensors.torch import load_file
@@ -106,16 +106,16 @@ def test_a_partial_cache_names_the_missing_folder_and_the_flag(full_cache, tmp_p
 def test_pixart_components_from_a_local_folder(full_cache, tmp_path, monkeypatch):
     """--components takes a local copy of the 512 pipeline; --model a local transformer-only
     folder still takes its components from the registry's repo."""
-    from wadi_cli.sample import load_sampler
+    from wadi_cli.sample import load_pipeline
 
     hubh.use_hub_cache(monkeypatch, full_cache)
     local512 = tmp_path / "pixart512"
     shutil.copytree(_snapshot(full_cache, hubh.PIXART_512), local512)
-    sampler = load_sampler("pixart", teacher=True, components=str(local512))
+    sampler = load_pipeline("pixart", teacher=True, components=str(local512))
     assert str(local512) in sampler.model_source and sampler.resolution == 16
     local256 = tmp_path / "pixart256"
     shutil.copytree(_snapshot(full_cache, hubh.PIXART_256), local256)
-    sampler = load_sampler("pixart", teacher=True, model=str(local256))
+    sampler = load_pipeline("pixart", teacher=True, model=str(local256))
     assert sampler.model_source.endswith(f"+ {hubh.PIXART_512} (vae, text encoder, tokenizer, scheduler)")
     assert sampler.resolution == 16  # the 256 transformer's own sample size, not the 512's (32 px)
 
@@ -144,10 +144,10 @@ def test_tokenizer_package_check_names_each_missing_package(tmp_path, monkeypatc
 
 
 def test_offline_without_cache_lists_both_pixart_repos(tmp_path, monkeypatch):
-    from wadi_cli.sample import load_sampler
+    from wadi_cli.sample import load_pipeline
 
     hubh.use_hub_cache(monkeypatch, tmp_path / "empty")
     with pytest.raises(HubError) as info:
-        load_sampler("pixart", teacher=True)
+        load_pipeline("pixart", teacher=True)
     msg = str(info.value)
     assert hubh.PIXART_256 in msg and "--model" in msg and "--components" in msg

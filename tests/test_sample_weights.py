@@ -10,7 +10,7 @@ import torch
 
 from wadi_cli.errors import CheckpointError, MismatchError
 from wadi_cli.io import save_safetensors
-from wadi_cli.sample import SampleConfig, detect_weights_kind, generate, load_sampler
+from wadi_cli.sample import SampleConfig, detect_weights_kind, generate, load_pipeline
 
 PROMPTS = ["a red circle at the top left", "a yellow square at the bottom left"]
 
@@ -45,7 +45,7 @@ def _images(sampler, seed=5):
 
 def test_release_format_equals_sampling_the_perturbed_model(base_dir, perturbed, release_file, tmp_path):
     assert detect_weights_kind(release_file) == "merged"
-    s = load_sampler("tiny", model=base_dir, weights=release_file)
+    s = load_pipeline("tiny", model=base_dir, weights=release_file)
     assert s.weights_kind == "merged" and s.notes == []
     for k, v in s.denoiser.model.state_dict().items():
         assert torch.equal(v, perturbed[k]), k
@@ -57,11 +57,11 @@ def test_release_format_equals_sampling_the_perturbed_model(base_dir, perturbed,
     comps = tiny.build_tiny_components(seed=0)
     comps["unet"].load_state_dict(perturbed)
     ref_dir = tiny.save_tiny_pipeline(comps, tmp_path / "perturbed")
-    ref = load_sampler("tiny", model=ref_dir)
+    ref = load_pipeline("tiny", model=ref_dir)
     assert np.array_equal(_images(ref), got)
     # the exported folder is accepted as --weights too, with the same result
     assert detect_weights_kind(ref_dir) == "folder"
-    via_folder = load_sampler("tiny", model=base_dir, weights=ref_dir)
+    via_folder = load_pipeline("tiny", model=base_dir, weights=ref_dir)
     assert via_folder.weights_kind == "folder"
     assert np.array_equal(_images(via_folder), got)
 
@@ -91,7 +91,7 @@ def test_adapter_is_merged_exactly(base_dir, tmp_path):
         tensors[t + ".lorad_B"] = torch.randn(2, n // 2, generator=g)
     path = save_adapter(tmp_path / "student.safetensors", tensors, LoRaDConfig(rank=2, backbone="tiny"))
     assert detect_weights_kind(path) == "adapter"
-    s = load_sampler("tiny", model=base_dir, weights=path)
+    s = load_pipeline("tiny", model=base_dir, weights=path)
     assert s.weights_kind == "adapter"
     state = s.denoiser.model.state_dict()
     for t in targets:
@@ -112,7 +112,7 @@ def test_adapter_for_another_backbone_refused(base_dir, tmp_path):
     tensors = {t + ".lorad_A": torch.zeros(w.shape[0], 1), t + ".lorad_B": torch.ones(1, w.shape[1] // 2)}
     path = save_adapter(tmp_path / "a.safetensors", tensors, LoRaDConfig(rank=1, backbone="sd15"))
     with pytest.raises(MismatchError, match="sd15"):
-        load_sampler("tiny", model=base_dir, weights=path)
+        load_pipeline("tiny", model=base_dir, weights=path)
 
 
 @pytest.mark.parametrize("defect", ["shape", "unknown", "missing"])
@@ -130,14 +130,14 @@ def test_merged_file_that_does_not_fit_is_refused(base_dir, perturbed, tmp_path,
         match = "missing key"
     path = save_safetensors(bad, tmp_path / "bad.safetensors")
     with pytest.raises(MismatchError, match=match) as info:
-        load_sampler("tiny", model=base_dir, weights=path)
+        load_pipeline("tiny", model=base_dir, weights=path)
     assert "\n" not in str(info.value)
 
 
 def test_missing_or_unreadable_weights(base_dir, tmp_path):
     with pytest.raises(CheckpointError):
-        load_sampler("tiny", model=base_dir, weights=tmp_path / "nope.safetensors")
+        load_pipeline("tiny", model=base_dir, weights=tmp_path / "nope.safetensors")
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError):
-        load_sampler("tiny", model=base_dir, weights=junk)
+        load_pipeline("tiny", model=base_dir, weights=junk)

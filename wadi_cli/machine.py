@@ -1,4 +1,5 @@
-"""What machine a measurement ran on, for the results files of benchmarks and studies."""
+"""The machine: which torch device a command runs on (:func:`resolve_device`), and what
+machine a measurement ran on, for the results files of benchmarks and studies."""
 
 from __future__ import annotations
 
@@ -7,6 +8,28 @@ import os
 import platform
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from wadi_cli.errors import BadInputError
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/``"auto"`` → CUDA when available, else CPU; otherwise the named device,
+    checked to exist here (one-line :class:`BadInputError` naming ``--device``)."""
+    if device is None or str(device) in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise BadInputError(
+            f"--device: {device!r} is not a torch device (try cpu, cuda, cuda:1, mps)"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BadInputError(f"--device {device}: CUDA is not available on this machine")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise BadInputError(f"--device {device}: MPS is not available on this machine")
+    return dev
 
 
 def cpu_model() -> str:
@@ -20,8 +43,6 @@ def cpu_model() -> str:
 
 def machine_info() -> dict[str, Any]:
     """CPU model, core count, torch and Python versions."""
-    import torch
-
     return {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),

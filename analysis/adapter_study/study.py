@@ -5,7 +5,7 @@ settings apart from the student kind) in a fresh subprocess, so wall time and pe
 (``os.wait4``) belong to that run alone; then ``wadi eval`` scores the final student on the
 same 500 prompts / seed as every other number in this repository.
 
-The runs use the paper's objective (``TINY_PAPER_OBJECTIVE``: no regression term, fake rank 8,
+The runs use the paper's objective (``--config tiny_paper``: no regression term, fake rank 8,
 400 steps) unless ``--objective default`` asks for the tiny defaults as they are.
 
     python analysis/adapter_study/study.py                 # the committed study
@@ -29,13 +29,11 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from wadi_cli.distill.config import TINY_PAPER_OBJECTIVE, config_flags
-
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
-#: The compared students, each at its tiny default lr (`ADAPTER_DEFAULTS` in
-#: wadi_cli/distill/config.py, chosen from the sweeps in results/explore*.md): LoRaD 1e-2,
+#: The compared students, each at its tiny default lr (`[per_adapter.KIND]` in
+#: wadi_cli/configs/distill/tiny.toml, chosen from the sweeps in results/explore*.md): LoRaD 1e-2,
 #: LoRA / DoRA 1e-3 (1e-2 breaks them), full fine-tune 1e-4 (1e-2 and 1e-3 break it).
 #: LoRA / DoRA rank 12 has about LoRaD rank 16's trainable parameter count on the tiny
 #: U-Net (163,200 / 170,304 vs 165,632).
@@ -163,7 +161,7 @@ def main() -> None:
         "--objective",
         choices=("paper", "default"),
         default="paper",
-        help="paper: the WaDi objective (TINY_PAPER_OBJECTIVE, as in the committed study); "
+        help="paper: the WaDi objective (--config tiny_paper, as in the committed study); "
         "default: the tiny defaults (with their regression term)",
     )
     args = ap.parse_args()
@@ -178,7 +176,7 @@ def main() -> None:
     for spec in args.variant:
         name, _, flags = spec.partition("=")
         variants[name] = shlex.split(flags)
-    objective = config_flags(TINY_PAPER_OBJECTIVE) if args.objective == "paper" else []
+    objective = ["--config", "tiny_paper"] if args.objective == "paper" else []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     meta = {**machine(), "eval_n": args.eval_n, "threads": args.threads}
     rows = []

@@ -28,15 +28,13 @@ from pathlib import Path
 
 import torch
 
-from wadi_cli.distill.config import TINY_PAPER_OBJECTIVE, config_flags
-
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 RESULTS = HERE / "results"
 ROWS = RESULTS / "runs.jsonl"
 
-PAPER = str(ROOT / "analysis" / "distill_tiny" / "paper_objective.toml")
-EXACT = str(HERE / "exact.toml")  # lorad-exact-low-precision = true
+PAPER = "tiny_paper"  # the shipped recipe: the paper's objective on tiny
+EXACT = "--lorad-exact-low-precision"
 #: The compared arms: the tiny defaults as they are (fp32 on CPU), and with a bf16 base;
 #: then a small-angle regime: the paper's objective (400 steps) at a 10× lower student lr.
 ARMS: dict[str, list[str]] = {
@@ -45,9 +43,9 @@ ARMS: dict[str, list[str]] = {
     "fp32-paper-lr1e-3": ["--adapter", "lorad", "--config", PAPER, "--lr", "1e-3"],
     "bf16-paper-lr1e-3": ["--adapter", "lorad", "--config", PAPER, "--lr", "1e-3", "--mixed-precision",
                           "bf16"],
-    "bf16-exact": ["--adapter", "lorad", "--mixed-precision", "bf16", "--config", EXACT],
-    "bf16-paper-lr1e-3-exact": ["--adapter", "lorad", *config_flags(TINY_PAPER_OBJECTIVE), "--lr", "1e-3",
-                                "--mixed-precision", "bf16", "--config", EXACT],
+    "bf16-exact": ["--adapter", "lorad", "--mixed-precision", "bf16", EXACT],
+    "bf16-paper-lr1e-3-exact": ["--adapter", "lorad", "--config", PAPER, "--lr", "1e-3", "--mixed-precision",
+                                "bf16", EXACT],
 }  # fmt: skip
 QUANTILES = (0.5, 0.9, 0.99, 1.0)
 
@@ -89,7 +87,7 @@ def markdown(rows: list[dict]) -> str:
         "# Tiny LoRaD distillation: bf16 base vs fp32",
         "",
         "`wadi distill -b tiny` defaults (1000 steps) + the arm's flags (`paper`: "
-        "analysis/distill_tiny/paper_objective.toml, 400 steps); `wadi eval -b tiny -w RUN "
+        "`--config tiny_paper`, 400 steps); `wadi eval -b tiny -w RUN "
         "-n 500 --seed 0` (fp32). One thread per run on a 2-core machine shared with other jobs "
         "(wall times are noisy). |Θ| columns: median / 99th percentile of the final adapters.",
         "",

@@ -42,8 +42,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from wadi_cli.distill.config import TINY_PAPER_OBJECTIVE, config_flags  # noqa: E402
-
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -69,7 +67,7 @@ def train_student(workdir: Path, seed: int, env: dict[str, str]) -> tuple[Path, 
     run = workdir / "full"
     # the paper's objective, as in the demo (the tiny default adds a regression term)
     cmd = _wadi("distill", "-b", "tiny", "--adapter", "full", "--out", str(run), "--seed", str(seed),
-                *config_flags(TINY_PAPER_OBJECTIVE), "--validate-every", "0", "--no-tensorboard")  # fmt: skip
+                "--config", "tiny_paper", "--validate-every", "0", "--no-tensorboard")  # fmt: skip
     print("training the student:", shlex.join(cmd), flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
@@ -142,8 +140,8 @@ def main() -> None:
     t_start = time.perf_counter()
 
     from wadi_cli.io import open_checkpoint
-    from wadi_cli.sample import evaluate_tiny, load_sampler, load_state_strict
-    from wadi_cli.swap import plan_swap, swap_state_dict
+    from wadi_cli.sample import evaluate_tiny, load_pipeline, load_state_strict
+    from wadi_cli.swap import VARIANT_OF_KEEP, plan_swap, swap_state_dict
     from wadi_cli.tiny.arch import TINY_PIPELINE_DIR
     from wadi_cli.tiny.classifier import load_classifier
 
@@ -189,7 +187,7 @@ def main() -> None:
         for c in changes.values():
             c["delta_energy_share"] = c["delta_energy"] / total_energy if total_energy > 0 else float("nan")
 
-        sampler = load_sampler("tiny", teacher=True)
+        sampler = load_pipeline("tiny", teacher=True)
         classifier = load_classifier(None)
         net = sampler.denoiser.model
 
@@ -201,7 +199,7 @@ def main() -> None:
                 steps=args.teacher_steps if teacher_mode else None,
                 num_images=args.num_images,
                 seed=args.seed,
-                sampler=sampler,
+                pipe=sampler,
                 classifier=classifier,
             )
             out = {k: res[k] for k in ("accuracy", "fd", "steps", "cfg", "alpha_bar_T")}
@@ -211,9 +209,7 @@ def main() -> None:
 
         def score_seed(state: dict, seed: int) -> dict[str, Any]:
             load_state_strict(net, state, "student")
-            res, _ = evaluate_tiny(
-                num_images=args.num_images, seed=seed, sampler=sampler, classifier=classifier
-            )
+            res, _ = evaluate_tiny(num_images=args.num_images, seed=seed, pipe=sampler, classifier=classifier)
             print(f"student, eval seed {seed:<41d} accuracy {res['accuracy']:.3f}  fd {res['fd']:8.2f}")
             return {"accuracy": res["accuracy"], "fd": res["fd"]}
 
@@ -233,14 +229,14 @@ def main() -> None:
         rows.append({"kind": "student", "keep": "", "alpha": 0.0, "filter": "", **student_ref})
         for keep in KEEPS:
             for alpha in ALPHAS[1:]:
-                hybrid, stats = swap_state_dict(teacher, student, keep, alpha=alpha)
+                hybrid, stats = swap_state_dict(teacher, student, VARIANT_OF_KEEP[keep], alpha=alpha)
                 r = score(hybrid, f"{KEEP_LABEL[keep]}, alpha {alpha}")
                 rows.append({"kind": "sweep", "keep": keep, "alpha": alpha, "filter": "", **r,
                              "tensors_swapped": stats.tensors_swapped, "rows_swapped": stats.rows_swapped,
                              "rows_skipped": stats.rows_skipped})  # fmt: skip
         for fam, rx in FAMILIES.items():
             for keep in KEEPS:
-                hybrid, stats = swap_state_dict(teacher, student, keep, alpha=1.0, filter=rx)
+                hybrid, stats = swap_state_dict(teacher, student, VARIANT_OF_KEEP[keep], alpha=1.0, filter=rx)
                 r = score(hybrid, f"{KEEP_LABEL[keep]}, alpha 1, only {fam}")
                 rows.append({"kind": "filter", "keep": keep, "alpha": 1.0, "filter": fam, "regex": rx, **r,
                              "tensors_swapped": stats.tensors_swapped, "rows_swapped": stats.rows_swapped,

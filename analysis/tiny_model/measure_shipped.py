@@ -38,9 +38,9 @@ def sizes(assets: Path) -> dict[str, int]:
 
 def unet_counts() -> dict[str, int]:
     from wadi_cli.backbones import get_backbone
-    from wadi_cli.sample import load_sampler
+    from wadi_cli.sample import load_pipeline
 
-    net = load_sampler("tiny", teacher=True, device="cpu").denoiser.model
+    net = load_pipeline("tiny", teacher=True, device="cpu").denoiser.model
     return {
         "unet_parameters": sum(p.numel() for p in net.parameters()),
         "student_target_linears": len(get_backbone("tiny").target_modules(net, "student")),

@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 SEED = 0
 TRAIN = ["distill", "-b", "tiny", "--seed", str(SEED)]
 EVAL = ["eval", "-b", "tiny", "-n", "500", "--seed", "0", "--json"]
-RECIPE = "tiny defaults (wadi distill -b tiny: wadi_cli/distill/config.py, BACKBONE_DEFAULTS['tiny'])"
+RECIPE = "tiny defaults (wadi distill -b tiny: wadi_cli/configs/distill/tiny.toml)"
 
 
 def wadi(*args: str, capture: bool = False) -> str:
@@ -48,7 +48,7 @@ def main() -> None:
 
     from wadi_cli import __version__
     from wadi_cli.distill import resolve_config
-    from wadi_cli.distill.export import run_student_adapter
+    from wadi_cli.distill.export import run_student_file
     from wadi_cli.lorad import load_adapter, save_adapter
     from wadi_cli.machine import machine_info
     from wadi_cli.tiny import TINY_STUDENT_PATH
@@ -62,7 +62,7 @@ def main() -> None:
             t0 = time.perf_counter()
             wadi(*TRAIN, "--out", str(run))
             train_seconds = round(time.perf_counter() - t0, 1)
-        adapter_file, config = run_student_adapter(run)
+        adapter_file, config = run_student_file(run)
         expected = resolve_config(overrides={"backbone": "tiny", "seed": SEED}).to_dict()
         changed = {k for k in expected if config.get(k) != expected[k] and k not in ("model", "device")}
         if changed:

@@ -14,13 +14,13 @@ from wadi_cli.analysis.report import DEFINITIONS, LayerResult, aggregate, block_
 from wadi_cli.analysis.run import (
     AnalysisResult,
     AnalyzeOptions,
-    DictSource,
     Pairing,
     analyze_checkpoints,
     analyze_sources,
     pair_tensors,
 )
 from wadi_cli.analysis.spectrum import SpectrumStats, spectrum_stats, squared_singular_values
+from wadi_cli.io.tensor_map import DictSource
 
 __all__ = [
     "DEFINITIONS",

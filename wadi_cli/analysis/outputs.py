@@ -10,6 +10,7 @@ import numpy as np
 from wadi_cli.analysis.plots import plot_norm_vs_direction, plot_residual_spectra
 from wadi_cli.analysis.report import write_layers_csv
 from wadi_cli.analysis.run import AnalysisResult
+from wadi_cli.io import atomic_output_dir
 
 OUTPUT_FILES = (
     "layers.csv",
@@ -39,7 +40,6 @@ def write_report(result: AnalysisResult, out_dir: str | Path) -> Path:
     The folder appears atomically (:func:`wadi_cli.io.atomic_output_dir`): on any error
     nothing is left behind.
     """
-    from wadi_cli.io import atomic_output_dir
 
     with atomic_output_dir(out_dir) as tmp:
         write_report_files(result, Path(tmp))

@@ -21,7 +21,7 @@ _GRID = np.linspace(0.0, 1.0, 201)
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # imported on first plot: slow to load, and the Agg backend is chosen first
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt

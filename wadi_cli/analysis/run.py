@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,33 +38,9 @@ from wadi_cli.analysis.spectrum import (
     spectrum_stats,
 )
 from wadi_cli.errors import BadInputError, MismatchError
-
-
-class TensorSourceLike(Protocol):
-    """What :func:`analyze_sources` needs from a checkpoint (``wadi_cli.io.TensorSource`` fits)."""
-
-    def keys(self) -> Any: ...
-
-    def shape(self, name: str) -> tuple[int, ...]: ...
-
-    def get(self, name: str) -> torch.Tensor: ...
-
-
-class DictSource:
-    """Adapter making an in-memory state dict look like a checkpoint source."""
-
-    def __init__(self, tensors: Mapping[str, torch.Tensor], description: str = "state dict") -> None:
-        self._tensors = tensors
-        self.description = description
-
-    def keys(self) -> list[str]:
-        return list(self._tensors)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._tensors[name].shape)
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._tensors[name]
+from wadi_cli.io import open_checkpoint
+from wadi_cli.io.tensor_map import KeyDiff, TensorMap
+from wadi_cli.machine import resolve_device
 
 
 @dataclass
@@ -91,12 +67,7 @@ class AnalyzeOptions:
                 raise BadInputError(
                     f"--filter {self.filter!r} is not a valid regular expression: {exc}"
                 ) from None
-        try:
-            dev = torch.device(self.device)
-        except RuntimeError as exc:
-            raise BadInputError(f"--device {self.device!r}: {exc}") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise BadInputError(f"--device {self.device}: CUDA is not available on this machine")
+        resolve_device(self.device)
 
 
 @dataclass
@@ -111,25 +82,23 @@ class Pairing:
     filtered_out: int = 0
 
 
-def pair_tensors(teacher: TensorSourceLike, student: TensorSourceLike, pattern: str | None = None) -> Pairing:
+def pair_tensors(teacher: TensorMap, student: TensorMap, pattern: str | None = None) -> Pairing:
     """Match names; list tensors present on one side only or with different shapes.
 
     Raises :class:`MismatchError` if no weight matrix pairs, and :class:`BadInputError`
     if ``pattern`` deselects every pairable matrix.
     """
-    t_keys, s_keys = list(teacher.keys()), list(student.keys())
-    s_set, t_set = set(s_keys), set(t_keys)
+    diff = KeyDiff.between(teacher, student)
     out = Pairing(
-        only_in_teacher=[k for k in t_keys if k not in s_set],
-        only_in_student=[k for k in s_keys if k not in t_set],
+        only_in_teacher=diff.only_a,
+        only_in_student=diff.only_b,
+        shape_mismatch=[{"name": k, "teacher": list(ts), "student": list(ss)} for k, ts, ss in diff.shapes],
     )
     regex = re.compile(pattern) if pattern else None
+    mismatched = {k for k, _, _ in diff.shapes}
     candidates = 0
-    for name in (k for k in t_keys if k in s_set):
-        ts, ss = tuple(teacher.shape(name)), tuple(student.shape(name))
-        if ts != ss:
-            out.shape_mismatch.append({"name": name, "teacher": list(ts), "student": list(ss)})
-        elif len(ts) < 2:
+    for name in (k for k in diff.common if k not in mismatched):
+        if len(student.shape(name)) < 2:
             out.not_matrix.append(name)
         else:
             candidates += 1
@@ -138,10 +107,10 @@ def pair_tensors(teacher: TensorSourceLike, student: TensorSourceLike, pattern: 
             else:
                 out.filtered_out += 1
     if candidates == 0:
-        common = len(t_set & s_set)
+        n_t, n_s = len(diff.common) + len(diff.only_a), len(diff.common) + len(diff.only_b)
         raise MismatchError(
-            f"no weight matrix pairs between the two checkpoints ({len(t_keys)} teacher tensors, "
-            f"{len(s_keys)} student tensors, {common} common names, "
+            f"no weight matrix pairs between the two checkpoints ({n_t} teacher tensors, "
+            f"{n_s} student tensors, {len(diff.common)} common names, "
             f"{len(out.shape_mismatch)} with different shapes)"
         )
     if not out.paired:
@@ -217,12 +186,12 @@ def _spectrum_job(residual: torch.Tensor, method: str, defer_gram: bool = False)
 
 
 def analyze_sources(
-    teacher: TensorSourceLike,
-    student: TensorSourceLike,
+    teacher: TensorMap,
+    student: TensorMap,
     options: AnalyzeOptions | None = None,
     progress: ProgressFn | None = None,
 ) -> AnalysisResult:
-    """Analyze two open checkpoints (or :class:`DictSource` state dicts).
+    """Analyze two open checkpoints (or :class:`~wadi_cli.io.tensor_map.DictSource` state dicts).
 
     Args:
         teacher, student: sources with ``keys()``, ``shape(name)`` and ``get(name)``.
@@ -307,7 +276,6 @@ def analyze_checkpoints(
     progress: ProgressFn | None = None,
 ) -> AnalysisResult:
     """Open two checkpoints with :func:`wadi_cli.io.open_checkpoint` and analyze them."""
-    from wadi_cli.io import open_checkpoint
 
     (options or AnalyzeOptions()).validate()  # fail on bad flags before touching files
     with open_checkpoint(teacher_path) as t_src, open_checkpoint(student_path) as s_src:

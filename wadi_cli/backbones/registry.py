@@ -2,8 +2,9 @@
 
 Each :class:`Backbone` holds its hub id, the architecture config shipped inside the
 package (so the network skeleton can be built, and adapter sizes counted, without a
-download), the LoRaD target rules and ranks per role (WaDi §2), resolution, text
-encoder, and the one-step constant ``ᾱ_T`` (WaDi §3).
+download), the LoRaD target rules per role (WaDi §2) with the ranks of its distillation
+recipe (``wadi_cli/configs/distill/NAME.toml``), resolution, text encoder, and the
+one-step constant ``ᾱ_T`` (WaDi §3).
 
 Importing it needs neither torch nor diffusers (``wadi info`` answers at once): adapter
 plans come from the shape tables of :mod:`wadi_cli.backbones.skeletons`.
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from wadi_cli.backbones.recipes import RECIPES_DIR, backbone_recipe
 from wadi_cli.errors import BadInputError
 
 if TYPE_CHECKING:
@@ -70,9 +72,9 @@ class TargetRule:
 def linear_names(model: nn.Module) -> list[str]:
     """Paths of the plain Linears of ``model`` (the base layers inside LoRaD wrappers are
     reported under the wrapper's path, so an injected model gives the same names)."""
-    from torch import nn
+    from torch import nn  # start-up time: the registry imports no torch (`wadi info`)
 
-    from wadi_cli.lorad.layer import LoRaDLinear  # local: registry stays importable alone
+    from wadi_cli.lorad.layer import LoRaDLinear
 
     modules = dict(model.named_modules())
     wrapped = {f"{n}.base_layer" for n, m in modules.items() if isinstance(m, LoRaDLinear)}
@@ -103,8 +105,8 @@ class Backbone:
     latent_channels: int
     text_encoder: str  # "clip" | "t5"
     text_max_length: int
-    student_rank: int
-    fake_rank: int
+    student_rank: int  # from the backbone's recipe (configs/distill/NAME.toml)
+    fake_rank: int  # likewise
     student_targets: TargetRule
     fake_targets: TargetRule
     alpha_bar_T: float = ALPHA_BAR_T
@@ -129,7 +131,7 @@ class Backbone:
     @property
     def default_dtype(self) -> torch.dtype:
         """The torch dtype of the frozen weights on a GPU (imports torch on first use)."""
-        import torch
+        import torch  # start-up time: the registry imports no torch (`wadi info`)
 
         return getattr(torch, self.default_dtype_name)
 
@@ -171,7 +173,7 @@ class Backbone:
         ``device="meta"`` gives a weightless skeleton (instant; for counting and target
         discovery); ``"cpu"`` gives randomly initialised weights to load a state dict into.
         """
-        import diffusers
+        import diffusers  # start-up time: the registry imports neither torch nor diffusers
         import torch
 
         cls = getattr(diffusers, self.denoiser_class)
@@ -185,7 +187,7 @@ class Backbone:
     def _skeleton(self) -> tuple[dict[str, tuple[int, int]], int]:
         key = (self.name, str(self.config_path))
         if key not in _SKELETON_CACHE:
-            from wadi_cli.backbones.skeletons import skeleton
+            from wadi_cli.backbones.skeletons import skeleton  # it imports the registry
 
             _SKELETON_CACHE[key] = skeleton(self)
         return _SKELETON_CACHE[key]
@@ -197,12 +199,17 @@ class Backbone:
             return self.student_targets
         if role == "fake":
             return self.fake_targets
-        from wadi_cli.lorad.config import ROLES
+        from wadi_cli.lorad.config import ROLES  # start-up time: lorad imports torch
 
         raise BadInputError(f"unknown LoRaD role {role!r}; expected one of {', '.join(ROLES)}")
 
+    @property
+    def recipe_path(self) -> Path:
+        """The distillation recipe of this backbone (every default of ``wadi distill -b NAME``)."""
+        return RECIPES_DIR / f"{self.name}.toml"
+
     def default_rank(self, role: str) -> int:
-        """The paper's rank for ``role`` on this backbone."""
+        """The recipe's rank for ``role`` on this backbone."""
         self.rule(role)
         return self.student_rank if role == "student" else self.fake_rank
 
@@ -215,8 +222,8 @@ class Backbone:
 
     def lorad_config(self, role: str, rank: int | None = None, model: str | None = None) -> LoRaDConfig:
         """The :class:`LoRaDConfig` for ``role`` on this backbone (targets from the shipped
-        architecture, rank defaulting to the paper's, base model = ``model_id(model)``)."""
-        from wadi_cli.lorad.config import LoRaDConfig
+        architecture, rank defaulting to the recipe's, base model = ``model_id(model)``)."""
+        from wadi_cli.lorad.config import LoRaDConfig  # start-up time: lorad imports torch
 
         return LoRaDConfig(
             rank=self.default_rank(role) if rank is None else rank,
@@ -228,7 +235,8 @@ class Backbone:
 
     def adapter_plan(self, rank: int | None = None, fake_rank: int | None = None) -> dict[str, Any]:
         """Layers and trainable parameters per role: ``r · (out + in/2)`` summed over the
-        targets of the shipped architecture. Ranks default to the paper's."""
+        targets of the shipped architecture. Ranks default to the recipe's; ``recipe`` holds
+        the recipe file and its values (every default of ``wadi distill -b NAME``)."""
         shapes, base_params = self._skeleton()
         plan: dict[str, Any] = {
             "backbone": self.name,
@@ -255,6 +263,7 @@ class Backbone:
             text_max_length=self.text_max_length,
             prediction_type=self.prediction_type,
             mixed_precision=self.mixed_precision,
+            recipe={"file": str(self.recipe_path), "values": backbone_recipe(self.name)},
         )
         return plan
 
@@ -282,6 +291,12 @@ _SD_STUDENT = TargetRule(include_roots=_UNET_ROOTS)
 _SD_FAKE = TargetRule(include_roots=_UNET_ROOTS, exclude_substrings=_FAKE_EXCLUDES)
 
 
+def _recipe_ranks(name: str) -> dict[str, int]:
+    """Student and fake-score ranks of backbone ``name``, from its recipe file."""
+    recipe = backbone_recipe(name)
+    return {"student_rank": int(recipe["rank"]), "fake_rank": int(recipe["fake_rank"])}
+
+
 def _make_registry() -> dict[str, Backbone]:
     sd_common: dict[str, Any] = dict(
         family="unet",
@@ -292,8 +307,6 @@ def _make_registry() -> dict[str, Backbone]:
         latent_channels=4,
         text_encoder="clip",
         text_max_length=77,
-        student_rank=256,
-        fake_rank=32,
         student_targets=_SD_STUDENT,
         fake_targets=_SD_FAKE,
         release_repo="gudaochangsheng/WaDi",
@@ -306,6 +319,7 @@ def _make_registry() -> dict[str, Backbone]:
             hub_id="stable-diffusion-v1-5/stable-diffusion-v1-5",
             config_path=CONFIGS_DIR / "sd15" / "unet" / "config.json",
             release_file="rotated_unet-sdv1-5.safetensors",
+            **_recipe_ranks("sd15"),
             description="Stable Diffusion 1.5 (512 px, CLIP ViT-L/14, ε-prediction)",
             **sd_common,
         ),
@@ -314,6 +328,7 @@ def _make_registry() -> dict[str, Backbone]:
             hub_id="stabilityai/stable-diffusion-2-1-base",
             config_path=CONFIGS_DIR / "sd21" / "unet" / "config.json",
             release_file="rotated_unet-sdv2-1.safetensors",
+            **_recipe_ranks("sd21"),
             alternatives=(
                 (
                     "stabilityai/stable-diffusion-2-1",
@@ -335,8 +350,7 @@ def _make_registry() -> dict[str, Backbone]:
             latent_channels=4,
             text_encoder="t5",
             text_max_length=120,
-            student_rank=128,
-            fake_rank=32,
+            **_recipe_ranks("pixart"),
             student_targets=TargetRule(exclude_roots=("adaln_single",)),
             fake_targets=TargetRule(include_roots=("transformer_blocks",), exclude_substrings=_FAKE_EXCLUDES),
             learned_sigma=True,
@@ -361,8 +375,7 @@ def _make_registry() -> dict[str, Backbone]:
             latent_channels=4,
             text_encoder="clip",
             text_max_length=_tiny_text_max_length(),
-            student_rank=16,
-            fake_rank=8,
+            **_recipe_ranks("tiny"),
             student_targets=_SD_STUDENT,
             fake_targets=_SD_FAKE,
             default_dtype_name="float32",

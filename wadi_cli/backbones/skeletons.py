@@ -39,7 +39,7 @@ def config_digest(config: dict[str, Any]) -> str:
 def build_skeleton(denoiser_class: str, config: dict[str, Any]) -> Skeleton:
     """Linear shapes and parameter count from a weightless (meta-device) build of the
     diffusers class ``denoiser_class`` (the reference the shipped table is checked against)."""
-    import diffusers
+    import diffusers  # start-up time: `wadi info` reads the shipped tables, builds nothing
     import torch
     from torch import nn
 
@@ -97,8 +97,8 @@ def table_entry(backbone: Backbone) -> dict[str, Any]:
 
 def write_table(path: Path = SKELETONS_FILE) -> Path:
     """Recompute every backbone's entry and write the table (atomically)."""
-    from wadi_cli.backbones.registry import BACKBONES
-    from wadi_cli.io import write_text_atomic
+    from wadi_cli.backbones.registry import BACKBONES  # the registry imports this module
+    from wadi_cli.io import write_text_atomic  # start-up time: io imports torch
 
     table = {name: table_entry(b) for name, b in BACKBONES.items()}
     # one line per backbone: small diffs when one architecture changes

@@ -7,7 +7,7 @@ import contextlib
 import functools
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -103,46 +103,33 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as JSON
 Seed = Annotated[int, typer.Option("--seed", help="Random seed.")]
 
 
-def is_run_folder(path: str | Path | None) -> bool:
-    """True for a ``wadi distill --out RUN`` folder (it has ``checkpoints/step-*``)."""
-    if path is None:
-        return False
-    p = Path(path).expanduser()
-    return p.is_dir() and any((p / "checkpoints").glob("step-*"))
-
-
 @contextlib.contextmanager
-def weights_for_sampling(weights: str | None) -> Any:
-    """Yield what ``--weights`` should mean to the sampler.
+def weights_for_sampling(weights: str | None) -> Iterator[str | None]:
+    """Yield what ``--weights`` should mean to ``wadi sample`` / ``wadi eval``.
 
-    A distill run folder becomes its latest student (EMA when kept): the LoRaD adapter file
-    itself, or, for LoRA/DoRA/full baselines, a merged state dict exported to a temporary
-    file that is removed afterwards. Anything else passes through unchanged. This lives in
-    the CLI layer because it joins two sibling libraries (sample and distill).
+    A distill run folder becomes its latest student (EMA when kept), as
+    :func:`wadi_cli.distill.export.run_weights` gives it; anything else passes through
+    unchanged.
     """
+    from wadi_cli.distill.run_dirs import is_run_folder
+
     if not is_run_folder(weights):
         yield weights
         return
-    import tempfile
+    from wadi_cli.distill.export import run_weights
 
-    from wadi_cli.distill.export import export_run, run_student_adapter
+    with run_weights(weights) as (file, student, config):
+        if file == student:
+            from wadi_cli.lorad import load_adapter
 
-    adapter_file, config = run_student_adapter(weights)
-    if config.get("adapter", "lorad") == "lorad":
-        from wadi_cli.lorad import load_adapter
-
-        load_adapter(adapter_file)  # a broken file fails here, before the note below
-        err_console.print(
-            f"[dim]using the run's student adapter {adapter_file}[/]", highlight=False, soft_wrap=True
-        )
-        yield str(adapter_file)
-        return
-    with tempfile.TemporaryDirectory(prefix="wadi-run-") as tmp:
-        merged = Path(tmp) / "student-merged.safetensors"
-        export_run(weights, "merged", merged)
-        note = f"[dim]using the run's student ({config.get('adapter')}), merged[/]"
-        err_console.print(note, highlight=False, soft_wrap=True)
-        yield str(merged)
+            load_adapter(file)  # a broken file fails here, before the note below
+            err_console.print(
+                f"[dim]using the run's student adapter {file}[/]", highlight=False, soft_wrap=True
+            )
+        else:
+            note = f"[dim]using the run's student ({config.get('adapter')}), merged[/]"
+            err_console.print(note, highlight=False, soft_wrap=True)
+        yield str(file)
 
 
 def use_backbone_cpu_threads(backbone: str | None, device: str | None) -> None:
@@ -151,12 +138,11 @@ def use_backbone_cpu_threads(backbone: str | None, device: str | None) -> None:
     import torch
 
     from wadi_cli.backbones import get_backbone
+    from wadi_cli.machine import resolve_device
 
     if os.environ.get("OMP_NUM_THREADS"):
         return
-    dev = (device or "auto").lower()
-    on_cpu = dev.startswith("cpu") or (dev == "auto" and not torch.cuda.is_available())
-    if not on_cpu or not backbone:
+    if resolve_device(device).type != "cpu" or not backbone:
         return
     try:
         threads = get_backbone(backbone).cpu_threads

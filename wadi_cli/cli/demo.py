@@ -108,11 +108,16 @@ def register(app: typer.Typer) -> None:
         jobs: Annotated[
             int | None, typer.Option("--jobs", help="Students trained at once (default: up to 2).")
         ] = None,
+        grid_rows: Annotated[
+            int | None, typer.Option("--grid-rows", help="Images per model in the comparison grid.")
+        ] = None,
     ) -> None:
         from wadi_cli.demo import DemoOptions, run_demo
 
         out = require(out, "--out is missing: choose the folder for the report with --out demo/")
         options = DemoOptions(quick, steps, num_images, teacher_steps, seed, jobs)
+        if grid_rows is not None:
+            options.grid_rows = grid_rows
         options.resolved()  # bad values fail before anything starts
         with _RichProgress() as progress:
             metrics = run_demo(out, options, progress)

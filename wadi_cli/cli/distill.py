@@ -3,23 +3,28 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from wadi_cli.cli.common import console, err_console, handle_errors, use_backbone_cpu_threads
 
+if TYPE_CHECKING:  # the CLI imports the library inside command bodies (start-up time)
+    from wadi_cli.distill import DistillConfig, RunSummary, StepResult
+
 HELP = """Distil a one-step student with LoRaD + variational score distillation (WaDi §4).
 
-One frozen base serves teacher, student and fake score. Defaults are the paper's recipe
-(student rank 256 / 128 PixArt, fake rank 32, lr 1e-4 / 1e-2, CFG 1.5, ᾱ_T = 0.0047);
---backbone tiny has its own tuned recipe (lr 1e-2 / 1e-3, CFG 3 / 1, no EMA, fake rank 64,
-1000 steps) and adds a DMD-style regression to teacher samples that the paper does not have
-(--regression-weight 4; 0 gives the paper's objective; see --dry-run). Every value can be
-set in a YAML/TOML --config file or by a flag (flags win).
+One frozen base serves teacher, student and fake score. Every default comes from the
+backbone's recipe, wadi_cli/configs/distill/NAME.toml: the paper's values for sd15, sd21
+and pixart; for tiny, values tuned to the small model plus a DMD-style regression to
+teacher samples that the paper does not have (--config tiny_paper gives the paper's
+objective on tiny). --dry-run prints the resolved values, `wadi info -b NAME` the recipe.
+Any value can be set in a YAML/TOML --config file (a path, or the name of a shipped
+recipe) or by a flag (flags win).
 
 Without --out the run goes to a new folder ./runs/NAME-YYYYmmdd-HHMMSS (NAME = the
 backbone), printed when training starts; `--resume latest` without --out continues the
@@ -35,6 +40,8 @@ Examples:
 
   wadi distill --backbone tiny --out runs/tiny --dry-run
 
+  wadi distill --backbone tiny --config tiny_paper --out runs/tiny-paper
+
   wadi distill --backbone sd15 --prompts captions.jsonl --prompt-column caption --out runs/sd15
 
   wadi distill --out runs/tiny --resume latest --max-steps 1500
@@ -48,14 +55,50 @@ Examples:
   accelerate launch --multi_gpu --num_processes 8 -m wadi_cli distill --backbone sd15 --out runs/sd15
 """
 
+#: The options of the command itself; every other option is a field of the run's config.
+COMMAND_OPTIONS: tuple[str, ...] = ("--out", "--config", "--resume", "--dry-run", "--json", "--num-processes")
+_ALIAS = "__alias"  # suffix of the parameter behind a field's hidden old spelling
+
 
 def _opt(*names: str, help: str) -> Any:
     return typer.Option(*names, help=help, show_default=False)
 
 
+def _config_parameters() -> list[inspect.Parameter]:
+    """One keyword parameter per :class:`~wadi_cli.distill.config.DistillConfig` field: its
+    flag, help and type come from the field's declaration (``None``: not given)."""
+    from dataclasses import fields
+
+    from wadi_cli.distill.config import DistillConfig, field_kind, flag_name, option_alias, option_help
+
+    params = []
+    for f in fields(DistillConfig):
+        kind, flag = field_kind(f.name), flag_name(f.name)
+        short, alias = option_alias(f.name)
+        decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag, *([short] if short else [])]
+        option = typer.Option(*decls, help=option_help(f.name), show_default=False)
+        params.append(_keyword(f.name, kind, option))
+        if alias:
+            params.append(_keyword(f.name + _ALIAS, kind, typer.Option(alias, hidden=True)))
+    return params
+
+
+def _keyword(name: str, kind: type, option: Any) -> inspect.Parameter:
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind | None, option]
+    )
+
+
+def _overrides(values: dict[str, Any]) -> dict[str, Any]:
+    """The config values given as flags (a field's old spelling counts as the field)."""
+    out = {k: v for k, v in values.items() if not k.endswith(_ALIAS)}
+    for key, value in values.items():
+        if key.endswith(_ALIAS) and out.get(key.removesuffix(_ALIAS)) is None:
+            out[key.removesuffix(_ALIAS)] = value
+    return out
+
+
 def register(app: typer.Typer) -> None:
-    @app.command("distill", help=HELP, no_args_is_help=False)
-    @handle_errors
     def distill_cmd(
         out: Annotated[
             Path | None,
@@ -65,7 +108,13 @@ def register(app: typer.Typer) -> None:
                 help="Run folder (checkpoints, metrics, config); default: a new ./runs/NAME-YYYYmmdd-HHMMSS.",
             ),
         ] = None,
-        config: Annotated[Path | None, _opt("--config", help="YAML or TOML file of config values.")] = None,
+        config: Annotated[
+            str | None,
+            _opt(
+                "--config",
+                help="YAML or TOML file of config values, or a shipped recipe's name (tiny_paper).",
+            ),
+        ] = None,
         resume: Annotated[
             str | None,
             _opt(
@@ -79,134 +128,17 @@ def register(app: typer.Typer) -> None:
         json_out: Annotated[
             bool, typer.Option("--json", help="Print --dry-run output / the summary as JSON.")
         ] = False,
-        backbone: Annotated[
-            str | None, _opt("--backbone", "-b", help="sd15, sd21, pixart or tiny (default tiny).")
-        ] = None,
-        model: Annotated[
-            str | None, _opt("--model", help="Base pipeline folder or hub id (default: the backbone's).")
-        ] = None,
-        components: Annotated[
-            str | None,
-            _opt(
-                "--components",
-                help="VAE / text encoder / tokenizer / scheduler source, folder or hub id "
-                "(default: the --model pipeline; pixart: PixArt-alpha/PixArt-XL-2-512x512).",
-            ),
-        ] = None,
-        adapter: Annotated[
-            str | None,
-            _opt("--adapter", help="Student: lorad (the method); lora, dora (peft) or full (baselines)."),
-        ] = None,
-        rank: Annotated[
-            int | None, _opt("--rank", help="Student LoRaD rank (default: the backbone's).")
-        ] = None,
-        fake_rank: Annotated[
-            int | None, _opt("--fake-rank", help="Fake-score LoRaD rank (default 32).")
-        ] = None,
-        lr: Annotated[float | None, _opt("--lr", help="Student learning rate (1e-4).")] = None,
-        fake_lr: Annotated[float | None, _opt("--fake-lr", help="Fake-score learning rate (1e-2).")] = None,
-        guidance: Annotated[float | None, _opt("--guidance", help="Teacher CFG scale (1.5).")] = None,
-        fake_guidance: Annotated[
-            float | None, _opt("--fake-guidance", help="Fake-score CFG scale (1.5).")
-        ] = None,
-        alpha_bar_t: Annotated[float | None, _opt("--alpha-bar-T", help="One-step ᾱ_T (0.0047).")] = None,
-        prompt_dropout: Annotated[
-            float | None, _opt("--prompt-dropout", help="∅ rate in the fake update (0.1).")
-        ] = None,
-        ema_decay: Annotated[
-            float | None, _opt("--ema-decay", help="Student EMA decay; 0 = off (0.999).")
-        ] = None,
-        batch_size: Annotated[
-            int | None, _opt("--batch-size", help="Prompts per micro-batch and process.")
-        ] = None,
-        grad_accum: Annotated[
-            int | None, _opt("--grad-accum", help="Micro-batches accumulated per optimizer step (1).")
-        ] = None,
-        fake_updates: Annotated[
-            int | None, _opt("--fake-updates", help="Fake-score updates per generator update (1).")
-        ] = None,
-        text_cache: Annotated[
-            int | None,
-            _opt("--text-cache", help="Cache the encodings of up to N distinct prompts; 0 = on the fly."),
-        ] = None,
-        regression_weight: Annotated[
-            float | None,
-            _opt(
-                "--regression-weight",
-                help="DMD-style regression to teacher samples, not in the paper (0 = off; tiny default 4).",
-            ),
-        ] = None,
-        regression_pairs: Annotated[
-            int | None,
-            _opt("--regression-pairs", help="Fixed (noise, teacher sample) pairs of the regression term."),
-        ] = None,
-        lr_schedule: Annotated[
-            str | None, _opt("--lr-schedule", help="constant (the paper) or cosine (decays to 0).")
-        ] = None,
-        tensorboard: Annotated[
-            bool | None,
-            typer.Option(
-                "--tensorboard/--no-tensorboard",
-                help="TensorBoard logs in RUN/tensorboard (needs the tensorboard package).",
-                show_default=False,
-            ),
-        ] = None,
-        max_steps: Annotated[
-            int | None, _opt("--max-steps", help="Stop after this many steps (total).")
-        ] = None,
-        seed: Annotated[int | None, _opt("--seed", help="Seed of noise, timesteps and data order.")] = None,
-        checkpoint_every: Annotated[
-            int | None, _opt("--checkpoint-every", help="Checkpoint every N steps.")
-        ] = None,
-        keep_last: Annotated[
-            int | None, _opt("--keep-last", help="Keep only the newest K checkpoints (2).")
-        ] = None,
-        prompts: Annotated[
-            str | None, _opt("--prompts", help="Prompt file: .txt, .jsonl, .csv or .parquet.")
-        ] = None,
-        prompt_column: Annotated[
-            str | None, _opt("--prompt-column", help="Column/key of the prompts (prompt).")
-        ] = None,
-        device: Annotated[str | None, _opt("--device", help="auto, cpu, cuda, cuda:1.")] = None,
-        mixed_precision: Annotated[
-            str | None, _opt("--mixed-precision", help="auto, no, fp16, bf16.")
-        ] = None,
-        gradient_checkpointing: Annotated[
-            bool | None,
-            typer.Option(
-                "--gradient-checkpointing/--no-gradient-checkpointing",
-                help="Recompute activations in backward (less memory).",
-                show_default=False,
-            ),
-        ] = None,
-        optimizer: Annotated[
-            str | None, _opt("--optimizer", help="adamw or adamw8bit (bitsandbytes).")
-        ] = None,
-        validate_every: Annotated[
-            int | None,
-            _opt("--validate-every", help="Validation images (+ tiny metrics) every N steps; 0 = off."),
-        ] = None,
         num_processes: Annotated[
             int | None, _opt("--num-processes", help="Launch N processes through `accelerate launch`.")
         ] = None,
+        **values: Any,
     ) -> None:
         from wadi_cli.distill import config_for_run
         from wadi_cli.distill.plan import parameter_plan
         from wadi_cli.errors import BadInputError
 
-        overrides = {
-            "backbone": backbone, "model": model, "components": components, "adapter": adapter, "rank": rank,
-            "fake_rank": fake_rank,
-            "lr": lr, "fake_lr": fake_lr, "guidance": guidance, "fake_guidance": fake_guidance,
-            "alpha_bar_T": alpha_bar_t, "prompt_dropout": prompt_dropout, "ema_decay": ema_decay,
-            "batch_size": batch_size, "max_steps": max_steps, "seed": seed,
-            "checkpoint_every": checkpoint_every, "keep_last": keep_last, "prompts": prompts,
-            "prompt_column": prompt_column, "device": device, "mixed_precision": mixed_precision,
-            "gradient_checkpointing": gradient_checkpointing, "optimizer": optimizer,
-            "validate_every": validate_every, "grad_accum": grad_accum, "fake_updates": fake_updates,
-            "text_cache": text_cache, "tensorboard": tensorboard, "lr_schedule": lr_schedule,
-            "regression_weight": regression_weight, "regression_pairs": regression_pairs,
-        }  # fmt: skip
+        overrides = _overrides(values)
+        backbone = overrides["backbone"]
         default_out = out is None
         if out is None and resume is not None:
             out = _run_to_resume(resume, backbone)
@@ -255,6 +187,15 @@ def register(app: typer.Typer) -> None:
                 console.print("TensorBoard logs skipped: pip install tensorboard to get them")
         if summary.interrupted:
             raise typer.Exit(130)
+
+    command = handle_errors(distill_cmd)
+    own = [
+        p
+        for p in inspect.signature(distill_cmd, eval_str=True).parameters.values()
+        if p.kind is not inspect.Parameter.VAR_KEYWORD
+    ]
+    command.__signature__ = inspect.Signature([*own, *_config_parameters()])  # type: ignore[attr-defined]
+    app.command("distill", help=HELP, no_args_is_help=False)(command)
 
 
 def _run_to_resume(resume: str, backbone: str | None) -> Path:
@@ -310,7 +251,7 @@ def _print_plan(config: dict[str, Any], plan: dict[str, Any], as_json: bool) -> 
     console.print(f"base parameters (frozen): {plan['base_params']:,}")
 
 
-def _run_with_progress(cfg: Any, out: Path, resume: str | None, again: str) -> Any:
+def _run_with_progress(cfg: DistillConfig, out: Path, resume: str | None, again: str) -> RunSummary:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from wadi_cli.distill import distill
@@ -345,7 +286,7 @@ def _run_with_progress(cfg: Any, out: Path, resume: str | None, again: str) -> A
             "distill", total=total, completed=start, loss_g=0.0, loss_f=0.0, rate=0.0
         )
 
-    def on_step(result: Any, seconds: float) -> None:
+    def on_step(result: StepResult, seconds: float) -> None:
         progress.update(
             state["task"],
             completed=result.step,

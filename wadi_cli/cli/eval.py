@@ -206,7 +206,7 @@ def _tiny_classifier_eval(
 ) -> None:
     """The tiny classifier's accuracy and fd (no protocol flag given)."""
     from wadi_cli.errors import BadInputError
-    from wadi_cli.sample.config import resolve_device
+    from wadi_cli.machine import resolve_device
     from wadi_cli.sample.evaluate import evaluate_tiny
     from wadi_cli.sample.output import check_output_dir, save_samples
 
@@ -272,7 +272,7 @@ def _protocol_eval(a: dict[str, Any]) -> None:
     from wadi_cli.evaluation.parallel import processes
     from wadi_cli.evaluation.report import progress_bars
     from wadi_cli.evaluation.run import EvalOptions
-    from wadi_cli.sample.config import resolve_device
+    from wadi_cli.machine import resolve_device
 
     name = get_backbone(_watched_backbone(a["watch"]) or a["backbone"]).name  # unknown: registry's message
     tiny = name == "tiny" and a["images"] is None

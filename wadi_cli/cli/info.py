@@ -15,7 +15,8 @@ from wadi_cli.errors import BadInputError
 
 HELP = """Show a backbone's LoRaD adapter plan: adapted layers and trainable parameters
 for the student (one-step generator) and the fake score model, plus hub id, base
-parameter count, resolution, text encoder and ᾱ_T. Needs no download.
+parameter count, resolution, text encoder, ᾱ_T and the distillation recipe (the defaults
+of `wadi distill -b NAME`). Needs no download.
 
 Examples:
 
@@ -62,6 +63,14 @@ def _plan_table(plan: dict) -> Table:
     table.add_row("ᾱ_T", f"{plan['alpha_bar_T']} (unless the weights record theirs; --alpha-bar-t)")
     table.add_row("prediction", f"{plan['prediction_type']} (the scheduler config of the model decides)")
     table.add_row("mixed precision", plan["mixed_precision"])
+    r = plan["recipe"]["values"]
+    table.add_row(
+        "distill recipe",
+        f"{plan['recipe']['file']}: lr {r['lr']} / fake {r['fake_lr']}, CFG {r['guidance']} / "
+        f"fake {r['fake_guidance']}, EMA {r['ema_decay']}, regression {r['regression_weight']}, "
+        f"batch {r['batch_size']}, {r['max_steps']} steps "
+        f"(all of it: wadi distill -b {plan['backbone']} --dry-run)",
+    )
     return table
 
 
@@ -85,10 +94,10 @@ def register(app: typer.Typer) -> None:
             typer.Option("--backbone", "-b", help=f"Backbone: {', '.join(BACKBONES)}. Omit to list them."),
         ] = None,
         rank: Annotated[
-            int | None, typer.Option("--rank", help="Student LoRaD rank (default: the paper's).")
+            int | None, typer.Option("--rank", help="Student LoRaD rank (default: the recipe's).")
         ] = None,
         fake_rank: Annotated[
-            int | None, typer.Option("--fake-rank", help="Fake-score LoRaD rank (default: the paper's).")
+            int | None, typer.Option("--fake-rank", help="Fake-score LoRaD rank (default: the recipe's).")
         ] = None,
         json_out: JsonFlag = False,
     ) -> None:

@@ -152,10 +152,10 @@ def register(app: typer.Typer) -> None:
             teacher=teacher, steps=steps, cfg=cfg, alpha_bar_T=alpha_bar_t, seed=seed, batch_size=batch_size
         )
 
-        def loaded(sampler: object) -> None:
-            for note in getattr(sampler, "notes", []):
+        def loaded(pipe: object) -> None:
+            for note in getattr(pipe, "notes", []):
                 err_console.print(f"[yellow]note:[/] {note}", highlight=False)
-            for warning in getattr(sampler, "warnings", []):
+            for warning in getattr(pipe, "warnings", []):
                 err_console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
 
         with weights_for_sampling(weights) as run_weights:

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -18,10 +17,12 @@ from wadi_cli.cli.common import (
     console,
     err_console,
     handle_errors,
-    is_run_folder,
     require,
     use_backbone_cpu_threads,
 )
+
+if TYPE_CHECKING:  # the CLI imports the library inside command bodies (start-up time)
+    from wadi_cli.swap import SwapStats
 
 HELP = """Give a student its teacher's row norms or row directions and write the
 hybrid checkpoint.
@@ -44,8 +45,10 @@ folder, a `wadi distill` run folder, or a LoRaD adapter (merged into TEACHER).
 With --sample PROMPT (repeatable) it also renders one grid per prompt, rows
 = seeds, columns = teacher (multi-step) | student (one step) | student +
 teacher norms | student + teacher directions, into --samples-dir (default
-OUT_samples/ next to --out); for --backbone tiny it scores the four
-variants like `wadi eval` (accuracy, fd) into swap_metrics.json.
+OUT_samples/ next to --out), with the generation code of `wadi sample`; for
+--backbone tiny it scores the four variants with the code of `wadi eval`
+(accuracy, fd) into swap_metrics.json. For anything else, run `wadi sample`
+or `wadi eval` on the hybrid file itself.
 
 Examples:
 
@@ -65,16 +68,16 @@ Examples:
 
 @contextlib.contextmanager
 def _student_file(student: Path) -> Iterator[Path]:
-    """A `wadi distill` run folder becomes its latest student exported as a merged state
-    dict in a temporary file (removed afterwards); anything else passes through."""
+    """A `wadi distill` run folder becomes its latest student, merged (a temporary file);
+    anything else passes through."""
+    from wadi_cli.distill.run_dirs import is_run_folder
+
     if not is_run_folder(student):
         yield student
         return
-    from wadi_cli.distill.export import export_run
+    from wadi_cli.distill.export import run_weights
 
-    with tempfile.TemporaryDirectory(prefix="wadi-swap-") as tmp:
-        merged = Path(tmp) / "student-merged.safetensors"
-        export_run(student, "merged", merged)
+    with run_weights(student, merged=True) as (merged, _, _):
         err_console.print(
             f"[dim]using the run's latest student ({student}), merged[/]", highlight=False, soft_wrap=True
         )
@@ -101,7 +104,7 @@ def _progress() -> Iterator[Any]:
         yield update
 
 
-def _print_stats(stats: Any, out: Path) -> None:
+def _print_stats(stats: SwapStats, out: Path) -> None:
     what = "teacher norms" if stats.keep == "direction" else "teacher directions"
     skipped = f", {stats.rows_skipped:,} rows left as the student's" if stats.rows_skipped else ""
     console.print(
@@ -193,7 +196,16 @@ def register(app: typer.Typer) -> None:
         device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, mps.")] = "auto",
         json_out: JsonFlag = False,
     ) -> None:
-        from wadi_cli.swap import check_alpha, check_keep, check_output, compile_filter, write_swap
+        from wadi_cli.errors import BadInputError
+        from wadi_cli.swap import (
+            SwapSampling,
+            check_alpha,
+            check_output,
+            compile_filter,
+            sample_swap,
+            variant_of_keep,
+            write_swap,
+        )
 
         teacher = require(
             teacher, "no checkpoints given: `wadi swap TEACHER STUDENT --keep direction --out FILE`"
@@ -207,30 +219,35 @@ def register(app: typer.Typer) -> None:
             "student norms + teacher directions with --keep norm",
         )
         out = require(out, "--out is missing: name the hybrid checkpoint with --out FILE.safetensors")
-        keep = check_keep(keep)
+        variant = variant_of_keep(keep)
         alpha = check_alpha(alpha)
         compile_filter(filter)
         out_path = check_output(out, overwrite=overwrite, inputs={"TEACHER": teacher, "STUDENT": student})
-        grids_dir = None
+        sampling = None
         if sample:
-            grids_dir = _check_sampling(backbone, model, samples_dir, out_path, rows, num_images, steps, cfg)
+            folder = samples_dir if samples_dir is not None else out_path.parent / f"{out_path.stem}_samples"
+            sampling = SwapSampling(
+                prompts=list(sample), out=folder, backbone=backbone, model=model, steps=steps, cfg=cfg,
+                seed=seed, rows=rows, num_images=num_images, evaluate=not no_eval, device=device,
+            )  # fmt: skip
+            sampling.check()  # before any tensor is read
         elif steps is not None or cfg is not None or samples_dir is not None or model is not None:
-            from wadi_cli.errors import BadInputError
-
             raise BadInputError("--steps, --cfg, --model and --samples-dir apply with --sample only")
         with _student_file(student) as student_path:
             stats = write_swap(
-                teacher, student_path, keep, out_path, alpha=alpha, filter=filter, overwrite=True,
+                teacher, student_path, variant, out_path, alpha=alpha, filter=filter, overwrite=True,
                 student_label=str(student),
             )  # fmt: skip
             result: dict[str, Any] = {"out": str(out_path), **stats.to_dict()}
             if not json_out:
                 _print_stats(stats, out_path)
-            if sample and grids_dir is not None:
-                result["samples"] = _sample(
-                    teacher, student_path, sample, grids_dir, backbone, model, steps, cfg, seed, rows,
-                    alpha, filter, num_images, not no_eval, device, str(student),
-                )  # fmt: skip
+            if sampling is not None:
+                use_backbone_cpu_threads(backbone, device)
+                with _progress() as progress:
+                    result["samples"] = sample_swap(
+                        teacher, student_path, sampling, alpha=alpha, filter=filter,
+                        student_label=str(student), progress=progress,
+                    )  # fmt: skip
         _report(result, json_out, num_images)
 
 
@@ -244,90 +261,3 @@ def _report(result: dict[str, Any], json_out: bool, num_images: int) -> None:
         if samples["metrics"]:
             _print_metrics(samples["metrics"], num_images)
         console.print(f"{len(samples['grids'])} grid(s) -> [bold]{samples['out']}[/]", highlight=False)
-
-
-def _check_sampling(
-    backbone: str,
-    model: str | None,
-    samples_dir: Path | None,
-    out: Path,
-    rows: int,
-    num_images: int,
-    steps: int | None,
-    cfg: float | None,
-) -> Path:
-    """Validate the --sample options before any heavy work; returns the grids folder."""
-    from wadi_cli.backbones import get_backbone
-    from wadi_cli.errors import BadInputError
-    from wadi_cli.io import check_writable
-    from wadi_cli.sample import SampleConfig, resolve_pipeline_source
-
-    spec = get_backbone(backbone)
-    resolve_pipeline_source(spec, model)  # a missing base pipeline fails before the swap
-    if rows < 1:
-        raise BadInputError(f"--rows must be at least 1, got {rows}")
-    if num_images < 2:
-        raise BadInputError(f"--num-images must be at least 2 to estimate FD, got {num_images}")
-    SampleConfig(teacher=True, steps=steps, cfg=cfg)  # validates --steps / --cfg
-    folder = samples_dir if samples_dir is not None else out.parent / f"{out.stem}_samples"
-    check_writable(folder, directory=True)
-    return folder
-
-
-def _sample(
-    teacher: Path,
-    student: Path,
-    prompts: list[str],
-    folder: Path,
-    backbone: str,
-    model: str | None,
-    steps: int | None,
-    cfg: float | None,
-    seed: int,
-    rows: int,
-    alpha: float,
-    filter: str | None,
-    num_images: int,
-    evaluate: bool,
-    device: str,
-    student_label: str,
-) -> dict[str, Any]:
-    from wadi_cli.io import open_checkpoint
-    from wadi_cli.io.resolve import recorded_alpha_bar_T
-    from wadi_cli.sample import resolve_device, resolve_dtype
-    from wadi_cli.swap import open_student, render_swap_grids
-
-    name = backbone.strip().lower()
-    use_backbone_cpu_threads(name, device)
-    dev = resolve_device(device)
-    from wadi_cli.backbones import get_backbone
-
-    dtype = resolve_dtype(None, dev, get_backbone(name).family)
-    with open_checkpoint(teacher) as t_src, _progress() as progress:
-        s_src, _ = open_student(student, t_src)
-        try:
-            return render_swap_grids(
-                t_src,
-                s_src,
-                prompts,
-                folder,
-                backbone=name,
-                rows=rows,
-                seed=seed,
-                steps=steps,
-                cfg=cfg,
-                alpha=alpha,
-                filter=filter,
-                evaluate=evaluate and name == "tiny",
-                num_images=num_images,
-                model=model,
-                device=dev,
-                dtype=dtype,
-                metadata={"teacher": str(teacher), "student": student_label},
-                progress=progress,
-                alpha_bar_T=recorded_alpha_bar_T(student),
-            )
-        finally:
-            close = getattr(s_src, "close", None)
-            if callable(close):
-                close()

@@ -22,7 +22,7 @@ _TINY = 1e-9
 NORMS_KEPT = 1e-6
 
 
-def _pyplot():
+def _pyplot():  # imported on first plot: matplotlib is slow to load and picks the Agg backend
     import matplotlib
 
     matplotlib.use("Agg")

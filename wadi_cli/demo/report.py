@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from wadi_cli.demo.figures import NORMS_KEPT
+
 
 def _f(value: Any, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
@@ -33,8 +35,6 @@ def _students_table(m: dict[str, Any]) -> list[str]:
 
 def _ratio(a: dict[str, Any]) -> str:
     """The direction/norm ratio, or a note when the norms did not change (LoRaD)."""
-    from wadi_cli.demo.figures import NORMS_KEPT
-
     norm = a.get("norm_rel_change_mean")
     if norm is not None and norm < NORMS_KEPT:
         return "— (norms kept)"

@@ -15,6 +15,7 @@ The output folder appears atomically when everything succeeded.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -24,8 +25,21 @@ from typing import Any
 
 import numpy as np
 
+from wadi_cli.analysis import analyze_checkpoints
+from wadi_cli.analysis.outputs import write_report_files
+from wadi_cli.analysis.report import jsonable
+from wadi_cli.demo import figures
+from wadi_cli.demo.report import report_markdown
+from wadi_cli.demo.students import STUDENTS, student_config, train_students
+from wadi_cli.distill.export import export_run
+from wadi_cli.distill.plan import parameter_plan
 from wadi_cli.errors import BadInputError
+from wadi_cli.io import atomic_output_dir, check_writable
 from wadi_cli.machine import machine_info
+from wadi_cli.sample import evaluate_tiny
+from wadi_cli.swap import write_swap
+from wadi_cli.tiny.arch import TINY_PIPELINE_DIR
+from wadi_cli.tiny.classifier import load_classifier
 
 
 @dataclass
@@ -77,14 +91,10 @@ class DemoProgress:
 @functools.lru_cache(maxsize=1)
 def _classifier() -> Any:
     """The shipped tiny classifier, loaded once for all of the demo's evaluations."""
-    from wadi_cli.tiny.classifier import load_classifier
-
     return load_classifier()
 
 
 def _evaluate(n: int, seed: int, **kw: Any) -> tuple[dict[str, Any], Any]:
-    from wadi_cli.sample import evaluate_tiny
-
     result, generation = evaluate_tiny(num_images=n, seed=seed, classifier=_classifier(), **kw)
     keep = ("accuracy", "fd", "per_attribute_accuracy", "steps", "cfg", "seconds")
     return {k: result[k] for k in keep if k in result}, generation
@@ -93,8 +103,6 @@ def _evaluate(n: int, seed: int, **kw: Any) -> tuple[dict[str, Any], Any]:
 def run_demo(out: str | os.PathLike[str], options: DemoOptions | None = None,
              progress: DemoProgress | None = None) -> dict[str, Any]:  # fmt: skip
     """Run the demo into the folder ``out`` and return the ``metrics.json`` document."""
-    from wadi_cli.io import atomic_output_dir, check_writable
-
     opts = (options or DemoOptions()).resolved()
     progress = progress or DemoProgress()
     dest = check_writable(out, directory=True)
@@ -107,9 +115,6 @@ def run_demo(out: str | os.PathLike[str], options: DemoOptions | None = None,
 
 
 def _run(tmp: Path, opts: DemoOptions, progress: DemoProgress) -> dict[str, Any]:
-    from wadi_cli.demo.students import STUDENTS, train_students
-    from wadi_cli.tiny.arch import TINY_PIPELINE_DIR
-
     names = ["lorad", "full"] if opts.quick else ["lorad", "lora", "full"]
     specs = [STUDENTS[n] for n in names]
     teacher_unet = TINY_PIPELINE_DIR / "unet"
@@ -170,10 +175,6 @@ def _run(tmp: Path, opts: DemoOptions, progress: DemoProgress) -> dict[str, Any]
 def _students(tmp: Path, specs: list[Any], trained: dict[str, Any], opts: DemoOptions,
               progress: DemoProgress, images: dict[str, np.ndarray]) -> dict[str, Any]:  # fmt: skip
     """Export every student merged and evaluate it."""
-    from wadi_cli.demo.students import student_config
-    from wadi_cli.distill import export_run
-    from wadi_cli.distill.plan import parameter_plan
-
     out: dict[str, Any] = {}
     (tmp / "students").mkdir()
     for spec in specs:
@@ -206,10 +207,6 @@ _ANALYSIS_KEYS = ("norm_rel_change_mean", "direction_change_mean", "angle_deg_me
 
 
 def _analyse(tmp: Path, teacher_unet: Path, names: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    from wadi_cli.analysis import analyze_checkpoints
-    from wadi_cli.analysis.outputs import write_report_files
-    from wadi_cli.analysis.report import jsonable
-
     per, results = {}, {}
     for name in names:
         result = analyze_checkpoints(teacher_unet, tmp / "students" / f"{name}.safetensors")
@@ -251,33 +248,24 @@ def energy_in_top(sq: np.ndarray, share: float) -> float:
 
 def _swap(tmp: Path, teacher_unet: Path, opts: DemoOptions, progress: DemoProgress,
           images: dict[str, np.ndarray]) -> dict[str, Any]:  # fmt: skip
-    from wadi_cli.io import open_checkpoint, save_safetensors
-    from wadi_cli.swap import swap_state_dict
-
+    """The two hybrids of the full fine-tune, written as `wadi swap` writes them, and scored."""
     (tmp / "swaps").mkdir()
     doc: dict[str, Any] = {"student": "full"}
-    variants = (
-        ("teacher_norms", "direction", "full + teacher norms"),
-        ("teacher_directions", "norm", "full + teacher directions"),
-    )
-    with open_checkpoint(teacher_unet) as t, open_checkpoint(tmp / "students" / "full.safetensors") as s:
-        for key, keep, label in variants:
-            path = tmp / "swaps" / f"full_{key}.safetensors"
-            hybrid, stats = swap_state_dict(t, s, keep)
-            save_safetensors(hybrid, path, {"wadi_swap": f"keep={keep} alpha=1"})
-            res, gen = _evaluate(opts.num_images, opts.seed, weights=path)  # type: ignore[arg-type]
-            images[label] = gen.images[: opts.grid_rows]
-            doc[key] = {"accuracy": res["accuracy"], "fd": res["fd"], "keep": keep,
+    labels = {"teacher_norms": "full + teacher norms", "teacher_directions": "full + teacher directions"}
+    for variant, label in labels.items():
+        path = tmp / "swaps" / f"full_{variant}.safetensors"
+        stats = write_swap(teacher_unet, tmp / "students" / "full.safetensors", variant, path)
+        res, gen = _evaluate(opts.num_images, opts.seed, weights=path)  # type: ignore[arg-type]
+        images[label] = gen.images[: opts.grid_rows]
+        doc[variant] = {"accuracy": res["accuracy"], "fd": res["fd"], "keep": stats.keep,
                         "per_attribute_accuracy": res["per_attribute_accuracy"],
                         "weights": f"swaps/{path.name}", "stats": stats.to_dict()}  # fmt: skip
-            progress.result(f"{label}: accuracy {res['accuracy']:.3f}, fd {res['fd']:.2f}")
+        progress.result(f"{label}: accuracy {res['accuracy']:.3f}, fd {res['fd']:.2f}")
     return doc
 
 
 def _figures(tmp: Path, analyses: dict[str, Any], teacher: dict[str, Any], students: dict[str, Any],
              swap: dict[str, Any], images: dict[str, np.ndarray]) -> None:  # fmt: skip
-    from wadi_cli.demo import figures
-
     fig = tmp / "figures"
     fig.mkdir()
     figures.plot_norm_vs_direction(
@@ -300,10 +288,5 @@ def _figures(tmp: Path, analyses: dict[str, Any], teacher: dict[str, Any], stude
 
 
 def _write_outputs(tmp: Path, metrics: dict[str, Any]) -> None:
-    import json
-
-    from wadi_cli.analysis.report import jsonable
-    from wadi_cli.demo.report import report_markdown
-
     (tmp / "metrics.json").write_text(json.dumps(jsonable(metrics), indent=2, allow_nan=False) + "\n")
     (tmp / "report.md").write_text(report_markdown(metrics), encoding="utf-8")

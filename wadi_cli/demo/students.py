@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wadi_cli.distill.config import DistillConfig, resolve_config
+from wadi_cli.errors import WadiError
+
 
 @dataclass(frozen=True)
 class StudentSpec:
@@ -49,16 +52,13 @@ class TrainResult:
     steps: int
 
 
-def student_config(spec: StudentSpec, steps: int, seed: int) -> Any:
+def student_config(spec: StudentSpec, steps: int, seed: int) -> DistillConfig:
     """The resolved distill config of ``spec`` on the tiny backbone, with the paper's
-    objective only (:data:`~wadi_cli.distill.config.TINY_PAPER_OBJECTIVE`): the demo measures
-    the WaDi method itself, not the tiny default's regression term."""
-    from wadi_cli.distill import resolve_config
-    from wadi_cli.distill.config import TINY_PAPER_OBJECTIVE
-
+    objective only (``--config tiny_paper``, ``wadi_cli/configs/distill/tiny_paper.toml``):
+    the demo measures the WaDi method itself, not the tiny recipe's regression term."""
     return resolve_config(
+        "tiny_paper",
         overrides={
-            **TINY_PAPER_OBJECTIVE,
             "backbone": "tiny",
             "max_steps": steps,
             "seed": seed,
@@ -68,12 +68,13 @@ def student_config(spec: StudentSpec, steps: int, seed: int) -> Any:
             "tensorboard": False,
             "device": "cpu",
             **spec.overrides,
-        }
+        },
     )
 
 
 def _worker(name: str, cfg_dict: dict[str, Any], run: str, events: Any) -> None:
-    """Spawned process: train one student on one thread, report steps through ``events``."""
+    """Spawned process: train one student on one thread, report steps through ``events``.
+    (Imports here: the child sets its environment and threads before torch and diffusers load.)"""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from wadi_cli.quiet import quiet_third_party_logs
 
@@ -81,7 +82,7 @@ def _worker(name: str, cfg_dict: dict[str, Any], run: str, events: Any) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from wadi_cli.distill import distill, resolve_config
+    from wadi_cli.distill import distill
 
     try:
         cfg = resolve_config(base=cfg_dict)
@@ -114,8 +115,6 @@ def train_students(
     ``side_job`` (e.g. the teacher's evaluation) runs in this process once a slot frees
     up for it, i.e. when fewer than ``jobs`` students remain to be trained.
     """
-    from wadi_cli.errors import WadiError
-
     ctx = mp.get_context("spawn")
     events = ctx.Queue()
     pending = list(specs)

@@ -1,24 +1,18 @@
 """WaDi distillation (§4): LoRaD student + VSD against a LoRaD fake score on ONE frozen
-base; config, prompts, losses, the training step, resumable checkpoints and export."""
+base; config, prompts, losses, the training step, resumable checkpoints and export.
 
-from wadi_cli.distill.adapters import (
-    SwitchableLoRaDLinear,
-    adapter_parameters,
-    adapter_state_dict,
-    add_switchable_adapter,
-    load_adapter_tensors,
-    merged_state_dict,
-    switchable_layers,
-    use_adapter,
-)
-from wadi_cli.distill.checkpoint import Checkpoint, find_checkpoint, list_checkpoints, load_checkpoint
-from wadi_cli.distill.config import DistillConfig, read_config_file, resolve_config
-from wadi_cli.distill.data import SMOKE_PROMPTS, PromptStream, load_prompts, read_prompt_file
-from wadi_cli.distill.export import FORMATS, export_run, run_student_adapter
-from wadi_cli.distill.losses import fake_score_loss, generator_loss, guided_eps, vsd_gradient
-from wadi_cli.distill.plan import parameter_plan
-from wadi_cli.distill.run import RunSummary, config_for_run, distill
-from wadi_cli.distill.trainer import Distiller, StepResult, Topology, TrainingDiverged
+The names below are imported on first use (PEP 562), for start-up time: ``wadi distill
+--help`` builds its flags from :mod:`wadi_cli.distill.config`, which imports no torch, and
+importing that submodule runs this file first.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+#: The submodules that define the public names, cheapest first.
+_MODULES = ("config", "plan", "data", "losses", "adapters", "checkpoint", "export", "run", "trainer")
 
 __all__ = [
     "FORMATS",
@@ -29,7 +23,7 @@ __all__ = [
     "PromptStream",
     "RunSummary",
     "StepResult",
-    "SwitchableLoRaDLinear",
+    "MultiAdapterLinear",
     "Topology",
     "TrainingDiverged",
     "adapter_parameters",
@@ -51,8 +45,45 @@ __all__ = [
     "read_config_file",
     "read_prompt_file",
     "resolve_config",
-    "run_student_adapter",
+    "run_student_file",
+    "run_weights",
     "switchable_layers",
     "use_adapter",
     "vsd_gradient",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in __all__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    for module in _MODULES:
+        found = getattr(importlib.import_module(f"{__name__}.{module}"), name, None)
+        if found is not None:
+            globals()[name] = found
+            return found
+    raise AttributeError(name)  # pragma: no cover - every public name is defined above
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
+
+if TYPE_CHECKING:
+    from wadi_cli.distill.adapters import (
+        MultiAdapterLinear,
+        adapter_parameters,
+        adapter_state_dict,
+        add_switchable_adapter,
+        load_adapter_tensors,
+        merged_state_dict,
+        switchable_layers,
+        use_adapter,
+    )
+    from wadi_cli.distill.checkpoint import Checkpoint, find_checkpoint, list_checkpoints, load_checkpoint
+    from wadi_cli.distill.config import DistillConfig, read_config_file, resolve_config
+    from wadi_cli.distill.data import SMOKE_PROMPTS, PromptStream, load_prompts, read_prompt_file
+    from wadi_cli.distill.export import FORMATS, export_run, run_student_file, run_weights
+    from wadi_cli.distill.losses import fake_score_loss, generator_loss, guided_eps, vsd_gradient
+    from wadi_cli.distill.plan import parameter_plan
+    from wadi_cli.distill.run import RunSummary, config_for_run, distill
+    from wadi_cli.distill.trainer import Distiller, StepResult, Topology, TrainingDiverged

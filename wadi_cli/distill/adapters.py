@@ -2,8 +2,9 @@
 
 The student and the fake score model are the teacher plus a LoRaD adapter each (different
 targets and ranks). Instead of three networks, every targeted Linear is wrapped once in a
-:class:`SwitchableLoRaDLinear` that holds one :class:`~wadi_cli.lorad.LoRaDLinear` per
-adapter, all sharing the SAME frozen ``base_layer``. :func:`use_adapter` selects which one
+:class:`MultiAdapterLinear` that holds one adapter per role (a
+:class:`~wadi_cli.lorad.LoRaDLinear`, or peft's LoRA / DoRA for the ablation's student), all
+sharing the SAME frozen ``base_layer``. :func:`use_adapter` selects which one
 runs (``None`` = the teacher). Each forward does exactly one matmul: the plain base
 weight, or the rotated weight of the active adapter (the maths stays in
 :mod:`wadi_cli.lorad`).
@@ -20,11 +21,14 @@ import torch
 from torch import Tensor, nn
 
 from wadi_cli.errors import BadInputError, MismatchError
+from wadi_cli.io.tensor_map import KeyDiff, preview
 from wadi_cli.lorad import LoRaDLinear
+from wadi_cli.lorad.model import set_submodule
 
 
-class SwitchableLoRaDLinear(nn.Module):
-    """A frozen ``nn.Linear`` plus named LoRaD adapters; ``active`` picks the one applied.
+class MultiAdapterLinear(nn.Module):
+    """A frozen ``nn.Linear`` plus named adapters (LoRaD, LoRA or DoRA); ``active`` picks
+    the one applied.
 
     ``active is None`` or an adapter this layer does not hold → the base Linear itself.
     """
@@ -85,11 +89,9 @@ class SwitchableLoRaDLinear(nn.Module):
 def _peft_linear(base: nn.Linear, rank: int, dora: bool, generator: torch.Generator | None) -> nn.Module:
     """peft's LoRA/DoRA Linear on ``base`` (fp32 adapter tensors; init from ``generator``)."""
     try:
-        from peft import LoraConfig
+        from peft import LoraConfig  # optional dependency (the baselines extra)
         from peft.tuners.lora import Linear as PeftLoraLinear
     except ImportError:
-        from wadi_cli.errors import BadInputError
-
         raise BadInputError(
             "--adapter lora/dora needs peft: pip install 'wadi-cli[baselines]' (or pip install peft)"
         ) from None
@@ -106,14 +108,9 @@ def _peft_linear(base: nn.Linear, rank: int, dora: bool, generator: torch.Genera
     return layer.eval()
 
 
-def switchable_layers(model: nn.Module) -> dict[str, SwitchableLoRaDLinear]:
+def switchable_layers(model: nn.Module) -> dict[str, MultiAdapterLinear]:
     """Every switchable layer of ``model`` keyed by the path of the Linear it wraps."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, SwitchableLoRaDLinear)}
-
-
-def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
+    return {n: m for n, m in model.named_modules() if isinstance(m, MultiAdapterLinear)}
 
 
 def add_switchable_adapter(
@@ -126,7 +123,7 @@ def add_switchable_adapter(
     kind: str = "lorad",
 ) -> list[str]:
     """Give the Linears ``targets`` of ``model`` a LoRaD adapter ``name`` of ``rank``,
-    wrapping each Linear in a :class:`SwitchableLoRaDLinear` the first time. With
+    wrapping each Linear in a :class:`MultiAdapterLinear` the first time. With
     ``init_seed`` the ``B`` matrices come from one CPU generator in target order."""
     names = list(dict.fromkeys(targets))
     if not names:
@@ -144,13 +141,13 @@ def add_switchable_adapter(
         if not isinstance(module, nn.Linear):
             bad.append(f"{path} ({type(module).__name__})")
     if bad:
-        raise BadInputError(f"adapter {name!r}: targets must be nn.Linear modules: {', '.join(bad[:5])}")
+        raise BadInputError(f"adapter {name!r}: targets must be nn.Linear modules: {preview(bad, 5)}")
     generator = torch.Generator().manual_seed(init_seed) if init_seed is not None else None
     for path in names:
         layer = layers.get(path)
         if layer is None:
-            layer = SwitchableLoRaDLinear(model.get_submodule(path))
-            _set_submodule(model, path, layer)
+            layer = MultiAdapterLinear(model.get_submodule(path))
+            set_submodule(model, path, layer)
         layer.add_adapter(name, rank, label=path, generator=generator, kind=kind)
     return names
 
@@ -193,7 +190,7 @@ def adapter_state_dict(model: nn.Module, name: str) -> dict[str, Tensor]:
 
 def merged_state_dict(model: nn.Module, name: str) -> dict[str, Tensor]:
     """The plain network's state dict with every weight that adapter ``name`` changes
-    replaced by its effective weight (probed, see :meth:`SwitchableLoRaDLinear.effective_weight`).
+    replaced by its effective weight (probed, see :meth:`MultiAdapterLinear.effective_weight`).
     Used to export the LoRA / DoRA baselines; LoRaD merges exactly on state dicts."""
     layers = switchable_layers(model)
     out: dict[str, Tensor] = {}
@@ -223,12 +220,9 @@ def load_adapter_tensors(model: nn.Module, name: str, tensors: Mapping[str, Tens
     for path, layer in switchable_layers(model).items():
         if name in layer.adapters:
             params.update({f"{path}.{p}": t for p, t in layer.adapter_tensors(name).items()})
-    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-    bad = [k for k in params if k in tensors and tuple(tensors[k].shape) != tuple(params[k].shape)]
-    if missing or unexpected or bad:
-        raise MismatchError(
-            f"adapter {name!r} does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}, "
-            f"shape mismatch {bad[:3]}"
-        )
+    diff = KeyDiff.between(params, tensors)
+    if diff:
+        what = diff.describe("missing key(s)", "unexpected key(s)", "model", "file")
+        raise MismatchError(f"adapter {name!r} does not fit: {what}")
     for k, p in params.items():
         p.copy_(tensors[k].to(device=p.device, dtype=p.dtype))

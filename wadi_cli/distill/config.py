@@ -1,23 +1,36 @@
-"""The distillation recipe as data (WaDi §4): one dataclass with the paper's defaults.
+"""The distillation config: one dataclass whose fields declare every knob (type, help,
+flag), and the resolution of a run's values.
 
-Config flows one way: dataclass defaults → per-backbone defaults (:data:`BACKBONE_DEFAULTS`)
-→ a YAML/TOML config file → command-line flags. :func:`resolve_config` applies the layers
-in that order, fills backbone-derived values (ranks, ᾱ_T, mixed precision) and validates
-everything; the result is written into the run folder and printed by ``--dry-run``.
+Config flows one way: the backbone's recipe file (``wadi_cli/configs/distill/NAME.toml``,
+with its ``[per_adapter.KIND]`` values for the chosen student kind) → a YAML/TOML
+``--config`` file (a path, or a shipped name such as ``tiny_paper``) → command-line flags.
+:func:`resolve_config` applies the layers in that order, fills backbone-derived values
+(ᾱ_T) and validates everything; the result is written into the run folder and printed by
+``--dry-run``. The recipe files are the only place defaults live: :class:`DistillConfig`
+holds no numbers, and ``wadi distill --help`` quotes a default only where every backbone's
+recipe agrees on it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
+from wadi_cli.backbones import BACKBONES, get_backbone
+from wadi_cli.backbones.recipes import (
+    PER_ADAPTER,
+    backbone_recipe,
+    read_recipe,
+    recipe_values,
+    shipped_recipe_path,
+    shipped_recipes,
+)
 from wadi_cli.errors import BadInputError
 
 #: Student kinds: LoRaD (the method) and, for the paper's ablation, peft's LoRA / DoRA and a
@@ -26,141 +39,95 @@ ADAPTERS: tuple[str, ...] = ("lorad", "lora", "dora", "full")
 MIXED_PRECISION: tuple[str, ...] = ("auto", "no", "fp16", "bf16")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw8bit")
 LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
-
-#: Defaults that differ per backbone (applied before the config file and flags).
-BACKBONE_DEFAULTS: dict[str, dict[str, Any]] = {
-    # The tiny model is not SD-scale: the paper's lr 1e-4 / fake lr 1e-2 / CFG 1.5 / EMA 0.999
-    # leave its student at the base one-step quality (accuracy 0.69, fd 49.7 after 400 steps).
-    # With lr 1e-2 / fake lr 1e-3 / CFG 3 / fake CFG 1 the paper's VSD objective reaches
-    # accuracy 0.91-0.95 but stops at fd 17-21 for every student kind (4 seeds,
-    # analysis/adapter_study). The tiny default therefore adds what closes that gap (not in
-    # the paper): a DMD-style regression to 25-step teacher samples (weight 4, 1024 pairs)
-    # and a wider fake score (rank 64), over 1000 steps (analysis/distill_tiny/NOTES.md):
-    # seed 0 → accuracy 0.946, fd 9.07 (target ≤ 10.9); seeds 0-3 mean 0.933 / 10.85.
-    # TINY_PAPER_OBJECTIVE takes those additions back out.
-    "tiny": {
-        "batch_size": 16,
-        "max_steps": 1000,
-        "checkpoint_every": 250,
-        "validate_every": 250,
-        "lr": 1e-2,
-        "fake_lr": 1e-3,
-        "guidance": 3.0,
-        "fake_guidance": 1.0,
-        "ema_decay": 0.0,
-        "fake_rank": 64,
-        "regression_weight": 4.0,
-        "text_cache": 4096,  # the tiny grammar has 48 distinct prompts
-    },
-    "sd15": {"batch_size": 16, "max_steps": 20000, "checkpoint_every": 1000, "validate_every": 1000},
-    "sd21": {"batch_size": 16, "max_steps": 20000, "checkpoint_every": 1000, "validate_every": 1000},
-    "pixart": {"batch_size": 16, "max_steps": 20000, "checkpoint_every": 1000, "validate_every": 1000},
-}
-
-#: Defaults per (backbone, adapter), applied after :data:`BACKBONE_DEFAULTS`, from the
-#: lr sweeps in analysis/adapter_study (tiny, 400 steps, `wadi eval -n 500`):
-#: - a full fine-tune moves every weight and needs a far smaller lr than an adapter: the
-#:   tiny adapter lr 1e-2 destroys it (accuracy 0.02), 1e-3 gives 0.41, 1e-4 gives 0.956;
-#:   for SD-scale U-Nets / DiTs we default to 1e-5, the usual order for full fine-tunes;
-#: - LoRA / DoRA (B starts at zero, A random) also break at lr 1e-2 on tiny (accuracy 0.04);
-#:   lr 3e-4 / 1e-3 / 3e-3 give 0.872 / 0.932 / 0.900.
-ADAPTER_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
-    ("tiny", "full"): {"lr": 1e-4},
-    ("tiny", "lora"): {"lr": 1e-3},
-    ("tiny", "dora"): {"lr": 1e-3},
-    ("sd15", "full"): {"lr": 1e-5},
-    ("sd21", "full"): {"lr": 1e-5},
-    ("pixart", "full"): {"lr": 1e-5},
-}
+#: The backbone of ``wadi distill`` without ``-b`` (its recipe supplies everything else).
+DEFAULT_BACKBONE = "tiny"
 
 
-#: The tiny backbone with the paper's objective only: no regression term, the registry's
-#: fake rank (8), 400 steps. The demo and the adapter / swap studies pin these values, since
-#: they measure the WaDi method itself (and must fit their time budgets).
-TINY_PAPER_OBJECTIVE: dict[str, Any] = {
-    "regression_weight": 0.0,
-    "fake_rank": 8,
-    "max_steps": 400,
-    "checkpoint_every": 100,
-    "validate_every": 100,
-}
+def knob(help: str, *, default: Any = MISSING, short: str | None = None, alias: str | None = None) -> Any:
+    """A :class:`DistillConfig` field and its one command-line flag.
+
+    ``help`` is the flag's help text without a default (``wadi distill --help`` appends the
+    recipes' default, see :func:`default_text`); ``default`` is only for values a recipe
+    cannot hold (``None``: "the backbone's" / "built in"); ``short`` is a one-letter alias
+    and ``alias`` an old spelling that keeps working, hidden from the help.
+    """
+    return field(default=default, metadata={"help": help, "short": short, "alias": alias})
 
 
-def config_flags(values: Mapping[str, Any]) -> list[str]:
-    """``values`` as ``wadi distill`` flags (``{"fake_rank": 8}`` → ``["--fake-rank", "8"]``)."""
-    out: list[str] = []
-    for key, value in values.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            out.append(flag if value else "--no-" + key.replace("_", "-"))
-        else:
-            out += [flag, str(value)]
-    return out
-
-
-@dataclass
+@dataclass(kw_only=True)
 class DistillConfig:
-    """Every knob of a WaDi distillation run (defaults = the paper's recipe, §4).
+    """Every knob of a WaDi distillation run. Values come from the backbone's recipe file
+    (:func:`resolve_config`); the fields declare types and flags, not defaults.
 
-    ``None`` means "the backbone's value" for ``rank``, ``fake_rank``, ``alpha_bar_T`` and
-    is replaced by :func:`resolve_config`.
+    ``None`` means "the backbone's value" for ``alpha_bar_T`` (and for ``rank`` /
+    ``fake_rank`` in a user's file) and is replaced by :func:`resolve_config`.
     """
 
-    backbone: str = "tiny"
-    model: str | None = None  # base pipeline folder or hub id (default: the backbone's)
-    components: str | None = None  # VAE/text encoder/tokenizer/scheduler source (default: as for sampling)
-    adapter: str = "lorad"
-    rank: int | None = None  # student rank (paper: 256 SD, 128 PixArt)
-    fake_rank: int | None = None  # fake-score rank (paper: 32)
-    init_seed: int = 0  # seed of the adapters' Xavier initialisation
-    # optimisation (two AdamW, constant lr)
-    lr: float = 1e-4
-    fake_lr: float = 1e-2
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    fake_max_grad_norm: float = 1.0
-    warmup_steps: int = 0  # linear lr warm-up (0 = the paper's constant lr)
-    lr_schedule: str = "constant"  # after warm-up: "constant" (the paper) or "cosine" (to 0 at max_steps)
+    backbone: str = knob("Base model: sd15, sd21, pixart or tiny.", short="-b")
+    model: str | None = knob("Base pipeline folder or hub id (default: the backbone's).", default=None)
+    components: str | None = knob(
+        "VAE / text encoder / tokenizer / scheduler source, folder or hub id (default: the "
+        "--model pipeline, else the backbone's; see `wadi info -b NAME`).",
+        default=None,
+    )
+    adapter: str = knob("Student: lorad (the method); lora, dora (peft) or full (baselines).")
+    rank: int | None = knob("Student adapter rank.")
+    fake_rank: int | None = knob("Fake-score LoRaD rank.")
+    init_seed: int = knob("Seed of the adapters' initialisation.")
+    # optimisation (two AdamW)
+    lr: float = knob("Student learning rate.")
+    fake_lr: float = knob("Fake-score learning rate.")
+    adam_beta1: float = knob("AdamW β1 of both optimizers.")
+    adam_beta2: float = knob("AdamW β2 of both optimizers.")
+    adam_eps: float = knob("AdamW ε of both optimizers.")
+    weight_decay: float = knob("AdamW weight decay of both optimizers.")
+    max_grad_norm: float = knob("Gradient clipping norm of the student.")
+    fake_max_grad_norm: float = knob("Gradient clipping norm of the fake score.")
+    warmup_steps: int = knob("Linear lr warm-up steps of both lrs; 0 = none.")
+    lr_schedule: str = knob("After warm-up: constant (the paper) or cosine (to 0 at --max-steps).")
+    optimizer: str = knob("adamw or adamw8bit (bitsandbytes).")
     # VSD
-    guidance: float = 1.5  # teacher CFG
-    fake_guidance: float = 1.5  # fake-score CFG
-    t_min: int = 20
-    t_max: int = 980
-    fake_t_min: int = 0
-    fake_t_max: int = 999
-    alpha_bar_T: float | None = None  # one-step constant (registry: 0.0047)
-    prompt_dropout: float = 0.1  # ∅ replaces the prompt in the fake update
-    ema_decay: float = 0.999  # EMA of the student adapter (0 = off)
-    fake_updates: int = 1  # fake-score updates per generator update (the paper: 1; DMD2: 5)
+    guidance: float = knob("Teacher CFG scale.")
+    fake_guidance: float = knob("Fake-score CFG scale.")
+    t_min: int = knob("Smallest timestep of the VSD noise.")
+    t_max: int = knob("Largest timestep of the VSD noise.")
+    fake_t_min: int = knob("Smallest timestep of the fake-score update.")
+    fake_t_max: int = knob("Largest timestep of the fake-score update.")
+    alpha_bar_T: float | None = knob(
+        "One-step ᾱ_T (default: the backbone's, see `wadi info`).", default=None, alias="--alpha-bar-T"
+    )
+    prompt_dropout: float = knob("Probability that ∅ replaces the prompt in the fake update.")
+    ema_decay: float = knob("Student EMA decay; 0 = off.")
+    fake_updates: int = knob("Fake-score updates per generator update.")
     # DMD-style regression to teacher samples (NOT in the paper; 0 = off): the generator loss
     # gains  w · mean((G(z_j) − x0_teacher(z_j))²)  over fixed noise/teacher-sample pairs
-    regression_weight: float = 0.0
-    regression_pairs: int = 1024  # pairs (z_j, prompt_j, teacher x0_j), made once at start
-    regression_steps: int = 25  # teacher DDIM steps (with the teacher CFG) per pair
+    regression_weight: float = knob(
+        "Weight of a DMD-style regression to teacher samples (not in the paper); 0 = off."
+    )
+    regression_pairs: int = knob("Fixed (noise, prompt, teacher sample) pairs of the regression term.")
+    regression_steps: int = knob("Teacher DDIM steps (with the teacher CFG) per regression pair.")
     # run
-    batch_size: int = 16  # prompts per micro-batch (per process)
-    grad_accum: int = 1  # micro-batches accumulated into each optimizer step
-    max_steps: int = 400
-    seed: int = 0
-    checkpoint_every: int = 100
-    keep_last: int = 2
-    log_every: int = 1
-    validate_every: int = 0  # one-step validation images (+ tiny metrics) every N steps; 0 = off
-    prompts: str | None = None  # prompt file (.txt/.jsonl/.csv/.parquet); None = built-in
-    prompt_column: str = "prompt"
-    text_cache: int = 0  # keep the encodings of this many distinct prompts (LRU); 0 = encode on the fly
-    tensorboard: bool = True  # TensorBoard event files in RUN/tensorboard (when tensorboard is installed)
-    device: str = "auto"
-    mixed_precision: str = "auto"
-    # fp16/bf16 LoRaD: off = the rotated weight rounded to the base dtype (one matmul; most of
-    # a rotation below ~1e-3 is lost); on = one matmul over hi + lo halves, twice the adapted
-    # Linears' FLOPs (analysis/lorad_precision: the tiny run matches fp32 either way)
-    lorad_exact_low_precision: bool = False
-    gradient_checkpointing: bool = False
-    optimizer: str = "adamw"  # "adamw" | "adamw8bit" (bitsandbytes)
+    batch_size: int = knob("Prompts per micro-batch and process.")
+    grad_accum: int = knob("Micro-batches accumulated into each optimizer step.")
+    max_steps: int = knob("Stop after this many steps (total).")
+    seed: int = knob("Seed of noise, timesteps and data order.")
+    checkpoint_every: int = knob("Checkpoint every N steps.")
+    keep_last: int = knob("Keep only the newest K checkpoints.")
+    log_every: int = knob("Write metrics.csv every N steps.")
+    validate_every: int = knob("Validation images (+ tiny metrics) every N steps; 0 = off.")
+    prompts: str | None = knob(
+        "Prompt file: .txt, .jsonl, .csv or .parquet (default: built-in prompts).", default=None
+    )
+    prompt_column: str = knob("Column / key of the prompts in --prompts.")
+    text_cache: int = knob("Keep the encodings of up to N distinct prompts (LRU); 0 = encode on the fly.")
+    tensorboard: bool = knob("TensorBoard logs in RUN/tensorboard (needs the tensorboard package).")
+    device: str = knob("auto, cpu, cuda, cuda:1.")
+    mixed_precision: str = knob("auto (the backbone's on CUDA, none on CPU), no, fp16 or bf16.")
+    gradient_checkpointing: bool = knob("Recompute activations in backward (less memory).")
+    lorad_exact_low_precision: bool = knob(
+        "fp16/bf16 LoRaD: one matmul over hi + lo halves of the rotated weight, so small rotations "
+        "reach the forward (twice the adapted Linears' FLOPs; analysis/lorad_precision)."
+    )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON view."""
@@ -177,56 +144,141 @@ _FIELDS = {f.name: f for f in fields(DistillConfig)}
 _BOOL_FIELDS = {n for n, f in _FIELDS.items() if str(f.type) == "bool"}
 _INT_FIELDS = {n for n, f in _FIELDS.items() if "int" in str(f.type)}
 _FLOAT_FIELDS = {n for n, f in _FIELDS.items() if "float" in str(f.type)}
+_NULLABLE = {n for n, f in _FIELDS.items() if "None" in str(f.type)}
+#: Fields a recipe must set (the others default to ``None``, which a TOML file cannot hold).
+REQUIRED_FIELDS: tuple[str, ...] = tuple(n for n, f in _FIELDS.items() if f.default is MISSING)
+
+
+# ---- flags -----------------------------------------------------------------------------------
+def flag_name(name: str) -> str:
+    """The command-line flag of field ``name`` (``fake_lr`` → ``--fake-lr``)."""
+    return "--" + name.replace("_", "-").lower()
+
+
+def field_kind(name: str) -> type:
+    """``bool``, ``int``, ``float`` or ``str``: what the flag of field ``name`` parses."""
+    for kind, names in ((bool, _BOOL_FIELDS), (int, _INT_FIELDS), (float, _FLOAT_FIELDS)):
+        if name in names:
+            return kind
+    return str
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+@functools.cache
+def _recipe_values_everywhere() -> tuple[dict[str, Any], ...]:
+    """The values of every backbone's recipe for every student kind it names (read once)."""
+    out = []
+    for backbone in BACKBONES:
+        recipe = backbone_recipe(backbone)
+        out += [recipe_values(recipe, adapter) for adapter in (None, *recipe.get(PER_ADAPTER, {}))]
+    return tuple(out)
+
+
+def default_text(name: str) -> str:
+    """What ``wadi distill --help`` says of field ``name``'s default, read from the recipes:
+    the value when every backbone's recipe (for every student kind) agrees on it, else
+    "backbone default"; ``""`` for fields no recipe sets (their help says it)."""
+    if name == "backbone":
+        return f"default {DEFAULT_BACKBONE}"
+    if name not in REQUIRED_FIELDS:
+        return ""
+    everywhere = _recipe_values_everywhere()
+    if len({repr(values.get(name)) for values in everywhere}) == 1:
+        return f"default {_show(everywhere[0][name])}"
+    return "backbone default, see --dry-run"
+
+
+def option_help(name: str) -> str:
+    """The full help of field ``name``'s flag: its declared help and :func:`default_text`."""
+    text, default = _FIELDS[name].metadata["help"], default_text(name)
+    return f"{text} ({default})" if default else text
+
+
+def option_alias(name: str) -> tuple[str | None, str | None]:
+    """``(short, hidden old spelling)`` of field ``name``'s flag (each may be ``None``)."""
+    meta = _FIELDS[name].metadata
+    return meta["short"], meta["alias"]
+
+
+# ---- config files ----------------------------------------------------------------------------
+def config_file_path(value: str | os.PathLike[str]) -> Path:
+    """The file ``--config VALUE`` names: a path, or the name of a shipped recipe
+    (``tiny_paper`` → ``wadi_cli/configs/distill/tiny_paper.toml``)."""
+    p = Path(value).expanduser()
+    if p.is_dir():
+        raise BadInputError(f"--config {p}: is a folder, not a config file")
+    if p.is_file():
+        return p
+    shipped = shipped_recipe_path(str(value)) if not p.suffix else None
+    if shipped is not None:
+        return shipped
+    raise BadInputError(
+        f"--config {p}: no such file (or pass a shipped recipe by name: {', '.join(shipped_recipes())})"
+    )
+
+
+def _check_keys(where: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` with ``-`` in keys made ``_``; unknown keys and ill-typed values refused."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name == PER_ADAPTER:
+            if not isinstance(value, Mapping) or not all(isinstance(v, Mapping) for v in value.values()):
+                raise BadInputError(f"{where}: [{PER_ADAPTER}.KIND] must be tables of option values")
+            out[name] = {str(kind): _check_keys(where, v) for kind, v in value.items()}
+            continue
+        out[name] = value
+    unknown = sorted(set(out) - set(_FIELDS) - {PER_ADAPTER})
+    if unknown:
+        raise BadInputError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    for name, value in out.items():  # every value, also those a flag will override
+        if name != PER_ADAPTER:
+            try:
+                _coerce(name, value)
+            except BadInputError as exc:
+                raise BadInputError(f"{where}: {exc}") from None
+    return out
 
 
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) config file into a dict.
+    """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) config file, or a shipped recipe
+    by name, into a dict (with a ``per_adapter`` table when the file has one).
 
     Keys may use ``-`` or ``_``; unknown keys raise :class:`BadInputError` naming them.
     """
-    p = Path(path).expanduser()
-    if p.is_dir():
-        raise BadInputError(f"--config {p}: is a folder, not a config file")
-    if not p.is_file():
-        raise BadInputError(f"--config {p}: no such file")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"--config {p}: cannot read ({exc})") from None
+    p = config_file_path(path)
     suffix = p.suffix.lower()
-    try:
-        if suffix == ".toml":
-            data = tomllib.loads(text)
-        elif suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        else:
-            raise BadInputError(f"--config {p}: use a .yaml, .yml or .toml file")
-    except (tomllib.TOMLDecodeError, ValueError) as exc:
-        raise BadInputError(f"--config {p}: not valid {suffix[1:].upper()} ({exc})") from None
-    except Exception as exc:  # yaml.YAMLError and friends
-        if isinstance(exc, BadInputError):
-            raise
-        raise BadInputError(f"--config {p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if suffix == ".toml":
+        data: Any = read_recipe(p, f"--config {p}")
+    elif suffix in (".yaml", ".yml"):
+        data = _read_yaml(p)
+    else:
+        raise BadInputError(f"--config {p}: use a .yaml, .yml or .toml file")
     if not isinstance(data, Mapping):
         raise BadInputError(f"--config {p}: expected a mapping of option names to values")
-    out = {str(k).replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(out) - set(_FIELDS))
-    if unknown:
-        raise BadInputError(f"--config {p}: unknown key(s) {', '.join(unknown)}")
-    for key, value in out.items():  # every value, also those a flag will override
-        try:
-            _coerce(key, value)
-        except BadInputError as exc:
-            raise BadInputError(f"--config {p}: {exc}") from None
-    return out
+    return _check_keys(f"--config {p}", data)
+
+
+def _read_yaml(p: Path) -> Any:
+    import yaml  # start-up time (`wadi distill --help`): only YAML files need it
+
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"--config {p}: cannot read ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - yaml.YAMLError and friends
+        raise BadInputError(f"--config {p}: not valid YAML ({str(exc).splitlines()[0]})") from None
 
 
 def _coerce(name: str, value: Any) -> Any:
     """Type-check one value (ints stay ints, ints are accepted for floats)."""
     if value is None:
-        if name in ("rank", "fake_rank", "alpha_bar_T", "model", "components", "prompts"):
+        if name in _NULLABLE:
             return None
         raise BadInputError(f"config {name}: must not be empty")
     if name in _BOOL_FIELDS:
@@ -254,24 +306,29 @@ def _validate(cfg: DistillConfig) -> None:
     need(cfg.adapter in ADAPTERS, f"--adapter must be one of {', '.join(ADAPTERS)}; got {cfg.adapter!r}")
     for name in (
         "rank", "fake_rank", "batch_size", "grad_accum", "fake_updates", "max_steps", "checkpoint_every",
-        "log_every",
+        "log_every", "keep_last",
     ):  # fmt: skip
-        need(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be at least 1")
-    need(cfg.keep_last >= 1, "--keep-last must be at least 1")
+        need(getattr(cfg, name) >= 1, f"{flag_name(name)} must be at least 1")
+    need(
+        cfg.regression_pairs >= 1 and cfg.regression_steps >= 1,
+        "regression pairs and steps must be >= 1 (--regression-pairs, --regression-steps)",
+    )
     need(cfg.warmup_steps >= 0, "--warmup-steps must be >= 0")
     need(cfg.text_cache >= 0, "--text-cache must be >= 0 (0 encodes prompts on the fly)")
     need(cfg.regression_weight >= 0, "--regression-weight must be >= 0 (0 turns it off)")
-    need(cfg.regression_pairs >= 1 and cfg.regression_steps >= 1, "regression pairs and steps must be >= 1")
     need(cfg.validate_every >= 0, "--validate-every must be >= 0 (0 turns validation off)")
     for name in ("lr", "fake_lr", "adam_eps", "max_grad_norm", "fake_max_grad_norm"):
         value = getattr(cfg, name)
-        need(math.isfinite(value) and value > 0, f"--{name.replace('_', '-')} must be positive")
+        need(math.isfinite(value) and value > 0, f"{flag_name(name)} must be positive")
     need(cfg.weight_decay >= 0, "--weight-decay must be >= 0")
-    need(0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1, "Adam betas must lie in [0, 1)")
+    need(
+        0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1,
+        "--adam-beta1 and --adam-beta2 must lie in [0, 1)",
+    )
     need(0 <= cfg.ema_decay < 1, "--ema-decay must lie in [0, 1) (0 turns EMA off)")
     need(0 <= cfg.prompt_dropout <= 1, "--prompt-dropout must lie in [0, 1]")
-    need(cfg.guidance >= 0 and cfg.fake_guidance >= 0, "guidance scales must be >= 0")
-    need(0 < cfg.alpha_bar_T < 1, "--alpha-bar-T must lie in (0, 1)")
+    need(cfg.guidance >= 0 and cfg.fake_guidance >= 0, "--guidance and --fake-guidance must be >= 0")
+    need(0 < cfg.alpha_bar_T < 1, "--alpha-bar-t must lie in (0, 1)")
     need(0 <= cfg.t_min <= cfg.t_max, "need 0 <= --t-min <= --t-max")
     need(0 <= cfg.fake_t_min <= cfg.fake_t_max, "need 0 <= --fake-t-min <= --fake-t-max")
     need(cfg.mixed_precision in MIXED_PRECISION, f"--mixed-precision must be one of {MIXED_PRECISION}")
@@ -280,50 +337,55 @@ def _validate(cfg: DistillConfig) -> None:
     need(cfg.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}")
 
 
+def _last(key: str, layers: list[Mapping[str, Any]], fallback: Any) -> Any:
+    """The value of ``key`` in the last layer that sets it."""
+    return next((layer[key] for layer in reversed(layers) if key in layer), fallback)
+
+
 def resolve_config(
     file: str | os.PathLike[str] | None = None,
     overrides: Mapping[str, Any] | None = None,
     base: DistillConfig | Mapping[str, Any] | None = None,
 ) -> DistillConfig:
-    """Resolve a run's config: ``base`` (a saved config, or the dataclass defaults plus the
-    backbone's defaults) → ``file`` → ``overrides`` (flags; ``None`` values are ignored).
+    """Resolve a run's config: ``base`` (a saved config; default: the backbone's recipe with
+    its values for the chosen student kind) → ``file`` (a path or a shipped recipe name) →
+    ``overrides`` (flags; ``None`` values are ignored).
 
-    Backbone-derived ``None`` values (ranks, ᾱ_T) are filled from the registry.
+    Keys a saved config lacks (written by an older wadi) come from its backbone's recipe;
+    ``None`` ranks and ᾱ_T are filled from the registry.
     """
-    from wadi_cli.backbones import get_backbone
 
-    layers: list[dict[str, Any]] = []
-    if file is not None:
-        layers.append(read_config_file(file))
-    layers.append({k: v for k, v in (overrides or {}).items() if v is not None})
-    for layer in layers:
-        unknown = sorted(set(layer) - set(_FIELDS))
+    layer = read_config_file(file) if file is not None else {}
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    saved = (base.to_dict() if isinstance(base, DistillConfig) else dict(base)) if base is not None else {}
+    for where, keys in (("unknown config key(s)", flags), ("the saved run config has unknown key(s)", saved)):
+        unknown = sorted(set(keys) - set(_FIELDS))
         if unknown:
-            raise BadInputError(f"unknown config key(s): {', '.join(unknown)}")
-    if base is None:
-        name = next((layer["backbone"] for layer in reversed(layers) if "backbone" in layer), "tiny")
-        backbone = get_backbone(_coerce("backbone", name))
-        adapter = next((layer["adapter"] for layer in reversed(layers) if "adapter" in layer), "lorad")
-        values = {
-            **DistillConfig().to_dict(),
-            "backbone": backbone.name,
-            **BACKBONE_DEFAULTS[backbone.name],
-            **ADAPTER_DEFAULTS.get((backbone.name, str(adapter)), {}),
-        }
-    else:
-        values = base.to_dict() if isinstance(base, DistillConfig) else dict(base)
-    for layer in layers:
-        values.update(layer)
+            raise BadInputError(f"{where}: {', '.join(unknown)}")
+    layers = [saved, layer, flags]
+    backbone = get_backbone(_coerce("backbone", _last("backbone", layers, DEFAULT_BACKBONE))).name
+    recipe = backbone_recipe(backbone)
+    adapter = str(_last("adapter", layers, recipe.get("adapter")))
+    values = recipe_values(recipe, adapter)
+    if base is None:  # the file's values for this student kind replace the recipe's
+        values.update(recipe_values(layer, adapter))
+    else:  # a saved run keeps its values; the file's per-kind values do not re-apply
+        values.update(saved)
+        values.update({k: v for k, v in layer.items() if k != PER_ADAPTER})
+    values.update(flags)
+    values["backbone"] = backbone
+    missing = sorted(set(REQUIRED_FIELDS) - set(values))
+    if missing:
+        raise BadInputError(f"the {backbone} recipe lacks key(s) {', '.join(missing)}")
     values = {k: _coerce(k, v) for k, v in values.items()}
-    backbone = get_backbone(values["backbone"])
-    values["backbone"] = backbone.name
+    spec = get_backbone(backbone)
+    if values["rank"] is None:
+        values["rank"] = spec.student_rank
+    if values["fake_rank"] is None:
+        values["fake_rank"] = spec.fake_rank
+    if values.get("alpha_bar_T") is None:
+        values["alpha_bar_T"] = spec.alpha_bar_T
     cfg = DistillConfig(**values)
-    cfg = replace(
-        cfg,
-        rank=backbone.student_rank if cfg.rank is None else cfg.rank,
-        fake_rank=backbone.fake_rank if cfg.fake_rank is None else cfg.fake_rank,
-        alpha_bar_T=backbone.alpha_bar_T if cfg.alpha_bar_T is None else cfg.alpha_bar_T,
-    )
     _validate(cfg)
     return cfg
 
@@ -334,7 +396,6 @@ def config_from_json(text: str) -> DistillConfig:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise BadInputError(f"run config is not valid JSON ({exc})") from None
-    unknown = sorted(set(data) - set(_FIELDS))
-    if unknown:
-        raise BadInputError(f"run config has unknown key(s): {', '.join(unknown)}")
-    return resolve_config(base={**DistillConfig().to_dict(), **data})
+    if not isinstance(data, dict):
+        raise BadInputError("run config is not a JSON object")
+    return resolve_config(base=data)

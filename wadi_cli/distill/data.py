@@ -16,6 +16,7 @@ import torch
 
 from wadi_cli.errors import BadInputError
 from wadi_cli.io.prompts import PROMPT_SUFFIXES, read_prompt_file  # noqa: F401 (re-exported)
+from wadi_cli.tiny.data import prompt_for, sample_attributes
 
 #: A small built-in prompt set for smoke runs of the SD / PixArt backbones.
 SMOKE_PROMPTS: tuple[str, ...] = (
@@ -40,7 +41,6 @@ SMOKE_PROMPTS: tuple[str, ...] = (
 
 def tiny_prompts(n: int = 1024, seed: int = 0) -> list[str]:
     """``n`` prompts of the tiny model's grammar (``"a red circle at the top left"``)."""
-    from wadi_cli.tiny.data import prompt_for, sample_attributes
 
     return [prompt_for(a) for a in sample_attributes(n, seed)]
 

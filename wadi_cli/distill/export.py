@@ -12,11 +12,16 @@ Every exported file records the run's ᾱ_T (metadata ``alpha_bar_T``), which
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from wadi_cli.backbones import Backbone
 from wadi_cli.distill.checkpoint import find_checkpoint, read_state
 from wadi_cli.errors import BadInputError, CheckpointError
 from wadi_cli.io import (
@@ -28,16 +33,18 @@ from wadi_cli.io import (
 )
 from wadi_cli.io.writers import ALPHA_BAR_T_METADATA
 from wadi_cli.lorad import load_adapter, merge_adapter_into_state_dict, save_adapter
+from wadi_cli.sample.pipeline import PipelineSource
 
 FORMATS: tuple[str, ...] = ("merged", "adapter", "diffusers", "single-file")
 
 
-def run_student_adapter(
+def run_student_file(
     run: str | os.PathLike[str], checkpoint: str | None = None, ema: bool = True
 ) -> tuple[Path, dict[str, Any]]:
-    """Path of the student adapter file in a run's checkpoint (``checkpoint``: ``latest``
-    by default, or a checkpoint folder) and the checkpoint's config. ``ema=True`` takes the
-    EMA copy when the run kept one."""
+    """Path of the student file in a run's checkpoint (``checkpoint``: ``latest`` by
+    default, or a checkpoint folder) and the checkpoint's config: the adapter tensors, or
+    every weight for ``--adapter full``. ``ema=True`` takes the EMA copy when the run kept
+    one."""
     ckpt = find_checkpoint(run, checkpoint or "latest")
     config = read_state(ckpt)["config"]
     file = ckpt / "ema.safetensors"
@@ -48,12 +55,35 @@ def run_student_adapter(
     return file, config
 
 
+@contextlib.contextmanager
+def run_weights(
+    run: str | os.PathLike[str], checkpoint: str | None = None, *, merged: bool = False, private: bool = False
+) -> Iterator[tuple[Path, Path, dict[str, Any]]]:
+    """A run's student as one file that ``--weights`` (and ``wadi swap``) take: the LoRaD
+    adapter file of the checkpoint itself, or, for LoRA / DoRA / full students or with
+    ``merged``, its merged state dict exported to a temporary file that is removed
+    afterwards. ``private`` copies an adapter file too (the run may delete the checkpoint
+    meanwhile). EMA when the run kept one. Yields ``(file, checkpoint file, run config)``."""
+    student, config = run_student_file(run, checkpoint)
+    lorad = config.get("adapter", "lorad") == "lorad" and not merged
+    if lorad and not private:
+        yield student, student, config
+        return
+    with tempfile.TemporaryDirectory(prefix="wadi-run-") as tmp:
+        dest = Path(tmp) / "student.safetensors"
+        if lorad:
+            shutil.copyfile(student, dest)
+        else:
+            export_run(run, "merged", dest, checkpoint=checkpoint)
+        yield dest, student, config
+
+
 def run_variant(config: dict[str, Any]) -> str | None:
     """The hub weights variant of the run's base: ``fp16`` when it trained in fp16."""
     return "fp16" if config.get("mixed_precision") == "fp16" else None
 
 
-def _base_source(config: dict[str, Any], with_components: bool = False) -> tuple[Any, Any]:
+def _base_source(config: dict[str, Any], with_components: bool = False) -> tuple[Backbone, PipelineSource]:
     from wadi_cli.backbones import get_backbone
     from wadi_cli.sample import resolve_pipeline_source
 
@@ -70,7 +100,7 @@ def _base_source(config: dict[str, Any], with_components: bool = False) -> tuple
 
 def _merged_state(
     adapter_file: Path, config: dict[str, Any], with_components: bool = False
-) -> tuple[dict[str, Any], Any, Any]:
+) -> tuple[dict[str, Any], Backbone, PipelineSource]:
     backbone, source = _base_source(config, with_components)
     kind = config.get("adapter", "lorad")
     if kind == "full":  # the student IS a full state dict
@@ -86,7 +116,7 @@ def _merged_state(
 
 
 def _merged_baseline(
-    adapter_file: Path, config: dict[str, Any], backbone: Any, source: Path
+    adapter_file: Path, config: dict[str, Any], backbone: Backbone, source: PipelineSource
 ) -> dict[str, Any]:
     """LoRA / DoRA: build the base denoiser, attach the adapter, probe effective weights."""
     import diffusers
@@ -127,7 +157,7 @@ def export_run(
             raise BadInputError(f"{out_path} already exists (pass --overwrite to replace it)")
     else:
         check_writable(out_path, directory=True)
-    adapter_file, config = run_student_adapter(run, checkpoint, ema)
+    adapter_file, config = run_student_file(run, checkpoint, ema)
     if fmt == "single-file":
         from wadi_cli.io.sd_single_file_write import check_single_file_backbone
 

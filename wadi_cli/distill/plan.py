@@ -8,11 +8,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from wadi_cli.backbones import Backbone, get_backbone
+from wadi_cli.backbones.skeletons import skeleton
 from wadi_cli.distill.config import DistillConfig
 from wadi_cli.errors import BadInputError
+from wadi_cli.tiny.arch import UNET_CONFIG
 
 
-def _denoiser_config(cfg: DistillConfig, backbone: Any) -> dict[str, Any]:
+def _denoiser_config(cfg: DistillConfig, backbone: Backbone) -> dict[str, Any]:
     """The denoiser's architecture config: the ``--model`` folder's when it is local, else
     the shipped one, else (tiny without its shipped pipeline) the tiny spec."""
     if cfg.model is not None:
@@ -22,8 +25,6 @@ def _denoiser_config(cfg: DistillConfig, backbone: Any) -> dict[str, Any]:
     if backbone.config_path.is_file():
         return backbone.denoiser_config()
     if backbone.name == "tiny":
-        from wadi_cli.tiny.arch import UNET_CONFIG
-
         return dict(UNET_CONFIG)
     raise BadInputError(f"backbone {backbone.name}: no architecture config to plan with")
 
@@ -39,8 +40,6 @@ def _adapter_size(kind: str, rank: int, out_features: int, in_features: int) -> 
 def parameter_plan(cfg: DistillConfig) -> dict[str, Any]:
     """Layers and trainable parameters of the student and fake adapters (``r · (out +
     in/2)`` per adapted Linear), plus the frozen base size."""
-    from wadi_cli.backbones import get_backbone
-    from wadi_cli.backbones.skeletons import skeleton
 
     backbone = get_backbone(cfg.backbone)
     shapes, base_params = skeleton(backbone, _denoiser_config(cfg, backbone))

@@ -48,6 +48,7 @@ from wadi_cli.distill.lock import acquire_run_lock, check_run_lock
 from wadi_cli.distill.trainer import Distiller, StepResult, Topology
 from wadi_cli.errors import CheckpointError, WriteError
 from wadi_cli.io import remove_stale_temps, write_error, write_text_atomic
+from wadi_cli.machine import resolve_device
 
 METRIC_FIELDS = ("step", "loss_g", "loss_fake", "grad_norm_g", "grad_norm_fake", "lr", "fake_lr", "seconds")
 
@@ -66,13 +67,6 @@ class RunSummary:
     world_size: int = 1
     rank: int = 0
     tensorboard: Path | None = None  # where the event files went (None: off or not installed)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def weights_dtype(cfg: DistillConfig, device: torch.device) -> torch.dtype:
@@ -227,7 +221,7 @@ def prepare(
             ckpt = load_checkpoint(path)
         except CheckpointError as exc:
             raise _naming_previous(path, exc) from None
-        saved = resolve_config(base={**DistillConfig().to_dict(), **ckpt.config})
+        saved = resolve_config(base=ckpt.config)
         check_compatible(saved.fingerprint(), cfg.fingerprint())
     return run, prompts, ckpt
 
@@ -268,10 +262,10 @@ def _barrier(topology: Topology) -> None:
 
 def build_distiller(cfg: DistillConfig, prompts: list[str]) -> Distiller:
     """Load the base pipeline (frozen teacher) and set up the run's state."""
-    from wadi_cli.sample import load_sampler
+    from wadi_cli.sample import load_pipeline
 
     topology, device = process_topology(cfg)
-    sampler = load_sampler(
+    pipe = load_pipeline(
         cfg.backbone,
         model=cfg.model,
         components=cfg.components,
@@ -279,7 +273,7 @@ def build_distiller(cfg: DistillConfig, prompts: list[str]) -> Distiller:
         device=device,
         dtype=weights_dtype(cfg, device),
     )
-    return Distiller(cfg, sampler, prompts, topology)
+    return Distiller(cfg, pipe, prompts, topology)
 
 
 def _validate(
@@ -312,7 +306,7 @@ def _adapter_checksum(distiller: Distiller) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for k, v in sorted(distiller.student_adapter().items()):
+    for k, v in sorted(distiller.student_weights().items()):
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
@@ -439,7 +433,7 @@ def config_for_run(
     file: str | os.PathLike[str] | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> DistillConfig:
-    """The resolved config of a run: defaults → file → flags; when resuming, the
+    """The resolved config of a run: recipe → file → flags; when resuming, the
     checkpoint's saved config takes the place of the defaults (flags still override, and a
     changed backbone / model / adapter / rank is then refused by :func:`distill`)."""
     if resume is None:
@@ -449,4 +443,4 @@ def config_for_run(
         saved = read_state(ckpt_dir)["config"]
     except CheckpointError as exc:
         raise _naming_previous(ckpt_dir, exc) from None
-    return resolve_config(file, overrides, base={**DistillConfig().to_dict(), **saved})
+    return resolve_config(file, overrides, base=saved)

@@ -8,7 +8,9 @@ import os
 import re
 from pathlib import Path
 
+from wadi_cli.distill.checkpoint import list_checkpoints
 from wadi_cli.errors import BadInputError
+from wadi_cli.io import unused_path
 
 #: Parent folder of the default run folders (relative to the working directory).
 RUNS_ROOT = Path("runs")
@@ -16,12 +18,19 @@ _STAMP = "%Y%m%d-%H%M%S"
 _NAME_RE = re.compile(r"^(?P<backbone>[a-z0-9]+)-(?P<stamp>\d{8}-\d{6})(?:-(?P<n>\d+))?$")
 
 
+def is_run_folder(path: str | os.PathLike[str] | None) -> bool:
+    """True for a ``wadi distill --out RUN`` folder (it has ``checkpoints/step-*``)."""
+    if path is None:
+        return False
+    p = Path(path).expanduser()
+    return p.is_dir() and any((p / "checkpoints").glob("step-*"))
+
+
 def new_run_dir(
     backbone: str, root: str | os.PathLike[str] = RUNS_ROOT, now: dt.datetime | None = None
 ) -> Path:
     """A run folder that does not exist yet: ``root/BACKBONE-YYYYmmdd-HHMMSS`` (local time),
     with ``-2``, ``-3``, … appended when that second is already taken. Creates nothing."""
-    from wadi_cli.io import unused_path
 
     stamp = (now or dt.datetime.now()).strftime(_STAMP)
     return unused_path(Path(root) / f"{backbone}-{stamp}")
@@ -37,7 +46,6 @@ def latest_run_dir(backbone: str | None = None, root: str | os.PathLike[str] = R
     """The newest default-named run folder under ``root`` that holds a checkpoint, of
     ``backbone`` (any backbone when ``None``). One-line :class:`BadInputError` naming the
     command that starts a run when there is none."""
-    from wadi_cli.distill.checkpoint import list_checkpoints
 
     base = Path(root)
     runs = []

@@ -14,7 +14,7 @@ import copy
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -47,6 +47,9 @@ from wadi_cli.distill.losses import (
 )
 from wadi_cli.errors import BadInputError, MismatchError, WadiError
 from wadi_cli.lorad import lorad_layers
+
+if TYPE_CHECKING:
+    from wadi_cli.sample import LoadedPipeline
 
 
 class TrainingDiverged(WadiError):
@@ -94,19 +97,19 @@ class StepResult:
 
 
 class Distiller:
-    """State and step of a WaDi run. ``sampler`` is a :class:`wadi_cli.sample.Sampler` of
+    """State and step of a WaDi run. ``pipe`` is a :class:`wadi_cli.sample.LoadedPipeline` of
     the base pipeline (teacher weights, frozen); its denoiser network gets both adapters."""
 
     def __init__(
-        self, cfg: DistillConfig, sampler: Any, prompts: list[str], topology: Topology | None = None
+        self, cfg: DistillConfig, pipe: LoadedPipeline, prompts: list[str], topology: Topology | None = None
     ) -> None:
         self.cfg = cfg
         self.topology = topology or Topology()
-        self.sampler = sampler
-        self.denoiser = sampler.denoiser
+        self.pipe = pipe
+        self.denoiser = pipe.denoiser
         self.net = self.denoiser.model
-        self.device = sampler.device
-        backbone = sampler.backbone
+        self.device = pipe.device
+        backbone = pipe.backbone
         self.net.requires_grad_(False)
         # targets are read from the plain network, before any wrapping
         self.targets = {
@@ -160,8 +163,8 @@ class Distiller:
         if cfg.ema_decay > 0:
             self.ema = {k: v.detach().clone().float() for k, v in self.student_state().items()}
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.alphas_cumprod = alphas_cumprod_of(sampler.scheduler)
-        self.t_last = last_timestep(sampler.scheduler)
+        self.alphas_cumprod = alphas_cumprod_of(pipe.scheduler)
+        self.t_last = last_timestep(pipe.scheduler)
         self.stream = PromptStream(prompts, cfg.seed)
         self._text_cache: dict[str, TextCondition] = {}
         self.pairs: dict[str, Any] | None = None
@@ -191,7 +194,7 @@ class Distiller:
         if scale == 1.0:
             with use_adapter(self.net, adapter):
                 return self.denoiser.eps(x_t, t, cond)
-        uncond = self.sampler.prompt_encoder.empty(len(cond)).to(self.device)
+        uncond = self.pipe.prompt_encoder.empty(len(cond)).to(self.device)
         with use_adapter(self.net, adapter):
             eps = self.denoiser.eps(
                 torch.cat([x_t, x_t]), torch.cat([t, t]), TextCondition.cat([uncond, cond])
@@ -204,7 +207,7 @@ class Distiller:
         encoded once, ALONE (so its embedding never depends on the batch it first came
         in, and a resumed run sees the same bits), and kept in an LRU cache of that many
         prompts; otherwise the batch is encoded on the fly."""
-        encoder = self.sampler.prompt_encoder
+        encoder = self.pipe.prompt_encoder
         size = self.cfg.text_cache
         if size <= 0:
             return encoder(prompts).to(self.device)
@@ -224,7 +227,7 @@ class Distiller:
         global batch (``micro`` micro-batches × ranks × ``batch``) is drawn at once and this
         rank keeps its slice of each micro-batch, so gradient accumulation over ``k``
         micro-batches of ``B`` draws exactly what one batch of ``k·B`` draws."""
-        c, h, w = self.sampler.latent_shape
+        c, h, w = self.pipe.latent_shape
         g, cfg, topo = self.generator, self.cfg, self.topology
         total = micro * topo.world * batch
         shape = (total, c, h, w)
@@ -301,7 +304,7 @@ class Distiller:
         dev = self.device
         ab_f = alpha_bar_at(self.alphas_cumprod, d["t_fake"].cpu()).to(dev)
         x_tf = add_noise(x0, d["eps_fake"], ab_f)
-        cond_f = _drop_prompts(cond, self.sampler.prompt_encoder.empty(len(cond)).to(dev), d["drop"])
+        cond_f = _drop_prompts(cond, self.pipe.prompt_encoder.empty(len(cond)).to(dev), d["drop"])
         with use_adapter(self.net, "fake"):
             eps_pred = self.denoiser.eps(x_tf, d["t_fake"], cond_f)
         return fake_score_loss(eps_pred, d["eps_fake"], ab_f)
@@ -315,14 +318,14 @@ class Distiller:
         cfg = self.cfg
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 17)
         n = cfg.regression_pairs
-        z = torch.randn((n, *self.sampler.latent_shape), generator=g)
+        z = torch.randn((n, *self.pipe.latent_shape), generator=g)
         picks = torch.randint(0, len(prompts), (n,), generator=g).tolist()
         texts = [prompts[i] for i in picks]
         x0 = []
         for start in range(0, n, 64):
             cond = self.encode(texts[start : start + 64])
             zb = z[start : start + 64].to(self.device)
-            x0.append(teacher_latents(self.sampler, cond, zb, cfg.regression_steps, cfg.guidance).float())
+            x0.append(teacher_latents(self.pipe, cond, zb, cfg.regression_steps, cfg.guidance).float())
         return {"z": z.to(self.device), "x0": torch.cat(x0), "prompts": texts}
 
     def _regression_batch(self) -> tuple[Tensor, TextCondition, Tensor]:
@@ -434,8 +437,9 @@ class Distiller:
         except RuntimeError as exc:
             raise MismatchError(f"full student state does not fit: {str(exc).splitlines()[0]}") from None
 
-    def student_adapter(self, ema: bool = False) -> dict[str, Tensor]:
-        """The student tensors (the EMA copy with ``ema=True`` when enabled)."""
+    def student_weights(self, ema: bool = False) -> dict[str, Tensor]:
+        """A copy of the student's trainable tensors: its adapter, or every weight for
+        ``--adapter full`` (the EMA copy with ``ema=True`` when enabled)."""
         if ema and self.ema is not None:
             return {k: v.clone() for k, v in self.ema.items()}
         return {k: v.clone() for k, v in self.student_state().items()}

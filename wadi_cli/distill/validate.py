@@ -59,13 +59,13 @@ def student_images(distiller: Any, prompts: list[str], seeds: list[int], use_ema
 
     out = []
     with ema_weights(distiller, use_ema), distiller.student() as student:
-        sampler = dataclasses.replace(distiller.sampler, denoiser=student)
+        pipe = dataclasses.replace(distiller.pipe, denoiser=student)
         for i in range(0, len(prompts), 32):
             chunk = prompts[i : i + 32]
-            cond = sampler.prompt_encoder(chunk).to(distiller.device)
-            z = initial_noise(seeds[i : i + 32], sampler.latent_shape, distiller.device)
-            x0 = one_step_latents(sampler, cond, z, distiller.cfg.alpha_bar_T)
-            out.append(decode(sampler.vae, x0))
+            cond = pipe.prompt_encoder(chunk).to(distiller.device)
+            z = initial_noise(seeds[i : i + 32], pipe.latent_shape, distiller.device)
+            x0 = one_step_latents(pipe, cond, z, distiller.cfg.alpha_bar_T)
+            out.append(decode(pipe.vae, x0))
     return np.concatenate(out)
 
 

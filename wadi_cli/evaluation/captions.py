@@ -12,6 +12,7 @@ Whitespace is normalised and empty captions are skipped; an empty file is refuse
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -29,7 +30,7 @@ def _first_row_keys(path: Path) -> list[str]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".parquet":
-            import pyarrow.parquet as pq
+            import pyarrow.parquet as pq  # optional dependency
 
             return list(pq.read_schema(path).names)
         with path.open(encoding="utf-8") as fh:
@@ -37,8 +38,6 @@ def _first_row_keys(path: Path) -> list[str]:
                 if not line.strip():
                     continue
                 if suffix == ".csv":
-                    import csv
-
                     return next(csv.reader([line]))
                 row = json.loads(line)
                 return list(row) if isinstance(row, dict) else []

@@ -17,7 +17,7 @@ from typing import Any
 
 from wadi_cli.errors import BadInputError
 from wadi_cli.evaluation import protocol
-from wadi_cli.evaluation.folders import build_manifest, check_resumable, list_images
+from wadi_cli.evaluation.folders import build_manifest, check_resumable, ensure_eval_dir, list_images
 from wadi_cli.evaluation.parallel import Processes
 from wadi_cli.evaluation.run import (
     EvalOptions,
@@ -31,6 +31,12 @@ from wadi_cli.evaluation.run import (
     write_metrics,
     write_tiny_reference,
 )
+from wadi_cli.io import check_writable
+from wadi_cli.sample import SampleConfig, load_pipeline, resolve_dtype
+from wadi_cli.sample.config import alpha_bar_T_warning
+from wadi_cli.sample.loading import get_backbone_spec, weights_alpha_bar_T
+from wadi_cli.tiny.classifier import load_classifier
+from wadi_cli.tiny.data import parse_prompt
 
 
 @dataclass
@@ -59,7 +65,6 @@ def _tiny_attrs(backbone: str, captions: Sequence[str]) -> list[dict[str, str]] 
     """Attributes of tiny prompts (``None`` unless every caption is one)."""
     if backbone != "tiny":
         return None
-    from wadi_cli.tiny.data import parse_prompt
 
     attrs = [parse_prompt(c) for c in captions]
     return None if any(a is None for a in attrs) else attrs  # type: ignore[return-value]
@@ -68,7 +73,6 @@ def _tiny_attrs(backbone: str, captions: Sequence[str]) -> list[dict[str, str]] 
 def _load_classifier(metrics: Sequence[str], classifier: str | None) -> Any:
     if not any(m in protocol.TINY_METRICS for m in metrics):
         return None
-    from wadi_cli.tiny.classifier import load_classifier
 
     return load_classifier(classifier)
 
@@ -117,9 +121,6 @@ def evaluate_model(
 ) -> dict[str, Any] | None:
     """Generate (or finish generating) ``request.out`` and score it. Returns the result on
     the main process (also written to ``out/metrics.json``), ``None`` elsewhere."""
-    from wadi_cli.sample import SampleConfig, load_sampler, resolve_dtype
-    from wadi_cli.sample.config import alpha_bar_T_warning
-    from wadi_cli.sample.loading import get_backbone_spec, weights_alpha_bar_T
 
     spec = get_backbone_spec(request.backbone)
     # ᾱ_T: --alpha-bar-t, else the value recorded in the weights, else the registry's
@@ -157,7 +158,7 @@ def evaluate_model(
     manifest = prepare_out(request.out, settings, request.captions, request.seed, procs)
     tiny_ref = (request.out, attrs, real_seed) if attrs is not None else None
     _reference(scorer, ref, tiny_ref, procs)
-    sampler = load_sampler(
+    pipe = load_pipeline(
         spec,
         model=request.model,
         weights=request.weights,
@@ -166,7 +167,7 @@ def evaluate_model(
         dtype=dtype,
         base=request.base,
     )
-    made, seconds = generate_missing(sampler, request.out, manifest, config, procs, progress)
+    made, seconds = generate_missing(pipe, request.out, manifest, config, procs, progress)
     scorer.timing.generated += made
     scorer.timing.generation_s += seconds
     files = [request.out / f for f in manifest.files]
@@ -178,8 +179,8 @@ def evaluate_model(
         how.update(tiny_classifier={"library": "wadi (tiny classifier)", "real_seed": real_seed})
     result = {
         **settings,
-        "model": sampler.model_source,
-        "weights_kind": sampler.weights_kind,
+        "model": pipe.model_source,
+        "weights_kind": pipe.weights_kind,
         "num_images": len(files),
         "metrics": metrics,
         "how": how,
@@ -236,8 +237,6 @@ def evaluate_folder(
             )
         texts = texts[: len(files)]
     if out is not None:
-        from wadi_cli.io import check_writable
-
         check_writable(out, directory=True)
     scorer = Scorer.load(options, procs, progress)
     _reference(scorer, ref, None, procs)
@@ -253,8 +252,6 @@ def evaluate_folder(
         "timing": scorer.timing.to_dict(),
     }
     if out is not None:
-        from wadi_cli.evaluation.folders import ensure_eval_dir
-
         ensure_eval_dir(out)
         result["out"] = str(out)
         write_metrics(out, result)
@@ -269,7 +266,6 @@ def make_reference(
     progress: ProgressFactory = no_progress,
 ) -> dict[str, Any] | None:
     """Compute the reference statistics of a folder of real images and save them."""
-    from wadi_cli.io import check_writable
 
     if Path(ref).expanduser().is_file():
         raise BadInputError("--save-ref needs --ref DIR (a folder of real images), not a file")

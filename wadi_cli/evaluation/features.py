@@ -9,7 +9,8 @@
 
 Weights are never downloaded here: ``--inception-weights`` / ``--clip-weights`` take local
 files, and the libraries' own caches are used when they hold the files. A missing file
-is reported in one line naming the flag that takes it.
+is reported in one line naming the flag that takes it. The libraries are optional (the
+eval extra), so they are imported inside the functions that use them.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +56,6 @@ def require_extra(metrics: Sequence[str]) -> None:
 
 def library_version(dist: str) -> str:
     """Installed version of a distribution, or ``"?"``."""
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(dist)
     except PackageNotFoundError:

@@ -1,6 +1,7 @@
 """Processes of an evaluation: one, or N under ``accelerate launch`` (``--num-processes``;
 gloo on CPU, NCCL on GPUs). Work is split by :func:`wadi_cli.evaluation.folders.shard`;
-the main process gathers features and writes every file but the images."""
+the main process gathers features and writes every file but the images. accelerate is
+imported only when more than one process runs (start-up time)."""
 
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from wadi_cli.errors import BadInputError, MismatchError
 from wadi_cli.evaluation import protocol
+from wadi_cli.evaluation.scores import statistics
 from wadi_cli.io import atomic_file, check_writable
 
 REFERENCE_KEYS: tuple[str, ...] = ("mu", "sigma", "features", "settings")
@@ -46,7 +47,6 @@ class Reference:
     def from_features(
         cls, features: np.ndarray, settings: protocol.FeatureSettings, source: str, provenance: dict[str, Any]
     ) -> Reference:
-        from wadi_cli.evaluation.scores import statistics
 
         mu, sigma = statistics(features)
         return cls(mu, sigma, features, settings.to_dict(), source, dict(provenance))

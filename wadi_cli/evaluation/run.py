@@ -22,7 +22,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from wadi_cli.errors import BadInputError
-from wadi_cli.evaluation import protocol
+from wadi_cli.evaluation import protocol, scores
+from wadi_cli.evaluation.features import (
+    ClipFeatures,
+    InceptionFeatures,
+    extract,
+    library_version,
+    require_extra,
+)
 from wadi_cli.evaluation.folders import (
     IMAGES,
     MANIFEST,
@@ -42,6 +49,10 @@ from wadi_cli.evaluation.folders import (
 from wadi_cli.evaluation.parallel import Processes
 from wadi_cli.evaluation.reference import Reference, load_reference, save_reference
 from wadi_cli.io import write_text_atomic
+from wadi_cli.sample import LoadedPipeline, generate
+from wadi_cli.tiny.classifier import TinyClassifier
+from wadi_cli.tiny.data import render_batch
+from wadi_cli.tiny.metrics import evaluate_images
 
 
 class ProgressFactory(Protocol):
@@ -112,7 +123,6 @@ class Scorer:
     @classmethod
     def load(cls, options: EvalOptions, procs: Processes, progress: ProgressFactory = no_progress) -> Scorer:
         """Check the extra and load the extractors the metrics need (before any generation)."""
-        from wadi_cli.evaluation.features import ClipFeatures, InceptionFeatures, require_extra
 
         scorer = cls(options, procs, progress)
         needed = options.protocol_metrics
@@ -132,7 +142,6 @@ class Scorer:
     def features(self, files: Sequence[Path], clip: bool, label: str) -> dict[str, np.ndarray] | None:
         """Features of ``files`` split over the processes in fixed batches; the main process
         gets them all in file order, the others ``None``."""
-        from wadi_cli.evaluation.features import extract
 
         batch = self.options.feature_batch_size
         spans = [(s, min(s + batch, len(files))) for s in range(0, len(files), batch)]
@@ -171,7 +180,6 @@ class Scorer:
     def load_reference(self, ref: str | Path, save_to: str | Path | None = None) -> Reference | None:
         """``ref``: a folder of real images (features computed here) or a reference file.
         ``save_to`` writes the statistics of a folder (main process)."""
-        from wadi_cli.evaluation.features import library_version
 
         path = Path(ref).expanduser()
         if path.is_file():
@@ -195,8 +203,6 @@ class Scorer:
     # ---- scores ----------------------------------------------------------------------
     def score(self, files: Sequence[Path], captions: Sequence[str] | None) -> tuple[dict[str, float], dict]:
         """Protocol metrics of ``files`` (main process; others get empty dicts)."""
-        from wadi_cli.evaluation import scores
-
         wanted = self.options.protocol_metrics
         if not wanted:
             return {}, {}
@@ -226,7 +232,6 @@ class Scorer:
 
     def how(self, n: int) -> dict[str, dict[str, Any]]:
         """How each metric was computed (library, version, extractor, resize, N)."""
-        from wadi_cli.evaluation.features import library_version
 
         wanted = self.options.protocol_metrics
         how: dict[str, dict[str, Any]] = {}
@@ -270,12 +275,16 @@ class Scorer:
 
 # ---- generation ----------------------------------------------------------------------------
 def generate_missing(
-    sampler: Any, out: Path, manifest: Manifest, config: Any, procs: Processes, progress: ProgressFactory
+    pipe: LoadedPipeline,
+    out: Path,
+    manifest: Manifest,
+    config: Any,
+    procs: Processes,
+    progress: ProgressFactory,
 ) -> tuple[int, float]:
     """Generate every chunk of ``manifest`` with an incomplete image, split over processes.
     Chunk ``[s, e)`` is one batch of captions ``s..e-1`` with seeds ``seed + s …``; returns
     (images made by this process, seconds)."""
-    from wadi_cli.sample import generate
 
     todo = missing_chunks(out, manifest, config.batch_size, None)
     procs.barrier()  # every process has looked before anyone writes
@@ -285,7 +294,7 @@ def generate_missing(
     with progress("generating", total) as advance:
         for s, e in mine:
             cfg = dataclasses.replace(config, seed=int(manifest.entries[s]["seed"]), batch_size=e - s)
-            gen = generate(sampler, manifest.captions[s:e], cfg)
+            gen = generate(pipe, manifest.captions[s:e], cfg)
             for i, image in zip(range(s, e), gen.images, strict=True):
                 save_png(image, out / manifest.entries[i]["file"])
             advance(e - s)
@@ -313,7 +322,6 @@ def write_tiny_reference(
 ) -> Path:
     """The tiny backbone's real images for ``attrs`` (rendered with ``real_seed``) as PNGs in
     ``out/reference`` (main process)."""
-    from wadi_cli.tiny.data import render_batch
 
     folder = out / REFERENCE
     if procs.is_main:
@@ -325,10 +333,12 @@ def write_tiny_reference(
 
 
 def tiny_scores(
-    files: Sequence[Path], attrs: Sequence[dict[str, str]] | None, real_seed: int, classifier: Any
+    files: Sequence[Path],
+    attrs: Sequence[dict[str, str]] | None,
+    real_seed: int,
+    classifier: TinyClassifier | None,
 ) -> dict[str, float]:
     """The tiny classifier's accuracy and Fréchet distance of the images in ``files``."""
-    from wadi_cli.tiny.metrics import evaluate_images
 
     if attrs is None:
         raise BadInputError(

@@ -8,6 +8,8 @@
   k = 3), generated features first;
 - CLIP score: the mean over images of the cosine between the image's and its caption's
   (L2-normalised) OpenCLIP embeddings.
+
+clean-fid and torch-fidelity are optional (the eval extra): imported where they are used.
 """
 
 from __future__ import annotations

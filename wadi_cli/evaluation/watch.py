@@ -17,14 +17,15 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from wadi_cli.distill.checkpoint import CHECKPOINTS, list_checkpoints
+from wadi_cli.distill.export import run_weights
+from wadi_cli.distill.validate import append_csv_row
 from wadi_cli.errors import BadInputError, CheckpointError
 from wadi_cli.evaluation.parallel import Processes
 
@@ -34,7 +35,6 @@ EVAL_DIR = "eval"
 
 def check_run(run: str | Path) -> Path:
     """``run`` must be a ``wadi distill`` run folder (its marker or config, or checkpoints)."""
-    from wadi_cli.distill.checkpoint import CHECKPOINTS
 
     path = Path(run).expanduser()
     if not path.is_dir():
@@ -57,7 +57,6 @@ def _state(ckpt: Path) -> dict[str, Any]:
 
 def run_finished(run: Path) -> bool:
     """True when the newest checkpoint reached ``max_steps`` or the run stopped after it."""
-    from wadi_cli.distill.checkpoint import list_checkpoints
 
     found = list_checkpoints(run)
     if not found:
@@ -87,25 +86,17 @@ def student_weights(run: Path, ckpt: Path) -> Iterator[tuple[str, str]]:
     """``(file, label)``: a private copy of the checkpoint's student, as ``--weights`` takes
     it (the LoRaD adapter file, or for LoRA / DoRA / full baselines the merged state
     dict), and the checkpoint file it came from."""
-    from wadi_cli.distill.export import export_run, run_student_adapter
 
-    adapter, config = run_student_adapter(run, str(ckpt))
-    with tempfile.TemporaryDirectory(prefix="wadi-watch-") as tmp:
-        dest = Path(tmp) / "student.safetensors"
-        if config.get("adapter", "lorad") == "lorad":
-            shutil.copyfile(adapter, dest)
-        else:
-            export_run(run, "merged", dest, checkpoint=str(ckpt))
-        yield str(dest), str(adapter)
+    with run_weights(run, str(ckpt), private=True) as (file, student, _):
+        yield str(file), str(student)
 
 
 def append_row(run: Path, row: dict[str, Any]) -> None:
     """One row in ``RUN/eval.csv`` and the scalars in ``RUN/tensorboard`` (when installed)."""
-    from wadi_cli.distill.validate import append_csv_row
 
     append_csv_row(run / EVAL_CSV, row)
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # optional dependency (tensorboard)
     except ImportError:
         return
     writer = SummaryWriter(str(run / "tensorboard"))
@@ -129,7 +120,6 @@ def watch(
     """Evaluate every checkpoint of ``run`` not yet in ``eval.csv``, oldest first, until the
     run has finished. ``evaluate((weights, label), out, run_config)`` scores one student
     into the evaluation folder ``out``. Returns the rows written by this call."""
-    from wadi_cli.distill.checkpoint import list_checkpoints
 
     path = check_run(run)
     rows: list[dict[str, Any]] = []

@@ -18,8 +18,8 @@ Public API (everything else in the package receives tensors):
   one-line :class:`~wadi_cli.errors.HubError` failures.
 """
 
+from wadi_cli.io.checkpoints import load_state_dict, open_checkpoint
 from wadi_cli.io.hub import fetch_file, resolve_model
-from wadi_cli.io.resolve import load_state_dict, open_checkpoint
 from wadi_cli.io.safetensors_reader import SafetensorsFile
 from wadi_cli.io.sd_single_file import ldm_unet_table
 from wadi_cli.io.sources import TensorSource, require_finite

@@ -7,6 +7,9 @@ downloads only those (files already in the hub cache, e.g. from an earlier diffu
 download, are reused); offline (``HF_HUB_OFFLINE=1`` or an unreachable hub) it runs the
 same selection on the cached snapshot. :func:`resolve_model` does this for a local path
 or a hub id; pickle formats are never downloaded.
+
+``huggingface_hub`` is imported inside the functions that reach the hub: every command
+imports :mod:`wadi_cli.io`, most never touch the hub (start-up time).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import re
 import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 from wadi_cli.errors import CheckpointError, HubError
 from wadi_cli.io.hub_files import FetchPlan, MissingFiles, select_files
@@ -36,8 +40,6 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     Without it, an offline machine spends ~25 s in huggingface_hub's retries (and prints
     each one) before the same error; with it, wadi goes straight to the local cache.
     """
-    from urllib.parse import urlparse
-
     try:
         from huggingface_hub import constants
 

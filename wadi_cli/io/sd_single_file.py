@@ -5,7 +5,8 @@ tensors we hand it placeholder objects that carry only the original key and shap
 read back which diffusers name received which placeholder. The result is a name table;
 tensors are read later, one at a time, by the caller. For SD 1.x/2.x U-Nets the
 conversion only renames (no reshaping, splitting or concatenation); we assert that every
-placeholder came through untouched and exactly once, and refuse otherwise.
+placeholder came through untouched and exactly once, and refuse otherwise. diffusers is
+imported where the mapping runs (start-up time: every command imports :mod:`wadi_cli.io`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+import torch
+
 from wadi_cli.errors import CheckpointError
+from wadi_cli.io.tensor_map import KeyDiff
 
 LDM_UNET_PREFIX = "model.diffusion_model."
 EMA_PREFIX = "model_ema."
@@ -76,7 +80,6 @@ def infer_model_type(shapes: Mapping[str, tuple[int, ...]]) -> str:
 
 def expected_unet_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     """Name -> shape of the diffusers U-Net ``config`` describes (built on the meta device)."""
-    import torch
     from diffusers import UNet2DConditionModel
 
     try:
@@ -92,20 +95,10 @@ def _verify(
 ) -> None:
     """Strict check of the mapped names and shapes against the architecture (a wrong config
     otherwise maps every tensor to a plausible but wrong name)."""
-    expected = expected_unet_shapes(config)
-    missing = sorted(set(expected) - set(names))
-    unexpected = sorted(set(names) - set(expected))
-    wrong = sorted(n for n in set(names) & set(expected) if tuple(shapes[names[n]]) != expected[n])
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing (e.g. {missing[0]!r})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]!r})")
-    if wrong:
-        n = wrong[0]
-        problems.append(f"{len(wrong)} of the wrong shape (e.g. {n!r}: {shapes[names[n]]} vs {expected[n]})")
-    if problems:
-        raise CheckpointError(f"the U-Net does not match {which}: " + "; ".join(problems))
+    diff = KeyDiff.between(expected_unet_shapes(config), {n: tuple(shapes[raw]) for n, raw in names.items()})
+    if diff:
+        what = diff.describe("missing", "unexpected", "expected", "file")
+        raise CheckpointError(f"the U-Net does not match {which}: {what}")
 
 
 def _ema_key(key: str) -> str:

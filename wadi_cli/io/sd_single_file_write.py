@@ -15,6 +15,7 @@ report them as missing and run as usual).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,7 +24,9 @@ from typing import Any
 import torch
 
 from wadi_cli.errors import BadInputError, CheckpointError
+from wadi_cli.io.checkpoints import open_checkpoint
 from wadi_cli.io.sd_single_file import LDM_UNET_PREFIX, ldm_unet_table
+from wadi_cli.io.writers import save_safetensors
 
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."  # SD 1.x
@@ -214,9 +217,6 @@ def single_file_state(
     """U-Net tensors (diffusers names, of the architecture ``unet_config``) + the VAE and
     text encoder of the base pipeline at ``components_root``, all under their original
     Stable Diffusion names."""
-    import json
-
-    from wadi_cli.io.resolve import open_checkpoint
 
     layout = check_single_file_backbone(backbone)
     root = Path(components_root)
@@ -240,7 +240,6 @@ def save_single_file(
     metadata: Mapping[str, str] | None = None,
 ) -> int:
     """Write the single file atomically; returns its number of tensors."""
-    from wadi_cli.io.writers import save_safetensors
 
     if components_root is None:
         raise BadInputError("--format single-file needs the base pipeline's VAE and text encoder")

@@ -1,6 +1,6 @@
 """TensorSource: one lazy, read-only view over any supported checkpoint layout.
 
-Layouts (see :func:`wadi_cli.io.resolve.open_checkpoint`): a safetensors file, a
+Layouts (see :func:`wadi_cli.io.checkpoints.open_checkpoint`): a safetensors file, a
 sharded ``*.safetensors.index.json``, a diffusers model or pipeline folder, an original
 SD single file (names mapped to diffusers'), or a pickle-format file readable by
 ``torch.load(weights_only=True)``. Whatever the layout, a TensorSource maps

@@ -18,11 +18,13 @@ from wadi_cli.lorad.adapter_io import (
 from wadi_cli.lorad.config import ROLES, LoRaDConfig
 from wadi_cli.lorad.layer import LoRaDLinear, lorad_theta, rotate_weight
 from wadi_cli.lorad.model import (
+    ADAPTER_SUFFIXES,
     adapters_to_fp32,
     count_trainable,
     get_adapter_state_dict,
     get_base_state_dict,
     inject_lorad,
+    is_adapter,
     load_adapter_state_dict,
     lorad_layers,
     lorad_parameters,
@@ -33,6 +35,7 @@ from wadi_cli.lorad.model import (
 )
 
 __all__ = [
+    "ADAPTER_SUFFIXES",
     "ROLES",
     "LoRaDConfig",
     "LoRaDLinear",
@@ -43,6 +46,7 @@ __all__ = [
     "get_adapter_state_dict",
     "get_base_state_dict",
     "inject_lorad",
+    "is_adapter",
     "load_adapter",
     "load_adapter_state_dict",
     "lorad_layers",

@@ -12,36 +12,20 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from wadi_cli.errors import BadInputError, MismatchError
 from wadi_cli.io import open_checkpoint, provenance_metadata, require_finite, save_safetensors
+from wadi_cli.io.tensor_map import Tensors, as_tensor_map, preview
 from wadi_cli.io.writers import ALPHA_BAR_T_METADATA
 from wadi_cli.lorad.config import LoRaDConfig
 from wadi_cli.lorad.layer import lorad_theta, rotate_weight
-from wadi_cli.lorad.model import _preview, inject_lorad, load_adapter_state_dict, remove_lorad
+from wadi_cli.lorad.model import A_SUFFIX, B_SUFFIX, inject_lorad, load_adapter_state_dict, remove_lorad
 
-A_SUFFIX, B_SUFFIX = ".lorad_A", ".lorad_B"
 _RESERVED_METADATA = ("adapter", "rank", "role", "backbone", "base_model", "targets")
-
-
-class _TensorMapping(Protocol):
-    """What merging needs from a base: ``keys()`` and ``get(name)`` (a dict or a
-    :class:`wadi_cli.io.TensorSource`)."""
-
-    def keys(self): ...  # noqa: D102
-
-    def get(self, name: str): ...  # noqa: D102
-
-
-def _shape(src: _TensorMapping, name: str) -> tuple[int, ...]:
-    shape_fn = getattr(src, "shape", None)
-    if callable(shape_fn):  # TensorSource: read the header only
-        return tuple(shape_fn(name))
-    return tuple(src.get(name).shape)
 
 
 def adapter_paths(tensors: Mapping[str, Tensor]) -> tuple[list[str], int]:
@@ -53,17 +37,18 @@ def adapter_paths(tensors: Mapping[str, Tensor]) -> tuple[list[str], int]:
     """
     if not len(tensors):
         raise BadInputError("adapter holds no tensors")
-    bad = [
-        k for k in tensors if not (k.endswith(A_SUFFIX) or k.endswith(B_SUFFIX)) or k in (A_SUFFIX, B_SUFFIX)
-    ]
+    bad = [k for k in tensors if not k.endswith((A_SUFFIX, B_SUFFIX)) or k in (A_SUFFIX, B_SUFFIX)]
     if bad:
         raise BadInputError(
-            f"not a LoRaD adapter: keys must be '<module>.lorad_A' / '<module>.lorad_B'; got {_preview(bad)}"
+            "not a LoRaD adapter: keys must be '<module>.lorad_A' / '<module>.lorad_B'; "
+            f"got {preview(bad, 5)}"
         )
     paths = list(dict.fromkeys(k[: -len(A_SUFFIX)] for k in tensors))
     unpaired = [p for p in paths if p + A_SUFFIX not in tensors or p + B_SUFFIX not in tensors]
     if unpaired:
-        raise BadInputError(f"adapter has lorad_A without lorad_B (or the reverse) for: {_preview(unpaired)}")
+        raise BadInputError(
+            f"adapter has lorad_A without lorad_B (or the reverse) for: {preview(unpaired, 5)}"
+        )
     ranks: dict[int, str] = {}
     for p in paths:
         a, b = tensors[p + A_SUFFIX], tensors[p + B_SUFFIX]
@@ -75,7 +60,7 @@ def adapter_paths(tensors: Mapping[str, Tensor]) -> tuple[list[str], int]:
             raise BadInputError(f"{p}: adapter tensors must be floating point")
         ranks.setdefault(int(a.shape[1]), p)
     if len(ranks) > 1:
-        raise BadInputError(f"adapter mixes ranks {sorted(ranks)} (e.g. {_preview(ranks.values(), 2)})")
+        raise BadInputError(f"adapter mixes ranks {sorted(ranks)} (e.g. {preview(ranks.values(), 2)})")
     return paths, next(iter(ranks))
 
 
@@ -92,7 +77,7 @@ def save_adapter(
         raise BadInputError(f"adapter tensors have rank {rank} but the config says {config.rank}")
     if config.targets and set(config.targets) != set(paths):
         diff = set(config.targets) ^ set(paths)
-        raise BadInputError(f"config targets and adapter tensors differ: {_preview(diff)}")
+        raise BadInputError(f"config targets and adapter tensors differ: {preview(sorted(diff), 5)}")
     targets = list(config.targets) or paths
     meta = provenance_metadata(config={**config.to_dict(), "targets": targets})
     for key, value in (extra_metadata or {}).items():
@@ -164,7 +149,7 @@ def _resolve_prefix(keys: set[str], paths: list[str], prefix: str | None) -> str
 
 
 def merge_adapter_into_state_dict(
-    base: Mapping[str, Tensor] | _TensorMapping,
+    base: Tensors,
     adapter: Mapping[str, Tensor],
     *,
     dtype: torch.dtype | None = None,
@@ -185,6 +170,7 @@ def merge_adapter_into_state_dict(
             that do not fit.
     """
     paths, _ = adapter_paths(adapter)
+    base = as_tensor_map(base)
     keys = list(base.keys())
     keyset = set(keys)
     pre = _resolve_prefix(keyset, paths, prefix)
@@ -192,18 +178,18 @@ def merge_adapter_into_state_dict(
     if unmatched:
         raise MismatchError(
             f"{len(unmatched)} adapter module(s) have no '<path>.weight' in the base checkpoint: "
-            f"{_preview(unmatched)}"
+            f"{preview(unmatched, 5)}"
         )
     targets = {f"{pre}{p}.weight": p for p in paths}
     bad = []
     for key, p in targets.items():
-        shape = _shape(base, key)
+        shape = tuple(base.shape(key))
         m, r = adapter[p + A_SUFFIX].shape
         half = adapter[p + B_SUFFIX].shape[1]
         if not (len(shape) == 2 or (len(shape) == 4 and shape[2:] == (1, 1))) or shape[:2] != (m, 2 * half):
             bad.append(f"{key} {shape} vs adapter [m={m}, n={2 * half}]")
     if bad:
-        raise MismatchError(f"adapter shapes do not fit the base weights: {_preview(bad, 3)}")
+        raise MismatchError(f"adapter shapes do not fit the base weights: {preview(bad)}")
     out: dict[str, Tensor] = {}
     for key in keys:
         tensor = base.get(key)

@@ -15,18 +15,23 @@ import torch
 from torch import Tensor, nn
 
 from wadi_cli.errors import BadInputError, MismatchError
+from wadi_cli.io.tensor_map import KeyDiff, preview
 from wadi_cli.lorad.layer import LoRaDLinear
 
+#: The key endings of adapter tensors (``<module path>.lorad_A`` / ``.lorad_B``): the one
+#: place they are spelled, from the layer's parameter names.
 ADAPTER_SUFFIXES: tuple[str, ...] = tuple(f".{p}" for p in LoRaDLinear.adapter_param_names)
+A_SUFFIX, B_SUFFIX = ADAPTER_SUFFIXES
 
 
-def _preview(names: Iterable[str], limit: int = 5) -> str:
-    names = sorted(names)
-    more = f" (and {len(names) - limit} more)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
+def is_adapter(keys: Iterable[str]) -> bool:
+    """Whether tensor names ``keys`` are those of a LoRaD adapter file (any key ends in
+    ``.lorad_A`` / ``.lorad_B``; :func:`~wadi_cli.lorad.adapter_paths` checks the rest)."""
+    return any(k.endswith(ADAPTER_SUFFIXES) for k in keys)
 
 
-def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted ``path`` of ``model`` (replacing what is there)."""
     parent_path, _, child = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, child, module)
@@ -63,18 +68,18 @@ def inject_lorad(
         if isinstance(module, LoRaDLinear) or not isinstance(module, nn.Linear):
             wrong.append(f"{name} ({type(module).__name__})")
     if missing:
-        raise BadInputError(f"LoRaD targets not found in the model: {_preview(missing)}")
+        raise BadInputError(f"LoRaD targets not found in the model: {preview(sorted(missing), 5)}")
     if wrong:
-        raise BadInputError(f"LoRaD targets must be plain nn.Linear modules: {_preview(wrong)}")
+        raise BadInputError(f"LoRaD targets must be plain nn.Linear modules: {preview(sorted(wrong), 5)}")
     odd = [n for n in names if model.get_submodule(n).in_features % 2]
     if odd:
         raise BadInputError(
-            f"LoRaD needs an even in_features; these targets have an odd one: {_preview(odd)}"
+            f"LoRaD needs an even in_features; these targets have an odd one: {preview(sorted(odd), 5)}"
         )
     generator = torch.Generator().manual_seed(init_seed) if init_seed is not None else None
     for name in names:
         layer = LoRaDLinear(model.get_submodule(name), rank, name=name, generator=generator)
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
     return names
 
 
@@ -86,7 +91,7 @@ def remove_lorad(model: nn.Module, merge: bool) -> None:
             layer.merge()
         else:
             layer.unmerge()
-        _set_submodule(model, name, layer.base_layer)
+        set_submodule(model, name, layer.base_layer)
 
 
 def merge_lorad(model: nn.Module) -> None:
@@ -157,33 +162,20 @@ def load_adapter_state_dict(
     """
     layers = lorad_layers(model)
     expected = {f"{n}.{p}": (layer, p) for n, layer in layers.items() for p in layer.adapter_param_names}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if strict and (missing or unexpected):
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s): {_preview(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} key(s): {_preview(unexpected)}")
-        raise MismatchError("adapter does not fit the model: " + "; ".join(parts))
-    bad_shapes, merged = [], []
-    for key, (layer, pname) in expected.items():
-        if key not in tensors:
-            continue
-        if layer.merged:
-            merged.append(key)
-        param = getattr(layer, pname)
-        if tuple(tensors[key].shape) != tuple(param.shape):
-            bad_shapes.append(f"{key}: file {tuple(tensors[key].shape)} vs model {tuple(param.shape)}")
+    diff = KeyDiff.between({k: getattr(layer, p) for k, (layer, p) in expected.items()}, tensors)
+    if diff.shapes or (strict and not diff.same_keys):
+        what = diff.describe("missing key(s)", "unexpected key(s)", "model", "file")
+        raise MismatchError(f"adapter does not fit the model: {what}")
+    merged = [k for k in diff.common if expected[k][0].merged]
     if merged:
-        raise BadInputError(f"cannot load into merged LoRaD layers (unmerge first): {_preview(merged)}")
-    if bad_shapes:
-        raise MismatchError(f"adapter shapes do not fit the model: {_preview(bad_shapes, 3)}")
+        raise BadInputError(
+            f"cannot load into merged LoRaD layers (unmerge first): {preview(sorted(merged), 5)}"
+        )
     for key, (layer, pname) in expected.items():
         if key in tensors:
             param = getattr(layer, pname)
             param.copy_(tensors[key].to(device=param.device, dtype=param.dtype))
-    return missing, unexpected
+    return sorted(diff.only_a), sorted(diff.only_b)
 
 
 def get_base_state_dict(model: nn.Module, *, merged: bool = False) -> dict[str, Tensor]:

@@ -2,7 +2,8 @@
 format, a LoRaD adapter, or an exported folder), generate one-step or with the
 multi-step teacher, write numbered PNGs + grid + JSON, and evaluate the tiny model."""
 
-from wadi_cli.sample.config import TEACHER_DEFAULTS, SampleConfig, read_prompts, resolve_device, resolve_dtype
+from wadi_cli.machine import resolve_device
+from wadi_cli.sample.config import TEACHER_DEFAULTS, SampleConfig, read_prompts, resolve_dtype
 from wadi_cli.sample.evaluate import evaluate_tiny
 from wadi_cli.sample.generate import (
     Generation,
@@ -13,11 +14,11 @@ from wadi_cli.sample.generate import (
     teacher_latents,
 )
 from wadi_cli.sample.loading import (
-    Sampler,
+    LoadedPipeline,
     apply_weights,
     default_weights,
     detect_weights_kind,
-    load_sampler,
+    load_pipeline,
     load_state_strict,
     resolve_pipeline_source,
 )
@@ -28,7 +29,7 @@ __all__ = [
     "TEACHER_DEFAULTS",
     "Generation",
     "SampleConfig",
-    "Sampler",
+    "LoadedPipeline",
     "apply_weights",
     "check_output_dir",
     "decode",
@@ -38,7 +39,7 @@ __all__ = [
     "generate",
     "image_grid",
     "initial_noise",
-    "load_sampler",
+    "load_pipeline",
     "load_state_strict",
     "one_step_latents",
     "read_prompts",

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from wadi_cli.errors import BadInputError
+from wadi_cli.io.prompts import read_prompt_file
 
 #: Multi-step teacher defaults (steps, classifier-free guidance scale) per backbone: the
 #: paper's teacher baselines (SD1.5: 25 steps, cfg 3; PixArt-α: 20 steps, cfg 4.5), the
@@ -100,23 +101,6 @@ def alpha_bar_T_warning(requested: float | None, recorded: float | None) -> str 
     )
 
 
-def resolve_device(device: str | None) -> torch.device:
-    """``None``/"auto" -> cuda if available else cpu; otherwise validated ``torch.device``."""
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise BadInputError(
-            f"--device: {device!r} is not a torch device (try cpu, cuda, cuda:1, mps)"
-        ) from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BadInputError(f"--device {device}: CUDA is not available on this machine")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise BadInputError(f"--device {device}: MPS is not available on this machine")
-    return dev
-
-
 def resolve_dtype(dtype: str | None, device: torch.device, family: str = "unet") -> torch.dtype:
     """``None``/"auto" -> fp32 on CPU; on accelerators fp16 for U-Nets (SD was trained in
     fp16) and bf16 for DiTs (PixArt's release trained in bf16)."""
@@ -139,8 +123,6 @@ def read_prompts(
     :class:`BadInputError` when the result is empty."""
     out = [str(p) for p in prompts]
     if prompts_file is not None:
-        from wadi_cli.io.prompts import read_prompt_file
-
         out.extend(read_prompt_file(prompts_file))
     if not out:
         where = f" ({prompts_file} holds none)" if prompts_file is not None else ""

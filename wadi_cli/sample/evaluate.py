@@ -13,21 +13,29 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from wadi_cli.errors import BadInputError
 from wadi_cli.sample.config import SampleConfig
 from wadi_cli.sample.generate import Generation, generate
-from wadi_cli.sample.loading import Sampler, load_sampler
+from wadi_cli.sample.loading import LoadedPipeline, load_pipeline
+from wadi_cli.tiny.classifier import load_classifier
+from wadi_cli.tiny.data import prompt_for, sample_attributes
+from wadi_cli.tiny.metrics import evaluate_images
+
+if TYPE_CHECKING:
+    from wadi_cli.tiny.classifier import TinyClassifier
 
 
 def evaluate_generation(
-    generation: Generation, attrs: list[dict[str, str]], real_seed: int, classifier: Any = None
+    generation: Generation,
+    attrs: list[dict[str, str]],
+    real_seed: int,
+    classifier: TinyClassifier | None = None,
 ) -> dict[str, Any]:
     """Accuracy / FD of already generated tiny images against their attribute dicts."""
-    from wadi_cli.tiny.metrics import evaluate_images
 
     return dict(evaluate_images(generation.images, attrs, real_seed=real_seed, classifier=classifier))
 
@@ -45,8 +53,8 @@ def evaluate_tiny(
     model: str | os.PathLike[str] | None = None,
     device: torch.device | str = "cpu",
     batch_size: int = 32,
-    sampler: Sampler | None = None,
-    classifier: Any = None,
+    pipe: LoadedPipeline | None = None,
+    classifier: TinyClassifier | None = None,
     base: bool = False,
 ) -> tuple[dict[str, Any], Generation]:
     """Generate ``num_images`` tiny images (one-step with ``weights``, by default the shipped
@@ -56,11 +64,9 @@ def evaluate_tiny(
     ``real_seed`` (default: ``seed``) draws the jitter of the real reference images.
     ``classifier`` is a loaded classifier or a weights path (default: the shipped one);
     it is loaded first, so a missing classifier fails before any generation. A ready
-    ``sampler`` may be passed to skip loading. Returns the JSON-ready result and the
+    ``pipe`` may be passed to skip loading. Returns the JSON-ready result and the
     generation (images, prompts, seeds).
     """
-    from wadi_cli.tiny.classifier import load_classifier
-    from wadi_cli.tiny.data import prompt_for, sample_attributes
 
     if num_images < 2:
         raise BadInputError(f"--num-images must be at least 2 to estimate FD, got {num_images}")
@@ -69,14 +75,12 @@ def evaluate_tiny(
     )
     if classifier is None or isinstance(classifier, (str, os.PathLike)):
         classifier = load_classifier(classifier)
-    if sampler is None:
-        sampler = load_sampler(
-            "tiny", model=model, weights=weights, teacher=teacher, device=device, base=base
-        )
+    if pipe is None:
+        pipe = load_pipeline("tiny", model=model, weights=weights, teacher=teacher, device=device, base=base)
     attrs = sample_attributes(num_images, seed)
     prompts = [prompt_for(a) for a in attrs]
     start = time.perf_counter()
-    generation = generate(sampler, prompts, config)
+    generation = generate(pipe, prompts, config)
     seconds = time.perf_counter() - start
     rs = seed if real_seed is None else real_seed
     metrics = evaluate_generation(generation, attrs, rs, classifier)
@@ -89,9 +93,9 @@ def evaluate_tiny(
         **{k: v for k, v in metrics.items() if k not in ("accuracy", "fd")},
         "seed": seed,
         "real_seed": rs,
-        "model": sampler.model_source,
-        "weights": sampler.weights,
-        "weights_kind": sampler.weights_kind,
+        "model": pipe.model_source,
+        "weights": pipe.weights,
+        "weights_kind": pipe.weights_kind,
         "steps": resolved.steps if teacher else 1,
         "cfg": resolved.cfg if teacher else None,
         "alpha_bar_T": None if teacher else resolved.alpha_bar_T,

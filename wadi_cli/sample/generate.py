@@ -17,7 +17,7 @@ import torch
 
 from wadi_cli.diffusion import TextCondition, last_timestep, one_step_x0
 from wadi_cli.sample.config import SampleConfig
-from wadi_cli.sample.loading import Sampler
+from wadi_cli.sample.loading import LoadedPipeline
 
 
 def initial_noise(
@@ -33,12 +33,12 @@ def initial_noise(
 
 @torch.no_grad()
 def one_step_latents(
-    sampler: Sampler, cond: TextCondition, z: torch.Tensor, alpha_bar_T: float
+    pipe: LoadedPipeline, cond: TextCondition, z: torch.Tensor, alpha_bar_T: float
 ) -> torch.Tensor:
     """x0 = (z − sqrt(1 − ᾱ_T) ε̂(z, T−1, c)) / sqrt(ᾱ_T): one denoiser call, no guidance."""
-    t = last_timestep(sampler.scheduler)
-    pred = sampler.denoiser(z, t, cond)
-    return one_step_x0(z, pred, alpha_bar_T, sampler.denoiser.prediction_type)
+    t = last_timestep(pipe.scheduler)
+    pred = pipe.denoiser(z, t, cond)
+    return one_step_x0(z, pred, alpha_bar_T, pipe.denoiser.prediction_type)
 
 
 #: DDIM settings of every teacher, whatever scheduler the pipeline ships: no clipping of
@@ -54,7 +54,7 @@ TEACHER_DDIM: dict[str, object] = {
 }
 
 
-def teacher_scheduler(sampler: Sampler) -> object:
+def teacher_scheduler(pipe: LoadedPipeline) -> object:
     """A DDIM scheduler (η = 0, deterministic) on the pipeline's training schedule, with
     :data:`TEACHER_DDIM`; it is fed ε (the denoiser wrapper converts v-predictions),
     hence ``prediction_type=epsilon``.
@@ -64,26 +64,26 @@ def teacher_scheduler(sampler: Sampler) -> object:
     [999, 749, 499, 249]. SD's default "leading" spacing with ``steps_offset=1`` would
     start a 1-step run at t = 1 on pure noise, which makes few-step teacher numbers
     meaningless."""
-    from diffusers import DDIMScheduler
+    from diffusers import DDIMScheduler  # start-up time: only the teacher needs diffusers here
 
-    return DDIMScheduler.from_config(sampler.scheduler.config, **TEACHER_DDIM)
+    return DDIMScheduler.from_config(pipe.scheduler.config, **TEACHER_DDIM)
 
 
 @torch.no_grad()
 def teacher_latents(
-    sampler: Sampler, cond: TextCondition, z: torch.Tensor, steps: int, cfg: float
+    pipe: LoadedPipeline, cond: TextCondition, z: torch.Tensor, steps: int, cfg: float
 ) -> torch.Tensor:
     """Multi-step DDIM sampling with classifier-free guidance
     ``ε = ε(∅) + w (ε(c) − ε(∅))``, conditional and unconditional halves in ONE forward."""
-    scheduler = teacher_scheduler(sampler)
+    scheduler = teacher_scheduler(pipe)
     scheduler.set_timesteps(steps, device=z.device)  # type: ignore[attr-defined]
     x = z * scheduler.init_noise_sigma  # type: ignore[attr-defined]
     guided = cfg != 1.0
-    both = TextCondition.cat([sampler.prompt_encoder.empty(len(cond)).to(z.device), cond]) if guided else cond
+    both = TextCondition.cat([pipe.prompt_encoder.empty(len(cond)).to(z.device), cond]) if guided else cond
     for t in scheduler.timesteps:  # type: ignore[attr-defined]
         inp = torch.cat([x, x]) if guided else x
         inp = scheduler.scale_model_input(inp, t)  # type: ignore[attr-defined]
-        eps = sampler.denoiser.eps(inp, t, both)
+        eps = pipe.denoiser.eps(inp, t, both)
         if guided:
             eps_u, eps_c = eps.chunk(2)
             eps = eps_u + cfg * (eps_c - eps_u)
@@ -119,7 +119,7 @@ class Generation:
 
 
 def generate(
-    sampler: Sampler,
+    pipe: LoadedPipeline,
     prompts: Sequence[str],
     config: SampleConfig,
     num_images_per_prompt: int = 1,
@@ -128,7 +128,7 @@ def generate(
     """Generate ``num_images_per_prompt`` images for each prompt (prompt-major order);
     image ``i`` uses seed ``config.seed + i``. ``progress(done, total)`` is called after
     every batch."""
-    cfg = config.resolved(sampler.backbone, getattr(sampler, "weights_alpha_bar_T", None))
+    cfg = config.resolved(pipe.backbone, getattr(pipe, "weights_alpha_bar_T", None))
     jobs = [(p, cfg.seed + i) for i, p in enumerate(p for p in prompts for _ in range(num_images_per_prompt))]
     images: list[np.ndarray] = []
     timings: list[float] = []
@@ -136,13 +136,13 @@ def generate(
     for lo in range(0, len(jobs), cfg.batch_size):
         batch = jobs[lo : lo + cfg.batch_size]
         t0 = time.perf_counter()
-        cond = sampler.prompt_encoder([p for p, _ in batch])
-        z = initial_noise([s for _, s in batch], sampler.latent_shape, sampler.device)
+        cond = pipe.prompt_encoder([p for p, _ in batch])
+        z = initial_noise([s for _, s in batch], pipe.latent_shape, pipe.device)
         if cfg.teacher:
-            x0 = teacher_latents(sampler, cond, z, int(cfg.steps), float(cfg.cfg))  # type: ignore[arg-type]
+            x0 = teacher_latents(pipe, cond, z, int(cfg.steps), float(cfg.cfg))  # type: ignore[arg-type]
         else:
-            x0 = one_step_latents(sampler, cond, z, float(cfg.alpha_bar_T))  # type: ignore[arg-type]
-        images.append(decode(sampler.vae, x0))
+            x0 = one_step_latents(pipe, cond, z, float(cfg.alpha_bar_T))  # type: ignore[arg-type]
+        images.append(decode(pipe.vae, x0))
         timings.append(time.perf_counter() - t0)
         if progress is not None:
             progress(lo + len(batch), len(jobs))

@@ -1,4 +1,4 @@
-"""Loading a backbone's pipeline and one-step weights into a :class:`Sampler`.
+"""Loading a backbone's pipeline and one-step weights into a :class:`LoadedPipeline`.
 
 ``--weights`` accepts, detected from the path and the tensor names:
 
@@ -17,32 +17,46 @@ copy instead.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
+from wadi_cli import tiny  # module, not names: tests point tiny.TINY_STUDENT_PATH elsewhere
+from wadi_cli.backbones import Backbone, get_backbone
 from wadi_cli.diffusion import Denoiser, PromptEncoder, alphas_cumprod_of, wrap_denoiser
 from wadi_cli.errors import BadInputError, CheckpointError, HubError, MismatchError
-from wadi_cli.sample.pipeline import PipelineSource
+from wadi_cli.io import fetch_file, open_checkpoint, require_finite
+from wadi_cli.io.checkpoints import recorded_alpha_bar_T
+from wadi_cli.io.tensor_map import KeyDiff, Tensors, as_tensor_map
+from wadi_cli.lorad import is_adapter, load_adapter, merge_adapter_into_state_dict
+from wadi_cli.sample import pipeline as pipeline_files
+from wadi_cli.sample.pipeline import (
+    PipelineSource,
+    latent_size,
+    load_base_pipeline,
+    vae_scale_factor,
+    weights_variant,
+)
+
+if TYPE_CHECKING:
+    from diffusers import SchedulerMixin
 
 WeightsKind = Literal["merged", "adapter", "folder"]
-ADAPTER_SUFFIXES: tuple[str, ...] = (".lorad_A", ".lorad_B")
 
 
 @dataclass
-class Sampler:
+class LoadedPipeline:
     """Everything generation needs, on one device: the wrapped denoiser, the VAE, the
     prompt encoder, the pipeline's scheduler (for ``alphas_cumprod`` and the teacher)."""
 
-    backbone: Any
+    backbone: Backbone
     denoiser: Denoiser
     vae: nn.Module
     prompt_encoder: PromptEncoder
-    scheduler: Any
+    scheduler: SchedulerMixin
     device: torch.device
     dtype: torch.dtype
     model_source: str
@@ -67,12 +81,10 @@ class Sampler:
         return self.latent_shape[-1] * int(self.vae_scale)
 
 
-def get_backbone_spec(backbone: str | Any) -> Any:
+def get_backbone_spec(backbone: str | Backbone) -> Backbone:
     """A registry entry from its name (``sd15``, ``sd21``, ``pixart``, ``tiny``) or as given."""
     if not isinstance(backbone, str):
         return backbone
-    from wadi_cli.backbones import get_backbone
-
     return get_backbone(backbone)
 
 
@@ -99,7 +111,7 @@ def _missing_message(missing: list[_MissingDownload]) -> str:
 
 
 def resolve_pipeline_source(
-    backbone: Any,
+    backbone: Backbone,
     model: str | os.PathLike[str] | None = None,
     components: str | os.PathLike[str] | None = None,
     **kwargs: Any,
@@ -114,15 +126,13 @@ def resolve_pipeline_source(
 
 
 def _pipeline_source(
-    backbone: Any,
+    backbone: Backbone,
     model: str | os.PathLike[str] | None,
     components: str | os.PathLike[str] | None,
     **kwargs: Any,
 ) -> PipelineSource:
-    from wadi_cli.sample.pipeline import resolve_pipeline_source as resolve
-
     try:
-        return resolve(backbone, model, components, **kwargs)
+        return pipeline_files.resolve_pipeline_source(backbone, model, components, **kwargs)
     except HubError as exc:
         repo = str(model if model is not None else backbone.hub_id)
         comp = str(components or backbone.components_repo or repo)
@@ -142,66 +152,37 @@ def _pipeline_source(
 def detect_weights_kind(path: str | os.PathLike[str]) -> WeightsKind:
     """``folder`` for a directory, ``adapter`` for a file with ``*.lorad_A/B`` tensors,
     ``merged`` for any other weights file (a full denoiser state dict)."""
-    from wadi_cli.io import open_checkpoint
-
     p = Path(path).expanduser()
     if not p.exists():
         raise CheckpointError(f"--weights {p}: no such file or directory")
     if p.is_dir():
         return "folder"
     with open_checkpoint(p) as src:
-        keys = list(src.keys())
-    if any(k.endswith(ADAPTER_SUFFIXES) for k in keys):
-        return "adapter"
+        if is_adapter(src.keys()):
+            return "adapter"
     return "merged"
 
 
-def _preview(names: list[str], limit: int = 3) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f", … (+{len(names) - limit})" if len(names) > limit else "")
-
-
-def load_state_strict(model: nn.Module, source: Mapping[str, Any] | Any, label: str) -> None:
+def load_state_strict(model: nn.Module, source: Tensors, label: str) -> None:
     """Copy a full state dict (a mapping or a lazy ``TensorSource``) into ``model``.
 
     Names and shapes are checked before any tensor is read or copied; a mismatch raises
     :class:`MismatchError` naming the first missing/unexpected keys and shape mismatches.
     """
     expected = model.state_dict()
-    have = list(source.keys())
-    missing = sorted(set(expected) - set(have))
-    unexpected = sorted(set(have) - set(expected))
-
-    def shape_of(k: str) -> tuple[int, ...]:
-        return tuple(source.shape(k)) if hasattr(source, "shape") else tuple(source[k].shape)
-
-    bad = [
-        f"{k}: file {shape_of(k)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(have) & set(expected))
-        if shape_of(k) != tuple(expected[k].shape)
-    ]
-    if missing or unexpected or bad:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s): {_preview(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): {_preview(unexpected)}")
-        if bad:
-            parts.append(f"{len(bad)} shape mismatch(es): {_preview(bad, 2)}")
-        raise MismatchError(f"{label} does not fit the base model: " + "; ".join(parts))
-    get = source.get if hasattr(source, "shape") else source.__getitem__
-    from wadi_cli.io import require_finite
-
+    diff = KeyDiff.between(expected, source)
+    if diff:
+        what = diff.describe("missing key(s)", "unexpected key(s)", "model", "file")
+        raise MismatchError(f"{label} does not fit the base model: {what}")
+    src = as_tensor_map(source)
     with torch.no_grad():
         for k, param in expected.items():
-            tensor = get(k)
+            tensor = src.get(k)
             require_finite(label, k, tensor)
             param.copy_(tensor.to(dtype=param.dtype))
 
 
-def _read_adapter(path: Path, backbone: Any) -> tuple[dict[str, torch.Tensor], Any]:
-    from wadi_cli.lorad import load_adapter
-
+def _read_adapter(path: Path, backbone: Backbone) -> tuple[dict[str, torch.Tensor], Any]:
     tensors, cfg = load_adapter(path)
     if getattr(cfg, "backbone", None) and cfg.backbone != backbone.name:
         raise MismatchError(
@@ -210,7 +191,7 @@ def _read_adapter(path: Path, backbone: Any) -> tuple[dict[str, torch.Tensor], A
     return tensors, cfg
 
 
-def check_weights(path: str | os.PathLike[str], backbone: Any) -> WeightsKind:
+def check_weights(path: str | os.PathLike[str], backbone: Backbone) -> WeightsKind:
     """Check ``--weights`` as far as it can be without the base model (the file's format and
     header; an adapter's tensors, values and backbone), so a broken file fails before a
     pipeline of gigabytes is loaded. Returns its kind."""
@@ -220,19 +201,15 @@ def check_weights(path: str | os.PathLike[str], backbone: Any) -> WeightsKind:
     return kind
 
 
-def _apply_adapter(model: nn.Module, path: Path, backbone: Any) -> None:
-    from wadi_cli.lorad import merge_adapter_into_state_dict
-
+def _apply_adapter(model: nn.Module, path: Path, backbone: Backbone) -> None:
     tensors, _ = _read_adapter(path, backbone)
     # the rotation is computed in fp32 (fp64 for fp64 bases) and cast back to the base dtype
     merged = merge_adapter_into_state_dict(model.state_dict(), tensors)
     load_state_strict(model, merged, f"--weights {path} (adapter merged into the base)")
 
 
-def apply_weights(model: nn.Module, path: str | os.PathLike[str], backbone: Any) -> WeightsKind:
+def apply_weights(model: nn.Module, path: str | os.PathLike[str], backbone: Backbone) -> WeightsKind:
     """Load one-step weights of any supported kind into the base denoiser ``model``."""
-    from wadi_cli.io import open_checkpoint
-
     p = Path(path).expanduser()
     kind = detect_weights_kind(p)
     if kind == "adapter":
@@ -246,7 +223,7 @@ def apply_weights(model: nn.Module, path: str | os.PathLike[str], backbone: Any)
     return kind
 
 
-def default_weights(backbone: Any, source: str | os.PathLike[str] | None = None) -> Path | None:
+def default_weights(backbone: Backbone, source: str | os.PathLike[str] | None = None) -> Path | None:
     """The default one-step weights for ``backbone`` on the base pipeline ``source``: the
     authors' release (fetched from the hub and cached) for sd15 / sd21 / pixart, the
     student shipped with wadi for tiny on its shipped pipeline (``None`` on another tiny
@@ -259,26 +236,22 @@ def default_weights(backbone: Any, source: str | os.PathLike[str] | None = None)
 
 
 def _shipped_tiny_student(source: str | os.PathLike[str] | None) -> Path | None:
-    from wadi_cli.tiny import TINY_PIPELINE_DIR, TINY_STUDENT_PATH
-
-    if source is not None and Path(source).resolve() != Path(TINY_PIPELINE_DIR).resolve():
+    if source is not None and Path(source).resolve() != Path(tiny.TINY_PIPELINE_DIR).resolve():
         return None
-    if not TINY_STUDENT_PATH.is_file():
+    if not tiny.TINY_STUDENT_PATH.is_file():
         raise CheckpointError(
-            f"the tiny one-step student is missing at {TINY_STUDENT_PATH} (incomplete install); "
+            f"the tiny one-step student is missing at {tiny.TINY_STUDENT_PATH} (incomplete install); "
             "pass one-step weights with --weights FILE, or sample the undistilled model with --base"
         )
-    return TINY_STUDENT_PATH
+    return tiny.TINY_STUDENT_PATH
 
 
-def _default_weights(backbone: Any, source: str | os.PathLike[str] | None = None) -> Path | None:
+def _default_weights(backbone: Backbone, source: str | os.PathLike[str] | None = None) -> Path | None:
     if backbone.name == "tiny":
         return _shipped_tiny_student(source)
     repo, name = getattr(backbone, "release_repo", None), getattr(backbone, "release_file", None)
     if not repo or not name:
         return None
-    from wadi_cli.io import fetch_file
-
     try:
         return Path(fetch_file(repo, name))
     except HubError:
@@ -291,7 +264,7 @@ def _default_weights(backbone: Any, source: str | os.PathLike[str] | None = None
 
 
 def resolve_sources(
-    backbone: Any,
+    backbone: Backbone,
     model: str | os.PathLike[str] | None,
     weights: str | os.PathLike[str] | None,
     teacher: bool,
@@ -327,11 +300,11 @@ def resolve_sources(
     return source, wpath
 
 
-def weights_alpha_bar_T(path: str | os.PathLike[str] | None, backbone: Any = None) -> float | None:
+def weights_alpha_bar_T(
+    path: str | os.PathLike[str] | None, backbone: Backbone | None = None
+) -> float | None:
     """ᾱ_T recorded in one-step weights (``alpha_bar_T`` metadata of an adapter, merged
     file or the denoiser file of an exported pipeline folder), or ``None``."""
-    from wadi_cli.io.resolve import recorded_alpha_bar_T
-
     if path is None:
         return None
     p = Path(path).expanduser()
@@ -341,9 +314,9 @@ def weights_alpha_bar_T(path: str | os.PathLike[str] | None, backbone: Any = Non
     return recorded_alpha_bar_T(p, component)
 
 
-# ---- the sampler -----------------------------------------------------------------------
-def load_sampler(
-    backbone: str | Any,
+# ---- the loaded pipeline --------------------------------------------------------------
+def load_pipeline(
+    backbone: str | Backbone,
     *,
     model: str | os.PathLike[str] | None = None,
     weights: str | os.PathLike[str] | None = None,
@@ -354,7 +327,7 @@ def load_sampler(
     compile: bool = False,
     components: str | os.PathLike[str] | None = None,
     base: bool = False,
-) -> Sampler:
+) -> LoadedPipeline:
     """Load the base pipeline of ``backbone`` (``model`` overrides its source,
     ``components`` where its VAE / text encoder / tokenizer / scheduler come from), put
     the one-step ``weights`` into its denoiser (for the student: default = the authors'
@@ -365,8 +338,6 @@ def load_sampler(
     ``channels_last`` (default: on CUDA) and ``compile`` (``torch.compile`` of the
     denoiser) are speed options for accelerators; neither changes the maths.
     """
-    from wadi_cli.sample.pipeline import latent_size, load_base_pipeline, vae_scale_factor, weights_variant
-
     spec = get_backbone_spec(backbone)
     dev = torch.device(device)
     notes: list[str] = []
@@ -397,7 +368,7 @@ def load_sampler(
     if compile:
         net.compile()  # in place: parameter names and the wrapper stay as they are
     encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, spec.text_encoder, spec.text_max_length)
-    return Sampler(
+    return LoadedPipeline(
         backbone=spec,
         denoiser=denoiser,
         vae=pipe.vae,

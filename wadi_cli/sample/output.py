@@ -6,12 +6,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import unicodedata
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from wadi_cli.errors import BadInputError
+from wadi_cli.io import atomic_output_dir, check_writable, unused_path
 
 SAMPLES_JSON = "samples.json"
 GRID_PNG = "grid.png"
@@ -38,8 +42,6 @@ def prompt_slug(text: str, max_len: int = 60) -> str:
     """A folder name from a prompt: ASCII letters and digits, lower case, joined by ``-``
     ("a shiba inu wearing a beret" -> "a-shiba-inu-wearing-a-beret"); ``samples`` when
     nothing is left."""
-    import re
-    import unicodedata
 
     ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
     slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
@@ -54,7 +56,6 @@ def default_output_dir(
     """Where ``wadi sample`` writes without ``--out``: ``root/SLUG`` (the slug of the first
     prompt, else of the prompt file's name), or ``root/SLUG-2``, ``-3``, … when taken, so
     an earlier result is never replaced. Creates nothing."""
-    from wadi_cli.io import unused_path
 
     text = prompts[0] if prompts else (Path(prompts_file).stem if prompts_file is not None else "")
     return unused_path(Path(root) / prompt_slug(text))
@@ -64,7 +65,6 @@ def check_output_dir(out: str | os.PathLike[str]) -> Path:
     """Fail early (before any model is loaded) if ``out`` cannot be written: it is a file,
     a non-empty folder wadi did not write, or its nearest existing parent is not a
     writable folder. A folder wadi wrote before (``.wadi`` marker) is replaced."""
-    from wadi_cli.io import check_writable
 
     return check_writable(out, directory=True)
 
@@ -79,9 +79,6 @@ def save_samples(
 ) -> Path:
     """Write ``0000.png``, ``0001.png``, … , ``grid.png`` and ``samples.json`` (prompts,
     seeds, files, ``metadata``) into ``out``, atomically."""
-    from PIL import Image
-
-    from wadi_cli.io import atomic_output_dir
 
     if not (len(images) == len(prompts) == len(seeds)):
         raise ValueError("images, prompts and seeds must have the same length")

@@ -8,6 +8,8 @@ scheduler come from the PixArt-α 512 pipeline repository (the backbone registry
 finds both folders (local paths, or hub snapshots holding only the files the command
 needs, in the precision asked for); :func:`load_base_pipeline` loads each part with its
 own diffusers/transformers class, never the safety checker or feature extractor.
+diffusers and transformers are imported by the functions that load (start-up time:
+several seconds, which commands that only resolve folders or read weights do not pay).
 """
 
 from __future__ import annotations
@@ -20,15 +22,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from wadi_cli.backbones.registry import PIPELINE_COMPONENTS, WEIGHTED_COMPONENTS
+from wadi_cli.backbones.registry import PIPELINE_COMPONENTS, WEIGHTED_COMPONENTS, Backbone
 from wadi_cli.errors import BadInputError, CheckpointError
 from wadi_cli.io.hub import looks_like_repo_id, repo_files, resolve_repo, snapshot_files
 from wadi_cli.io.hub_files import FetchPlan, MissingFiles, folder_weights, select_files
+from wadi_cli.tiny import TINY_PIPELINE_DIR, tiny_pipeline_available
+
+if TYPE_CHECKING:
+    from diffusers import SchedulerMixin
 
 _TEXT_ENCODERS = {"clip": ("CLIPTextModel", "CLIPTokenizer"), "t5": ("T5EncoderModel", "T5Tokenizer")}
 
@@ -94,7 +100,7 @@ def _holds_components(ref: str) -> bool:
 
 
 def resolve_pipeline_source(
-    backbone: Any,
+    backbone: Backbone,
     model: str | os.PathLike[str] | None = None,
     components: str | os.PathLike[str] | None = None,
     *,
@@ -114,8 +120,6 @@ def resolve_pipeline_source(
     """
     sub = backbone.denoiser_subfolder
     if model is None and backbone.name == "tiny":
-        from wadi_cli.tiny import TINY_PIPELINE_DIR, tiny_pipeline_available
-
         if not tiny_pipeline_available():
             raise CheckpointError(
                 f"the shipped tiny pipeline is missing or incomplete at {TINY_PIPELINE_DIR}; "
@@ -155,7 +159,7 @@ class BasePipeline:
     vae: nn.Module
     text_encoder: nn.Module
     tokenizer: Any
-    scheduler: Any
+    scheduler: SchedulerMixin
     source: PipelineSource
 
 
@@ -237,7 +241,7 @@ def _load(what: str, root: Path, fn: Any) -> Any:
 
 
 def load_denoiser(
-    backbone: Any, source: PipelineSource, dtype: torch.dtype, weights: bool = True
+    backbone: Backbone, source: PipelineSource, dtype: torch.dtype, weights: bool = True
 ) -> nn.Module:
     """The denoiser of ``source``: its weights, or (``weights=False``) built from its
     config only, for weights that replace them all (merged one-step weights)."""
@@ -262,7 +266,7 @@ def load_denoiser(
 
 
 def load_base_pipeline(
-    backbone: Any, source: PipelineSource, dtype: torch.dtype, *, denoiser_weights: bool = True
+    backbone: Backbone, source: PipelineSource, dtype: torch.dtype, *, denoiser_weights: bool = True
 ) -> BasePipeline:
     """Load every part of the base pipeline in ``dtype`` (the scheduler has no dtype)."""
     import diffusers

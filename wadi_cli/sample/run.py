@@ -8,15 +8,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from wadi_cli.sample.config import (
-    SampleConfig,
-    alpha_bar_T_warning,
-    read_prompts,
-    resolve_device,
-    resolve_dtype,
-)
+from wadi_cli.errors import BadInputError
+from wadi_cli.machine import resolve_device
+from wadi_cli.sample.config import SampleConfig, alpha_bar_T_warning, read_prompts, resolve_dtype
 from wadi_cli.sample.generate import generate
-from wadi_cli.sample.loading import get_backbone_spec, load_sampler
+from wadi_cli.sample.loading import get_backbone_spec, load_pipeline
 from wadi_cli.sample.output import check_output_dir, save_samples
 
 
@@ -47,7 +43,6 @@ def sample_to_folder(
     Bad input (unknown backbone, no prompts, unwritable ``out``, weights that do not fit)
     raises a :class:`~wadi_cli.errors.BadInputError` subclass before anything is written.
     """
-    from wadi_cli.errors import BadInputError
 
     config = config or SampleConfig()
     spec = get_backbone_spec(backbone)
@@ -59,7 +54,7 @@ def sample_to_folder(
         raise BadInputError(f"--weights {weights}: no such file or directory")
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev, spec.family)
-    sampler = load_sampler(
+    pipe = load_pipeline(
         spec,
         model=model,
         weights=weights,
@@ -71,33 +66,33 @@ def sample_to_folder(
         base=base,
     )
     if not config.teacher:
-        warning = alpha_bar_T_warning(config.alpha_bar_T, sampler.weights_alpha_bar_T)
+        warning = alpha_bar_T_warning(config.alpha_bar_T, pipe.weights_alpha_bar_T)
         if warning:
-            sampler.warnings.append(warning)
+            pipe.warnings.append(warning)
     if on_loaded is not None:
-        on_loaded(sampler)
-    gen = generate(sampler, all_prompts, config, num_images, progress=progress)
+        on_loaded(pipe)
+    gen = generate(pipe, all_prompts, config, num_images, progress=progress)
     resolved = gen.config
     summary: dict[str, Any] = {
         "backbone": spec.name,
         "mode": "teacher" if resolved.teacher else "one-step",
-        "model": sampler.model_source,
-        "weights": sampler.weights,
-        "weights_kind": sampler.weights_kind,
+        "model": pipe.model_source,
+        "weights": pipe.weights,
+        "weights_kind": pipe.weights_kind,
         "device": str(dev),
         "dtype": str(torch_dtype).replace("torch.", ""),
         "num_images": len(gen.prompts),
         "steps": resolved.steps if resolved.teacher else 1,
         "cfg": resolved.cfg if resolved.teacher else None,
         "alpha_bar_T": None if resolved.teacher else resolved.alpha_bar_T,
-        "alpha_bar_T_recorded": sampler.weights_alpha_bar_T,
-        "resolution": sampler.resolution,
-        "prediction_type": sampler.denoiser.prediction_type,
+        "alpha_bar_T_recorded": pipe.weights_alpha_bar_T,
+        "resolution": pipe.resolution,
+        "prediction_type": pipe.denoiser.prediction_type,
         "seed": resolved.seed,
         "batch_size": resolved.batch_size,
         "seconds": round(gen.seconds, 3),
-        "notes": sampler.notes,
-        "warnings": sampler.warnings,
+        "notes": pipe.notes,
+        "warnings": pipe.warnings,
     }
     save_samples(out_path, gen.images, gen.prompts, gen.seeds, summary, grid_cols)
     summary["out"] = str(out_path)

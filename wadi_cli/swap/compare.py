@@ -1,8 +1,8 @@
 """Compare the four swap variants side by side: the multi-step teacher, the one-step
-student, the student with the teacher's norms (``keep="direction"``) and the student with
-the teacher's directions (``keep="norm"``).
+student, the student with the teacher's norms (``teacher_norms``) and the student with
+the teacher's directions (``teacher_directions``).
 
-Variants are produced one at a time (:func:`variant_states`) and loaded into ONE sampler's
+Variants are produced one at a time (:func:`variant_states`) and loaded into ONE pipeline's
 denoiser, so memory holds the base pipeline plus one hybrid, whatever the backbone. For
 each variant, images for every prompt are generated from the same noise (seed ``seed + i``
 for image ``i``) and, for the tiny backbone, the variant is scored like ``wadi eval``.
@@ -14,14 +14,34 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
+from wadi_cli.backbones import Backbone, get_backbone
 from wadi_cli.errors import BadInputError
-from wadi_cli.swap.core import check_alpha, plan_swap, swap_state_dict
+from wadi_cli.io import atomic_output_dir, check_writable, open_checkpoint
+from wadi_cli.io.checkpoints import recorded_alpha_bar_T
+from wadi_cli.io.tensor_map import Tensors
+from wadi_cli.machine import resolve_device
+from wadi_cli.sample import (
+    Generation,
+    LoadedPipeline,
+    SampleConfig,
+    evaluate_tiny,
+    generate,
+    image_grid,
+    load_pipeline,
+    load_state_strict,
+    resolve_dtype,
+    resolve_pipeline_source,
+)
+from wadi_cli.swap.core import SWAP_VARIANTS, check_alpha, open_student, plan_swap, swap_state_dict
+from wadi_cli.tiny.classifier import TinyClassifier, load_classifier
 
 VARIANTS: tuple[str, ...] = ("teacher", "student", "teacher_norms", "teacher_directions")
 VARIANT_LABELS: dict[str, str] = {
@@ -38,39 +58,37 @@ Progress = Callable[[str, int, int], None]
 
 
 def variant_states(
-    teacher: Mapping[str, torch.Tensor] | Any,
-    student: Mapping[str, torch.Tensor] | Any,
+    teacher: Tensors,
+    student: Tensors,
     *,
     alpha: float = 1.0,
     filter: str | None = None,
-) -> Iterator[tuple[str, Any]]:
+) -> Iterator[tuple[str, Tensors]]:
     """Yield ``(variant, state)`` for :data:`VARIANTS`, in order. Hybrids are computed
     lazily, one at a time, so at most one lives in memory while the caller uses it.
     Validate first (:func:`wadi_cli.swap.plan_swap`): errors would surface mid-way."""
     yield "teacher", teacher
     yield "student", student
-    yield "teacher_norms", swap_state_dict(teacher, student, "direction", alpha=alpha, filter=filter)[0]
-    yield "teacher_directions", swap_state_dict(teacher, student, "norm", alpha=alpha, filter=filter)[0]
+    for variant in SWAP_VARIANTS:
+        yield variant, swap_state_dict(teacher, student, variant, alpha=alpha, filter=filter)[0]
 
 
-def _check_tiny(backbone: Any) -> None:
+def _check_tiny(backbone: str | Backbone) -> None:
     name = str(getattr(backbone, "name", backbone)).strip().lower()
     if name != "tiny":
         raise BadInputError(f"accuracy / fd can be computed for the tiny backbone only (got {name!r})")
 
 
 def _run_variants(
-    sampler: Any,
-    teacher: Any,
-    student: Any,
+    pipe: LoadedPipeline,
+    teacher: Tensors,
+    student: Tensors,
     alpha: float,
     filter: str | None,
     work: Callable[[str], None],
 ) -> None:
-    """Load each variant into the sampler's denoiser (strictly) and call ``work(variant)``."""
-    from wadi_cli.sample import load_state_strict
-
-    net = sampler.denoiser.model
+    """Load each variant into the pipeline's denoiser (strictly) and call ``work(variant)``."""
+    net = pipe.denoiser.model
     for name, state in variant_states(teacher, student, alpha=alpha, filter=filter):
         load_state_strict(net, state, f"the {name.replace('_', ' ')} weights")
         del state
@@ -85,8 +103,8 @@ def _eval_entry(result: Mapping[str, Any], teacher: bool) -> dict[str, Any]:
 
 
 def evaluate_swap_variants(
-    teacher_state: Mapping[str, torch.Tensor] | Any,
-    student_state: Mapping[str, torch.Tensor] | Any,
+    teacher_state: Tensors,
+    student_state: Tensors,
     *,
     backbone: str = "tiny",
     num_images: int = 500,
@@ -98,15 +116,14 @@ def evaluate_swap_variants(
     model: str | os.PathLike[str] | None = None,
     device: torch.device | str = "cpu",
     batch_size: int = 32,
-    sampler: Any = None,
+    pipe: LoadedPipeline | None = None,
     progress: Progress | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Accuracy and Fréchet distance (as ``wadi eval``) of the four variants of the tiny model.
 
     Returns ``{"teacher": {"accuracy", "fd", "steps", "cfg", …}, "student": {…},
-    "teacher_norms": {…}, "teacher_directions": {…}}``: ``teacher_norms`` is the
-    ``keep="direction"`` hybrid, ``teacher_directions`` the ``keep="norm"`` one (both at
-    ``alpha``, limited to ``filter``). Every variant sees the same ``num_images`` prompts
+    "teacher_norms": {…}, "teacher_directions": {…}}`` (the hybrids at ``alpha``, limited
+    to ``filter``). Every variant sees the same ``num_images`` prompts
     and noise (``seed``); the teacher runs ``teacher_steps`` DDIM steps with guidance
     ``cfg`` (defaults: :data:`wadi_cli.sample.TEACHER_DEFAULTS`).
     """
@@ -114,30 +131,22 @@ def evaluate_swap_variants(
     check_alpha(alpha)
     plan_swap(teacher_state, student_state, filter)
     results: dict[str, dict[str, Any]] = {}
-    sampler, classifier = _tiny_tools(sampler, model, device)
+    classifier = load_classifier(None)
+    if pipe is None:
+        pipe = load_pipeline("tiny", model=model, teacher=True, device=device)
 
     def work(name: str) -> None:
         results[name] = _evaluate_one(
-            sampler, classifier, name, num_images, seed, teacher_steps, cfg, batch_size, progress
+            pipe, classifier, name, num_images, seed, teacher_steps, cfg, batch_size, progress
         )
 
-    _run_variants(sampler, teacher_state, student_state, alpha, filter, work)
+    _run_variants(pipe, teacher_state, student_state, alpha, filter, work)
     return results
 
 
-def _tiny_tools(sampler: Any, model: Any, device: torch.device | str) -> tuple[Any, Any]:
-    from wadi_cli.sample import load_sampler
-    from wadi_cli.tiny.classifier import load_classifier
-
-    classifier = load_classifier(None)
-    if sampler is None:
-        sampler = load_sampler("tiny", model=model, teacher=True, device=device)
-    return sampler, classifier
-
-
 def _evaluate_one(
-    sampler: Any,
-    classifier: Any,
+    pipe: LoadedPipeline,
+    classifier: TinyClassifier | None,
     name: str,
     num_images: int,
     seed: int,
@@ -146,8 +155,6 @@ def _evaluate_one(
     batch_size: int,
     progress: Progress | None,
 ) -> dict[str, Any]:
-    from wadi_cli.sample import evaluate_tiny
-
     if progress is not None:
         progress(f"evaluating {name.replace('_', ' ')}", 0, 1)
     is_teacher = name == "teacher"
@@ -158,7 +165,7 @@ def _evaluate_one(
         num_images=num_images,
         seed=seed,
         batch_size=batch_size,
-        sampler=sampler,
+        pipe=pipe,
         classifier=classifier,
     )
     if progress is not None:
@@ -168,8 +175,6 @@ def _evaluate_one(
 
 # ---- grids ---------------------------------------------------------------------------------
 def _font(size: int) -> Any:
-    from PIL import ImageFont
-
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, OSError, ImportError):  # Pillow without FreeType
@@ -184,10 +189,6 @@ def labelled_grid(
     ``columns[j]`` is an (R, H, W, 3) uint8 array (row ``r`` of every column shares its
     noise). Small images are upscaled (nearest) so each column is wide enough for its label.
     """
-    from PIL import Image, ImageDraw
-
-    from wadi_cli.sample import image_grid
-
     if len(columns) != len(labels) or not columns:
         raise ValueError("need one label per column and at least one column")
     n_rows, h, w, _ = columns[0].shape
@@ -221,24 +222,84 @@ def _slug(text: str, limit: int = 40) -> str:
     return keep[:limit] or "prompt"
 
 
-def render_swap_grids(
-    teacher_state: Mapping[str, torch.Tensor] | Any,
-    student_state: Mapping[str, torch.Tensor] | Any,
-    prompts: Sequence[str],
-    out_dir: str | os.PathLike[str],
+@dataclass
+class SwapSampling:
+    """What ``wadi swap --sample`` renders: one grid per prompt (``rows`` seeds each, from
+    ``seed``) of the four variants into the folder ``out``, on the base pipeline of
+    ``backbone`` (``model`` overrides its source), the teacher with ``steps`` / ``cfg``
+    (default: the backbone's); with ``evaluate`` and the tiny backbone also the scores of
+    ``wadi eval`` over ``num_images`` images."""
+
+    prompts: list[str]
+    out: Path
+    backbone: str
+    model: str | None
+    steps: int | None
+    cfg: float | None
+    seed: int
+    rows: int
+    num_images: int
+    evaluate: bool
+    device: str
+
+    @property
+    def scores(self) -> bool:
+        """Whether the variants are scored (accuracy / fd exist for the tiny model only)."""
+        return self.evaluate and self.backbone.strip().lower() == "tiny"
+
+    def check(self) -> None:
+        """Every check that reads no tensor: prompts, rows, image count, ``--steps`` /
+        ``--cfg``, the base pipeline is there, the folder can be written."""
+        if not self.prompts:
+            raise BadInputError("--sample needs at least one prompt")
+        if self.rows < 1:
+            raise BadInputError(f"--rows must be at least 1, got {self.rows}")
+        if self.num_images < 2:
+            raise BadInputError(f"--num-images must be at least 2 to estimate FD, got {self.num_images}")
+        SampleConfig(teacher=True, steps=self.steps, cfg=self.cfg)  # validates --steps / --cfg
+        resolve_pipeline_source(get_backbone(self.backbone), self.model)  # a missing base fails now
+        check_writable(self.out, directory=True)
+
+
+def sample_swap(
+    teacher_path: str | os.PathLike[str],
+    student_path: str | os.PathLike[str],
+    sampling: SwapSampling,
     *,
-    backbone: str = "tiny",
-    rows: int = 4,
-    seed: int = 0,
-    steps: int | None = None,
-    cfg: float | None = None,
     alpha: float = 1.0,
     filter: str | None = None,
-    evaluate: bool | None = None,
-    num_images: int = 500,
-    model: str | os.PathLike[str] | None = None,
+    student_label: str | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """:func:`render_swap_grids` for checkpoint files (anything
+    :func:`~wadi_cli.io.open_checkpoint` reads; a LoRaD adapter as STUDENT is merged into
+    TEACHER), on the device and in the dtype ``wadi sample`` would choose, with the ᾱ_T the
+    student records. ``student_label`` names STUDENT in ``swap_samples.json``."""
+    dev = resolve_device(sampling.device)
+    dtype = resolve_dtype(None, dev, get_backbone(sampling.backbone).family)
+    metadata = {"teacher": str(teacher_path), "student": student_label or str(student_path)}
+    with open_checkpoint(teacher_path) as teacher:
+        student, _ = open_student(student_path, teacher)
+        try:
+            return render_swap_grids(
+                teacher, student, sampling, device=dev, dtype=dtype, alpha=alpha, filter=filter,
+                metadata=metadata, progress=progress, alpha_bar_T=recorded_alpha_bar_T(student_path),
+            )  # fmt: skip
+        finally:
+            close = getattr(student, "close", None)
+            if callable(close):
+                close()
+
+
+def render_swap_grids(
+    teacher_state: Tensors,
+    student_state: Tensors,
+    sampling: SwapSampling,
+    *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    alpha: float = 1.0,
+    filter: str | None = None,
     batch_size: int = 8,
     metadata: Mapping[str, Any] | None = None,
     progress: Progress | None = None,
@@ -246,42 +307,42 @@ def render_swap_grids(
 ) -> dict[str, Any]:
     """Render one labelled grid per prompt (columns: teacher multi-step | student one-step |
     student + teacher norms | student + teacher directions; rows: seeds ``seed``, …,
-    ``seed + rows - 1`` per prompt) into ``out_dir``, written atomically with
-    ``swap_samples.json``. With ``evaluate`` (default: for ``tiny``) the variants are also
-    scored like ``wadi eval`` (``num_images``, ``seed``) into ``swap_metrics.json``.
+    ``seed + rows - 1`` per prompt) into ``sampling.out``, written atomically with
+    ``swap_samples.json``: the images come from :func:`wadi_cli.sample.generate` (what
+    ``wadi sample`` runs) with each variant loaded into one pipeline's denoiser. When
+    ``sampling.scores`` the variants are also scored by
+    :func:`wadi_cli.sample.evaluate_tiny` (what ``wadi eval -b tiny`` runs) into
+    ``swap_metrics.json``. The student variants sample with ``alpha_bar_T`` (the
+    student's recorded ᾱ_T; ``None``: the backbone's).
 
-    Returns ``{"out", "grids", "metrics"}`` (``metrics`` is ``None`` without evaluation).
+    Returns ``{"out", "grids", "metrics"}`` (``metrics`` is ``None`` without scores).
     """
-    from wadi_cli.io import check_writable
-    from wadi_cli.sample import load_sampler
-
-    if not prompts:
-        raise BadInputError("--sample needs at least one prompt")
-    if rows < 1:
-        raise BadInputError(f"--rows must be at least 1, got {rows}")
-    spec_name = str(backbone).strip().lower()
-    evaluate = spec_name == "tiny" if evaluate is None else evaluate
-    if evaluate:
-        _check_tiny(spec_name)
+    sampling.check()
     check_alpha(alpha)
     plan_swap(teacher_state, student_state, filter)
-    check_writable(out_dir, directory=True)
-    sampler = load_sampler(spec_name, model=model, teacher=True, device=device, dtype=dtype)
-    sampler.weights_alpha_bar_T = alpha_bar_T  # the student variants sample with the student's ᾱ_T
-    classifier = _tiny_tools(sampler, model, device)[1] if evaluate else None
+    spec_name, prompts, rows, seed = (
+        sampling.backbone.strip().lower(),
+        sampling.prompts,
+        sampling.rows,
+        sampling.seed,
+    )
+    pipe = load_pipeline(spec_name, model=sampling.model, teacher=True, device=device, dtype=dtype)
+    pipe.weights_alpha_bar_T = alpha_bar_T  # the student variants sample with the student's ᾱ_T
+    classifier = load_classifier(None) if sampling.scores else None
     images: dict[str, np.ndarray] = {}
     metrics: dict[str, dict[str, Any]] = {}
     config: dict[str, Any] = {}
 
     def work(name: str) -> None:
-        gen = _generate_variant(sampler, name, prompts, rows, seed, steps, cfg, batch_size, progress)
+        steps, cfg = sampling.steps, sampling.cfg
+        gen = _generate_variant(pipe, name, prompts, rows, seed, steps, cfg, batch_size, progress)
         images[name], config[name] = gen.images, gen.config.to_dict()
-        if evaluate:
+        if classifier is not None:
             metrics[name] = _evaluate_one(
-                sampler, classifier, name, num_images, seed, steps, cfg, 32, progress
+                pipe, classifier, name, sampling.num_images, seed, steps, cfg, 32, progress
             )
 
-    _run_variants(sampler, teacher_state, student_state, alpha, filter, work)
+    _run_variants(pipe, teacher_state, student_state, alpha, filter, work)
     teacher_label = f"teacher ({int(config['teacher']['steps'])} steps)"
     labels = [teacher_label] + [VARIANT_LABELS[v] for v in VARIANTS[1:]]
     width = max(2, len(str(len(prompts) - 1)))
@@ -299,12 +360,13 @@ def render_swap_grids(
             for i, (f, p) in enumerate(zip(grids, prompts, strict=True))
         ],
     }
-    _write_outputs(out_dir, images, prompts, rows, grids, labels, record, metrics if evaluate else None)
-    return {"out": str(out_dir), "grids": grids, "metrics": metrics if evaluate else None}
+    scores = metrics if classifier is not None else None
+    _write_outputs(sampling.out, images, prompts, rows, grids, labels, record, scores)
+    return {"out": str(sampling.out), "grids": grids, "metrics": scores}
 
 
 def _generate_variant(
-    sampler: Any,
+    pipe: LoadedPipeline,
     name: str,
     prompts: Sequence[str],
     rows: int,
@@ -313,11 +375,9 @@ def _generate_variant(
     cfg: float | None,
     batch_size: int,
     progress: Progress | None,
-) -> Any:
-    """``rows`` images per prompt from the variant loaded in ``sampler`` (the teacher
+) -> Generation:
+    """``rows`` images per prompt from the variant loaded in ``pipe`` (the teacher
     multi-step with guidance, the others in one step), seeds ``seed + i``."""
-    from wadi_cli.sample import SampleConfig, generate
-
     is_teacher = name == "teacher"
     config = SampleConfig(
         teacher=is_teacher,
@@ -332,7 +392,7 @@ def _generate_variant(
         if progress is not None:
             progress(label, done, total)
 
-    return generate(sampler, list(prompts), config, num_images_per_prompt=rows, progress=tick)
+    return generate(pipe, list(prompts), config, num_images_per_prompt=rows, progress=tick)
 
 
 def _write_outputs(
@@ -345,10 +405,6 @@ def _write_outputs(
     record: Mapping[str, Any],
     metrics: Mapping[str, Any] | None,
 ) -> None:
-    from PIL import Image
-
-    from wadi_cli.io import atomic_output_dir
-
     try:
         with atomic_output_dir(out_dir) as tmp:
             for i, (file, prompt) in enumerate(zip(grids, prompts, strict=True)):

@@ -5,9 +5,9 @@ as a matrix of rows, one per output unit (:func:`~wadi_cli.analysis.decompose.as
 and each row splits as ``W_i = g_i d_i`` with ``g_i = ||W_i||`` and ``d_i = W_i / g_i``.
 For a teacher row ``T_i`` and a student row ``S_i`` and a strength ``alpha`` in [0, 1]:
 
-- ``keep="direction"`` (the student gets the teacher's *norms*):
+- ``"teacher_norms"`` (the student gets the teacher's *norms*, ``wadi swap --keep direction``):
   ``row = g(a) d_S`` with ``g(a) = (1 - a) g_S + a g_T``;
-- ``keep="norm"`` (the student gets the teacher's *directions*):
+- ``"teacher_directions"`` (the student gets the teacher's *directions*, ``--keep norm``):
   ``row = g_S d(a)`` where ``d(a)`` runs along the great circle from ``d_S`` to ``d_T``
   (spherical interpolation, ``d(0) = d_S``, ``d(1) = d_T``).
 
@@ -34,9 +34,16 @@ from torch import Tensor
 
 from wadi_cli.analysis.decompose import as_matrix, layer_kind
 from wadi_cli.errors import BadInputError, MismatchError
+from wadi_cli.io import check_writable, open_checkpoint, provenance_metadata, save_safetensors
+from wadi_cli.io.checkpoints import recorded_alpha_bar_T
+from wadi_cli.io.tensor_map import KeyDiff, Tensors, as_tensor_map, preview
+from wadi_cli.io.writers import ALPHA_BAR_T_METADATA
+from wadi_cli.lorad import is_adapter, load_adapter, merge_adapter_into_state_dict
 
-KEEP_CHOICES: tuple[str, ...] = ("direction", "norm")
-#: ``keep`` -> the name of the hybrid it makes (what the student receives from the teacher).
+#: The two hybrids, named for what the student receives from the teacher.
+SWAP_VARIANTS: tuple[str, ...] = ("teacher_norms", "teacher_directions")
+#: ``wadi swap --keep`` (what the student keeps) -> the variant it makes: the CLI's spelling,
+#: also recorded in the hybrid's metadata.
 VARIANT_OF_KEEP: dict[str, str] = {"direction": "teacher_norms", "norm": "teacher_directions"}
 
 # Rows per float64 chunk are sized in elements so memory stays bounded for huge convs.
@@ -57,10 +64,10 @@ class SwapStats:
     checkpoint); ``rows_undefined``: single-column rows whose teacher direction is the
     opposite of the student's, which have no path between them for ``0 < alpha < 1`` (left
     as the student's); ``rows_antipodal``: rows whose directions are opposite, interpolated
-    along an arbitrary great circle (``keep="norm"``, ``0 < alpha < 1`` only).
+    along an arbitrary great circle (``teacher_directions``, ``0 < alpha < 1`` only).
     """
 
-    keep: str
+    variant: str
     alpha: float
     filter: str | None
     tensors: int = 0
@@ -78,25 +85,36 @@ class SwapStats:
         return self.rows_zero + self.rows_nonfinite + self.rows_undefined
 
     @property
-    def variant(self) -> str:
-        """``teacher_norms`` (keep=direction) or ``teacher_directions`` (keep=norm)."""
-        return VARIANT_OF_KEEP[self.keep]
+    def keep(self) -> str:
+        """The ``--keep`` spelling of the variant (``direction`` or ``norm``)."""
+        return {v: k for k, v in VARIANT_OF_KEEP.items()}[self.variant]
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready summary (includes ``rows_skipped`` and ``variant``)."""
-        return {**asdict(self), "rows_skipped": self.rows_skipped, "variant": self.variant}
+        """JSON-ready summary (includes ``rows_skipped`` and the ``--keep`` spelling)."""
+        return {**asdict(self), "rows_skipped": self.rows_skipped, "keep": self.keep}
 
 
 # ---- argument checks -------------------------------------------------------------------
-def check_keep(keep: str) -> str:
-    """``"direction"`` or ``"norm"`` (case-insensitive), else :class:`BadInputError`."""
+def variant_of_keep(keep: str) -> str:
+    """The variant ``wadi swap --keep KEEP`` makes (``direction`` → ``teacher_norms``,
+    ``norm`` → ``teacher_directions``; case-insensitive), else :class:`BadInputError`."""
     value = str(keep).strip().lower()
-    if value not in KEEP_CHOICES:
+    if value not in VARIANT_OF_KEEP:
         raise BadInputError(
             f"--keep must be 'direction' (student directions, teacher norms) or 'norm' "
             f"(student norms, teacher directions); got {keep!r}"
         )
-    return value
+    return VARIANT_OF_KEEP[value]
+
+
+def check_variant(variant: str) -> str:
+    """``variant`` when it is one of :data:`SWAP_VARIANTS`, else :class:`BadInputError`."""
+    if variant not in SWAP_VARIANTS:
+        raise BadInputError(
+            "the swap variant must be 'teacher_norms' (--keep direction) or 'teacher_directions' "
+            f"(--keep norm); got {variant!r}"
+        )
+    return variant
 
 
 def check_alpha(alpha: float) -> float:
@@ -175,7 +193,7 @@ class RowCounts:
     antipodal: int = 0
 
 
-def _swap_chunk(t: Tensor, s: Tensor, keep: str, alpha: float) -> tuple[Tensor, Tensor, RowCounts]:
+def _swap_chunk(t: Tensor, s: Tensor, variant: str, alpha: float) -> tuple[Tensor, Tensor, RowCounts]:
     """Hybrid rows of one float64 chunk; returns (rows, mask of rows to write, counts)."""
     g_s = torch.linalg.vector_norm(s, dim=1)
     g_t = torch.linalg.vector_norm(t, dim=1)
@@ -183,7 +201,7 @@ def _swap_chunk(t: Tensor, s: Tensor, keep: str, alpha: float) -> tuple[Tensor, 
     ok = finite & (g_s > 0) & (g_t > 0)
     counts = RowCounts(nonfinite=int((~finite).sum()), zero=int((finite & ~ok).sum()), swapped=int(ok.sum()))
     s, t, g_s, g_t = s[ok], t[ok], g_s[ok], g_t[ok]
-    if keep == "direction":
+    if variant == "teacher_norms":
         g = (1.0 - alpha) * g_s + alpha * g_t
         rows = s * (g / g_s).unsqueeze(1)  # = g(a) d_S
     else:
@@ -205,14 +223,14 @@ def _swap_chunk(t: Tensor, s: Tensor, keep: str, alpha: float) -> tuple[Tensor, 
     return rows, ok, counts
 
 
-def swap_rows(teacher: Tensor, student: Tensor, keep: str, alpha: float = 1.0) -> tuple[Tensor, RowCounts]:
+def swap_rows(teacher: Tensor, student: Tensor, variant: str, alpha: float = 1.0) -> tuple[Tensor, RowCounts]:
     """Hybrid of one weight pair (same shape, >= 2 dims), row by row (see the module doc).
 
     Computed in float64 in chunks of rows and cast back to the student's dtype; rows that
     are not swapped (zero norm, NaN/Inf, undefined) are the student's bits. ``alpha = 0``
     returns a bit-exact copy of the student (rows are still counted).
     """
-    keep = check_keep(keep)
+    variant = check_variant(variant)
     alpha = check_alpha(alpha)
     if tuple(teacher.shape) != tuple(student.shape):
         raise MismatchError(f"shape differs: {tuple(teacher.shape)} vs {tuple(student.shape)}")
@@ -223,7 +241,7 @@ def swap_rows(teacher: Tensor, student: Tensor, keep: str, alpha: float = 1.0) -
     step = max(1, _CHUNK_ELEMENTS // max(cols, 1))
     for a in range(0, rows, step):
         b = min(rows, a + step)
-        new, ok, counts = _swap_chunk(t_mat[a:b].double(), o_mat[a:b].double(), keep, alpha)
+        new, ok, counts = _swap_chunk(t_mat[a:b].double(), o_mat[a:b].double(), variant, alpha)
         for field in ("swapped", "zero", "nonfinite", "undefined", "antipodal"):
             setattr(total, field, getattr(total, field) + getattr(counts, field))
         if alpha != 0.0 and bool(ok.any()):
@@ -232,56 +250,26 @@ def swap_rows(teacher: Tensor, student: Tensor, keep: str, alpha: float = 1.0) -
 
 
 # ---- state dicts -------------------------------------------------------------------------
-def _shape(src: Any, name: str) -> tuple[int, ...]:
-    shape_fn = getattr(src, "shape", None)
-    return tuple(shape_fn(name)) if callable(shape_fn) else tuple(src[name].shape)
-
-
-def _dtype(src: Any, name: str) -> torch.dtype:
-    dtype_fn = getattr(src, "dtype", None)
-    return dtype_fn(name) if callable(dtype_fn) else src[name].dtype
-
-
-def _preview(names: list[str], limit: int = 3) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f", … (+{len(names) - limit})" if len(names) > limit else "")
-
-
-def check_compatible(teacher: Any, student: Any) -> None:
+def check_compatible(teacher: Tensors, student: Tensors) -> None:
     """Raise :class:`MismatchError` (one line naming the first differences) unless both
     checkpoints hold the same tensor names with the same shapes. Reads headers only."""
-    t_keys, s_keys = list(teacher.keys()), list(student.keys())
-    only_t = sorted(set(t_keys) - set(s_keys))
-    only_s = sorted(set(s_keys) - set(t_keys))
-    common = [k for k in s_keys if k in set(t_keys)]
-    shapes = [(k, _shape(teacher, k), _shape(student, k)) for k in common]
-    bad = [f"{k}: {ts} vs {ss}" for k, ts, ss in shapes if ts != ss]
-    if not (only_t or only_s or bad):
+    diff = KeyDiff.between(teacher, student)
+    if not diff:
         return
-    parts = []
-    if only_t:
-        parts.append(f"{len(only_t)} keys only in the teacher (e.g. {_preview(only_t)})")
-    if only_s:
-        parts.append(f"{len(only_s)} keys only in the student (e.g. {_preview(only_s)})")
-    if bad:
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        parts.append(f"shape differs for {bad[0]}{more}")
     hint = ""
-    if len(common) < 0.5 * max(len(s_keys), 1):
+    if len(diff.common) < 0.5 * max(len(diff.common) + len(diff.only_b), 1):
         hint = "; if STUDENT is an adapter, merge it first (`wadi merge` or `wadi export --format merged`)"
-    raise MismatchError("teacher and student are different architectures: " + "; ".join(parts) + hint)
+    what = diff.describe("keys only in the teacher", "keys only in the student", "teacher", "student")
+    raise MismatchError(f"teacher and student are different architectures: {what}{hint}")
 
 
-def swappable_names(student: Any) -> list[str]:
+def swappable_names(student: Tensors) -> list[str]:
     """Names of the floating linear/conv weights of a checkpoint (the rows that can swap)."""
-    return [
-        k
-        for k in student
-        if layer_kind(k, _shape(student, k)) != "other" and _dtype(student, k).is_floating_point
-    ]
+    src = as_tensor_map(student)
+    return [k for k in src if layer_kind(k, src.shape(k)) != "other" and src.dtype(k).is_floating_point]
 
 
-def plan_swap(teacher: Any, student: Any, filter: str | None = None) -> tuple[list[str], list[str]]:
+def plan_swap(teacher: Tensors, student: Tensors, filter: str | None = None) -> tuple[list[str], list[str]]:
     """Check compatibility and select the tensors to swap (headers only, nothing read).
 
     Returns ``(selected, swappable)``. Raises :class:`MismatchError` for different
@@ -297,15 +285,15 @@ def plan_swap(teacher: Any, student: Any, filter: str | None = None) -> tuple[li
     if not selected:
         raise BadInputError(
             f"--filter {filter!r} matches none of the {len(swappable)} swappable weights "
-            f"(e.g. {_preview(swappable, 2)})"
+            f"(e.g. {preview(swappable, 2)})"
         )
     return selected, swappable
 
 
 def swap_state_dict(
-    teacher: Mapping[str, Tensor] | Any,
-    student: Mapping[str, Tensor] | Any,
-    keep: str,
+    teacher: Tensors,
+    student: Tensors,
+    variant: str,
     *,
     alpha: float = 1.0,
     filter: str | None = None,
@@ -313,21 +301,21 @@ def swap_state_dict(
     """The hybrid state dict: every student key; selected linear/conv weights swapped.
 
     ``teacher``/``student`` are dicts or lazy :class:`wadi_cli.io.TensorSource` objects
-    (read one tensor at a time). ``keep="direction"`` gives the student the teacher's row
-    norms, ``keep="norm"`` the teacher's row directions; ``alpha`` in [0, 1] interpolates
+    (read one tensor at a time). ``"teacher_norms"`` gives the student the teacher's row
+    norms, ``"teacher_directions"`` the teacher's row directions; ``alpha`` in [0, 1] interpolates
     (0 = student, 1 = full swap); ``filter`` (a regex, ``re.search`` on names) limits the
     swap to matching tensors. Untouched tensors are the student's own tensors. Everything
     is checked (names, shapes, arguments) before any tensor is read.
     """
-    keep, alpha = check_keep(keep), check_alpha(alpha)
+    variant, alpha = check_variant(variant), check_alpha(alpha)
     selected, swappable = plan_swap(teacher, student, filter)
-    stats = SwapStats(keep=keep, alpha=alpha, filter=filter, tensors_swappable=len(swappable))
+    stats = SwapStats(variant=variant, alpha=alpha, filter=filter, tensors_swappable=len(swappable))
     chosen = set(selected)
     out: dict[str, Tensor] = {}
     for name in student:
         s = student[name]
         if name in chosen:
-            s, counts = swap_rows(teacher[name], s, keep, alpha)
+            s, counts = swap_rows(teacher[name], s, variant, alpha)
             stats.tensors_swapped += 1
             stats.rows_swapped += counts.swapped
             stats.rows_zero += counts.zero
@@ -340,25 +328,14 @@ def swap_state_dict(
 
 
 # ---- files ---------------------------------------------------------------------------------
-def _is_adapter(src: Any) -> bool:
-    from wadi_cli.lorad.adapter_io import A_SUFFIX, B_SUFFIX
-
-    keys = list(src.keys())
-    return bool(keys) and all(k.endswith((A_SUFFIX, B_SUFFIX)) for k in keys)
-
-
 def open_student(student_path: str | os.PathLike[str], teacher: Any) -> tuple[Any, str]:
     """Open STUDENT lazily; a LoRaD adapter file is merged into ``teacher`` (its base by
     construction: student = teacher + LoRaD) in memory. Returns ``(source, description)``;
     the caller closes a returned TensorSource."""
-    from wadi_cli.io import open_checkpoint
-
     src = open_checkpoint(student_path)
-    if not _is_adapter(src):
+    if not is_adapter(src.keys()):
         return src, src.description
     src.close()
-    from wadi_cli.lorad import load_adapter, merge_adapter_into_state_dict
-
     tensors, config = load_adapter(student_path)
     merged = merge_adapter_into_state_dict(teacher, tensors)
     return merged, f"LoRaD adapter (rank {config.rank}) merged into the teacher"
@@ -372,8 +349,6 @@ def check_output(
 ) -> Path:
     """Fail early (one line) if the hybrid cannot be written to ``out``: not writable, a
     folder, an existing file without ``overwrite``, or one of ``inputs`` (label -> path)."""
-    from wadi_cli.io import check_writable
-
     out_path = check_writable(out)
     if out_path.exists() and not overwrite:
         raise BadInputError(f"{out_path} already exists (pass --overwrite to replace it)")
@@ -387,7 +362,7 @@ def check_output(
 def write_swap(
     teacher_path: str | os.PathLike[str],
     student_path: str | os.PathLike[str],
-    keep: str,
+    variant: str,
     out: str | os.PathLike[str],
     *,
     alpha: float = 1.0,
@@ -397,7 +372,7 @@ def write_swap(
 ) -> SwapStats:
     """Write the hybrid of TEACHER and STUDENT (:func:`swap_state_dict`) to ``out``: one
     safetensors file holding the full student state dict (loads like the student, e.g. with
-    ``wadi sample --weights``), written atomically with provenance metadata (keep, alpha,
+    ``wadi sample --weights``), written atomically with provenance metadata (variant, alpha,
     filter, sources, counts).
 
     Inputs are anything :func:`wadi_cli.io.open_checkpoint` reads (safetensors files,
@@ -407,11 +382,7 @@ def write_swap(
     with ``overwrite=True``. ``student_label`` names STUDENT in the metadata when the path
     is a temporary export (e.g. of a `wadi distill` run).
     """
-    from wadi_cli.io import open_checkpoint, provenance_metadata, save_safetensors
-    from wadi_cli.io.resolve import recorded_alpha_bar_T
-    from wadi_cli.io.writers import ALPHA_BAR_T_METADATA
-
-    keep, alpha = check_keep(keep), check_alpha(alpha)
+    variant, alpha = check_variant(variant), check_alpha(alpha)
     compile_filter(filter)
     out_path = check_output(
         out, overwrite=overwrite, inputs={"TEACHER": teacher_path, "STUDENT": student_path}
@@ -419,11 +390,11 @@ def write_swap(
     with open_checkpoint(teacher_path) as teacher:
         student, student_desc = open_student(student_path, teacher)
         try:
-            hybrid, stats = swap_state_dict(teacher, student, keep, alpha=alpha, filter=filter)
+            hybrid, stats = swap_state_dict(teacher, student, variant, alpha=alpha, filter=filter)
             recipe = {
                 "operation": "swap",
-                "keep": keep,
-                "variant": stats.variant,
+                "keep": stats.keep,
+                "variant": variant,
                 "alpha": alpha,
                 "filter": filter,
                 "teacher": str(teacher_path),

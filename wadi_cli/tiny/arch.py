@@ -27,6 +27,9 @@ from typing import Any
 
 import torch
 
+from wadi_cli.errors import CheckpointError
+from wadi_cli.io import atomic_output_dir
+
 #: Folder of the shipped, trained pipeline (diffusers ``StableDiffusionPipeline`` layout).
 TINY_ASSETS_DIR: Path = Path(__file__).resolve().parent.parent / "assets" / "tiny"
 TINY_PIPELINE_DIR: Path = TINY_ASSETS_DIR / "pipeline"
@@ -170,7 +173,7 @@ def build_tokenizer():
     """A ``CLIPTokenizer`` over :func:`tokenizer_vocab_and_merges`, written to and read
     back from ``vocab.json``/``merges.txt`` (the standard CLIP files), padded to
     :data:`MAX_TOKENS` like Stable Diffusion's."""
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer  # start-up time: the constants here are read without it
 
     with tempfile.TemporaryDirectory() as tmp:
         write_vocab_files(tmp)
@@ -232,7 +235,6 @@ def make_pipeline(components: dict[str, Any]):
 def save_tiny_pipeline(components: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write ``components`` as a diffusers ``StableDiffusionPipeline`` folder (weights as
     .safetensors), atomically: the folder appears complete or not at all."""
-    from wadi_cli.io import atomic_output_dir
 
     pipe = make_pipeline(components)
     with atomic_output_dir(path) as tmp:
@@ -261,8 +263,6 @@ def tiny_pipeline_available(path: str | os.PathLike[str] | None = None) -> bool:
 def load_tiny_pipeline(path: str | os.PathLike[str] | None = None):
     """Load the tiny pipeline (default: shipped) offline with diffusers; weights stay on CPU."""
     from diffusers import StableDiffusionPipeline
-
-    from wadi_cli.errors import CheckpointError
 
     root = Path(path) if path is not None else TINY_PIPELINE_DIR
     if not tiny_pipeline_available(root):

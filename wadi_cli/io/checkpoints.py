@@ -28,8 +28,10 @@ from typing import Any
 import torch
 
 from wadi_cli.errors import CheckpointError
+from wadi_cli.io.hub import looks_like_repo_id, resolve_model
 from wadi_cli.io.sd_single_file import is_ldm_checkpoint, ldm_unet_table
 from wadi_cli.io.sources import DictStore, SafetensorsStore, Store, TensorSource, require_tensors
+from wadi_cli.io.writers import ALPHA_BAR_T_METADATA
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 DENOISERS = ("unet", "transformer")
@@ -216,8 +218,6 @@ def open_checkpoint(
     """
     p = Path(path).expanduser()
     if not p.exists() and _is_hub_model_id(str(path)):
-        from wadi_cli.io.hub import resolve_model
-
         p = resolve_model(str(path), variant=variant)  # the denoiser folder of a hub pipeline
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or directory")
@@ -257,7 +257,6 @@ def open_checkpoint(
 
 def _is_hub_model_id(text: str) -> bool:
     """``org/name`` that is not a local file name (no checkpoint suffix, one slash)."""
-    from wadi_cli.io.hub import looks_like_repo_id
 
     lowered = text.lower()
     suffixes = (".safetensors", ".json", *PICKLE_SUFFIXES)
@@ -269,7 +268,6 @@ def _is_hub_model_id(text: str) -> bool:
 def recorded_alpha_bar_T(path: str | os.PathLike[str], component: str | None = None) -> float | None:
     """ᾱ_T recorded in the metadata of weights wadi wrote (an adapter, a merged or swapped
     file, the denoiser of an exported pipeline folder), or ``None`` when there is none."""
-    from wadi_cli.io.writers import ALPHA_BAR_T_METADATA
 
     p = Path(path).expanduser()
     if not p.exists():
