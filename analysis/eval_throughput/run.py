@@ -91,6 +91,8 @@ def main() -> None:
         "start-up and the 2048-d matrix square root of FID (scipy.linalg.sqrtm), which does not "
         "scale with N",
         "metrics_random_inception": result["metrics"],
+        "metrics_note": "timing run only: a random-weight Inception gives near-constant features, so its "
+        "FID/KID/precision/recall say nothing about quality (the planted-truth tests check the metrics)",
         "machine": machine_info(),
         "threads": os.environ.get("OMP_NUM_THREADS"),
         "date": time.strftime("%Y-%m-%d"),
