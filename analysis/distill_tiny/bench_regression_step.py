@@ -21,7 +21,7 @@ from types import MethodType
 
 import torch
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def two_forwards(self, z, cond):  # noqa: ANN001, ANN202  (bound onto a Distiller)

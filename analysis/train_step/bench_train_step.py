@@ -31,8 +31,8 @@ machine hit every variant alike; medians over all timed steps are reported. Memo
 CUDA ``torch.cuda.max_memory_allocated`` over the timed steps; on the CPU the peak RSS
 sampled every 5 ms during the steps, and the process's lifetime ``ru_maxrss``.
 
-    python analysis/bench_train_step.py                          # CPU default (reduced size)
-    python analysis/bench_train_step.py --device cuda --dtype bf16 --resolution 512 --batch 16
+    python analysis/train_step/bench_train_step.py               # CPU default (reduced size)
+    python analysis/train_step/bench_train_step.py --device cuda --dtype bf16 --resolution 512 --batch 16
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "analysis" / "results" / "bench_train_step.json"
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_train_step.json"
 VARIANTS: tuple[str, ...] = ("ours", "hook", "lora")
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROMPTS: list[str] = [f"benchmark prompt {i}" for i in range(64)]
