@@ -64,7 +64,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "bench_train_step.json"
 VARIANTS: tuple[str, ...] = ("ours", "hook", "lora")
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROMPTS: list[str] = [f"benchmark prompt {i}" for i in range(64)]
-#: Targets of the issue (GPU, 512 px, batch 16).
+#: The targets (GPU, 512 px, batch 16).
 TARGETS: dict[str, tuple[str, float]] = {
     "speedup_vs_hook": (">=", 1.5),
     "ours_over_lora_time": ("<=", 1.15),
