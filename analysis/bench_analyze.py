@@ -41,7 +41,7 @@ CONFIG = REPO / "wadi_cli" / "configs" / "sd21" / "unet" / "config.json"
 RESULTS = REPO / "analysis" / "results" / "bench_analyze.json"
 ISSUE_BASELINE = {
     "what": "full singular values of every residual, slow obvious way "
-    "(quoted from the issue, not re-measured)",
+    "(quoted from the target, not re-measured)",
     "wall_s": 839.0,
     "peak_rss_gb": 7.07,
 }

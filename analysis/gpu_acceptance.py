@@ -14,7 +14,7 @@ the others, and the exit code is non-zero when any step failed):
    batch 1, VAE decode included, eager vs ``torch.compile``; then ``wadi sample --compile``.
 4. ``analyze``: ``wadi analyze --device cuda`` on an SD2.1-base-sized teacher/student pair
    (random weights written to fp16 safetensors; the student's rows are perturbed).
-5. ``bench_train_step``: ``analysis/bench_train_step.py --device cuda --dtype bf16
+5. ``bench_train_step``: ``analysis/train_step/bench_train_step.py --device cuda --dtype bf16
    --resolution 512 --batch 16`` (ours / hooks / LoRA).
 6. ``bench_layer``: ``analysis/lorad_precision/bench_layer.py --device cuda`` in bf16 and
    fp16: what LoRaD's ``exact_low_precision`` path (two weight halves, doubled inner size)
@@ -319,10 +319,10 @@ def step_accelerate(ctx: Context) -> dict[str, Any]:
 
 # ---- 3. sampling on the SD2.1 architecture, eager vs compiled ---------------------------
 def _bench_train_step():
-    """``analysis/bench_train_step.py`` as a module (it is a script)."""
+    """``analysis/train_step/bench_train_step.py`` as a module (it is a script)."""
     if "bench_train_step" in sys.modules:
         return sys.modules["bench_train_step"]
-    path = REPO / "analysis" / "bench_train_step.py"
+    path = REPO / "analysis" / "train_step" / "bench_train_step.py"
     spec = importlib.util.spec_from_file_location("bench_train_step", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules["bench_train_step"] = module
@@ -559,14 +559,14 @@ def step_bench_train_step(ctx: Context, results: Path) -> dict[str, Any]:
             "bench_train_step: in-process at toy size (the script's own runs use fresh processes)"
         )
     else:
-        _run_script(REPO / "analysis" / "bench_train_step.py", argv)
+        _run_script(REPO / "analysis" / "train_step" / "bench_train_step.py", argv)
         summary = json.loads(out.read_text())
     table = {
         v: {"median_step_s": row["median_step_s"], "peak_memory_gb": row["peak_memory_gb"]}
         for v, row in summary["variants"].items()
     }
     return {"variants": table, "ratios": summary["ratios"], "targets_met": summary["targets_met"],
-            "command": "python analysis/bench_train_step.py " + " ".join(argv)}  # fmt: skip
+            "command": "python analysis/train_step/bench_train_step.py " + " ".join(argv)}  # fmt: skip
 
 
 # ---- 6. LoRaD layer precision/cost benchmark ---------------------------------------------
@@ -644,7 +644,7 @@ def plan(ctx: Context) -> list[str]:
     lines.append(
         f"wadi analyze {w}/pair/teacher.safetensors {w}/pair/student.safetensors --device {ctx.device} --json"
     )
-    lines.append("python analysis/bench_train_step.py " + " ".join(bench_argv(ctx, RESULTS / "…")))
+    lines.append("python analysis/train_step/bench_train_step.py " + " ".join(bench_argv(ctx, RESULTS / "…")))
     for dtype in ("bf16", "fp16"):
         argv = bench_layer_argv(ctx, dtype, REPO / "analysis" / "lorad_precision" / "results")
         lines.append("python analysis/lorad_precision/bench_layer.py " + " ".join(argv))

@@ -1,4 +1,4 @@
-"""analysis/bench_train_step.py at toy size: the three variants compute the same training
+"""analysis/train_step/bench_train_step.py at toy size: the three variants compute the same training
 step (same student at init, same adapters after two steps for ours vs the hook
 re-creation), the hook re-creation really does two matmuls per adapted Linear where ours
 does one, and the adapter counts match r·(m + n/2) / r·(m + n) and the paper's SD2.1
@@ -15,7 +15,7 @@ from _helpers_scripts import load_analysis_script
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-bts = load_analysis_script("bench_train_step.py")
+bts = load_analysis_script("train_step/bench_train_step.py")
 TOY = dict(resolution=32, batch=2, rank=8, fake_rank=4, seed=3)
 
 

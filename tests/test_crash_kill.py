@@ -158,7 +158,7 @@ def test_export_merge_swap_kill_loop_in_fresh_interpreters(outputs, tmp_path):
 
 def _record(key: str, value: object) -> None:
     """With WADI_KILL_STATS=FILE the slow loops add their counts to that JSON file
-    (``analysis/kill_loop/results.json`` is made this way)."""
+    (``analysis/kill_loop/results/kill_stats.json`` is made this way)."""
     path = os.environ.get("WADI_KILL_STATS")
     if not path:
         return

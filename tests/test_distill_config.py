@@ -18,7 +18,7 @@ def test_paper_defaults_for_sd15_and_pixart():
     assert (px.rank, px.fake_rank) == (128, 32)
     tiny = resolve_config()
     assert tiny.backbone == "tiny" and tiny.rank == 16
-    # tiny has its own tuned recipe (analysis/distill_tiny/NOTES.md); SD keeps the paper's
+    # tiny has its own tuned recipe (analysis/distill_tiny/README.md); SD keeps the paper's
     tuned = (tiny.lr, tiny.fake_lr, tiny.guidance, tiny.fake_guidance, tiny.ema_decay)
     assert tuned == (1e-2, 1e-3, 3.0, 1.0, 0.0)
     assert (sd.lr, sd.fake_lr, sd.ema_decay) == (1e-4, 1e-2, 0.999)

@@ -14,7 +14,7 @@ from wadi_cli.distill import resolve_config
 from wadi_cli.io import open_checkpoint
 from wadi_cli.tiny import TINY_STUDENT_PATH
 
-BAR = 0.85  # the accuracy the tiny recipe is held to (analysis/distill_tiny/NOTES.md)
+BAR = 0.85  # the accuracy the tiny recipe is held to (analysis/distill_tiny/README.md)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """The bad-input table: every case of the corpus in ``tests/_helpers_corpus.py`` (input x
 command), run in-process like the test suite does, with its exit code and message.
 
-    python analysis/bad_input/table.py            # writes table.md and table.json next to this file
+    python analysis/bad_input/table.py            # writes results/cases.md and results/cases.json
 
 The same cases are the parametrised test ``tests/test_bad_input_corpus.py``.
 """
@@ -32,7 +32,7 @@ def _cell(text: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -67,7 +67,8 @@ def main() -> None:
         "passing": sum(r["passes"] for r in rows),
         "seconds": round(seconds, 1),
     }
-    (args.out / "table.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "cases.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     lines = [
         "# Bad input x command: exit code and message",
         "",
@@ -82,7 +83,7 @@ def main() -> None:
         ok = "yes" if r["passes"] else "NO: " + "; ".join(r["problems"])
         cells = [r["command"], f"`{r['slot']}`", r["input"], str(r["exit"]), _cell(r["message"]), _cell(ok)]
         lines.append("| " + " | ".join(cells) + " |")
-    (args.out / "table.md").write_text("\n".join(lines) + "\n")
+    (args.out / "cases.md").write_text("\n".join(lines) + "\n")
     print(json.dumps(meta))
 
 

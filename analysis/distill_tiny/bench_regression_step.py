@@ -2,7 +2,7 @@
 step without it, with it (the regression batch in the same student forward as the VSD batch,
 as `Distiller` does), and with it in a second student forward (how it was before).
 
-    python analysis/distill_tiny/bench_regression_step.py   # → analysis/results/bench_regression_step.*
+    python analysis/distill_tiny/bench_regression_step.py   # → results/bench_regression_step.*
 
 One thread (as `wadi distill -b tiny` uses), the real tiny pipeline and its default config.
 The three step variants are timed in interleaved rounds on one distiller; medians per step.
@@ -21,7 +21,7 @@ from types import MethodType
 
 import torch
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def two_forwards(self, z, cond):  # noqa: ANN001, ANN202  (bound onto a Distiller)

@@ -4,7 +4,7 @@ compute, not its numbers), and the FID matrix square root at 2048 dimensions.
 
     OMP_NUM_THREADS=2 .venv-eval/bin/python analysis/eval_throughput/run.py -n 1000
 
-Writes results.json next to this file. Needs the eval extra (torchvision, clean-fid).
+Writes results/throughput.json next to this file. Needs the eval extra (torchvision, clean-fid).
 """
 
 from __future__ import annotations
@@ -97,7 +97,8 @@ def main() -> None:
         "threads": os.environ.get("OMP_NUM_THREADS"),
         "date": time.strftime("%Y-%m-%d"),
     }
-    (HERE / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / "throughput.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
 
 

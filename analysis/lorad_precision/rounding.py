@@ -11,7 +11,7 @@ from the stored ``W``). Two measures of what a forward really applies:
   (float64 references).
 
 For each: the *applied share* ``⟨applied, ΔW⟩ / ‖ΔW‖²`` (1 = the whole change on average,
-0 = none of it) and the *relative error* ``‖applied − ΔW‖ / ‖ΔW‖`` (the issue's "share
+0 = none of it) and the *relative error* ``‖applied − ΔW‖ / ‖ΔW‖`` (the "share
 lost"; in output space it includes the output's own rounding, which no layer can avoid).
 
 Part 1: 1152×1152 weights (PixArt's width), ``W ~ N(0, 1/1152)``, ``Θ = angle · N(0, 1)``

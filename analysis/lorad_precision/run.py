@@ -3,8 +3,8 @@
 Each arm of ``ARMS`` is ``wadi distill -b tiny`` with the tiny defaults (1000 steps) plus
 the arm's flags, one fresh subprocess per run (wall time and peak RSS belong to it), scored
 by ``wadi eval -b tiny -w RUN -n 500 --seed 0`` (in fp32: the adapter as a user gets it).
-The training and scoring go through ``analysis/adapter_study/study.py``'s ``one_run``, the
-same code as every other tiny study. Each row also records the package's git commit (the
+The training and scoring go through ``analysis/sweep.py``'s ``one_run``, the runner of every
+other tiny study. Each row also records the package's git commit (the
 bf16 arm was run before and after the layer changed) and the |Θ| quantiles of the final
 student and fake-score adapters.
 
@@ -21,7 +21,7 @@ import argparse
 import importlib.util
 import json
 import os
-import subprocess
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -50,19 +50,34 @@ ARMS: dict[str, list[str]] = {
 QUANTILES = (0.5, 0.9, 0.99, 1.0)
 
 
-def _study():
-    """``analysis/adapter_study/study.py`` as a module (it is a script, not a package)."""
-    spec = importlib.util.spec_from_file_location("adapter_study", ROOT / "analysis/adapter_study/study.py")
+def _runner():
+    """``analysis/sweep.py`` as a module (it is a script, not a package)."""
+    spec = importlib.util.spec_from_file_location("sweep", ROOT / "analysis/sweep.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["sweep"] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
 
-def git_commit() -> str:
-    """HEAD of the checkout, with ``+dirty`` when the package has uncommitted changes."""
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "wadi_cli"], cwd=ROOT).returncode
-    return head.stdout.strip() + ("+dirty" if dirty else "")
+def one_arm(runner, arm: str, seed: int, workdir: Path, env: dict[str, str]) -> dict:
+    """Train and score one arm with one seed (the sweep runner's ``one_run``), as a results row."""
+    flags, evals = ["--validate-every", "0", "--no-tensorboard"], ["-n", "500", "--seed", "0"]
+    sweep = runner.Sweep(path=HERE / "run.py", title="", backbone="tiny", flags=flags, eval=evals,
+                         results=ROWS, checkpoint_results=ROWS, columns=[])  # fmt: skip
+    run = runner.Run(arm, "", ARMS[arm], [seed])
+    row, _ = runner.one_run(sweep, run, seed, workdir, env)
+    return {
+        "arm": arm,
+        "seed": seed,
+        "flags": ARMS[arm],
+        "command": shlex.join(["wadi", *runner.distill_args(sweep, run, seed, "RUN")]),
+        **{
+            k: row[k]
+            for k in ("accuracy", "fd", "trainable_params", "train_seconds", "peak_rss_mb", "commit")
+        },
+        "per_attribute_accuracy": {k: row[f"accuracy_{k}"] for k in ("color", "shape", "position")},
+        "machine": {"machine": row["machine"], "date": row["date"], "loadavg_at_start": row["load"]},
+    }
 
 
 def theta_quantiles(adapter: Path) -> dict[str, float]:
@@ -125,17 +140,15 @@ def main() -> None:
     args = ap.parse_args()
     RESULTS.mkdir(exist_ok=True)
     if not args.table:
-        study = _study()
+        runner = _runner()
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         with tempfile.TemporaryDirectory(prefix="wadi-lp-") as tmp:
             workdir = args.keep_runs or Path(tmp)
             workdir.mkdir(parents=True, exist_ok=True)
             for seed in args.seeds:
                 for arm in args.arms:
-                    meta, commit = study.machine(), git_commit()
-                    row = study.one_run(arm, ARMS[arm], seed, workdir, 500, env, [])
+                    row = one_arm(runner, arm, seed, workdir, env)
                     ckpt = sorted((workdir / f"{arm}-seed{seed}" / "checkpoints").iterdir())[-1]
-                    row.update(arm=row.pop("variant"), commit=commit, machine=meta)
                     row["theta_student"] = theta_quantiles(ckpt / "student.safetensors")
                     row["theta_fake"] = theta_quantiles(ckpt / "fake.safetensors")
                     with ROWS.open("a") as fh:

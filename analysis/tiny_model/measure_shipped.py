@@ -7,7 +7,7 @@
   (start-up included; ``wadi eval`` runs the tiny model on one thread) and its CPU time
   (user + system), which depends less on what else the machine runs.
 
-Results: ``analysis/tiny_model/shipped.{json,md}``.
+Results: ``analysis/tiny_model/results/shipped.{json,md}``.
 
     python analysis/tiny_model/measure_shipped.py
 """
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-OUT = Path(__file__).resolve().parent / "shipped.json"
+OUT = Path(__file__).resolve().parent / "results" / "shipped.json"
 STEPS = (1, 4, 25)
 
 

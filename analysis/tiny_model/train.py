@@ -11,7 +11,7 @@ exists, unless ``--force``):
    classifier-free guidance, AdamW, EMA), then the pipeline is written to
    ``wadi_cli/assets/tiny/pipeline/``;
 4. evaluation with a plain DDIM sampler (η = 0, CFG) at 1, 4 and 25 steps on random
-   prompts, by ``wadi_cli.tiny.metrics.evaluate_images`` -> ``analysis/tiny_model/metrics.json``.
+   prompts, by ``wadi_cli.tiny.metrics.evaluate_images`` -> ``analysis/tiny_model/results/metrics.json``.
 
 Usage:  python analysis/tiny_model/train.py [--stage all|classifier|vae|unet|eval] [--force]
 """
@@ -36,6 +36,7 @@ from wadi_cli.tiny.data import ATTRIBUTES, attrs_to_indices, prompt_for, real_im
 from wadi_cli.tiny.metrics import evaluate_images
 
 HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"  # metrics, log and sample grids
 HP = {
     "threads": 1,  # 2 intra-op threads stall badly when the 2 cores are shared (measured 4-6x slower)
     "train_images": 30000,
@@ -272,7 +273,7 @@ def recon_check(vae, work: Path, name: str) -> dict:
         "recon_classifier_accuracy": float(np.logical_and.reduce(list(match.values())).mean()),
         "recon_per_attribute_accuracy": {k: float(v.mean()) for k, v in match.items()},
     }
-    save_grid(np.concatenate([imgs[:24], rec[:24]]), HERE / f"{name}_recon.png")
+    save_grid(np.concatenate([imgs[:24], rec[:24]]), RESULTS / f"{name}_recon.png")
     log(f"{name}: {res}", work)
     return res
 
@@ -521,7 +522,7 @@ def stage_eval(work: Path) -> dict:
     attrs = sample_attributes(48, 7)
     for steps in HP["eval"]["steps"]:
         imgs = ddim_sample(comps, [prompt_for(a) for a in attrs], steps, 3.0, 0)
-        save_grid(imgs, HERE / f"samples_{steps}step_cfg3.png")
+        save_grid(imgs, RESULTS / f"samples_{steps}step_cfg3.png")
     return {"teacher": results}
 
 
@@ -534,7 +535,8 @@ def main() -> None:
     torch.set_num_threads(HP["threads"])
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    metrics_path = HERE / "metrics.json"
+    RESULTS.mkdir(exist_ok=True)
+    metrics_path = RESULTS / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     metrics["hyperparameters"] = HP
     t0 = time.time()
@@ -551,7 +553,7 @@ def main() -> None:
     if args.stage in ("all", "eval"):
         metrics.update(stage_eval(work))
     metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
-    (HERE / "train_log.txt").write_text((work / "train_log.txt").read_text())
+    (RESULTS / "train_log.txt").write_text((work / "train_log.txt").read_text())
     log(f"done in {time.time() - t0:.0f}s; metrics in {metrics_path}", work)
 
 

@@ -6,7 +6,7 @@
 3. the run's student adapter is written to the package assets with its provenance in the
    safetensors metadata (recipe, commands, seed, resolved config, eval numbers, versions);
 4. ``wadi eval -b tiny -n 500 --seed 0 --json`` (no --weights: the shipped file) must give
-   the same numbers as step 2; both go to ``analysis/tiny_student/results.json``.
+   the same numbers as step 2; both go to ``analysis/tiny_student/results/ship_student.json``.
 
     python analysis/tiny_student/ship_student.py                 # ~8 min on one thread
     python analysis/tiny_student/ship_student.py --run /tmp/run0 # reuse a finished run
@@ -105,7 +105,8 @@ def main() -> None:
         "machine": versions,
         "date": started.isoformat(timespec="seconds"),
     }
-    (HERE / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / "ship_student.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(json.dumps({k: results[k] for k in ("shipped_file", "shipped_bytes")} | summary, indent=2))
 
 

@@ -344,7 +344,7 @@ class Distiller:
         """§4 step 1, the student's x0 for the VSD batch, and the regression term
         w · mean((G(z_j) − x0_j)²) on a batch of the fixed pairs (``None`` when it is off).
         Both batches go through ONE student forward (a tiny-model step: 0.38 s, against 0.47 s
-        with two; analysis/results/bench_regression_step.md)."""
+        with two; analysis/distill_tiny/results/bench_regression_step.md)."""
         if self.pairs is None:
             return self._one_step_x0(z, cond), None
         z_r, cond_r, target = self._regression_batch()
