@@ -78,7 +78,7 @@ def _explain(exc: BaseException, repo_id: str, what: str) -> HubError:
         why = f"the hub is unreachable or refused the request ({kind})"
     return HubError(
         f"cannot get {what} of {repo_id!r}: {why}; download it elsewhere and pass the local "
-        "folder or file instead, e.g. --model PATH"
+        "folder or file instead"
     )
 
 
@@ -100,7 +100,7 @@ def _missing(exc: MissingFiles, repo_id: str, offline: bool) -> HubError:
         head = f"{repo_id!r} has no {exc.folder!r} folder{where}"
     else:
         head = f"cannot use the {exc.folder!r} folder of {repo_id!r}: {exc.detail}{where}"
-    return HubError(f"{head}; pass a local copy instead, e.g. --model PATH")
+    return HubError(f"{head}; pass a local copy instead")
 
 
 def _folders_label(folders: tuple[str, ...]) -> str:
@@ -238,10 +238,7 @@ def _snapshot_patterns(
         raise _explain(exc, repo_id, what) from None
     out = root / subfolder if subfolder else root
     if not out.exists():
-        raise HubError(
-            f"{repo_id!r} has no {subfolder!r} folder (in {root}); "
-            "pass a local copy instead, e.g. --model PATH"
-        )
+        raise HubError(f"{repo_id!r} has no {subfolder!r} folder (in {root}); pass a local copy instead")
     return out
 
 
