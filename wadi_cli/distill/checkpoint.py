@@ -36,9 +36,9 @@ from torch import Tensor
 
 from wadi_cli.errors import BadInputError, CheckpointError, MismatchError
 from wadi_cli.io import (
-    MARKER,
     atomic_output_dir,
     check_writable,
+    create_output_dir,
     discard_dir,
     open_checkpoint,
     provenance_metadata,
@@ -147,10 +147,7 @@ def check_run_dir(run: str | os.PathLike[str], resume: bool) -> Path:
 
 def create_run_dir(path: Path) -> Path:
     """Create the run folder with its ``.wadi`` marker (after every check passed)."""
-    path.mkdir(parents=True, exist_ok=True)
-    if not (path / MARKER).is_file():
-        (path / MARKER).write_text(json.dumps({"created_by": "wadi", "kind": "distill-run"}) + "\n")
-    return path
+    return create_output_dir(path, "distill-run")
 
 
 def list_checkpoints(run: str | os.PathLike[str]) -> list[Path]:

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from wadi_cli.errors import BadInputError
-from wadi_cli.io import MARKER, atomic_file, check_writable, write_text_atomic
+from wadi_cli.io import atomic_file, check_writable, create_output_dir, write_text_atomic
 
 #: Image suffixes read from ``--images`` / ``--ref`` folders (clean-fid's list, less .npy).
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -163,10 +163,7 @@ def check_resumable(out: Path, manifest: Manifest) -> Manifest | None:
 
 def ensure_eval_dir(out: Path) -> Path:
     """Create ``out`` with its ``.wadi`` marker (after every check passed)."""
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / MARKER).is_file():
-        write_text_atomic(out / MARKER, json.dumps({"created_by": "wadi", "kind": "eval"}) + "\n")
-    return out
+    return create_output_dir(out, "eval")
 
 
 def write_manifest(out: Path, manifest: Manifest) -> None:

@@ -327,10 +327,23 @@ def check_writable(path: str | os.PathLike[str], *, directory: bool = False) -> 
     return dest
 
 
+def _marker_text(kind: str | None = None) -> str:
+    info = {"created_by": "wadi", "wadi_version": __version__, **({"kind": kind} if kind else {})}
+    return json.dumps(info) + "\n"
+
+
 def _write_marker(folder: Path) -> None:
-    (folder / MARKER).write_text(
-        json.dumps({"created_by": "wadi", "wadi_version": __version__}) + "\n", encoding="utf-8"
-    )
+    (folder / MARKER).write_text(_marker_text(), encoding="utf-8")
+
+
+def create_output_dir(path: str | os.PathLike[str], kind: str) -> Path:
+    """Create the folder ``path`` that wadi fills over time (a run, an evaluation) with its
+    ``.wadi`` marker (``kind`` recorded), after every check passed; an existing marker stays."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / MARKER).is_file():
+        write_text_atomic(folder / MARKER, _marker_text(kind))
+    return folder
 
 
 @contextlib.contextmanager
