@@ -7,8 +7,8 @@ install:
 test:
 	python -m pytest
 
-test-all:  ## includes slow tests (GPU tests still need -m gpu on a CUDA machine)
-	python -m pytest -m "not gpu"
+test-all:  ## includes slow tests (GPU tests need -m gpu on a CUDA machine; eval tests the eval venv)
+	python -m pytest -m "not gpu and not eval"
 
 mutations:  ## one-line mutations of the package; each must make its tests fail
 	python tests/mutations.py
