@@ -283,6 +283,29 @@ def test_two_processes_on_cpu_hold_identical_adapters(pipe_dir, tmp_path):
     assert [p.name for p in list_checkpoints(run)] == ["step-00000002"]
 
 
+def test_launcher_runs_on_this_python_not_the_accelerate_first_on_path(tmp_path, monkeypatch):
+    """CI runs the eval tests from a second venv that is not on PATH, while another
+    environment's ``accelerate`` is: launching that one started workers without wadi's
+    extras. The launcher must be this interpreter's accelerate, whatever PATH holds."""
+    import os
+    import subprocess
+    import sys
+
+    from wadi_cli.distill.launch import accelerate_command
+
+    foreign = tmp_path / "bin" / "accelerate"
+    foreign.parent.mkdir()
+    foreign.write_text("#!/bin/sh\nexit 3\n")
+    foreign.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{foreign.parent}{os.pathsep}{os.environ['PATH']}")
+    cmd = accelerate_command(2, ["--max-steps", "1"])
+    assert cmd[0] == sys.executable
+    assert cmd[cmd.index("-m", 3) + 1 :][:2] == ["wadi_cli", "distill"]
+    # the module form is a real entry point of the installed accelerate
+    proc = subprocess.run([*cmd[:3], "launch", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-1000:]
+
+
 def test_validation_rows_follow_the_header_already_in_the_file(tmp_path):
     from wadi_cli.distill.validate import append_csv_row
 

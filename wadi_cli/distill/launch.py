@@ -3,7 +3,6 @@ its own): ``wadi distill --num-processes N`` re-runs itself under ``accelerate l
 
 from __future__ import annotations
 
-import shutil
 import sys
 from collections.abc import Sequence
 
@@ -31,13 +30,17 @@ def accelerate_command(
 ) -> list[str]:
     """``accelerate launch`` command running ``wadi COMMAND distill_args`` on
     ``num_processes`` processes of this machine (gloo on CPU, NCCL on GPUs). wadi handles
-    precision itself (fp16/bf16 frozen base, fp32 adapters), so accelerate's is ``no``."""
+    precision itself (fp16/bf16 frozen base, fp32 adapters), so accelerate's is ``no``.
+    Launcher and workers run on this Python (``sys.executable``)."""
     if num_processes < 2:
         raise BadInputError("--num-processes must be at least 2 (run without it for one process)")
-    exe = shutil.which("accelerate")
-    launcher = [exe] if exe else [sys.executable, "-m", "accelerate.commands.accelerate_cli"]
+    # this interpreter's accelerate, never whichever `accelerate` comes first on PATH (it may
+    # belong to another environment, which lacks wadi's extras); the launcher then starts
+    # its workers with the same interpreter
     return [
-        *launcher,
+        sys.executable,
+        "-m",
+        "accelerate.commands.accelerate_cli",
         "launch",
         "--multi_gpu",
         "--num_processes",
