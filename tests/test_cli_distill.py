@@ -135,27 +135,64 @@ def test_train_then_export_through_the_cli(tmp_path, pipe_dir):
     assert images["run"] == images["file"]
 
 
+def _sigterm_not_caught(signum, frame):
+    raise AssertionError("SIGTERM reached the handler from before the run")
+
+
 @pytest.fixture
 def sigint_handler():
-    """Run with Python's own SIGINT handler (a background job starts with SIG_IGN) and put
-    back whatever was there."""
+    """Run with Python's own SIGINT handler (a background job starts with SIG_IGN) and a
+    SIGTERM handler that fails the test (instead of the default, which would end pytest),
+    and put back whatever was there."""
     before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    term = signal.signal(signal.SIGTERM, _sigterm_not_caught)
     yield
     signal.signal(signal.SIGINT, before)
+    signal.signal(signal.SIGTERM, term)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_stops(tmp_path, pipe_dir, sigint_handler):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_signal_saves_a_checkpoint_and_stops(tmp_path, pipe_dir, sigint_handler, sig):
     over = dict(model=str(pipe_dir), batch_size=2, max_steps=5, device="cpu", regression_weight=0.0)
     cfg = resolve_config(overrides=over)
 
     def interrupt(result, seconds):
         if result.step == 2:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), sig)
 
     summary = distill(cfg, tmp_path / "run", on_step=interrupt)
-    assert summary.interrupted and summary.step == 2
+    assert summary.interrupted and summary.step == 2 and summary.stopped_by == sig.name
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000002"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is _sigterm_not_caught
+
+
+@pytest.mark.parametrize("launched", [False, True], ids=["alone", "launched"])
+def test_repeated_signals(sigint_handler, monkeypatch, launched):
+    """Alone, a second Ctrl-C stops at once; repeated SIGTERMs (a scheduler may send more
+    than one) never do, nor does anything under a launcher, where every worker can get a
+    signal twice (from the scheduler and passed on by the launcher)."""
+    from wadi_cli.distill.run import _stop_on_signals
+
+    if launched:
+        monkeypatch.setenv("WORLD_SIZE", "2")
+    else:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    try:
+        with _stop_on_signals() as flag:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert flag["stop"] == "SIGTERM"
+        with _stop_on_signals() as flag:
+            os.kill(os.getpid(), signal.SIGINT)
+            if launched:
+                os.kill(os.getpid(), signal.SIGINT)
+            else:
+                with pytest.raises(KeyboardInterrupt):
+                    os.kill(os.getpid(), signal.SIGINT)
+            assert flag["stop"] == "SIGINT"
+    except KeyboardInterrupt:
+        pytest.fail("a repeated signal stopped at once")
 
 
 def test_an_ignored_sigint_stays_ignored(tmp_path, pipe_dir, sigint_handler):

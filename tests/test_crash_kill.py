@@ -54,6 +54,36 @@ def test_distill_killed_three_times_resumes_bit_exactly(pipe_dir, forked, tmp_pa
     assert stats.inside_checkpoint_write >= 1  # a kill landed inside a checkpoint write
 
 
+def test_sigterm_saves_at_a_step_boundary_and_the_resume_is_bit_exact(pipe_dir, forked, tmp_path):
+    """A batch scheduler's preemption notice (SLURM: SIGTERM, SIGKILL after a grace period):
+    the run saves a checkpoint of the step it is in, exits 143 and says so; with checkpoints
+    otherwise far apart, ``--resume latest`` finishes bit-identical to a straight run."""
+    import signal
+
+    from wadi_cli.distill import list_checkpoints
+
+    reference, _ = crash.straight_run(forked, pipe_dir, tmp_path / "straight", 4, full=False)
+    run = tmp_path / "term"
+    args = [*crash.distill_args(pipe_dir, run, 4, full=False), "--checkpoint-every", "100"]
+    proc = forked.start(args, {})
+    deadline = time.monotonic() + 300
+    while not crash._metric_steps(run / "metrics.csv"):  # the first step is logged
+        assert proc.poll() is None and time.monotonic() < deadline, proc.output()[-2000:]
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait() == 143, proc.output()[-2000:]
+    ckpts = list_checkpoints(run)
+    assert len(ckpts) == 1, proc.output()[-2000:]
+    step = int(ckpts[0].name.split("-")[1])
+    assert 1 <= step < 4 and f"stopped (SIGTERM) at step {step}" in " ".join(proc.output().split())
+    assert crash.leftovers(run) == []
+    crash.run_to_end(forked, [*args, "--resume", "latest"])
+    last = list_checkpoints(run)[-1]
+    assert last.name == "step-00000004"
+    assert crash.checkpoint_differences(last, reference / "checkpoints" / last.name) == []
+    assert crash._metric_steps(run / "metrics.csv") == [1, 2, 3, 4]
+
+
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory, pipe_dir):
     """A two-checkpoint run, its adapter and merged student, and the base U-Net file."""

@@ -283,6 +283,54 @@ def test_two_processes_on_cpu_hold_identical_adapters(pipe_dir, tmp_path):
     assert [p.name for p in list_checkpoints(run)] == ["step-00000002"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["SIGTERM-to-wadi", "SIGTERM-to-every-process"])
+def test_two_processes_stop_on_a_signal_with_a_checkpoint(pipe_dir, tmp_path, how):
+    """``kill PID`` of ``wadi distill --num-processes 2`` (wadi passes SIGTERM to the
+    launcher, which passes it to both workers), and a scheduler signalling every process
+    of the job (SLURM's preemption, ``scancel``): then every worker gets the signal twice,
+    once more from the launcher. Both ranks stop at the same step with a checkpoint, and
+    the command exits 143 without a traceback. (A terminal's Ctrl-C reaches wadi and the
+    launcher only: the launcher starts its workers in their own session.)"""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "wadi_cli", "distill", "--model", str(pipe_dir), "--out", str(run)]
+    cmd += ["--max-steps", "500", "--batch-size", "1", "--device", "cpu", "--num-processes", "2"]
+    cmd += ["--regression-weight", "0", "--checkpoint-every", "1000", "--validate-every", "0"]
+    log = tmp_path / "log.txt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    metrics, deadline = run / "metrics.csv", time.monotonic() + 300
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    name, _, whom = how.partition("-to-")
+    sig = signal.Signals[name]
+    pids = [proc.pid]
+    if whom == "every-process":
+        pids += [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        assert len(pids) >= 4  # wadi, the launcher, two workers
+    for pid in pids:
+        os.kill(pid, sig)
+    code = proc.wait(timeout=120)
+    text = " ".join(log.read_text().split())
+    assert code == 128 + sig, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    said = {"SIGINT": "Ctrl-C"}.get(name, name)
+    step = int(re.search(rf"stopped \({said}\) at step (\d+)", text)[1])
+    assert [p.name for p in list_checkpoints(run)] == [f"step-{step:08d}"]
+    assert step < 500 and load_checkpoint(list_checkpoints(run)[-1]).step == step
+
+
 def test_launcher_runs_on_this_python_not_the_accelerate_first_on_path(tmp_path, monkeypatch):
     """CI runs the eval tests from a second venv that is not on PATH, while another
     environment's ``accelerate`` is: launching that one started workers without wadi's
@@ -301,7 +349,7 @@ def test_launcher_runs_on_this_python_not_the_accelerate_first_on_path(tmp_path,
     cmd = accelerate_command(2, ["--max-steps", "1"])
     assert cmd[0] == sys.executable
     assert cmd[cmd.index("-m", 3) + 1 :][:2] == ["wadi_cli", "distill"]
-    # the module form is a real entry point of the installed accelerate
+    # the launcher module runs the installed accelerate
     proc = subprocess.run([*cmd[:3], "launch", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-1000:]
 

@@ -172,6 +172,7 @@ def register(app: typer.Typer) -> None:
             "from_step": summary.start_step,
             "checkpoint": str(summary.checkpoint) if summary.checkpoint else None,
             "interrupted": summary.interrupted,
+            "stopped_by": summary.stopped_by,
             "seconds": round(summary.seconds, 2),
             "prompts": summary.prompts,
             "tensorboard": str(summary.tensorboard) if summary.tensorboard else None,
@@ -179,14 +180,15 @@ def register(app: typer.Typer) -> None:
         if json_out:
             console.print_json(json.dumps(info))
         else:
-            verb = "stopped (Ctrl-C) at" if summary.interrupted else "reached"
+            how = {"SIGINT": "Ctrl-C"}.get(summary.stopped_by or "", summary.stopped_by)
+            verb = f"stopped ({how}) at" if summary.interrupted else "reached"
             console.print(f"{summary.run}: {verb} step {summary.step}; checkpoint {info['checkpoint']}")
             if summary.tensorboard:
                 console.print(f"TensorBoard: tensorboard --logdir {summary.tensorboard}")
             elif cfg.tensorboard:
                 console.print("TensorBoard logs skipped: pip install tensorboard to get them")
-        if summary.interrupted:
-            raise typer.Exit(130)
+        if summary.interrupted:  # the shell's code for the signal: 128 + its number
+            raise typer.Exit(143 if summary.stopped_by == "SIGTERM" else 130)
 
     command = handle_errors(distill_cmd)
     own = [
@@ -217,15 +219,14 @@ def _run_to_resume(resume: str, backbone: str | None) -> Path:
 def _launch(num_processes: int, out: Path | None) -> None:
     """Re-run this command under `accelerate launch`; ``out``: the default run folder,
     chosen here once so that every process writes to the same one."""
-    import subprocess
     import sys
 
-    from wadi_cli.distill.launch import accelerate_command, strip_option
+    from wadi_cli.distill.launch import run_launched, strip_option
 
     args = strip_option(sys.argv[sys.argv.index("distill") + 1 :], "--num-processes")
     if out is not None:
         args += ["--out", str(out)]
-    code = subprocess.call(accelerate_command(num_processes, args))
+    code = run_launched(num_processes, args)
     if code:
         raise typer.Exit(code)
 

@@ -248,13 +248,12 @@ def _tiny_classifier_eval(
 
 
 def _launch(num_processes: int) -> None:
-    import subprocess
     import sys
 
-    from wadi_cli.distill.launch import accelerate_command, strip_option
+    from wadi_cli.distill.launch import run_launched, strip_option
 
     args = strip_option(sys.argv[sys.argv.index("eval") + 1 :], "--num-processes")
-    code = subprocess.call(accelerate_command(num_processes, args, command="eval"))
+    code = run_launched(num_processes, args, command="eval")
     if code:
         raise typer.Exit(code)
 

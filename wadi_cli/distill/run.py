@@ -1,4 +1,4 @@
-"""Driving a distillation run: checks before work, the loop, checkpoints, metrics, Ctrl-C.
+"""Driving a distillation run: checks before work, the loop, checkpoints, metrics, Ctrl-C and SIGTERM.
 
 Everything that can be checked is checked before the model loads: the config, the prompt
 file, the ``--out`` folder (writable; no checkpoints unless resuming; no live process
@@ -67,6 +67,8 @@ class RunSummary:
     world_size: int = 1
     rank: int = 0
     tensorboard: Path | None = None  # where the event files went (None: off or not installed)
+    # what stopped it early: "SIGINT" (Ctrl-C), "SIGTERM", or a signal to another rank
+    stopped_by: str | None = None
 
 
 def weights_dtype(cfg: DistillConfig, device: torch.device) -> torch.dtype:
@@ -180,29 +182,40 @@ class TensorBoardLog:
         self.writer.close()
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
-def _stop_on_sigint() -> Iterator[dict[str, bool]]:
-    """First Ctrl-C sets ``flag["stop"]`` (the loop saves and exits after the current
-    step); a second one interrupts at once. A SIGINT that is ignored (a job started with
-    ``nohup`` or in the background of a script) stays ignored."""
-    flag = {"stop": False}
+def _stop_on_signals() -> Iterator[dict[str, Any]]:
+    """The first Ctrl-C (SIGINT) or SIGTERM (what a batch scheduler such as SLURM sends
+    before it kills a job) sets ``flag["stop"]`` to the signal's name: the loop saves a
+    checkpoint and exits after the current step. A second Ctrl-C of a process on its own
+    interrupts at once. Repeats are otherwise ignored: under ``accelerate launch`` every
+    worker gets each signal twice (from the terminal or scheduler, and passed on by the
+    launcher, which also enforces its own deadline), and schedulers may repeat SIGTERM
+    before their SIGKILL. A signal that is ignored (SIGINT of a job started with ``nohup``
+    or in the background of a script) stays ignored."""
+    flag: dict[str, Any] = {"stop": None}
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        yield flag
-        return
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
 
     def handler(signum: int, frame: Any) -> None:
-        if flag["stop"]:
+        if flag["stop"] is None:
+            flag["stop"] = signal.Signals(signum).name
+        elif signum == signal.SIGINT and not launched:
             raise KeyboardInterrupt
-        flag["stop"] = True
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {}
+    for sig in STOP_SIGNALS:
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, handler)
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, before in previous.items():
+            signal.signal(sig, before)
 
 
 def prepare(
@@ -383,8 +396,8 @@ def _train(
         _barrier(topo)
 
     t0 = time.perf_counter()
-    interrupted = False
-    with _stop_on_sigint() as flag, contextlib.ExitStack() as closing:
+    stopped_by = None
+    with _stop_on_signals() as flag, contextlib.ExitStack() as closing:
         if board is not None:
             closing.callback(board.close)
         while distiller.step < cfg.max_steps:
@@ -397,13 +410,13 @@ def _train(
                     board.write(result, elapsed)
             if on_step is not None and topo.is_main:
                 on_step(result, elapsed)
-            stop = _synced_stop(flag["stop"], distiller)
+            stop = _synced_stop(flag["stop"] is not None, distiller)
             if cfg.validate_every and result.step % cfg.validate_every == 0:
                 _validate(distiller, run, on_validate, board)
             if result.step % cfg.checkpoint_every == 0 or stop:
                 save()
             if stop:
-                interrupted = True
+                stopped_by = flag["stop"] or "a signal to another process"
                 break
     checksums = _rank_checksums(distiller)
     if len(set(checksums)) > 1:
@@ -418,12 +431,13 @@ def _train(
         start,
         distiller.step,
         last,
-        interrupted,
+        stopped_by is not None,
         time.perf_counter() - t0,
         num_prompts,
         topo.world,
         topo.rank,
         run / "tensorboard" if board is not None else None,
+        stopped_by,
     )
 
 
