@@ -295,8 +295,8 @@ def step_distill(ctx: Context) -> dict[str, Any]:
 
 
 def step_accelerate(ctx: Context) -> dict[str, Any]:
-    exe = shutil.which("accelerate")
-    launcher = [exe] if exe else [sys.executable, "-m", "accelerate.commands.accelerate_cli"]
+    # this interpreter's accelerate, not the first `accelerate` on PATH (another environment's)
+    launcher = [sys.executable, "-m", "wadi_cli.distill.launch"]
     launcher += ["launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
                  "--dynamo_backend", "no", "-m", "wadi_cli"]  # fmt: skip
     if not ctx.cuda:
