@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from pathlib import Path
 
 import _helpers_crash as crash
@@ -134,6 +135,32 @@ def test_a_full_disk_under_the_metrics_log_stops_training(pipe_dir, tmp_path):
         distill(_cfg(pipe_dir), run, on_step=on_step)
     assert [p.name for p in list_checkpoints(run)] == ["step-00000001", "step-00000002"]
     assert crash.leftovers(run) == []
+
+
+def test_a_full_disk_under_the_tensorboard_events_stops_training(pipe_dir, tmp_path, monkeypatch):
+    """TensorBoard writes from a background thread: its real ENOSPC (the event file pointed
+    at /dev/full after step 2) surfaces at step 3, before its checkpoint, as the same
+    one-line error as the metrics log, and the thread prints no traceback."""
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full on this system")
+    pytest.importorskip("tensorboard")
+    run = tmp_path / "run"
+
+    def on_step(result, seconds):
+        if result.step == 2:
+            (events,) = (run / "tensorboard").glob("events.out.tfevents.*")
+            events.unlink()
+            os.symlink("/dev/full", events)
+
+    printed = []  # what Python's hook would print as "Exception in thread ..."
+    monkeypatch.setattr(threading, "excepthook", lambda args: printed.append(args.exc_value))
+    hook = threading.excepthook
+    pattern = r"cannot write .*tensorboard: No space left on device; training stopped at step 3, "
+    with pytest.raises(WriteError, match=pattern + r"the last good checkpoint is .*step-00000002$"):
+        distill(_cfg(pipe_dir, tensorboard=True), run, on_step=on_step)
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000001", "step-00000002"]
+    assert crash.leftovers(run) == []
+    assert threading.excepthook is hook and printed == []
 
 
 def test_the_cli_says_it_in_one_line_with_exit_4(pipe_dir, tmp_path, monkeypatch):

@@ -154,10 +154,18 @@ def clear_leftovers(run: Path, start: int) -> None:
 class TensorBoardLog:
     """TensorBoard event files in ``RUN/tensorboard`` (``torch.utils.tensorboard``): the
     scalars of ``metrics.csv`` plus validation metrics. :meth:`open` returns ``None`` when
-    the ``tensorboard`` package is missing."""
+    the ``tensorboard`` package is missing.
 
-    def __init__(self, writer: Any) -> None:
-        self.writer = writer
+    TensorBoard writes from a background thread, which keeps a failed write (disk full,
+    read-only folder) to raise it at the next call; every call here turns it into the
+    one-line :class:`~wadi_cli.errors.WriteError` naming the folder (training then stops
+    at its last checkpoint, as for ``metrics.csv``), and the thread's own traceback is not
+    printed. :meth:`close` flushes first, so a failure of the last writes is reported too."""
+
+    def __init__(self, writer: Any, folder: Path) -> None:
+        self.writer, self.folder, self._closed = writer, folder, False
+        self._hook = threading.excepthook
+        threading.excepthook = self._quiet_writer_thread
 
     @classmethod
     def open(cls, run: Path, start_step: int) -> TensorBoardLog | None:
@@ -165,21 +173,59 @@ class TensorBoardLog:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             return None
-        # purge_step: a resumed run drops the events written after its checkpoint
-        return cls(SummaryWriter(str(run / "tensorboard"), purge_step=start_step + 1 if start_step else None))
+        folder = run / "tensorboard"
+        try:  # purge_step: a resumed run drops the events written after its checkpoint
+            writer = SummaryWriter(str(folder), purge_step=start_step + 1 if start_step else None)
+        except OSError as exc:
+            raise write_error(folder, exc) from None
+        return cls(writer, folder)
+
+    def _quiet_writer_thread(self, args: Any) -> None:
+        """The writer thread's failure is reported by the next call in the main thread."""
+        if not (issubclass(args.exc_type, OSError) and type(args.thread).__name__ == "_AsyncWriterThread"):
+            self._hook(args)
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:
+            raise write_error(self.folder, exc) from None
 
     def write(self, result: StepResult, seconds: float) -> None:
-        for key in METRIC_FIELDS[1:]:
-            value = seconds if key == "seconds" else getattr(result, key)
-            self.writer.add_scalar(f"train/{key}", value, result.step)
+        with self._writing():
+            for key in METRIC_FIELDS[1:]:
+                value = seconds if key == "seconds" else getattr(result, key)
+                self.writer.add_scalar(f"train/{key}", value, result.step)
+            self.writer.flush()  # on disk with the step's metrics.csv row (and any failure now)
 
     def write_validation(self, row: dict[str, Any]) -> None:
-        for key, value in row.items():
-            if key != "step" and isinstance(value, int | float):
-                self.writer.add_scalar(f"validation/{key}", value, row["step"])
+        with self._writing():
+            for key, value in row.items():
+                if key != "step" and isinstance(value, int | float):
+                    self.writer.add_scalar(f"validation/{key}", value, row["step"])
+            self.writer.flush()
+
+    def close_after_failure(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        """Close when leaving the loop on an exception (the failure that stopped training is
+        the one to report); on a normal exit leave it to :meth:`close`. An exit callback."""
+        if exc_type is not None:
+            with contextlib.suppress(WriteError):
+                self.close()
+        return False
 
     def close(self) -> None:
-        self.writer.close()
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            with self._writing():
+                try:
+                    self.writer.flush()
+                finally:
+                    self.writer.close()
+        finally:
+            threading.excepthook = self._hook
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -397,35 +443,38 @@ def _train(
 
     t0 = time.perf_counter()
     stopped_by = None
-    with _stop_on_signals() as flag, contextlib.ExitStack() as closing:
+    with contextlib.ExitStack() as closing:
+        if board is not None:  # on failure; at the end it closes after the last save
+            closing.push(board.close_after_failure)
+        with _stop_on_signals() as flag:
+            while distiller.step < cfg.max_steps:
+                ts = time.perf_counter()
+                result = distiller.train_step()
+                elapsed = time.perf_counter() - ts
+                if metrics is not None and result.step % cfg.log_every == 0:
+                    metrics.write(result, elapsed)
+                    if board is not None:
+                        board.write(result, elapsed)
+                if on_step is not None and topo.is_main:
+                    on_step(result, elapsed)
+                stop = _synced_stop(flag["stop"] is not None, distiller)
+                if cfg.validate_every and result.step % cfg.validate_every == 0:
+                    _validate(distiller, run, on_validate, board)
+                if result.step % cfg.checkpoint_every == 0 or stop:
+                    save()
+                if stop:
+                    stopped_by = flag["stop"] or "a signal to another process"
+                    break
+        checksums = _rank_checksums(distiller)
+        if len(set(checksums)) > 1:
+            raise RuntimeError(f"ranks hold different student adapters after training: {checksums}")
+        if saved_at != distiller.step:
+            save()
+        if topo.is_main:
+            ranks = json.dumps({"world_size": topo.world, "checksums": checksums}) + "\n"
+            write_text_atomic(run / "ranks.json", ranks)
         if board is not None:
-            closing.callback(board.close)
-        while distiller.step < cfg.max_steps:
-            ts = time.perf_counter()
-            result = distiller.train_step()
-            elapsed = time.perf_counter() - ts
-            if metrics is not None and result.step % cfg.log_every == 0:
-                metrics.write(result, elapsed)
-                if board is not None:
-                    board.write(result, elapsed)
-            if on_step is not None and topo.is_main:
-                on_step(result, elapsed)
-            stop = _synced_stop(flag["stop"] is not None, distiller)
-            if cfg.validate_every and result.step % cfg.validate_every == 0:
-                _validate(distiller, run, on_validate, board)
-            if result.step % cfg.checkpoint_every == 0 or stop:
-                save()
-            if stop:
-                stopped_by = flag["stop"] or "a signal to another process"
-                break
-    checksums = _rank_checksums(distiller)
-    if len(set(checksums)) > 1:
-        raise RuntimeError(f"ranks hold different student adapters after training: {checksums}")
-    if saved_at != distiller.step:
-        save()
-    if topo.is_main:
-        ranks = json.dumps({"world_size": topo.world, "checksums": checksums}) + "\n"
-        write_text_atomic(run / "ranks.json", ranks)
+            board.close()
     return RunSummary(
         run,
         start,
