@@ -1,18 +1,31 @@
 """Shared pieces of the sampling tests: a randomly initialised tiny pipeline folder (no
 trained weights, no network), built once per test process and removed at exit.
 
-Test modules wrap these in fixtures (pytest fixtures cannot be imported across modules
-without a conftest entry)."""
+``conftest.py`` wraps the most used ones in fixtures (``pipe_dir``, ``one_thread``)."""
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
+import torch
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """One intra-op thread: the tiny models' ops are far too small to gain from two, and on
+    a busy 2-core machine two threads wait at every op's barrier (~10x slower here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def tiny_module():

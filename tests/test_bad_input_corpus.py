@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import _helpers_corpus as corpus
 import pytest
-from test_distill_train import one_torch_thread, random_tiny_pipeline
+from _helpers_sample import tiny_pipeline_dir
 
 
 @pytest.fixture(scope="session")
 def built(tmp_path_factory):
-    return corpus.build_corpus(tmp_path_factory.mktemp("corpus"), random_tiny_pipeline())
+    return corpus.build_corpus(tmp_path_factory.mktemp("corpus"), tiny_pipeline_dir())
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("case", corpus.cases(), ids=lambda c: c.id)

@@ -19,12 +19,7 @@ bts = load_analysis_script("train_step/bench_train_step.py")
 TOY = dict(resolution=32, batch=2, rank=8, fake_rank=4, seed=3)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

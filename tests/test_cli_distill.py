@@ -7,7 +7,6 @@ import os
 import signal
 
 import pytest
-from test_distill_train import one_torch_thread, random_tiny_pipeline
 from typer.testing import CliRunner
 
 from wadi_cli.cli.main import app
@@ -16,15 +15,7 @@ from wadi_cli.distill import distill, list_checkpoints, resolve_config
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def pipe_dir():
-    return random_tiny_pipeline()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_help_has_examples():

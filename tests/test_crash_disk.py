@@ -19,8 +19,8 @@ from pathlib import Path
 import _helpers_crash as crash
 import pytest
 import torch
+from _helpers_sample import one_torch_thread
 from safetensors import SafetensorError
-from test_distill_train import one_torch_thread, random_tiny_pipeline
 from typer.testing import CliRunner
 
 from wadi_cli.cli.main import app
@@ -33,15 +33,7 @@ runner = CliRunner()
 ENOSPC = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def pipe_dir():
-    return random_tiny_pipeline()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(pipe_dir, **kw):

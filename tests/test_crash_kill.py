@@ -19,12 +19,6 @@ from pathlib import Path
 import _helpers_crash as crash
 import _helpers_sample as helpers
 import pytest
-from test_distill_train import random_tiny_pipeline
-
-
-@pytest.fixture(scope="module")
-def pipe_dir():
-    return random_tiny_pipeline()
 
 
 @pytest.fixture(scope="module")
@@ -87,15 +81,13 @@ def test_sigterm_saves_at_a_step_boundary_and_the_resume_is_bit_exact(pipe_dir, 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory, pipe_dir):
     """A two-checkpoint run, its adapter and merged student, and the base U-Net file."""
-    from test_distill_train import one_torch_thread
-
     from wadi_cli.distill import distill, resolve_config
     from wadi_cli.distill.export import export_run
 
     root = tmp_path_factory.mktemp("outputs")
     over = dict(model=str(pipe_dir), batch_size=2, max_steps=2, checkpoint_every=1, device="cpu")
     over.update(regression_weight=0.0, validate_every=0, tensorboard=False)
-    with one_torch_thread():
+    with helpers.one_torch_thread():
         distill(resolve_config(overrides=over), root / "run")
         export_run(root / "run", "adapter", root / "adapter.safetensors")
         export_run(root / "run", "merged", root / "merged.safetensors")

@@ -12,7 +12,6 @@ import time
 import _helpers_crash as crash
 import _helpers_sample as helpers
 import pytest
-from test_distill_train import random_tiny_pipeline
 from typer.testing import CliRunner
 
 from wadi_cli.cli.main import app
@@ -93,11 +92,6 @@ def test_without_flock_the_recorded_holder_decides(tmp_path, monkeypatch, holder
     else:
         with acquire_run_lock(tmp_path) as held:
             assert held.previous["pid"] == pid
-
-
-@pytest.fixture(scope="module")
-def pipe_dir():
-    return random_tiny_pipeline()
 
 
 def test_a_second_wadi_distill_on_a_live_run_is_refused(pipe_dir, tmp_path):

@@ -44,10 +44,9 @@ def _eval(weights) -> dict:
     return json.loads(r.stdout)
 
 
-def test_a_short_distillation_beats_the_undistilled_one_step_base(tmp_path):
+def test_a_short_distillation_beats_the_undistilled_one_step_base(tmp_path, one_thread):
     if not (TINY_PIPELINE_DIR / "unet").is_dir():
         pytest.skip("the trained tiny pipeline is not shipped in this install")
-    torch.set_num_threads(1)  # the tiny model's ops are too small to gain from threads
     cfg = resolve_config(
         "tiny_paper",
         overrides={

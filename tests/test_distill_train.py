@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import csv
 
-import _helpers_sample as helpers
 import pytest
 import torch
 
@@ -17,33 +15,7 @@ from wadi_cli.distill.trainer import Distiller, TrainingDiverged
 from wadi_cli.errors import BadInputError, MismatchError
 from wadi_cli.lorad import merge_adapter_into_state_dict
 
-
-@contextlib.contextmanager
-def one_torch_thread():
-    """One intra-op thread: on the shared 2-core machine two threads are ~10x slower here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-def random_tiny_pipeline():
-    """The random tiny pipeline folder shared by the distill tests (built once)."""
-    helpers.tiny_module()
-    return helpers.tiny_pipeline_dir()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def pipe_dir():
-    return random_tiny_pipeline()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(pipe_dir, **kw):

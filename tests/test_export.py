@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_distill_train import one_torch_thread, random_tiny_pipeline
+from _helpers_sample import one_torch_thread, tiny_pipeline_dir
 
 from wadi_cli.distill import distill, list_checkpoints, load_checkpoint, resolve_config
 from wadi_cli.distill.export import export_run
@@ -12,16 +12,12 @@ from wadi_cli.errors import BadInputError, CheckpointError
 from wadi_cli.io import load_state_dict
 from wadi_cli.lorad import apply_adapter, load_adapter
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    pipe = random_tiny_pipeline()
+    pipe = tiny_pipeline_dir()
     run = tmp_path_factory.mktemp("export") / "run"
     cfg = resolve_config(
         overrides=dict(model=str(pipe), batch_size=2, max_steps=2, device="cpu", ema_decay=0.5, lr=1e-2)
@@ -104,7 +100,7 @@ def test_baseline_runs_resume_and_export_merged(tmp_path, kind):
     the trained student's forward."""
     from wadi_cli.distill.run import build_distiller, config_for_run
 
-    pipe = random_tiny_pipeline()
+    pipe = tiny_pipeline_dir()
     run = tmp_path / "run"
     over = dict(model=str(pipe), batch_size=2, max_steps=2, device="cpu", adapter=kind, rank=4, lr=1e-2)
     over["regression_weight"] = 0.0  # the tiny default's 1024 teacher pairs: not needed here

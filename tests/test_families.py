@@ -21,6 +21,7 @@ import _helpers_hub as hubh
 import numpy as np
 import pytest
 import torch
+from _helpers_sample import one_torch_thread
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -44,13 +45,10 @@ def hub_cache():
     """The shared miniature cache, offline; one intra-op thread (these models are far too
     small to gain from two, and on a busy 2-core machine two threads wait at every op's
     barrier: a 3-step distill took 17.6 s of CPU with 2 threads, 6.8 s with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
+    with one_torch_thread(), pytest.MonkeyPatch.context() as mp:
         cache = hubh.shared_hub_cache()
         hubh.use_hub_cache(mp, cache)
         yield cache
-    torch.set_num_threads(threads)
 
 
 def _metadata(path: Path) -> dict[str, str]:

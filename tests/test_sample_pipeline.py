@@ -12,6 +12,7 @@ from pathlib import Path
 import _helpers_hub as hubh
 import pytest
 import torch
+from _helpers_sample import one_torch_thread
 from typer.testing import CliRunner
 
 from wadi_cli.cli.main import app
@@ -38,10 +39,8 @@ SD15_FP32_DOWNLOAD = [  # what DiffusionPipeline.from_pretrained(SD1.5) leaves i
 
 @pytest.fixture(scope="module")
 def full_cache():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield hubh.shared_hub_cache()
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield hubh.shared_hub_cache()
 
 
 def _snapshot(cache: Path, repo: str) -> Path:

@@ -17,16 +17,6 @@ from wadi_cli.swap import slerp_rows, swap_rows, swap_state_dict, write_swap
 TINY_UNET = "wadi_cli/assets/tiny/pipeline/unet"
 
 
-@pytest.fixture
-def one_thread():
-    """The tiny model runs on one CPU thread (as the CLI does): two threads on a busy
-    machine stall it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _unit_rows(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
     d = torch.randn(rows, cols, generator=gen, dtype=torch.float64)
     return d / d.norm(dim=1, keepdim=True)
