@@ -140,11 +140,11 @@ def test_missing_chunks_finds_absent_and_truncated_images(tmp_path):
     img = np.zeros((8, 8, 3), np.uint8)
     for e in m.entries:
         Image.fromarray(img).save(out / e["file"])
-    assert missing_chunks(out, m, 3, None) == []
+    assert missing_chunks(out, m, 3) == []
     data = (out / m.entries[4]["file"]).read_bytes()
     (out / m.entries[4]["file"]).write_bytes(data[: len(data) // 2])  # killed mid-write
     os.remove(out / m.entries[6]["file"])
-    assert missing_chunks(out, m, 3, None) == [(3, 6), (6, 7)]
+    assert missing_chunks(out, m, 3) == [(3, 6), (6, 7)]
 
 
 @pytest.fixture(scope="module")
@@ -209,6 +209,26 @@ def test_ref_folder_without_images_is_refused(tmp_path):
             "--out", str(tmp_path / "e"))  # fmt: skip
     one_line_error(r, "holds no images")
     assert not (tmp_path / "e").exists()
+
+
+def test_every_process_loads_the_reference_once_per_session(tmp_path, monkeypatch):
+    """``--watch`` keeps one scorer for every checkpoint. A process other than the main
+    one holds no reference (it only helps compute the features, a collective), yet it
+    must not compute them again at the next checkpoint while the main process moves on."""
+    from wadi_cli.evaluation.evaluate import _reference
+    from wadi_cli.evaluation.parallel import Processes
+    from wadi_cli.evaluation.run import EvalOptions, Scorer
+
+    real = tmp_path / "real"
+    real.mkdir()
+    Image.new("RGB", (8, 8)).save(real / "0.png")
+    calls = []
+    monkeypatch.setattr(Scorer, "features", lambda self, files, clip, label: calls.append(label))
+    procs = Processes(rank=1, world=2)
+    scorer = Scorer(EvalOptions(metrics=("fid",)), procs)
+    for _ in range(3):  # three checkpoints
+        _reference(scorer, str(real), None, procs)
+    assert calls == ["reference features"] and scorer.reference is None
 
 
 def test_missing_extra_or_weights_is_one_line(tmp_path, monkeypatch):

@@ -91,12 +91,9 @@ def check_ref(ref: str | None) -> None:
 def _reference(
     scorer: Scorer, ref: str | None, tiny_fallback: tuple[Path, list, int] | None, procs: Processes
 ) -> None:
-    """Load the reference once per scorer: ``ref``, or (tiny) the rendered real images."""
-    if (
-        not scorer.options.needs_reference
-        or scorer.reference is not None
-        or not scorer.options.protocol_metrics
-    ):
+    """Load the reference once per scorer (on every process: a folder's features are
+    computed by all of them): ``ref``, or (tiny) the rendered real images."""
+    if not scorer.options.needs_reference or scorer.reference_from is not None:
         return
     if ref is not None:
         scorer.load_reference(ref)
@@ -150,12 +147,13 @@ def evaluate_model(
         "dtype": str(dtype).replace("torch.", ""),
     }
     check_ref(ref)
-    check_resumable(request.out, build_manifest(settings, request.captions, request.seed))
+    manifest = build_manifest(settings, request.captions, request.seed)
+    check_resumable(request.out, manifest)
     attrs = _tiny_attrs(spec.name, request.captions)
     real_seed = request.seed if request.real_seed is None else request.real_seed
     classifier = _load_classifier(options.metrics, request.classifier)
     scorer = scorer or Scorer.load(options, procs, progress)  # missing weights: before anything is written
-    manifest = prepare_out(request.out, settings, request.captions, request.seed, procs)
+    prepare_out(request.out, manifest, procs)
     tiny_ref = (request.out, attrs, real_seed) if attrs is not None else None
     _reference(scorer, ref, tiny_ref, procs)
     pipe = load_pipeline(

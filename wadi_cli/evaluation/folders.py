@@ -9,9 +9,9 @@ Layout of ``--out EVAL``::
     EVAL/reference/         tiny backbone only: the rendered real images of the captions
     EVAL/metrics.json       the scores and how each was computed
 
-A resumed evaluation keeps every image that is complete (PNG chunks and CRCs intact, the
-model's size) and regenerates the others; metrics always read exactly the manifest's files,
-so an image is never counted twice.
+A resumed evaluation keeps every image that is complete (PNG chunks and CRCs intact; the
+manifest's settings, checked first, fix the size) and regenerates the others; metrics
+always read exactly the manifest's files, so an image is never counted twice.
 """
 
 from __future__ import annotations
@@ -69,12 +69,12 @@ def read_image(path: str | os.PathLike[str]) -> Image.Image:
         raise BadInputError(f"{path}: not a readable image ({msg})") from None
 
 
-def png_is_complete(path: Path, size: tuple[int, int] | None = None) -> bool:
+def png_is_complete(path: Path) -> bool:
     """True when ``path`` is a PNG whose chunks and CRCs are intact up to IEND (a file cut
-    short by a kill is not) and, if given, whose ``(width, height)`` is ``size``."""
+    short by a kill is not)."""
     try:
         with Image.open(path) as im:
-            if im.format != "PNG" or (size is not None and im.size != tuple(size)):
+            if im.format != "PNG":
                 return False
             im.verify()
         return True
@@ -173,19 +173,15 @@ def write_manifest(out: Path, manifest: Manifest) -> None:
     write_text_atomic(out / MANIFEST, manifest.to_json())
 
 
-def missing_chunks(
-    out: Path, manifest: Manifest, chunk: int, size: tuple[int, int] | None
-) -> list[tuple[int, int]]:
+def missing_chunks(out: Path, manifest: Manifest, chunk: int) -> list[tuple[int, int]]:
     """``[(start, stop), …]`` of the image chunks (aligned on multiples of ``chunk``) with at
     least one image that is absent or incomplete. A chunk is always generated whole, so
     every image is made in the same batch whether the run was resumed or split."""
-    n = len(manifest.entries)
-    todo = []
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        if not all(png_is_complete(out / manifest.entries[i]["file"], size) for i in range(start, stop)):
-            todo.append((start, stop))
-    return todo
+    return [
+        (start, stop)
+        for start, stop in chunks(len(manifest.entries), chunk)
+        if not all(png_is_complete(out / manifest.entries[i]["file"]) for i in range(start, stop))
+    ]
 
 
 def shard(items: Sequence[Any], rank: int, world: int) -> list[Any]:

@@ -36,8 +36,7 @@ from wadi_cli.evaluation.folders import (
     METRICS,
     REFERENCE,
     Manifest,
-    build_manifest,
-    check_resumable,
+    chunks,
     image_name,
     list_images,
     missing_chunks,
@@ -117,7 +116,8 @@ class Scorer:
     progress: ProgressFactory = no_progress
     inception: Any = None
     clip: Any = None
-    reference: Reference | None = None
+    reference: Reference | None = None  # on the main process (the others compute, not hold it)
+    reference_from: str | None = None  # every process: where the reference was loaded from
     timing: Timing = field(default_factory=Timing)
 
     @classmethod
@@ -144,7 +144,7 @@ class Scorer:
         gets them all in file order, the others ``None``."""
 
         batch = self.options.feature_batch_size
-        spans = [(s, min(s + batch, len(files))) for s in range(0, len(files), batch)]
+        spans = list(chunks(len(files), batch))
         mine = shard(spans, self.procs.rank, self.procs.world)
         my_files = [f for s, e in mine for f in files[s:e]]
         start = time.perf_counter()
@@ -182,6 +182,7 @@ class Scorer:
         ``save_to`` writes the statistics of a folder (main process)."""
 
         path = Path(ref).expanduser()
+        self.reference_from = str(path)
         if path.is_file():
             if save_to is not None:
                 raise BadInputError("--save-ref needs --ref DIR (a folder of real images), not a file")
@@ -286,7 +287,7 @@ def generate_missing(
     Chunk ``[s, e)`` is one batch of captions ``s..e-1`` with seeds ``seed + s …``; returns
     (images made by this process, seconds)."""
 
-    todo = missing_chunks(out, manifest, config.batch_size, None)
+    todo = missing_chunks(out, manifest, config.batch_size)
     procs.barrier()  # every process has looked before anyone writes
     mine = shard(todo, procs.rank, procs.world)
     total = sum(e - s for s, e in mine)
@@ -303,18 +304,13 @@ def generate_missing(
     return total, seconds
 
 
-def prepare_out(
-    out: Path, settings: dict[str, Any], captions: Sequence[str], seed: int, procs: Processes
-) -> Manifest:
-    """The manifest of ``out`` after checking that a resumed folder matches (every process
-    checks; the main one writes)."""
-    manifest = build_manifest(settings, captions, seed)
-    check_resumable(out, manifest)
+def prepare_out(out: Path, manifest: Manifest, procs: Processes) -> None:
+    """Write ``manifest`` into ``out`` (main process) once every process has checked with
+    :func:`~wadi_cli.evaluation.folders.check_resumable` that a resumed folder matches."""
     procs.barrier()
     if procs.is_main:
         write_manifest(out, manifest)
     procs.barrier()
-    return manifest
 
 
 def write_tiny_reference(
