@@ -202,6 +202,33 @@ def test_resume_regenerates_only_what_is_missing_and_matches_one_run(base_dir, c
     one_line_error(other, "other settings (alpha_bar_T")
 
 
+def test_an_eval_of_a_lora_run_folder_resumes(base_dir, classifier_file, tmp_path):
+    """``-w RUN`` of a LoRA run samples a temporary merge of its student; the manifest
+    records the checkpoint's student file instead, so the same command resumes."""
+    run_dir = tmp_path / "run"
+    r = CliRunner().invoke(
+        app,
+        ["distill", "--model", base_dir, "--out", str(run_dir), "--max-steps", "1", "--batch-size", "1",
+         "--regression-weight", "0", "--validate-every", "0", "--device", "cpu", "--adapter", "lora"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    out = tmp_path / "eval"
+    first = _tiny(base_dir, classifier_file, out, "-w", str(run_dir))
+    assert first.exit_code == 0, first.stderr
+    recorded = json.loads((out / "manifest.json").read_text())["settings"]["weights"]
+    assert recorded == str(run_dir / "checkpoints" / "step-00000001" / "student.safetensors")
+    (out / "metrics.json").unlink()
+    again = _tiny(base_dir, classifier_file, out, "-w", str(run_dir))
+    assert again.exit_code == 0, again.stderr
+    assert json.loads(again.stdout)["timing"]["generated"] == 0
+
+
+def test_the_tiny_classifier_eval_is_not_split_over_processes(tmp_path):
+    r = run("-b", "tiny", "--num-processes", "2", "--out", str(tmp_path / "e"))
+    one_line_error(r, "the tiny classifier's accuracy and fd run in one process")
+    assert not (tmp_path / "e").exists()
+
+
 def test_ref_folder_without_images_is_refused(tmp_path):
     (tmp_path / "ref").mkdir()
     (tmp_path / "c.txt").write_text("a cat\n")
@@ -282,6 +309,7 @@ def test_watch_scores_every_checkpoint_and_exits_when_the_run_is_finished(
     for step in ("step-00000001", "step-00000002"):
         record = json.loads((run_dir / "eval" / step / "metrics.json").read_text())
         assert record["weights"].endswith(f"{step}/student.safetensors") and record["num_images"] == 6
+        assert record["alpha_bar_T"] == 0.01  # what the run trained with, recorded in its student
     # the row equals a direct evaluation of the same checkpoint's student
     student = run_dir / "checkpoints" / "step-00000002" / "student.safetensors"
     direct = run("-b", "tiny", "--model", base_dir, "--classifier", str(classifier_file), "-n", "6",

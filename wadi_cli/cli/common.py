@@ -104,17 +104,19 @@ Seed = Annotated[int, typer.Option("--seed", help="Random seed.")]
 
 
 @contextlib.contextmanager
-def weights_for_sampling(weights: str | None) -> Iterator[str | None]:
-    """Yield what ``--weights`` should mean to ``wadi sample`` / ``wadi eval``.
+def weights_for_sampling(weights: str | None) -> Iterator[tuple[str | None, str | None]]:
+    """Yield ``(file, label)``: what ``--weights`` should mean to ``wadi sample`` / ``wadi
+    eval``, and what to record as its source.
 
     A distill run folder becomes its latest student (EMA when kept), as
-    :func:`wadi_cli.distill.export.run_weights` gives it; anything else passes through
-    unchanged.
+    :func:`wadi_cli.distill.export.run_weights` gives it; the label is then the
+    checkpoint's student file (for LoRA / DoRA / full runs ``file`` is a temporary merge,
+    whose name changes from call to call). Anything else passes through unchanged.
     """
     from wadi_cli.distill.run_dirs import is_run_folder
 
     if not is_run_folder(weights):
-        yield weights
+        yield weights, weights
         return
     from wadi_cli.distill.export import run_weights
 
@@ -129,7 +131,7 @@ def weights_for_sampling(weights: str | None) -> Iterator[str | None]:
         else:
             note = f"[dim]using the run's student ({config.get('adapter')}), merged[/]"
             err_console.print(note, highlight=False, soft_wrap=True)
-        yield str(file)
+        yield str(file), str(student)
 
 
 def use_backbone_cpu_threads(backbone: str | None, device: str | None) -> None:

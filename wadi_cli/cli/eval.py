@@ -167,9 +167,13 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         from wadi_cli.errors import BadInputError
 
-        protocol_flags = (captions, ref, save_ref, images, metrics, watch, num_processes)
-        protocol_flags += (inception_weights, clip_weights)
+        protocol_flags = (captions, ref, save_ref, images, metrics, watch, inception_weights, clip_weights)
         if backbone.strip().lower() == "tiny" and all(f is None for f in protocol_flags):
+            if num_processes is not None:  # the launched processes would each run all of it
+                raise BadInputError(
+                    "--num-processes splits the protocol metrics (--captions, --ref, --metrics, "
+                    "--images, --watch); the tiny classifier's accuracy and fd run in one process"
+                )
             _tiny_classifier_eval(
                 weights, teacher, steps, cfg, alpha_bar_t, 256 if num_images is None else num_images, seed,
                 real_seed, model, 32 if batch_size is None else batch_size, device, classifier, out, json_out,
@@ -217,7 +221,7 @@ def _tiny_classifier_eval(
         raise BadInputError("--steps and --cfg apply to --teacher only")
     if out is not None:
         check_output_dir(out)
-    with weights_for_sampling(weights) as run_weights:
+    with weights_for_sampling(weights) as (run_weights, _):
         result, gen = evaluate_tiny(
             weights=run_weights,
             teacher=teacher,
@@ -354,13 +358,15 @@ def _request(a: dict[str, Any], name: str, texts: list[str], weights: str | None
 def _evaluate_model(
     a: dict[str, Any], name: str, texts: list[str], options: Any, procs: Any, bars: Any
 ) -> Any:
+    import dataclasses
+
     from wadi_cli.errors import BadInputError
     from wadi_cli.evaluation.evaluate import evaluate_model
 
     if a["out"] is None:
         raise BadInputError("--out EVAL is required: the generated images and manifest.json go there")
-    with weights_for_sampling(_str(a["weights"])) as run_weights:
-        request = _request(a, name, texts, run_weights, a["out"])
+    with weights_for_sampling(_str(a["weights"])) as (run_weights, label):
+        request = dataclasses.replace(_request(a, name, texts, run_weights, a["out"]), weights_label=label)
         return evaluate_model(request, options, procs, ref=a["ref"], progress=bars)
 
 

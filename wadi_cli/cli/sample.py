@@ -158,7 +158,7 @@ def register(app: typer.Typer) -> None:
             for warning in getattr(pipe, "warnings", []):
                 err_console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
 
-        with weights_for_sampling(weights) as run_weights:
+        with weights_for_sampling(weights) as (run_weights, _):
             summary = sample_to_folder(
                 out,
                 prompts or [],

@@ -153,7 +153,8 @@ def watch(
 
 def watch_request(template: Any, weights: tuple[str, str], out: Path, config: dict[str, Any]) -> Any:
     """The :class:`~wadi_cli.evaluation.evaluate.ModelRequest` of one checkpoint: the run's
-    backbone, base model and ᾱ_T, the template's captions and settings."""
+    backbone and base model, the template's captions and settings (ᾱ_T: ``--alpha-bar-t``,
+    else the value the checkpoint's student records, as for any weights)."""
     return replace(
         template,
         backbone=str(config.get("backbone", template.backbone)),
@@ -162,5 +163,4 @@ def watch_request(template: Any, weights: tuple[str, str], out: Path, config: di
         weights_label=weights[1],
         out=out,
         teacher=False,
-        alpha_bar_T=config.get("alpha_bar_T", template.alpha_bar_T),
     )
