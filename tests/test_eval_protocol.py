@@ -258,6 +258,34 @@ def test_every_process_loads_the_reference_once_per_session(tmp_path, monkeypatc
     assert calls == ["reference features"] and scorer.reference is None
 
 
+def test_clip_text_features_are_encoded_once_per_session(monkeypatch):
+    """``--watch`` scores every checkpoint with the same captions: encoded once; other
+    captions are encoded afresh, and every score pairs image i with caption i."""
+    from wadi_cli.evaluation.parallel import Processes
+    from wadi_cli.evaluation.run import EvalOptions, Scorer
+
+    rng = np.random.default_rng(0)
+    table = {c: rng.normal(size=4) for c in ("a", "b", "c", "d")}
+    encoded = []
+
+    class Clip:
+        description = "fake"
+
+        def texts(self, batch, prefix):
+            encoded.extend(batch)
+            return np.stack([table[c] for c in batch])
+
+    images = {}
+    monkeypatch.setattr(Scorer, "features", lambda self, files, clip, label: {"clip": images["now"]})
+    monkeypatch.setattr(Scorer, "how", lambda self, n: {})
+    scorer = Scorer(EvalOptions(metrics=("clip",)), Processes(), clip=Clip())
+    for captions in (["a", "b", "c"], ["a", "b", "c"], ["d", "a"]):
+        images["now"] = np.stack([table[c] for c in captions]) * 2.0  # cosine 1 with its own caption
+        metrics, _ = scorer.score([f"{i}.png" for i in range(len(captions))], captions)
+        assert metrics["clip"] == pytest.approx(1.0)
+    assert encoded == ["a", "b", "c", "d", "a"]
+
+
 def test_missing_extra_or_weights_is_one_line(tmp_path, monkeypatch):
     import importlib.util
 

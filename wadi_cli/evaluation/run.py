@@ -119,6 +119,7 @@ class Scorer:
     reference: Reference | None = None  # on the main process (the others compute, not hold it)
     reference_from: str | None = None  # every process: where the reference was loaded from
     timing: Timing = field(default_factory=Timing)
+    _texts: tuple[tuple[str, ...], np.ndarray] | None = None  # the last captions' CLIP features
 
     @classmethod
     def load(cls, options: EvalOptions, procs: Processes, progress: ProgressFactory = no_progress) -> Scorer:
@@ -222,14 +223,18 @@ class Scorer:
         if "pr" in wanted:
             out["precision"], out["recall"] = scores.precision_recall(feats["inception"], ref.features)  # type: ignore[union-attr]
         if "clip" in wanted:
-            text = np.concatenate(
-                [
-                    self.clip.texts(list(captions[i : i + 64]), self.options.clip_prefix)  # type: ignore[index]
-                    for i in range(0, len(captions), 64)  # type: ignore[arg-type]
-                ]
-            )
-            out["clip"] = scores.clip_score(feats["clip"], text)
+            out["clip"] = scores.clip_score(feats["clip"], self._text_features(captions))  # type: ignore[arg-type]
         return out, self.how(len(files))
+
+    def _text_features(self, captions: Sequence[str]) -> np.ndarray:
+        """CLIP text features of ``captions``, encoded once per session (``--watch`` scores
+        every checkpoint with the same captions)."""
+        key = tuple(captions)
+        if self._texts is None or self._texts[0] != key:
+            prefix = self.options.clip_prefix
+            parts = [self.clip.texts(list(key[i : i + 64]), prefix) for i in range(0, len(key), 64)]
+            self._texts = (key, np.concatenate(parts))
+        return self._texts[1]
 
     def how(self, n: int) -> dict[str, dict[str, Any]]:
         """How each metric was computed (library, version, extractor, resize, N)."""
