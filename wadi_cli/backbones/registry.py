@@ -147,7 +147,7 @@ class Backbone:
             "denoiser": {"repo": self.hub_id, "folder": subfolder, "flag": "--model"},
             "components": {
                 "repo": self.components_repo or self.hub_id,
-                "folders": ["vae", "text_encoder", "tokenizer", "scheduler"],
+                "folders": list(PIPELINE_COMPONENTS),
                 "flag": "--components",
             },
             "alternatives": [{"repo": h, "what": w, "flag": f"--model {h}"} for h, w in self.alternatives],

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -151,7 +150,9 @@ def register(app: typer.Typer) -> None:
             _print_plan(cfg.to_dict(), parameter_plan(cfg), json_out)
             return
         if out is None:
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from wadi_cli.distill.launch import launched_world_size
+
+            if launched_world_size() > 1:
                 raise BadInputError(
                     "under accelerate launch every process must write to the same run folder: pass --out RUN"
                 )

@@ -3,6 +3,7 @@ its own): ``wadi distill --num-processes N`` re-runs itself under ``accelerate l
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -10,6 +11,15 @@ import threading
 from collections.abc import Sequence
 
 from wadi_cli.errors import BadInputError
+
+
+def launched_world_size() -> int:
+    """How many processes ``accelerate launch`` / ``torchrun`` started (``WORLD_SIZE``; 1
+    when alone), known before any process group exists."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
 
 
 def strip_option(argv: Sequence[str], name: str) -> list[str]:

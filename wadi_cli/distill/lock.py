@@ -127,10 +127,10 @@ def check_run_lock(run: str | os.PathLike[str]) -> None:
     """Raise :class:`RunLockedError` if a live process holds the lock of ``run``; creates
     nothing (the early check before any model loads)."""
     path = Path(run) / LOCK_NAME
-    try:
-        fd = os.open(path, os.O_RDONLY)
+    try:  # read-write: on NFS flock is an fcntl lock, and an exclusive one needs write access
+        fd = os.open(path, os.O_RDWR)
     except OSError:
-        return  # no lock file (or unreadable: acquire_run_lock will say so)
+        return  # no lock file (or not writable: acquire_run_lock will say so)
     try:
         got = _try_flock(fd)
         holder = _holder(fd)

@@ -44,6 +44,7 @@ from wadi_cli.distill.checkpoint import (
 )
 from wadi_cli.distill.config import DistillConfig, resolve_config
 from wadi_cli.distill.data import load_prompts
+from wadi_cli.distill.launch import launched_world_size
 from wadi_cli.distill.lock import acquire_run_lock, check_run_lock
 from wadi_cli.distill.trainer import Distiller, StepResult, Topology
 from wadi_cli.errors import CheckpointError, WriteError
@@ -245,7 +246,7 @@ def _stop_on_signals() -> Iterator[dict[str, Any]]:
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    launched = launched_world_size() > 1
 
     def handler(signum: int, frame: Any) -> None:
         if flag["stop"] is None:
@@ -304,7 +305,7 @@ def launch_rank() -> int:
 def process_topology(cfg: DistillConfig) -> tuple[Topology, torch.device]:
     """This process's rank and device. Under ``accelerate launch`` (``WORLD_SIZE`` > 1) the
     process group is set up by accelerate (gloo on CPU, NCCL on GPUs)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if launched_world_size() <= 1:
         return Topology(), resolve_device(cfg.device)
     from accelerate import PartialState
 

@@ -5,7 +5,6 @@ imported only when more than one process runs (start-up time)."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +43,9 @@ class Processes:
 def processes(device: torch.device) -> Processes:
     """The topology of this process. Under ``accelerate launch`` (``WORLD_SIZE`` > 1) the
     process group is set up by accelerate, and each process takes its own device."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    from wadi_cli.distill.launch import launched_world_size
+
+    if launched_world_size() <= 1:
         return Processes(device=device)
     from accelerate import PartialState
 
