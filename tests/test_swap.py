@@ -370,3 +370,20 @@ def test_evaluate_swap_variants_agrees_with_wadi_eval(tmp_path, one_thread):
     assert 0.0 <= res["teacher_norms"]["accuracy"] <= 1.0 and math.isfinite(res["teacher_norms"]["fd"])
     with pytest.raises(BadInputError, match="tiny backbone only"):
         evaluate_swap_variants(teacher, student, backbone="sd15")
+
+
+def test_swap_sample_checks_the_base_files_that_sampling_loads(tmp_path, monkeypatch):
+    """``--sample`` checks the base pipeline before any tensor is read, fetching what the
+    sampling will load: the fp16 files when it samples in fp16 (on CUDA), not the fp32
+    set as well."""
+    from wadi_cli.swap import compare
+
+    seen = []
+    monkeypatch.setattr(compare, "resolve_pipeline_source", lambda spec, model, **kw: seen.append(kw))
+    sampling = compare.SwapSampling(
+        prompts=["a cat"], out=tmp_path / "grids", backbone="sd15", model=None, steps=None, cfg=None,
+        seed=0, rows=1, num_images=2, evaluate=False, device="cpu",
+    )  # fmt: skip
+    sampling.check(torch.float16)
+    sampling.check()  # on the CPU wadi samples in fp32
+    assert seen == [{"variant": "fp16"}, {"variant": None}]

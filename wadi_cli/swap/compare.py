@@ -40,6 +40,7 @@ from wadi_cli.sample import (
     resolve_dtype,
     resolve_pipeline_source,
 )
+from wadi_cli.sample.pipeline import weights_variant
 from wadi_cli.swap.core import SWAP_VARIANTS, check_alpha, open_student, plan_swap, swap_state_dict
 from wadi_cli.tiny.classifier import TinyClassifier, load_classifier
 
@@ -247,9 +248,11 @@ class SwapSampling:
         """Whether the variants are scored (accuracy / fd exist for the tiny model only)."""
         return self.evaluate and self.backbone.strip().lower() == "tiny"
 
-    def check(self) -> None:
+    def check(self, dtype: torch.dtype | None = None) -> None:
         """Every check that reads no tensor: prompts, rows, image count, ``--steps`` /
-        ``--cfg``, the base pipeline is there, the folder can be written."""
+        ``--cfg``, the base pipeline is there (fetching the files that sampling in
+        ``dtype`` loads; default: the dtype ``wadi sample`` would choose), the folder can
+        be written."""
         if not self.prompts:
             raise BadInputError("--sample needs at least one prompt")
         if self.rows < 1:
@@ -257,7 +260,11 @@ class SwapSampling:
         if self.num_images < 2:
             raise BadInputError(f"--num-images must be at least 2 to estimate FD, got {self.num_images}")
         SampleConfig(teacher=True, steps=self.steps, cfg=self.cfg)  # validates --steps / --cfg
-        resolve_pipeline_source(get_backbone(self.backbone), self.model)  # a missing base fails now
+        spec = get_backbone(self.backbone)
+        if dtype is None:
+            dtype = resolve_dtype(None, resolve_device(self.device), spec.family)
+        # a missing base fails now; the same files as load_pipeline (fp16 variant on CUDA)
+        resolve_pipeline_source(spec, self.model, variant=weights_variant(dtype))
         check_writable(self.out, directory=True)
 
 
@@ -317,7 +324,7 @@ def render_swap_grids(
 
     Returns ``{"out", "grids", "metrics"}`` (``metrics`` is ``None`` without scores).
     """
-    sampling.check()
+    sampling.check(dtype)
     check_alpha(alpha)
     plan_swap(teacher_state, student_state, filter)
     spec_name, prompts, rows, seed = (
