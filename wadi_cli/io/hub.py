@@ -160,7 +160,6 @@ def resolve_model(
     path_or_id: str | os.PathLike[str],
     subfolder: str | None = None,
     *,
-    allow_patterns: list[str] | None = None,
     variant: str | None = None,
     revision: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
@@ -169,8 +168,7 @@ def resolve_model(
 
     For a hub id, only ``subfolder`` (its configs and ONE copy of its safetensors
     weights, ``variant`` preferred) and ``model_index.json`` are fetched; without
-    ``subfolder``, the denoiser folder (``unet``, else ``transformer``).
-    ``allow_patterns`` fetches exactly those patterns instead. The returned path is
+    ``subfolder``, the denoiser folder (``unet``, else ``transformer``). The returned path is
     ``<snapshot>/<subfolder>`` when a subfolder is given. Raises
     :class:`CheckpointError` for a missing local path that cannot be a repo id,
     :class:`HubError` when the hub fails.
@@ -183,8 +181,6 @@ def resolve_model(
     text = str(path_or_id)
     if not looks_like_repo_id(text):
         raise CheckpointError(f"{local}: no such file or directory")
-    if allow_patterns is not None:
-        return _snapshot_patterns(text, allow_patterns, revision, cache_dir, subfolder)
     folder = subfolder
     if folder is None:
         listing = repo_files(text, revision, cache_dir)
@@ -212,34 +208,6 @@ def repo_files(
         return list(HfApi().list_repo_files(repo_id, revision=revision))
     except Exception as exc:  # noqa: BLE001 - every hub failure becomes one line
         raise _explain(exc, repo_id, "the file list") from None
-
-
-def _snapshot_patterns(
-    repo_id: str,
-    patterns: list[str],
-    revision: str | None,
-    cache_dir: str | os.PathLike[str] | None,
-    subfolder: str | None,
-) -> Path:
-    from huggingface_hub import snapshot_download
-
-    what = f"folder {subfolder!r}" if subfolder else "a snapshot"
-    try:
-        root = Path(
-            snapshot_download(
-                repo_id,
-                revision=revision,
-                cache_dir=cache_dir,
-                allow_patterns=patterns,
-                local_files_only=_local_only(),
-            )
-        )
-    except Exception as exc:  # noqa: BLE001 - every hub failure becomes one line
-        raise _explain(exc, repo_id, what) from None
-    out = root / subfolder if subfolder else root
-    if not out.exists():
-        raise HubError(f"{repo_id!r} has no {subfolder!r} folder (in {root}); pass a local copy instead")
-    return out
 
 
 def fetch_file(
