@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from wadi_cli.errors import CheckpointError
-from wadi_cli.io.hub_files import CONFIG_SUFFIXES, UNUSED_COMPONENTS, folder_weights
+from wadi_cli.io.hub_files import CONFIG_SUFFIXES, folder_weights
 from wadi_cli.io.writers import save_safetensors
 
 #: Pipeline class per denoiser family, used when the source has no ``model_index.json``.
@@ -107,9 +107,6 @@ def pipeline_index(
         entry = source.get(name)
         index[name] = list(entry) if isinstance(entry, list) and entry[0] else [_LIBRARIES[name], None]
     index[subfolder] = ["diffusers", denoiser_class]
-    for name in UNUSED_COMPONENTS:
-        if name in index:
-            index[name] = [None, None]
     if index["_class_name"] == "StableDiffusionPipeline":
         index["requires_safety_checker"] = False
     missing = [n for n in components if index[n][1] is None]
