@@ -46,6 +46,14 @@ _UNET_ROOTS = ("down_blocks", "mid_block", "up_blocks")
 _FAKE_EXCLUDES = ("proj_in", "proj_out", "time_emb_proj")
 
 
+def adapter_params(kind: str, rank: int, out_features: int, in_features: int) -> int:
+    """Trainable parameters of one adapted Linear: LoRaD ``r(m + n/2)``, LoRA ``r(m + n)``,
+    DoRA ``r(m + n) + m`` (the magnitude vector)."""
+    if kind == "lorad":
+        return rank * (out_features + in_features // 2)
+    return rank * (out_features + in_features) + (out_features if kind == "dora" else 0)
+
+
 @dataclass(frozen=True)
 class TargetRule:
     """Which ``nn.Linear`` modules LoRaD adapts, as data.
@@ -253,7 +261,7 @@ class Backbone:
             odd = [t for t in targets if shapes[t][1] % 2]
             if odd:
                 raise BadInputError(f"{self.name}: targets with odd in_features: {', '.join(odd[:5])}")
-            trainable = sum(r * (shapes[t][0] + shapes[t][1] // 2) for t in targets)
+            trainable = sum(adapter_params("lorad", r, *shapes[t]) for t in targets)
             plan[role] = {"rank": r, "layers": len(targets), "trainable_params": trainable}
         plan.update(
             alpha_bar_T=self.alpha_bar_T,

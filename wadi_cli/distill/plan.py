@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from wadi_cli.backbones import Backbone, get_backbone
+from wadi_cli.backbones.registry import adapter_params
 from wadi_cli.backbones.skeletons import skeleton
 from wadi_cli.distill.config import DistillConfig
 from wadi_cli.errors import BadInputError
@@ -29,14 +30,6 @@ def _denoiser_config(cfg: DistillConfig, backbone: Backbone) -> dict[str, Any]:
     raise BadInputError(f"backbone {backbone.name}: no architecture config to plan with")
 
 
-def _adapter_size(kind: str, rank: int, out_features: int, in_features: int) -> int:
-    """Trainable tensors of one adapted Linear: LoRaD ``r(m + n/2)``, LoRA ``r(m + n)``,
-    DoRA ``r(m + n) + m`` (the magnitude vector)."""
-    if kind == "lorad":
-        return rank * (out_features + in_features // 2)
-    return rank * (out_features + in_features) + (out_features if kind == "dora" else 0)
-
-
 def parameter_plan(cfg: DistillConfig) -> dict[str, Any]:
     """Layers and trainable parameters of the student and fake adapters (``r · (out +
     in/2)`` per adapted Linear), plus the frozen base size."""
@@ -54,7 +47,7 @@ def parameter_plan(cfg: DistillConfig) -> dict[str, Any]:
         if kind == "full":
             plan[role] = {"rank": None, "layers": len(shapes), "trainable_params": plan["base_params"]}
             continue
-        trainable = sum(_adapter_size(kind, rank, *shapes[t]) for t in targets)
+        trainable = sum(adapter_params(kind, rank, *shapes[t]) for t in targets)
         plan[role] = {"rank": rank, "layers": len(targets), "trainable_params": trainable}
     plan["alpha_bar_T"] = cfg.alpha_bar_T
     return plan
