@@ -20,7 +20,7 @@ DIR/metrics.json, the figures (after Fig. 1 of the paper) and every model it mad
 Two students train at a time (one thread each); about 6 minutes on 2 CPU cores.
 
 --quick trains only LoRaD and the full fine-tune (the swap needs it), 200 steps each,
-and evaluates on 256 images: about 2.5 minutes on 2 free CPU cores.
+and evaluates on 256 images: about 2 minutes on 2 free CPU cores.
 
 Examples:
 
