@@ -71,6 +71,7 @@ def main() -> None:
         cmd = [sys.executable, "-m", "wadi_cli", "eval", "-b", "tiny", "-n", str(args.n), "--seed", "0",
                "--metrics", "accuracy,fd,fid,kid,pr", "--inception-weights", str(weights), "--device", "cpu",
                "--out", str(out), "--json"]  # fmt: skip
+        load_at_start = os.getloadavg()[0]
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
         wall = time.perf_counter() - start
@@ -98,6 +99,7 @@ def main() -> None:
         "FID/KID/precision/recall say nothing about quality (the planted-truth tests check the metrics)",
         "machine": machine_info(),
         "threads": os.environ.get("OMP_NUM_THREADS"),
+        "loadavg_at_start": round(load_at_start, 2),
         "date": time.strftime("%Y-%m-%d"),
     }
     (HERE / "results").mkdir(exist_ok=True)
