@@ -129,3 +129,14 @@ def test_end_to_end_on_the_tiny_model_with_minimal_sizes(tmp_path):
               "swaps/full_teacher_norms.safetensors", "analysis/full/layers.csv"):  # fmt: skip
         assert (out / f).is_file(), f
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left behind
+
+
+def test_the_spawned_workers_module_loads_without_torch():
+    """A training worker of the demo imports ``wadi_cli.demo.students`` in a fresh
+    interpreter and sets its thread count and environment before torch loads."""
+    import subprocess
+    import sys
+
+    code = "import sys, wadi_cli.demo.students; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
