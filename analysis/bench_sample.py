@@ -1,6 +1,6 @@
 """CPU latency of the tiny model: one-step generation vs the 25-step teacher.
 
-End-to-end ``wadi_cli.sample.generate`` (prompt encoding, denoiser call(s), VAE decode),
+End-to-end ``wadi_cli.pipeline.generate`` (prompt encoding, denoiser call(s), VAE decode),
 fp32 on the CPU, for one image and for a batch of 16. The teacher uses DDIM with
 classifier-free guidance (conditional and unconditional halves in one forward, so each
 of its 25 steps runs the U-Net on twice the batch). Every setting is warmed up
@@ -35,7 +35,7 @@ PROMPT = "a red circle at the top left"
 
 
 def _load(tmp: Path):
-    from wadi_cli.sample import load_pipeline
+    from wadi_cli.pipeline import load_pipeline
     from wadi_cli.tiny import build_tiny_components, save_tiny_pipeline, tiny_pipeline_available
 
     if tiny_pipeline_available():
@@ -59,7 +59,7 @@ def _time(fn, warmup: int, repeats: int) -> dict[str, float]:
 
 def _denoiser_only(sampler, args, cfg) -> dict[str, dict[str, float]]:
     """Latents only (no text encoding, no VAE decode): the part distillation speeds up."""
-    from wadi_cli.sample import initial_noise, one_step_latents, teacher_latents
+    from wadi_cli.pipeline import initial_noise, one_step_latents, teacher_latents
 
     rows = {}
     for batch in (1, args.batch):
@@ -90,7 +90,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     load_before = round(os.getloadavg()[0], 2)
 
-    from wadi_cli.sample import SampleConfig, generate
+    from wadi_cli.pipeline import SampleConfig, generate
 
     with tempfile.TemporaryDirectory() as tmp:
         sampler, weights = _load(Path(tmp))

@@ -391,9 +391,9 @@ def build_sd21_pipeline(ctx: Context, folder: Path, dtype: torch.dtype) -> tuple
 
 
 def step_sample_compile(ctx: Context) -> dict[str, Any]:
-    from wadi_cli.sample import load_pipeline
-    from wadi_cli.sample.config import SampleConfig
-    from wadi_cli.sample.generate import generate
+    from wadi_cli.pipeline import load_pipeline
+    from wadi_cli.pipeline.generate import generate
+    from wadi_cli.pipeline.settings import SampleConfig
 
     dtype = torch.float16 if ctx.cuda else torch.float32
     t0 = time.perf_counter()

@@ -51,7 +51,7 @@ def tiny_pipeline_dir() -> Path:
 @functools.lru_cache(maxsize=1)
 def tiny_sampler():
     """A sampler on the random tiny pipeline (base weights, CPU, fp32). Do not modify it."""
-    from wadi_cli.sample import load_pipeline
+    from wadi_cli.pipeline import load_pipeline
 
     return load_pipeline("tiny", model=tiny_pipeline_dir(), teacher=True)
 

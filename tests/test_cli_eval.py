@@ -55,7 +55,7 @@ def _planted_generate(wrong: set[int]):
     """A stand-in for ``generate`` that returns, for each prompt, a real render of what the
     prompt says (parsed from its text, jitter from the run's seed, as the FD reference is
     drawn) except at the indices ``wrong``, which get the next shape in the vocabulary."""
-    from wadi_cli.sample.generate import Generation
+    from wadi_cli.pipeline.generate import Generation
     from wadi_cli.tiny.data import ATTRIBUTES, parse_prompt, render_batch
 
     def fake(sampler, prompts, config, **kwargs):
@@ -74,7 +74,7 @@ def test_eval_scores_planted_images(base_dir, monkeypatch, wrong, accuracy):
     """Planted ground truth, scored by the SHIPPED (trained) classifier: images that are
     the real reference renders of their prompts score accuracy 1 and FD 0; with 2 of 8
     images showing the wrong shape, accuracy is exactly 6/8 and FD is positive."""
-    import wadi_cli.sample.evaluate as evaluate
+    import wadi_cli.evaluation.tiny as evaluate
 
     monkeypatch.setattr(evaluate, "generate", _planted_generate(wrong))
     r = run("-b", "tiny", "--model", base_dir, "-n", "8", "--seed", "5", "--json")

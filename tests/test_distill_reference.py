@@ -290,7 +290,7 @@ def _setup(pipe_dir, dtype: torch.dtype, **overrides) -> tuple[Distiller, Refere
     """A Distiller whose frozen base is stored in ``dtype`` (float64: its adapters and
     optimizer state too), the reference started from the same state, and the list that
     collects the gradients the Distiller hands to its optimizers (role, {name: grad})."""
-    from wadi_cli.sample import load_pipeline
+    from wadi_cli.pipeline import load_pipeline
 
     cfg = resolve_config(overrides={**SETTINGS, "model": str(pipe_dir), **overrides})
     ref_sampler = load_pipeline("tiny", model=pipe_dir, teacher=True, dtype=torch.float64)

@@ -34,7 +34,7 @@ def _cfg(pipe_dir, **kw):
 
 
 def _distiller(pipe_dir, **kw) -> tuple[Distiller, torch.nn.Module]:
-    from wadi_cli.sample import load_pipeline
+    from wadi_cli.pipeline import load_pipeline
 
     sampler = load_pipeline("tiny", model=pipe_dir, teacher=True)
     plain = copy.deepcopy(sampler.denoiser.model)
@@ -422,7 +422,7 @@ def test_lr_schedules_against_their_formulas(pipe_dir):
 
 
 def test_regression_pairs_are_teacher_samples_and_the_loss_is_its_formula(pipe_dir):
-    from wadi_cli.sample.generate import teacher_latents
+    from wadi_cli.pipeline.teacher import teacher_latents
 
     kw = dict(regression_weight=0.5, regression_pairs=6, regression_steps=2, guidance=2.0)
     d, _ = _distiller(pipe_dir, **kw)

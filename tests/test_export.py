@@ -71,7 +71,7 @@ def test_diffusers_folder_loads_and_is_accepted_by_sample(run_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     from wadi_cli.backbones import get_backbone
-    from wadi_cli.sample import apply_weights
+    from wadi_cli.pipeline import apply_weights
 
     run, pipe = run_dir
     out = tmp_path / "pipe"

@@ -15,7 +15,7 @@ from wadi_cli.distill.trainer import Distiller
 
 @pytest.mark.parametrize("checkpointing", [True, False])
 def test_blocks_run_again_during_backward(checkpointing):
-    from wadi_cli.sample import load_pipeline
+    from wadi_cli.pipeline import load_pipeline
 
     sampler = load_pipeline("tiny", model=helpers.tiny_pipeline_dir(), teacher=True)
     cfg = resolve_config(

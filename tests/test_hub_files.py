@@ -103,7 +103,7 @@ def online(monkeypatch, tmp_path):
 
 
 def _resolve(name, **kwargs):
-    from wadi_cli.sample import resolve_pipeline_source
+    from wadi_cli.pipeline import resolve_pipeline_source
 
     return resolve_pipeline_source(get_backbone(name), **kwargs)
 

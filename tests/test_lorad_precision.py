@@ -181,7 +181,7 @@ def test_distill_config_sets_the_path_of_every_lorad_layer(exact):
     from wadi_cli.distill.config import resolve_config
     from wadi_cli.distill.trainer import Distiller
     from wadi_cli.lorad import lorad_layers
-    from wadi_cli.sample import load_pipeline
+    from wadi_cli.pipeline import load_pipeline
 
     pipe = tiny_pipeline_dir()
     values = {"backbone": "tiny", "model": str(pipe), "regression_weight": 0.0}

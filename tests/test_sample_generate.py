@@ -12,14 +12,8 @@ import pytest
 import torch
 
 from wadi_cli.errors import BadInputError
-from wadi_cli.sample import (
-    SampleConfig,
-    generate,
-    image_grid,
-    initial_noise,
-    read_prompts,
-    save_samples,
-)
+from wadi_cli.pipeline import SampleConfig, generate, initial_noise
+from wadi_cli.sample import image_grid, read_prompts, save_samples
 
 PROMPTS = [
     "a red circle at the top left",
@@ -74,7 +68,7 @@ def assert_same_images(a: np.ndarray, b: np.ndarray) -> None:
 
 
 def test_same_seed_same_images_whatever_the_batch_size(sampler):
-    from wadi_cli.sample import one_step_latents
+    from wadi_cli.pipeline import one_step_latents
 
     a = generate(sampler, PROMPTS, SampleConfig(seed=3, batch_size=3))
     b = generate(sampler, PROMPTS, SampleConfig(seed=3, batch_size=1))
@@ -195,7 +189,7 @@ def test_teacher_timesteps_are_trailing(steps, expected):
 
     from diffusers import DDPMScheduler
 
-    from wadi_cli.sample.generate import teacher_scheduler
+    from wadi_cli.pipeline.teacher import teacher_scheduler
 
     base = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
     scheduler = teacher_scheduler(SimpleNamespace(scheduler=base))
@@ -219,7 +213,7 @@ def test_teacher_ddim_never_clips_and_ends_on_the_schedule(scheduler):
 
     from diffusers import DPMSolverMultistepScheduler, PNDMScheduler
 
-    from wadi_cli.sample.generate import teacher_scheduler
+    from wadi_cli.pipeline.teacher import teacher_scheduler
 
     if scheduler == "pixart":
         base = DPMSolverMultistepScheduler.from_config(PIXART_SCHEDULER)

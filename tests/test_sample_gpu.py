@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from wadi_cli.sample import SampleConfig, generate, load_pipeline
+from wadi_cli.pipeline import SampleConfig, generate, load_pipeline
 
 pytestmark = pytest.mark.gpu
 PROMPTS = ["a red circle at the top left", "a blue square at the bottom right"]

@@ -60,7 +60,7 @@ def _partial_cache(full: Path, dest: Path, repo: str, files: list[str]) -> Path:
 
 
 def test_a_diffusers_download_in_the_cache_is_used_offline(full_cache, tmp_path, monkeypatch):
-    from wadi_cli.sample import load_pipeline
+    from wadi_cli.pipeline import load_pipeline
 
     cache = _partial_cache(full_cache, tmp_path / "hub", hubh.SD15, SD15_FP32_DOWNLOAD)
     hubh.use_hub_cache(monkeypatch, cache)
@@ -69,7 +69,7 @@ def test_a_diffusers_download_in_the_cache_is_used_offline(full_cache, tmp_path,
 
 
 def test_only_fp16_copies_in_the_cache_serve_an_fp32_run(full_cache, tmp_path, monkeypatch):
-    from wadi_cli.sample import load_pipeline
+    from wadi_cli.pipeline import load_pipeline
 
     fp16 = [
         f.replace(".safetensors", ".fp16.safetensors")
@@ -105,7 +105,7 @@ def test_a_partial_cache_names_the_missing_folder_and_the_flag(full_cache, tmp_p
 def test_pixart_components_from_a_local_folder(full_cache, tmp_path, monkeypatch):
     """--components takes a local copy of the 512 pipeline; --model a local transformer-only
     folder still takes its components from the registry's repo."""
-    from wadi_cli.sample import load_pipeline
+    from wadi_cli.pipeline import load_pipeline
 
     hubh.use_hub_cache(monkeypatch, full_cache)
     local512 = tmp_path / "pixart512"
@@ -129,7 +129,7 @@ def test_missing_sentencepiece_is_one_line(full_cache, tmp_path, monkeypatch):
 
 
 def test_tokenizer_package_check_names_each_missing_package(tmp_path, monkeypatch):
-    from wadi_cli.sample import pipeline
+    from wadi_cli.pipeline import base as pipeline
 
     (tmp_path / "spiece.model").write_bytes(b"x")
     monkeypatch.setattr(pipeline, "_module_missing", lambda name: True)
@@ -143,7 +143,7 @@ def test_tokenizer_package_check_names_each_missing_package(tmp_path, monkeypatc
 
 
 def test_offline_without_cache_lists_both_pixart_repos(tmp_path, monkeypatch):
-    from wadi_cli.sample import load_pipeline
+    from wadi_cli.pipeline import load_pipeline
 
     hubh.use_hub_cache(monkeypatch, tmp_path / "empty")
     with pytest.raises(HubError) as info:

@@ -10,7 +10,7 @@ import torch
 
 from wadi_cli.errors import CheckpointError, MismatchError
 from wadi_cli.io import save_safetensors
-from wadi_cli.sample import SampleConfig, detect_weights_kind, generate, load_pipeline
+from wadi_cli.pipeline import SampleConfig, detect_weights_kind, generate, load_pipeline
 
 PROMPTS = ["a red circle at the top left", "a yellow square at the bottom left"]
 

@@ -320,7 +320,7 @@ def test_lorad_adapter_student_is_merged_into_the_teacher(tmp_path):
 
 
 def test_tiny_hybrid_loads_strictly_into_the_tiny_pipeline(tmp_path, one_thread):
-    from wadi_cli.sample import load_pipeline
+    from wadi_cli.pipeline import load_pipeline
 
     teacher = load_state_dict(TINY_UNET)
     gen = torch.Generator().manual_seed(10)
@@ -346,7 +346,7 @@ def test_tiny_hybrid_loads_strictly_into_the_tiny_pipeline(tmp_path, one_thread)
 
 def test_evaluate_swap_variants_agrees_with_wadi_eval(tmp_path, one_thread):
     """In-process scores of the four variants == `wadi eval`'s (evaluate_tiny) on files."""
-    from wadi_cli.sample import evaluate_tiny
+    from wadi_cli.evaluation.tiny import evaluate_tiny
     from wadi_cli.swap import evaluate_swap_variants
 
     teacher = load_state_dict(TINY_UNET)
@@ -376,14 +376,15 @@ def test_swap_sample_checks_the_base_files_that_sampling_loads(tmp_path, monkeyp
     """``--sample`` checks the base pipeline before any tensor is read, fetching what the
     sampling will load: the fp16 files when it samples in fp16 (on CUDA), not the fp32
     set as well."""
+    from wadi_cli.pipeline.options import SamplingOptions
     from wadi_cli.swap import compare
 
     seen = []
     monkeypatch.setattr(compare, "resolve_pipeline_source", lambda spec, model, **kw: seen.append(kw))
+    options = SamplingOptions(backbone="sd15", teacher=True, seed=0, num_images=2, device="cpu")
     sampling = compare.SwapSampling(
-        prompts=["a cat"], out=tmp_path / "grids", backbone="sd15", model=None, steps=None, cfg=None,
-        seed=0, rows=1, num_images=2, evaluate=False, device="cpu",
-    )  # fmt: skip
+        prompts=["a cat"], out=tmp_path / "grids", options=options, rows=1, evaluate=False
+    )
     sampling.check(torch.float16)
     sampling.check()  # on the CPU wadi samples in fp32
     assert seen == [{"variant": "fp16"}, {"variant": None}]

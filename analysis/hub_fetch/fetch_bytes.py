@@ -30,7 +30,7 @@ import huggingface_hub
 from wadi_cli.backbones import get_backbone
 from wadi_cli.io import hub
 from wadi_cli.io.hub_files import recorded_repos
-from wadi_cli.sample import resolve_pipeline_source
+from wadi_cli.pipeline import resolve_pipeline_source
 
 OUT = Path(__file__).resolve().parent / "results"
 OLD_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model")

@@ -139,8 +139,9 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     t_start = time.perf_counter()
 
+    from wadi_cli.evaluation.tiny import evaluate_tiny
     from wadi_cli.io import open_checkpoint
-    from wadi_cli.sample import evaluate_tiny, load_pipeline, load_state_strict
+    from wadi_cli.pipeline import load_pipeline, load_state_strict
     from wadi_cli.swap import VARIANT_OF_KEEP, plan_swap, swap_state_dict
     from wadi_cli.tiny.arch import TINY_PIPELINE_DIR
     from wadi_cli.tiny.classifier import load_classifier

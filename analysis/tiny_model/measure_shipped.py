@@ -38,7 +38,7 @@ def sizes(assets: Path) -> dict[str, int]:
 
 def unet_counts() -> dict[str, int]:
     from wadi_cli.backbones import get_backbone
-    from wadi_cli.sample import load_pipeline
+    from wadi_cli.pipeline import load_pipeline
 
     net = load_pipeline("tiny", teacher=True, device="cpu").denoiser.model
     return {

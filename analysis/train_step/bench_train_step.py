@@ -128,14 +128,14 @@ class RandomTextEncoder:
 def build_sampler(
     unet_config: dict[str, Any], resolution: int, device: str, dtype: torch.dtype, seed: int = 0
 ) -> Any:
-    """A :class:`wadi_cli.sample.LoadedPipeline` around a random-weight U-Net of ``unet_config``
+    """A :class:`wadi_cli.pipeline.LoadedPipeline` around a random-weight U-Net of ``unet_config``
     (SD2.1's scheduler, a random text condition, no VAE: training never decodes)."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from diffusers.utils import logging as dlogging
 
     from wadi_cli.backbones import get_backbone
     from wadi_cli.diffusion import alphas_cumprod_of, wrap_denoiser
-    from wadi_cli.sample import LoadedPipeline
+    from wadi_cli.pipeline import LoadedPipeline
 
     if resolution % 8:
         raise ValueError("resolution must be a multiple of 8 (the VAE's factor)")

@@ -1,4 +1,5 @@
-"""The distillation recipes shipped with wadi: ``wadi_cli/configs/distill/NAME.toml``.
+"""The recipes shipped with wadi: ``wadi_cli/configs/distill/NAME.toml`` (distillation) and
+``wadi_cli/configs/sample/NAME.toml`` (sampling: the teacher's steps and guidance).
 
 One file per backbone (``sd15``, ``sd21``, ``pixart``, ``tiny``) holds every default of
 ``wadi distill -b NAME``, headed by the command that uses it and the evidence for its
@@ -74,3 +75,34 @@ def recipe_values(recipe: dict[str, Any], adapter: str | None) -> dict[str, Any]
     if not isinstance(per, dict) or not all(isinstance(v, dict) for v in per.values()):
         raise BadInputError(f"[{PER_ADAPTER}.KIND] tables must map option names to values")
     return {**flat, **per.get(str(adapter), {})}
+
+
+# ---- sampling recipes ------------------------------------------------------------------------
+#: Where the shipped sampling recipes live: one file per backbone, ``NAME.toml``, whose
+#: ``[teacher]`` table holds the multi-step teacher's default ``steps`` and ``cfg``.
+SAMPLING_DIR: Path = Path(__file__).resolve().parent.parent / "configs" / "sample"
+
+
+@functools.cache
+def sampling_recipe(backbone: str) -> dict[str, Any]:
+    """The sampling recipe of ``backbone`` (``SAMPLING_DIR/<backbone>.toml``, read once per
+    process; do not modify the result)."""
+    path = SAMPLING_DIR / f"{backbone}.toml"
+    if not path.is_file():
+        raise BadInputError(
+            f"backbone {backbone!r} has no sampling recipe at {path} (the package install is incomplete)"
+        )
+    return read_recipe(path)
+
+
+def teacher_defaults(backbone: str) -> tuple[int, float]:
+    """``(steps, cfg)`` of ``backbone``'s multi-step teacher when ``--steps`` / ``--cfg`` are
+    not given: the ``[teacher]`` table of its sampling recipe."""
+    table = sampling_recipe(backbone).get("teacher", {})
+    try:
+        return int(table["steps"]), float(table["cfg"])
+    except (KeyError, TypeError, ValueError):
+        where = SAMPLING_DIR / f"{backbone}.toml"
+        raise BadInputError(
+            f"recipe {where}: [teacher] needs steps (an integer) and cfg (a number)"
+        ) from None

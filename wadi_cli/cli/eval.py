@@ -5,22 +5,28 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from wadi_cli.cli.common import (
-    Base,
     JsonFlag,
     OutDir,
-    Seed,
     console,
     err_console,
     handle_errors,
     use_backbone_cpu_threads,
     weights_for_sampling,
 )
+from wadi_cli.cli.sampling_flags import option_group, sampling_flags
+
+if TYPE_CHECKING:  # the CLI imports the library inside command bodies (start-up time)
+    from wadi_cli.pipeline.options import SamplingOptions
+
+#: Tiny prompts drawn when no --captions and no -n are given.
+TINY_NUM_IMAGES = 256
 
 HELP = """Score generated images.
 
@@ -63,192 +69,143 @@ Examples:
 """
 
 
+@dataclass(frozen=True, kw_only=True)
+class EvalFlags:
+    """``wadi eval``'s own options (its sampling options are
+    :class:`~wadi_cli.pipeline.options.SamplingOptions`): the tiny classifier's, and the
+    protocol's (captions, reference, metrics, extractor weights, parallelism, output)."""
+
+    real_seed: Annotated[
+        int | None,
+        typer.Option("--real-seed", help="Seed of the tiny real reference images (default: --seed)."),
+    ] = None
+    classifier: Annotated[
+        Path | None,
+        typer.Option("--classifier", help="Tiny classifier weights (default: the shipped one)."),
+    ] = None
+    captions: Annotated[
+        Path | None,
+        typer.Option("--captions", help="Captions: .txt, .jsonl/.csv/.parquet ('caption'), COCO .json."),
+    ] = None
+    caption_column: Annotated[
+        str | None, typer.Option("--caption-column", help="Column of --captions (default: caption).")
+    ] = None
+    ref: Annotated[
+        str | None,
+        typer.Option("--ref", help="Real images: a folder, or a statistics file from --save-ref."),
+    ] = None
+    save_ref: Annotated[
+        Path | None,
+        typer.Option("--save-ref", help="Save the statistics of --ref DIR to this .npz and exit."),
+    ] = None
+    images: Annotated[
+        Path | None, typer.Option("--images", help="Score this folder of images instead of generating.")
+    ] = None
+    metrics: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics", help="fid,kid,clip,pr (default: all four; tiny: accuracy,fd, also accepted)."
+        ),
+    ] = None
+    watch: Annotated[
+        Path | None,
+        typer.Option(
+            "--watch", help="Evaluate each new checkpoint of this `wadi distill` run until it ends."
+        ),
+    ] = None
+    poll: Annotated[float, typer.Option("--poll", help="--watch: seconds between looks.")] = 60.0
+    num_processes: Annotated[
+        int | None, typer.Option("--num-processes", help="Split the work over N processes (accelerate).")
+    ] = None
+    inception_weights: Annotated[
+        Path | None,
+        typer.Option("--inception-weights", help="clean-fid's inception-2015-12-05.pt (default: its cache)."),
+    ] = None
+    clip_weights: Annotated[
+        Path | None,
+        typer.Option(
+            "--clip-weights",
+            help="OpenCLIP weights file, or a folder with open_clip_config.json (default: HF cache).",
+        ),
+    ] = None
+    clip_model: Annotated[str, typer.Option("--clip-model", help="OpenCLIP architecture.")] = "ViT-g-14"
+    workers: Annotated[int, typer.Option("--workers", help="Image decoding workers.")] = 0
+    out: OutDir = None
+    json_out: JsonFlag = False
+
+    @property
+    def protocol(self) -> bool:
+        """Whether any flag of the protocol (beyond the tiny classifier) was given."""
+        given = (self.captions, self.ref, self.save_ref, self.images, self.metrics, self.watch)
+        return any(f is not None for f in (*given, self.inception_weights, self.clip_weights))
+
+
 def register(app: typer.Typer) -> None:
     @app.command("eval", help=HELP)
     @handle_errors
-    def eval_(
-        backbone: Annotated[
-            str, typer.Option("--backbone", "-b", help="sd15, sd21, pixart or tiny.")
-        ] = "tiny",
-        weights: Annotated[
-            Path | None,
-            typer.Option(
-                "--weights",
-                "-w",
-                help="One-step weights: merged file, LoRaD adapter, folder, or a `wadi distill` run "
-                "(tiny default: the shipped one-step student).",
-            ),
-        ] = None,
-        base: Base = False,
-        teacher: Annotated[bool, typer.Option("--teacher", help="Evaluate the multi-step teacher.")] = False,
-        steps: Annotated[int | None, typer.Option("--steps", help="Teacher steps (default 25).")] = None,
-        cfg: Annotated[
-            float | None, typer.Option("--cfg", help="Teacher guidance scale (default 3).")
-        ] = None,
-        alpha_bar_t: Annotated[
-            float | None, typer.Option("--alpha-bar-t", help="One-step ᾱ_T (default: registry, 0.0047).")
-        ] = None,
-        num_images: Annotated[
-            int | None,
-            typer.Option(
-                "--num-images", "-n", help="Images (= captions) to score (default: tiny 256; all captions)."
-            ),
-        ] = None,
-        seed: Seed = 0,
-        real_seed: Annotated[
-            int | None,
-            typer.Option("--real-seed", help="Seed of the tiny real reference images (default: --seed)."),
-        ] = None,
-        model: Annotated[
-            str | None, typer.Option("--model", help="Base pipeline folder or hub id (default: registry).")
-        ] = None,
-        batch_size: Annotated[
-            int | None, typer.Option("--batch-size", help="Images per forward pass (default: tiny 32, 8).")
-        ] = None,
-        device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, mps.")] = "auto",
-        dtype: Annotated[
-            str, typer.Option("--dtype", help="auto (fp32 on CPU, fp16/bf16 on GPU), fp32, fp16, bf16.")
-        ] = "auto",
-        classifier: Annotated[
-            Path | None,
-            typer.Option("--classifier", help="Tiny classifier weights (default: the shipped one)."),
-        ] = None,
-        captions: Annotated[
-            Path | None,
-            typer.Option("--captions", help="Captions: .txt, .jsonl/.csv/.parquet ('caption'), COCO .json."),
-        ] = None,
-        caption_column: Annotated[
-            str | None, typer.Option("--caption-column", help="Column of --captions (default: caption).")
-        ] = None,
-        ref: Annotated[
-            str | None,
-            typer.Option("--ref", help="Real images: a folder, or a statistics file from --save-ref."),
-        ] = None,
-        save_ref: Annotated[
-            Path | None,
-            typer.Option("--save-ref", help="Save the statistics of --ref DIR to this .npz and exit."),
-        ] = None,
-        images: Annotated[
-            Path | None, typer.Option("--images", help="Score this folder of images instead of generating.")
-        ] = None,
-        metrics: Annotated[
-            str | None,
-            typer.Option(
-                "--metrics", help="fid,kid,clip,pr (default: all four; tiny: accuracy,fd, also accepted)."
-            ),
-        ] = None,
-        watch: Annotated[
-            Path | None,
-            typer.Option(
-                "--watch", help="Evaluate each new checkpoint of this `wadi distill` run until it ends."
-            ),
-        ] = None,
-        poll: Annotated[float, typer.Option("--poll", help="--watch: seconds between looks.")] = 60.0,
-        num_processes: Annotated[
-            int | None, typer.Option("--num-processes", help="Split the work over N processes (accelerate).")
-        ] = None,
-        inception_weights: Annotated[
-            Path | None,
-            typer.Option(
-                "--inception-weights", help="clean-fid's inception-2015-12-05.pt (default: its cache)."
-            ),
-        ] = None,
-        clip_weights: Annotated[
-            Path | None,
-            typer.Option(
-                "--clip-weights",
-                help="OpenCLIP weights file, or a folder with open_clip_config.json (default: HF cache).",
-            ),
-        ] = None,
-        clip_model: Annotated[str, typer.Option("--clip-model", help="OpenCLIP architecture.")] = "ViT-g-14",
-        workers: Annotated[int, typer.Option("--workers", help="Image decoding workers.")] = 0,
-        out: OutDir = None,
-        json_out: JsonFlag = False,
-    ) -> None:
+    @option_group(EvalFlags, "flags")
+    @sampling_flags("eval")
+    def eval_(*, sampling: SamplingOptions, flags: EvalFlags) -> None:
         from wadi_cli.errors import BadInputError
 
-        protocol_flags = (captions, ref, save_ref, images, metrics, watch, inception_weights, clip_weights)
-        if backbone.strip().lower() == "tiny" and all(f is None for f in protocol_flags):
-            if num_processes is not None:  # the launched processes would each run all of it
+        if sampling.backbone.strip().lower() == "tiny" and not flags.protocol:
+            if flags.num_processes is not None:  # the launched processes would each run all of it
                 raise BadInputError(
                     "--num-processes splits the protocol metrics (--captions, --ref, --metrics, "
                     "--images, --watch); the tiny classifier's accuracy and fd run in one process"
                 )
-            _tiny_classifier_eval(
-                weights, teacher, steps, cfg, alpha_bar_t, 256 if num_images is None else num_images, seed,
-                real_seed, model, 32 if batch_size is None else batch_size, device, classifier, out, json_out,
-                base,
-            )  # fmt: skip
+            _tiny_classifier_eval(sampling, flags)
             return
-        if num_processes is not None:
-            _launch(num_processes)
+        if flags.num_processes is not None:
+            _launch(flags.num_processes)
             return
-        if teacher and weights is not None:
-            raise BadInputError("--teacher evaluates the base model: drop --weights (or drop --teacher)")
-        if not teacher and (steps is not None or cfg is not None):
-            raise BadInputError("--steps and --cfg apply to --teacher only")
-        args = dict(locals())
-        _protocol_eval(args)
+        _protocol_eval(sampling, flags)
 
 
-def _tiny_classifier_eval(
-    weights: Path | None,
-    teacher: bool,
-    steps: int | None,
-    cfg: float | None,
-    alpha_bar_t: float | None,
-    num_images: int,
-    seed: int,
-    real_seed: int | None,
-    model: str | None,
-    batch_size: int,
-    device: str,
-    classifier: Path | None,
-    out: Path | None,
-    json_out: bool,
-    base: bool,
-) -> None:
+def _tiny_classifier_eval(sampling: SamplingOptions, flags: EvalFlags) -> None:
     """The tiny classifier's accuracy and fd (no protocol flag given)."""
-    from wadi_cli.errors import BadInputError
+    from wadi_cli.evaluation.tiny import evaluate_tiny
     from wadi_cli.machine import resolve_device
-    from wadi_cli.sample.evaluate import evaluate_tiny
     from wadi_cli.sample.output import check_output_dir, save_samples
 
-    use_backbone_cpu_threads("tiny", device)
-    if teacher and weights is not None:
-        raise BadInputError("--teacher evaluates the base model: drop --weights (or drop --teacher)")
-    if not teacher and (steps is not None or cfg is not None):
-        raise BadInputError("--steps and --cfg apply to --teacher only")
-    if out is not None:
-        check_output_dir(out)
-    with weights_for_sampling(weights) as (run_weights, _):
+    use_backbone_cpu_threads("tiny", sampling.device)
+    if flags.out is not None:
+        check_output_dir(flags.out)
+    with weights_for_sampling(sampling.weights) as (run_weights, _):
         result, gen = evaluate_tiny(
             weights=run_weights,
-            teacher=teacher,
-            steps=steps,
-            cfg=cfg,
-            alpha_bar_T=alpha_bar_t,
-            num_images=num_images,
-            seed=seed,
-            real_seed=real_seed,
-            model=model,
-            device=resolve_device(device),
-            batch_size=batch_size,
-            classifier=classifier,
-            base=base,
+            teacher=sampling.teacher,
+            steps=sampling.steps,
+            cfg=sampling.cfg,
+            alpha_bar_T=sampling.alpha_bar_T,
+            num_images=TINY_NUM_IMAGES if sampling.num_images is None else sampling.num_images,
+            seed=sampling.seed,
+            real_seed=flags.real_seed,
+            model=sampling.model,
+            device=resolve_device(sampling.device),
+            batch_size=_batch_size(sampling, "tiny"),
+            classifier=flags.classifier,
+            base=sampling.base,
         )
-    if out is not None:
-        save_samples(out, gen.images, gen.prompts, gen.seeds, result)
-        result["out"] = str(out)
-    if json_out:
+    if flags.out is not None:
+        save_samples(flags.out, gen.images, gen.prompts, gen.seeds, result)
+        result["out"] = str(flags.out)
+    if flags.json_out:
         typer.echo(json.dumps(result, indent=2))
         return
     console.print(
         f"tiny {result['mode']}: accuracy [bold]{result['accuracy']:.3f}[/], "
         f"fd [bold]{result['fd']:.3f}[/] "
-        f"({result['num_images']} images, seed {seed}, {result['seconds']:.1f} s)",
+        f"({result['num_images']} images, seed {sampling.seed}, {result['seconds']:.1f} s)",
         highlight=False,
     )
+
+
+def _batch_size(sampling: SamplingOptions, backbone: str) -> int:
+    """--batch-size, else 32 for tiny and 8 for the others."""
+    if sampling.batch_size is not None:
+        return sampling.batch_size
+    return 32 if backbone == "tiny" else 8
 
 
 def _launch(num_processes: int) -> None:
@@ -266,7 +223,7 @@ def _str(path: Path | None) -> str | None:
     return None if path is None else str(path)
 
 
-def _protocol_eval(a: dict[str, Any]) -> None:
+def _protocol_eval(sampling: SamplingOptions, flags: EvalFlags) -> None:
     """Generate + score, score --images, --save-ref, or --watch (see HELP)."""
     from wadi_cli.backbones import get_backbone
     from wadi_cli.errors import BadInputError
@@ -277,39 +234,41 @@ def _protocol_eval(a: dict[str, Any]) -> None:
     from wadi_cli.evaluation.run import EvalOptions
     from wadi_cli.machine import resolve_device
 
-    name = get_backbone(_watched_backbone(a["watch"]) or a["backbone"]).name  # unknown: registry's message
-    tiny = name == "tiny" and a["images"] is None
+    name = get_backbone(
+        _watched_backbone(flags.watch) or sampling.backbone
+    ).name  # unknown: registry's message
+    tiny = name == "tiny" and flags.images is None
     default = "accuracy,fd" if tiny else ",".join(protocol.PROTOCOL_METRICS)
     options = EvalOptions(
-        metrics=protocol.parse_metrics(a["metrics"] or default, tiny=tiny),
-        inception_weights=_str(a["inception_weights"]),
-        clip_model=a["clip_model"],
-        clip_weights=_str(a["clip_weights"]),
-        workers=a["workers"],
+        metrics=protocol.parse_metrics(flags.metrics or default, tiny=tiny),
+        inception_weights=_str(flags.inception_weights),
+        clip_model=flags.clip_model,
+        clip_weights=_str(flags.clip_weights),
+        workers=flags.workers,
     )
-    use_backbone_cpu_threads(name, a["device"])
-    procs = processes(resolve_device(a["device"]))
+    use_backbone_cpu_threads(name, sampling.device)
+    procs = processes(resolve_device(sampling.device))
     bars = progress_bars(err_console, enabled=procs.is_main)
-    if a["save_ref"] is not None:
-        if a["ref"] is None:
+    if flags.save_ref is not None:
+        if flags.ref is None:
             raise BadInputError("--save-ref FILE needs --ref DIR (the folder of real images)")
-        summary = make_reference(a["ref"], a["save_ref"], options, procs, bars)
+        summary = make_reference(flags.ref, flags.save_ref, options, procs, bars)
         if summary is not None:
-            _print(summary, a["json_out"], f"saved {summary['num_images']} reference images' statistics")
+            _print(summary, flags.json_out, f"saved {summary['num_images']} reference images' statistics")
         return
-    texts = _captions(a, tiny)
-    if a["images"] is not None:
+    texts = _captions(sampling, flags, tiny)
+    if flags.images is not None:
         result = evaluate_folder(
-            a["images"], options, procs, captions=texts, num_images=a["num_images"], ref=a["ref"],
-            out=a["out"], progress=bars,
+            flags.images, options, procs, captions=texts, num_images=sampling.num_images, ref=flags.ref,
+            out=flags.out, progress=bars,
         )  # fmt: skip
-    elif a["watch"] is not None:
-        _watch(a, name, texts, options, procs, bars)
+    elif flags.watch is not None:
+        _watch(sampling, flags, name, texts, options, procs, bars)
         return
     else:
-        result = _evaluate_model(a, name, texts, options, procs, bars)
+        result = _evaluate_model(sampling, flags, name, texts, options, procs, bars)
     if result is not None:
-        _show(result, a["json_out"])
+        _show(result, flags.json_out)
 
 
 def _watched_backbone(run: Path | None) -> str | None:
@@ -323,71 +282,88 @@ def _watched_backbone(run: Path | None) -> str | None:
     return None
 
 
-def _captions(a: dict[str, Any], tiny: bool) -> list[str] | None:
+def _captions(sampling: SamplingOptions, flags: EvalFlags, tiny: bool) -> list[str] | None:
     """--captions (first -n), or for tiny the prompts drawn with --seed."""
     from wadi_cli.errors import BadInputError
     from wadi_cli.evaluation.captions import read_captions, select_captions
 
-    if a["captions"] is not None:
+    if flags.captions is not None:
         return select_captions(
-            read_captions(a["captions"], a["caption_column"]), a["num_images"], str(a["captions"])
+            read_captions(flags.captions, flags.caption_column), sampling.num_images, str(flags.captions)
         )
-    if a["images"] is not None:
+    if flags.images is not None:
         return None
     if not tiny:
         raise BadInputError("--captions FILE is required: one image is generated per caption")
     from wadi_cli.tiny.data import prompt_for, sample_attributes
 
-    return [
-        prompt_for(x)
-        for x in sample_attributes(256 if a["num_images"] is None else a["num_images"], a["seed"])
-    ]
+    n = TINY_NUM_IMAGES if sampling.num_images is None else sampling.num_images
+    return [prompt_for(x) for x in sample_attributes(n, sampling.seed)]
 
 
-def _request(a: dict[str, Any], name: str, texts: list[str], weights: str | None, out: Path) -> Any:
+def _request(
+    sampling: SamplingOptions, flags: EvalFlags, name: str, texts: list[str], weights: str | None, out: Path
+) -> Any:
     from wadi_cli.evaluation.evaluate import ModelRequest
 
     return ModelRequest(
-        backbone=name, out=out, captions=texts, weights=weights, model=a["model"], teacher=a["teacher"],
-        steps=a["steps"], cfg=a["cfg"], alpha_bar_T=a["alpha_bar_t"], seed=a["seed"],
-        batch_size=a["batch_size"] or (32 if name == "tiny" else 8), dtype=a["dtype"],
-        real_seed=a["real_seed"], classifier=_str(a["classifier"]), base=a["base"],
+        backbone=name, out=out, captions=texts, weights=weights, model=sampling.model,
+        teacher=sampling.teacher, steps=sampling.steps, cfg=sampling.cfg, alpha_bar_T=sampling.alpha_bar_T,
+        seed=sampling.seed,
+        batch_size=_batch_size(sampling, name), dtype=sampling.dtype, real_seed=flags.real_seed,
+        classifier=_str(flags.classifier), base=sampling.base,
     )  # fmt: skip
 
 
 def _evaluate_model(
-    a: dict[str, Any], name: str, texts: list[str], options: Any, procs: Any, bars: Any
+    sampling: SamplingOptions,
+    flags: EvalFlags,
+    name: str,
+    texts: list[str],
+    options: Any,
+    procs: Any,
+    bars: Any,
 ) -> Any:
     import dataclasses
 
     from wadi_cli.errors import BadInputError
     from wadi_cli.evaluation.evaluate import evaluate_model
 
-    if a["out"] is None:
+    if flags.out is None:
         raise BadInputError("--out EVAL is required: the generated images and manifest.json go there")
-    with weights_for_sampling(_str(a["weights"])) as (run_weights, label):
-        request = dataclasses.replace(_request(a, name, texts, run_weights, a["out"]), weights_label=label)
-        return evaluate_model(request, options, procs, ref=a["ref"], progress=bars)
+    with weights_for_sampling(sampling.weights) as (run_weights, label):
+        request = dataclasses.replace(
+            _request(sampling, flags, name, texts, run_weights, flags.out), weights_label=label
+        )
+        return evaluate_model(request, options, procs, ref=flags.ref, progress=bars)
 
 
-def _watch(a: dict[str, Any], name: str, texts: list[str], options: Any, procs: Any, bars: Any) -> None:
+def _watch(
+    sampling: SamplingOptions,
+    flags: EvalFlags,
+    name: str,
+    texts: list[str],
+    options: Any,
+    procs: Any,
+    bars: Any,
+) -> None:
     from wadi_cli.evaluation.evaluate import evaluate_model
     from wadi_cli.evaluation.run import Scorer
     from wadi_cli.evaluation.watch import check_run, watch, watch_request
 
-    run = check_run(a["watch"])
-    template = _request(a, name, texts, None, run)
+    run = check_run(flags.watch)
+    template = _request(sampling, flags, name, texts, None, run)
     scorer = Scorer.load(options, procs, bars)
 
     def one(weights: tuple[str, str], out: Path, config: dict[str, Any]) -> Any:
         request = watch_request(template, weights, out, config)
-        return evaluate_model(request, options, procs, ref=a["ref"], scorer=scorer, progress=bars)
+        return evaluate_model(request, options, procs, ref=flags.ref, scorer=scorer, progress=bars)
 
     def row(r: dict[str, Any]) -> None:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in r.items() if k != "step")
         console.print(f"step {r['step']}: {shown}", highlight=False)
 
-    rows = watch(run, one, procs, poll_s=a["poll"], on_row=row)
+    rows = watch(run, one, procs, poll_s=flags.poll, on_row=row)
     if procs.is_main:
         console.print(f"{run}: finished; {len(rows)} checkpoint(s) evaluated into {run / 'eval.csv'}")
 

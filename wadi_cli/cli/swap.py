@@ -13,15 +13,16 @@ import typer
 
 from wadi_cli.cli.common import (
     JsonFlag,
-    Seed,
     console,
     err_console,
     handle_errors,
     require,
     use_backbone_cpu_threads,
 )
+from wadi_cli.cli.sampling_flags import sampling_flags
 
 if TYPE_CHECKING:  # the CLI imports the library inside command bodies (start-up time)
+    from wadi_cli.pipeline.options import SamplingOptions
     from wadi_cli.swap import SwapStats
 
 HELP = """Give a student its teacher's row norms or row directions and write the
@@ -132,6 +133,7 @@ def _print_metrics(metrics: dict[str, dict[str, Any]], num_images: int) -> None:
 def register(app: typer.Typer) -> None:
     @app.command("swap", help=HELP)
     @handle_errors
+    @sampling_flags("swap", fixed={"teacher": True})  # the grids' teacher column: --steps, --cfg
     def swap(
         teacher: Annotated[
             Path | None,
@@ -170,31 +172,17 @@ def register(app: typer.Typer) -> None:
             list[str] | None,
             typer.Option("--sample", help="Render a 4-column comparison grid for this prompt (repeatable)."),
         ] = None,
-        backbone: Annotated[
-            str, typer.Option("--backbone", "-b", help="Pipeline for --sample: tiny, sd15, sd21, pixart.")
-        ] = "tiny",
-        model: Annotated[
-            str | None,
-            typer.Option("--model", help="Base pipeline folder or hub id for --sample (default: registry)."),
-        ] = None,
-        steps: Annotated[
-            int | None, typer.Option("--steps", help="Teacher steps (default: the backbone's, e.g. 25).")
-        ] = None,
-        cfg: Annotated[float | None, typer.Option("--cfg", help="Teacher guidance scale.")] = None,
-        seed: Seed = 0,
         rows: Annotated[int, typer.Option("--rows", help="Seeds (grid rows) per prompt.")] = 4,
         samples_dir: Annotated[
             Path | None,
             typer.Option("--samples-dir", help="Folder for the grids (default: OUT_samples/ next to --out)."),
         ] = None,
-        num_images: Annotated[
-            int, typer.Option("--num-images", "-n", help="Images per variant for the tiny scores.")
-        ] = 500,
         no_eval: Annotated[
             bool, typer.Option("--no-eval", help="Skip the tiny accuracy / fd scores.")
         ] = False,
-        device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, mps.")] = "auto",
         json_out: JsonFlag = False,
+        *,
+        sampling: SamplingOptions,
     ) -> None:
         from wadi_cli.errors import BadInputError
         from wadi_cli.swap import (
@@ -223,15 +211,12 @@ def register(app: typer.Typer) -> None:
         alpha = check_alpha(alpha)
         compile_filter(filter)
         out_path = check_output(out, overwrite=overwrite, inputs={"TEACHER": teacher, "STUDENT": student})
-        sampling = None
+        grids = None
         if sample:
             folder = samples_dir if samples_dir is not None else out_path.parent / f"{out_path.stem}_samples"
-            sampling = SwapSampling(
-                prompts=list(sample), out=folder, backbone=backbone, model=model, steps=steps, cfg=cfg,
-                seed=seed, rows=rows, num_images=num_images, evaluate=not no_eval, device=device,
-            )  # fmt: skip
-            sampling.check()  # before any tensor is read
-        elif steps is not None or cfg is not None or samples_dir is not None or model is not None:
+            grids = SwapSampling(list(sample), folder, sampling, rows=rows, evaluate=not no_eval)
+            grids.check()  # before any tensor is read
+        elif any(v is not None for v in (sampling.steps, sampling.cfg, samples_dir, sampling.model)):
             raise BadInputError("--steps, --cfg, --model and --samples-dir apply with --sample only")
         with _student_file(student) as student_path:
             stats = write_swap(
@@ -241,14 +226,14 @@ def register(app: typer.Typer) -> None:
             result: dict[str, Any] = {"out": str(out_path), **stats.to_dict()}
             if not json_out:
                 _print_stats(stats, out_path)
-            if sampling is not None:
-                use_backbone_cpu_threads(backbone, device)
+            if grids is not None:
+                use_backbone_cpu_threads(grids.backbone, sampling.device)
                 with _progress() as progress:
                     result["samples"] = sample_swap(
-                        teacher, student_path, sampling, alpha=alpha, filter=filter,
+                        teacher, student_path, grids, alpha=alpha, filter=filter,
                         student_label=str(student), progress=progress,
                     )  # fmt: skip
-        _report(result, json_out, num_images)
+        _report(result, json_out, grids.num_images if grids is not None else 0)
 
 
 def _report(result: dict[str, Any], json_out: bool, num_images: int) -> None:

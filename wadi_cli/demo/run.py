@@ -34,9 +34,9 @@ from wadi_cli.demo.students import STUDENTS, student_config, train_students
 from wadi_cli.distill.export import export_run
 from wadi_cli.distill.plan import parameter_plan
 from wadi_cli.errors import BadInputError
+from wadi_cli.evaluation.tiny import evaluate_tiny
 from wadi_cli.io import atomic_output_dir, check_writable
 from wadi_cli.machine import machine_info
-from wadi_cli.sample import evaluate_tiny
 from wadi_cli.swap import write_swap
 from wadi_cli.tiny.arch import TINY_PIPELINE_DIR
 from wadi_cli.tiny.classifier import load_classifier

@@ -33,7 +33,7 @@ from wadi_cli.io import (
 )
 from wadi_cli.io.writers import ALPHA_BAR_T_METADATA
 from wadi_cli.lorad import load_adapter, merge_adapter_into_state_dict, save_adapter
-from wadi_cli.sample.pipeline import PipelineSource
+from wadi_cli.pipeline.base import PipelineSource
 
 FORMATS: tuple[str, ...] = ("merged", "adapter", "diffusers", "single-file")
 
@@ -85,7 +85,7 @@ def run_variant(config: dict[str, Any]) -> str | None:
 
 def _base_source(config: dict[str, Any], with_components: bool = False) -> tuple[Backbone, PipelineSource]:
     from wadi_cli.backbones import get_backbone
-    from wadi_cli.sample import resolve_pipeline_source
+    from wadi_cli.pipeline import resolve_pipeline_source
 
     backbone = get_backbone(config["backbone"])
     source = resolve_pipeline_source(

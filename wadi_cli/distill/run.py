@@ -322,7 +322,7 @@ def _barrier(topology: Topology) -> None:
 
 def build_distiller(cfg: DistillConfig, prompts: list[str]) -> Distiller:
     """Load the base pipeline (frozen teacher) and set up the run's state."""
-    from wadi_cli.sample import load_pipeline
+    from wadi_cli.pipeline import load_pipeline
 
     topology, device = process_topology(cfg)
     pipe = load_pipeline(

@@ -49,7 +49,7 @@ from wadi_cli.errors import BadInputError, MismatchError, WadiError
 from wadi_cli.lorad import lorad_layers
 
 if TYPE_CHECKING:
-    from wadi_cli.sample import LoadedPipeline
+    from wadi_cli.pipeline import LoadedPipeline
 
 
 class TrainingDiverged(WadiError):
@@ -313,7 +313,7 @@ class Distiller:
     def _teacher_pairs(self, prompts: list[str]) -> dict[str, Any]:
         """Fixed (noise, prompt, teacher sample) pairs for the regression term, drawn from
         their own generator so a resumed run rebuilds exactly the same ones."""
-        from wadi_cli.sample.generate import teacher_latents
+        from wadi_cli.pipeline.teacher import teacher_latents
 
         cfg = self.cfg
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 17)

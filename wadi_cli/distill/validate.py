@@ -55,7 +55,7 @@ def ema_weights(distiller: Any, use_ema: bool) -> Iterator[None]:
 @torch.no_grad()
 def student_images(distiller: Any, prompts: list[str], seeds: list[int], use_ema: bool = True) -> np.ndarray:
     """One-step images (N, H, W, 3) uint8 of the student for ``prompts`` / ``seeds``."""
-    from wadi_cli.sample import decode, initial_noise, one_step_latents
+    from wadi_cli.pipeline import decode, initial_noise, one_step_latents
 
     out = []
     with ema_weights(distiller, use_ema), distiller.student() as student:
@@ -74,7 +74,7 @@ def validate(distiller: Any, run: Path) -> dict[str, Any]:
     ``run/validation.csv``. Returns the metrics (empty for non-tiny backbones)."""
     from PIL import Image
 
-    from wadi_cli.sample import image_grid
+    from wadi_cli.sample.output import image_grid
 
     prompts, attrs = validation_prompts(distiller.cfg.backbone)
     seeds = [VALIDATION_SEED + i for i in range(len(prompts))]

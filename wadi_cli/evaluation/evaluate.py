@@ -32,9 +32,13 @@ from wadi_cli.evaluation.run import (
     write_tiny_reference,
 )
 from wadi_cli.io import check_writable
-from wadi_cli.sample import SampleConfig, load_pipeline, resolve_dtype
-from wadi_cli.sample.config import alpha_bar_T_warning
-from wadi_cli.sample.loading import get_backbone_spec, weights_alpha_bar_T
+from wadi_cli.pipeline import (
+    SampleConfig,
+    decide_alpha_bar_T,
+    get_backbone_spec,
+    load_pipeline,
+    resolve_dtype,
+)
 from wadi_cli.tiny.classifier import load_classifier
 from wadi_cli.tiny.data import parse_prompt
 
@@ -120,8 +124,8 @@ def evaluate_model(
     the main process (also written to ``out/metrics.json``), ``None`` elsewhere."""
 
     spec = get_backbone_spec(request.backbone)
-    # ᾱ_T: --alpha-bar-t, else the value recorded in the weights, else the registry's
-    recorded = None if request.teacher else weights_alpha_bar_T(request.weights, spec)
+    # the ᾱ_T the pipeline will decide when loaded, known now for the manifest
+    alpha_bar = decide_alpha_bar_T(spec, request.weights, request.alpha_bar_T)
     config = SampleConfig(
         teacher=request.teacher,
         steps=request.steps,
@@ -129,8 +133,7 @@ def evaluate_model(
         alpha_bar_T=request.alpha_bar_T,
         seed=request.seed,
         batch_size=request.batch_size,
-    ).resolved(spec, recorded)
-    warning = None if request.teacher else alpha_bar_T_warning(request.alpha_bar_T, recorded)
+    ).resolved(spec, alpha_bar.value)
     dev = procs.device if device is None else device
     dtype = resolve_dtype(request.dtype, dev, spec.family)
     settings = {
@@ -164,6 +167,7 @@ def evaluate_model(
         device=dev,
         dtype=dtype,
         base=request.base,
+        alpha_bar_T=request.alpha_bar_T,
     )
     made, seconds = generate_missing(pipe, request.out, manifest, config, procs, progress)
     scorer.timing.generated += made
@@ -186,8 +190,8 @@ def evaluate_model(
         "timing": scorer.timing.to_dict(),
         "out": str(request.out),
     }
-    if warning:
-        result["warnings"] = [warning]
+    if pipe.warnings:
+        result["warnings"] = pipe.warnings
     write_metrics(request.out, result)
     return result
 

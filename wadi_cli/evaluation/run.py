@@ -48,7 +48,7 @@ from wadi_cli.evaluation.folders import (
 from wadi_cli.evaluation.parallel import Processes
 from wadi_cli.evaluation.reference import Reference, load_reference, save_reference
 from wadi_cli.io import write_text_atomic
-from wadi_cli.sample import LoadedPipeline, generate
+from wadi_cli.pipeline import LoadedPipeline, generate
 from wadi_cli.tiny.classifier import TinyClassifier
 from wadi_cli.tiny.data import render_batch
 from wadi_cli.tiny.metrics import evaluate_images

@@ -9,11 +9,30 @@ from pathlib import Path
 from typing import Any
 
 from wadi_cli.errors import BadInputError
+from wadi_cli.io.prompts import read_prompt_file
 from wadi_cli.machine import resolve_device
-from wadi_cli.sample.config import SampleConfig, alpha_bar_T_warning, read_prompts, resolve_dtype
-from wadi_cli.sample.generate import generate
-from wadi_cli.sample.loading import get_backbone_spec, load_pipeline
+from wadi_cli.pipeline import LoadedPipeline, generate, get_backbone_spec, load_pipeline, resolve_dtype
+from wadi_cli.pipeline.options import SamplingOptions
 from wadi_cli.sample.output import check_output_dir, save_samples
+
+
+def read_prompts(
+    prompts: Sequence[str] = (), prompts_file: str | os.PathLike[str] | None = None
+) -> list[str]:
+    """Prompts from the command line followed by those of ``prompts_file`` (``.txt``: one
+    per line, ``#`` comment lines and blank lines skipped; also ``.jsonl``/``.csv``/
+    ``.parquet`` with a ``prompt`` column, see :func:`wadi_cli.io.prompts.read_prompt_file`). Raises
+    :class:`BadInputError` when the result is empty."""
+    out = [str(p) for p in prompts]
+    if prompts_file is not None:
+        out.extend(read_prompt_file(prompts_file))
+    if not out:
+        where = f" ({prompts_file} holds none)" if prompts_file is not None else ""
+        raise BadInputError(
+            f"no prompts given{where}: pass PROMPT arguments, or a prompt file (one per line) "
+            "with --prompts FILE"
+        )
+    return out
 
 
 def sample_to_folder(
@@ -21,57 +40,44 @@ def sample_to_folder(
     prompts: Sequence[str] = (),
     *,
     prompts_file: str | os.PathLike[str] | None = None,
-    backbone: str = "sd21",
-    model: str | os.PathLike[str] | None = None,
-    components: str | os.PathLike[str] | None = None,
-    weights: str | os.PathLike[str] | None = None,
-    config: SampleConfig | None = None,
-    num_images: int = 1,
-    device: str | None = None,
-    dtype: str | None = None,
-    compile: bool = False,
+    options: SamplingOptions | None = None,
     grid_cols: int | None = None,
     progress: Callable[[int, int], None] | None = None,
-    on_loaded: Callable[[Any], None] | None = None,
-    base: bool = False,
+    on_loaded: Callable[[LoadedPipeline], None] | None = None,
 ) -> dict[str, Any]:
-    """Generate ``num_images`` images per prompt and write them to ``out`` (numbered PNGs,
-    ``grid.png``, ``samples.json``). Returns a JSON-ready summary. Without ``weights`` the
-    student is the backbone's default (:func:`~wadi_cli.sample.loading.default_weights`);
-    ``base=True`` samples the undistilled base in one step instead.
+    """Generate ``options.num_images`` images per prompt (default 1) and write them to
+    ``out`` (numbered PNGs, ``grid.png``, ``samples.json``). Returns a JSON-ready summary.
+    Without ``options.weights`` the student is the backbone's default
+    (:func:`~wadi_cli.pipeline.loading.default_weights`); ``options.base`` samples the
+    undistilled base in one step instead.
 
     Bad input (unknown backbone, no prompts, unwritable ``out``, weights that do not fit)
     raises a :class:`~wadi_cli.errors.BadInputError` subclass before anything is written.
     """
 
-    config = config or SampleConfig()
-    spec = get_backbone_spec(backbone)
+    options = options or SamplingOptions()
+    spec = get_backbone_spec(options.backbone)
     all_prompts = read_prompts(prompts, prompts_file)
-    if num_images < 1:
-        raise BadInputError(f"--num-images must be at least 1, got {num_images}")
     out_path = check_output_dir(out)
-    if weights is not None and not Path(weights).expanduser().exists():
-        raise BadInputError(f"--weights {weights}: no such file or directory")
-    dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev, spec.family)
+    if options.weights is not None and not Path(options.weights).expanduser().exists():
+        raise BadInputError(f"--weights {options.weights}: no such file or directory")
+    dev = resolve_device(options.device)
+    torch_dtype = resolve_dtype(options.dtype, dev, spec.family)
     pipe = load_pipeline(
         spec,
-        model=model,
-        weights=weights,
-        teacher=config.teacher,
+        model=options.model,
+        weights=options.weights,
+        teacher=options.teacher,
         device=dev,
         dtype=torch_dtype,
-        compile=compile,
-        components=components,
-        base=base,
+        compile=options.compile,
+        components=options.components,
+        base=options.base,
+        alpha_bar_T=options.alpha_bar_T,
     )
-    if not config.teacher:
-        warning = alpha_bar_T_warning(config.alpha_bar_T, pipe.weights_alpha_bar_T)
-        if warning:
-            pipe.warnings.append(warning)
     if on_loaded is not None:
         on_loaded(pipe)
-    gen = generate(pipe, all_prompts, config, num_images, progress=progress)
+    gen = generate(pipe, all_prompts, options.sample_config(), options.num_images or 1, progress=progress)
     resolved = gen.config
     summary: dict[str, Any] = {
         "backbone": spec.name,

@@ -24,23 +24,24 @@ from PIL import Image, ImageDraw, ImageFont
 
 from wadi_cli.backbones import Backbone, get_backbone
 from wadi_cli.errors import BadInputError
+from wadi_cli.evaluation.tiny import evaluate_tiny
 from wadi_cli.io import atomic_output_dir, check_writable, open_checkpoint
 from wadi_cli.io.checkpoints import recorded_alpha_bar_T
 from wadi_cli.io.tensor_map import Tensors
 from wadi_cli.machine import resolve_device
-from wadi_cli.sample import (
+from wadi_cli.pipeline import (
     Generation,
     LoadedPipeline,
     SampleConfig,
-    evaluate_tiny,
     generate,
-    image_grid,
     load_pipeline,
     load_state_strict,
     resolve_dtype,
     resolve_pipeline_source,
+    weights_variant,
 )
-from wadi_cli.sample.pipeline import weights_variant
+from wadi_cli.pipeline.options import SamplingOptions, command_default
+from wadi_cli.sample.output import image_grid
 from wadi_cli.swap.core import SWAP_VARIANTS, check_alpha, open_student, plan_swap, swap_state_dict
 from wadi_cli.tiny.classifier import TinyClassifier, load_classifier
 
@@ -126,7 +127,7 @@ def evaluate_swap_variants(
     "teacher_norms": {…}, "teacher_directions": {…}}`` (the hybrids at ``alpha``, limited
     to ``filter``). Every variant sees the same ``num_images`` prompts
     and noise (``seed``); the teacher runs ``teacher_steps`` DDIM steps with guidance
-    ``cfg`` (defaults: :data:`wadi_cli.sample.TEACHER_DEFAULTS`).
+    ``cfg`` (defaults: the backbone's sampling recipe, ``wadi_cli/configs/sample/NAME.toml``).
     """
     _check_tiny(backbone)
     check_alpha(alpha)
@@ -223,48 +224,53 @@ def _slug(text: str, limit: int = 40) -> str:
     return keep[:limit] or "prompt"
 
 
-@dataclass
+@dataclass(frozen=True)
 class SwapSampling:
     """What ``wadi swap --sample`` renders: one grid per prompt (``rows`` seeds each, from
-    ``seed``) of the four variants into the folder ``out``, on the base pipeline of
-    ``backbone`` (``model`` overrides its source), the teacher with ``steps`` / ``cfg``
-    (default: the backbone's); with ``evaluate`` and the tiny backbone also the scores of
-    ``wadi eval`` over ``num_images`` images."""
+    ``options.seed``) of the four variants into the folder ``out``, on the base pipeline
+    that ``options`` names (backbone, model, device), the teacher with ``options.steps`` /
+    ``options.cfg`` (default: the backbone's); with ``evaluate`` and the tiny backbone also
+    the scores of ``wadi eval`` over ``options.num_images`` images."""
 
     prompts: list[str]
     out: Path
-    backbone: str
-    model: str | None
-    steps: int | None
-    cfg: float | None
-    seed: int
-    rows: int
-    num_images: int
-    evaluate: bool
-    device: str
+    options: SamplingOptions
+    rows: int = 4
+    evaluate: bool = True
+
+    @property
+    def backbone(self) -> str:
+        """The backbone's name as given."""
+        return self.options.backbone.strip().lower()
+
+    @property
+    def num_images(self) -> int:
+        """Images per variant for the tiny scores (default: ``wadi swap``'s)."""
+        if self.options.num_images is None:
+            return int(command_default("swap", "num_images"))
+        return self.options.num_images
 
     @property
     def scores(self) -> bool:
         """Whether the variants are scored (accuracy / fd exist for the tiny model only)."""
-        return self.evaluate and self.backbone.strip().lower() == "tiny"
+        return self.evaluate and self.backbone == "tiny"
 
     def check(self, dtype: torch.dtype | None = None) -> None:
-        """Every check that reads no tensor: prompts, rows, image count, ``--steps`` /
-        ``--cfg``, the base pipeline is there (fetching the files that sampling in
-        ``dtype`` loads; default: the dtype ``wadi sample`` would choose), the folder can
-        be written."""
+        """Every check that reads no tensor: prompts, rows, image count (the options were
+        validated when built), the base pipeline is there (fetching the files that
+        sampling in ``dtype`` loads; default: the dtype ``wadi sample`` would choose), the
+        folder can be written."""
         if not self.prompts:
             raise BadInputError("--sample needs at least one prompt")
         if self.rows < 1:
             raise BadInputError(f"--rows must be at least 1, got {self.rows}")
         if self.num_images < 2:
             raise BadInputError(f"--num-images must be at least 2 to estimate FD, got {self.num_images}")
-        SampleConfig(teacher=True, steps=self.steps, cfg=self.cfg)  # validates --steps / --cfg
         spec = get_backbone(self.backbone)
         if dtype is None:
-            dtype = resolve_dtype(None, resolve_device(self.device), spec.family)
+            dtype = resolve_dtype(None, resolve_device(self.options.device), spec.family)
         # a missing base fails now; the same files as load_pipeline (fp16 variant on CUDA)
-        resolve_pipeline_source(spec, self.model, variant=weights_variant(dtype))
+        resolve_pipeline_source(spec, self.options.model, variant=weights_variant(dtype))
         check_writable(self.out, directory=True)
 
 
@@ -282,7 +288,7 @@ def sample_swap(
     :func:`~wadi_cli.io.open_checkpoint` reads; a LoRaD adapter as STUDENT is merged into
     TEACHER), on the device and in the dtype ``wadi sample`` would choose, with the ᾱ_T the
     student records. ``student_label`` names STUDENT in ``swap_samples.json``."""
-    dev = resolve_device(sampling.device)
+    dev = resolve_device(sampling.options.device)
     dtype = resolve_dtype(None, dev, get_backbone(sampling.backbone).family)
     metadata = {"teacher": str(teacher_path), "student": student_label or str(student_path)}
     with open_checkpoint(teacher_path) as teacher:
@@ -315,10 +321,10 @@ def render_swap_grids(
     """Render one labelled grid per prompt (columns: teacher multi-step | student one-step |
     student + teacher norms | student + teacher directions; rows: seeds ``seed``, …,
     ``seed + rows - 1`` per prompt) into ``sampling.out``, written atomically with
-    ``swap_samples.json``: the images come from :func:`wadi_cli.sample.generate` (what
+    ``swap_samples.json``: the images come from :func:`wadi_cli.pipeline.generate` (what
     ``wadi sample`` runs) with each variant loaded into one pipeline's denoiser. When
     ``sampling.scores`` the variants are also scored by
-    :func:`wadi_cli.sample.evaluate_tiny` (what ``wadi eval -b tiny`` runs) into
+    :func:`wadi_cli.evaluation.tiny.evaluate_tiny` (what ``wadi eval -b tiny`` runs) into
     ``swap_metrics.json``. The student variants sample with ``alpha_bar_T`` (the
     student's recorded ᾱ_T; ``None``: the backbone's).
 
@@ -327,21 +333,23 @@ def render_swap_grids(
     sampling.check(dtype)
     check_alpha(alpha)
     plan_swap(teacher_state, student_state, filter)
-    spec_name, prompts, rows, seed = (
-        sampling.backbone.strip().lower(),
-        sampling.prompts,
-        sampling.rows,
-        sampling.seed,
+    spec_name, prompts, rows, seed = sampling.backbone, sampling.prompts, sampling.rows, sampling.options.seed
+    # the student variants sample with the student's ᾱ_T: the pipeline decides it from that
+    pipe = load_pipeline(
+        spec_name,
+        model=sampling.options.model,
+        teacher=True,
+        device=device,
+        dtype=dtype,
+        alpha_bar_T=alpha_bar_T,
     )
-    pipe = load_pipeline(spec_name, model=sampling.model, teacher=True, device=device, dtype=dtype)
-    pipe.weights_alpha_bar_T = alpha_bar_T  # the student variants sample with the student's ᾱ_T
     classifier = load_classifier(None) if sampling.scores else None
     images: dict[str, np.ndarray] = {}
     metrics: dict[str, dict[str, Any]] = {}
     config: dict[str, Any] = {}
 
     def work(name: str) -> None:
-        steps, cfg = sampling.steps, sampling.cfg
+        steps, cfg = sampling.options.steps, sampling.options.cfg
         gen = _generate_variant(pipe, name, prompts, rows, seed, steps, cfg, batch_size, progress)
         images[name], config[name] = gen.images, gen.config.to_dict()
         if classifier is not None:

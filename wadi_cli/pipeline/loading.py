@@ -1,4 +1,5 @@
-"""Loading a backbone's pipeline and one-step weights into a :class:`LoadedPipeline`.
+"""Loading a backbone's pipeline and one-step weights into a
+:class:`~wadi_cli.pipeline.loaded.LoadedPipeline`.
 
 ``--weights`` accepts, detected from the path and the tensor names:
 
@@ -17,68 +18,30 @@ copy instead.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from wadi_cli import tiny  # module, not names: tests point tiny.TINY_STUDENT_PATH elsewhere
 from wadi_cli.backbones import Backbone, get_backbone
-from wadi_cli.diffusion import Denoiser, PromptEncoder, alphas_cumprod_of, wrap_denoiser
-from wadi_cli.errors import BadInputError, CheckpointError, HubError, MismatchError
+from wadi_cli.diffusion import PromptEncoder, alphas_cumprod_of, wrap_denoiser
+from wadi_cli.errors import CheckpointError, HubError, MismatchError
 from wadi_cli.io import fetch_file, open_checkpoint, require_finite
-from wadi_cli.io.checkpoints import recorded_alpha_bar_T
 from wadi_cli.io.tensor_map import KeyDiff, Tensors, as_tensor_map
 from wadi_cli.lorad import is_adapter, load_adapter, merge_adapter_into_state_dict
-from wadi_cli.sample import pipeline as pipeline_files
-from wadi_cli.sample.pipeline import (
+from wadi_cli.pipeline import base as base_files
+from wadi_cli.pipeline.base import (
     PipelineSource,
     latent_size,
     load_base_pipeline,
     vae_scale_factor,
     weights_variant,
 )
-
-if TYPE_CHECKING:
-    from diffusers import SchedulerMixin
+from wadi_cli.pipeline.loaded import LoadedPipeline, check_weights_or_teacher
 
 WeightsKind = Literal["merged", "adapter", "folder"]
-
-
-@dataclass
-class LoadedPipeline:
-    """Everything generation needs, on one device: the wrapped denoiser, the VAE, the
-    prompt encoder, the pipeline's scheduler (for ``alphas_cumprod`` and the teacher)."""
-
-    backbone: Backbone
-    denoiser: Denoiser
-    vae: nn.Module
-    prompt_encoder: PromptEncoder
-    scheduler: SchedulerMixin
-    device: torch.device
-    dtype: torch.dtype
-    model_source: str
-    weights: str | None = None
-    weights_kind: str | None = None
-    notes: list[str] = field(default_factory=list)
-    latent_size: int | None = None  # from the denoiser's config (None: the registry's)
-    vae_scale: int = 8
-    weights_alpha_bar_T: float | None = None  # ᾱ_T recorded in the one-step weights' metadata
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of the latents: the side from the denoiser's own config (SD2.1 768:
-        96), the registry's value when the config has none."""
-        size = int(self.latent_size or self.backbone.latent_size)
-        return (int(self.backbone.latent_channels), size, size)
-
-    @property
-    def resolution(self) -> int:
-        """Image side in pixels."""
-        return self.latent_shape[-1] * int(self.vae_scale)
 
 
 def get_backbone_spec(backbone: str | Backbone) -> Backbone:
@@ -116,7 +79,7 @@ def resolve_pipeline_source(
     components: str | os.PathLike[str] | None = None,
     **kwargs: Any,
 ) -> PipelineSource:
-    """Folders of the base pipeline (see :func:`wadi_cli.sample.pipeline.resolve_pipeline_source`;
+    """Folders of the base pipeline (see :func:`wadi_cli.pipeline.base.resolve_pipeline_source`;
     ``kwargs`` go there). Hub failures raise :class:`HubError` naming the repo and the
     flag that takes a local copy."""
     try:
@@ -132,7 +95,7 @@ def _pipeline_source(
     **kwargs: Any,
 ) -> PipelineSource:
     try:
-        return pipeline_files.resolve_pipeline_source(backbone, model, components, **kwargs)
+        return base_files.resolve_pipeline_source(backbone, model, components, **kwargs)
     except HubError as exc:
         repo = str(model if model is not None else backbone.hub_id)
         comp = str(components or backbone.components_repo or repo)
@@ -300,20 +263,6 @@ def resolve_sources(
     return source, wpath
 
 
-def weights_alpha_bar_T(
-    path: str | os.PathLike[str] | None, backbone: Backbone | None = None
-) -> float | None:
-    """ᾱ_T recorded in one-step weights (``alpha_bar_T`` metadata of an adapter, merged
-    file or the denoiser file of an exported pipeline folder), or ``None``."""
-    if path is None:
-        return None
-    p = Path(path).expanduser()
-    component = None
-    if p.is_dir() and (p / "model_index.json").is_file() and backbone is not None:
-        component = backbone.denoiser_subfolder
-    return recorded_alpha_bar_T(p, component)
-
-
 # ---- the loaded pipeline --------------------------------------------------------------
 def load_pipeline(
     backbone: str | Backbone,
@@ -327,6 +276,7 @@ def load_pipeline(
     compile: bool = False,
     components: str | os.PathLike[str] | None = None,
     base: bool = False,
+    alpha_bar_T: float | None = None,
 ) -> LoadedPipeline:
     """Load the base pipeline of ``backbone`` (``model`` overrides its source,
     ``components`` where its VAE / text encoder / tokenizer / scheduler come from), put
@@ -337,14 +287,13 @@ def load_pipeline(
 
     ``channels_last`` (default: on CUDA) and ``compile`` (``torch.compile`` of the
     denoiser) are speed options for accelerators; neither changes the maths.
+    ``alpha_bar_T`` is ``--alpha-bar-t`` (``None``: the weights' value, else the
+    registry's); the pipeline decides its one-step ᾱ_T from it once, when built.
     """
     spec = get_backbone_spec(backbone)
     dev = torch.device(device)
     notes: list[str] = []
-    if teacher and weights is not None:
-        raise BadInputError("--teacher samples the base model: drop --weights (or drop --teacher)")
-    if base and (weights is not None or teacher):
-        raise BadInputError("--base samples the undistilled model in one step: drop --weights and --teacher")
+    check_weights_or_teacher(teacher, weights, base)
     source, weights = resolve_sources(
         spec, model, weights, teacher, components, weights_variant(dtype), base=base
     )
@@ -379,8 +328,9 @@ def load_pipeline(
         model_source=source.describe(),
         weights=None if weights is None else str(weights),
         weights_kind=kind,
-        notes=notes,
+        note_lines=tuple(notes),
         latent_size=latent_size(net, spec.latent_size),
         vae_scale=vae_scale_factor(pipe.vae),
-        weights_alpha_bar_T=weights_alpha_bar_T(weights, spec),
+        teacher=teacher,
+        requested_alpha_bar_T=alpha_bar_T,
     )

@@ -1,5 +1,6 @@
-"""Evaluation of the tiny model (``wadi eval``): generate one image per prompt drawn from
-the tiny data distribution, then score them with the shipped attribute classifier.
+"""Evaluation of the tiny model with its attribute classifier (``wadi eval -b tiny``):
+generate one image per prompt drawn from the tiny data distribution, then score them with
+the shipped attribute classifier.
 
 - ``accuracy``: share of images whose colour, shape and position all match the prompt;
 - ``fd``: Fréchet distance between classifier features of the generated images and of
@@ -18,9 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from wadi_cli.errors import BadInputError
-from wadi_cli.sample.config import SampleConfig
-from wadi_cli.sample.generate import Generation, generate
-from wadi_cli.sample.loading import LoadedPipeline, load_pipeline
+from wadi_cli.pipeline import Generation, LoadedPipeline, SampleConfig, generate, load_pipeline
 from wadi_cli.tiny.classifier import load_classifier
 from wadi_cli.tiny.data import prompt_for, sample_attributes
 from wadi_cli.tiny.metrics import evaluate_images
@@ -76,7 +75,15 @@ def evaluate_tiny(
     if classifier is None or isinstance(classifier, (str, os.PathLike)):
         classifier = load_classifier(classifier)
     if pipe is None:
-        pipe = load_pipeline("tiny", model=model, weights=weights, teacher=teacher, device=device, base=base)
+        pipe = load_pipeline(
+            "tiny",
+            model=model,
+            weights=weights,
+            teacher=teacher,
+            device=device,
+            base=base,
+            alpha_bar_T=alpha_bar_T,
+        )
     attrs = sample_attributes(num_images, seed)
     prompts = [prompt_for(a) for a in attrs]
     start = time.perf_counter()

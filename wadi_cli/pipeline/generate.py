@@ -1,5 +1,6 @@
-"""Image generation: one-step (WaDi §3) and the multi-step teacher with classifier-free
-guidance, batched, with one random generator per image.
+"""Image generation, batched, with one random generator per image: the one-step sampler
+(:mod:`~wadi_cli.pipeline.one_step`) or the teacher (:mod:`~wadi_cli.pipeline.teacher`),
+then the VAE.
 
 Image ``i`` of a run starts from ``z_i ~ N(0, I)`` drawn by its own CPU
 ``torch.Generator`` seeded ``seed + i`` (EDM's per-sample generators), so the images do
@@ -15,9 +16,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from wadi_cli.diffusion import TextCondition, last_timestep, one_step_x0
-from wadi_cli.sample.config import SampleConfig
-from wadi_cli.sample.loading import LoadedPipeline
+from wadi_cli.pipeline.loaded import LoadedPipeline
+from wadi_cli.pipeline.one_step import one_step_latents
+from wadi_cli.pipeline.settings import SampleConfig
+from wadi_cli.pipeline.teacher import teacher_latents
 
 
 def initial_noise(
@@ -29,66 +31,6 @@ def initial_noise(
         for s in seeds
     ]
     return torch.stack(noise).to(device)
-
-
-@torch.no_grad()
-def one_step_latents(
-    pipe: LoadedPipeline, cond: TextCondition, z: torch.Tensor, alpha_bar_T: float
-) -> torch.Tensor:
-    """x0 = (z − sqrt(1 − ᾱ_T) ε̂(z, T−1, c)) / sqrt(ᾱ_T): one denoiser call, no guidance."""
-    t = last_timestep(pipe.scheduler)
-    pred = pipe.denoiser(z, t, cond)
-    return one_step_x0(z, pred, alpha_bar_T, pipe.denoiser.prediction_type)
-
-
-#: DDIM settings of every teacher, whatever scheduler the pipeline ships: no clipping of
-#: the predicted x0 (latents are not bounded to [-1, 1]), the final step lands on
-#: ᾱ_0 of the schedule (not 1), trailing timesteps. SD's configs set the first two
-#: already; PixArt's DPM-Solver config has neither key, and DDIM's own defaults
-#: (clip_sample=True, set_alpha_to_one=True) would clip every x0 estimate.
-TEACHER_DDIM: dict[str, object] = {
-    "prediction_type": "epsilon",
-    "timestep_spacing": "trailing",
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-}
-
-
-def teacher_scheduler(pipe: LoadedPipeline) -> object:
-    """A DDIM scheduler (η = 0, deterministic) on the pipeline's training schedule, with
-    :data:`TEACHER_DDIM`; it is fed ε (the denoiser wrapper converts v-predictions),
-    hence ``prediction_type=epsilon``.
-
-    Timesteps use *trailing* spacing (Lin et al. 2024, "Common Diffusion Noise Schedules
-    and Sample Steps are Flawed"): N steps start at t = 999, so 1 step is [999] and 4 are
-    [999, 749, 499, 249]. SD's default "leading" spacing with ``steps_offset=1`` would
-    start a 1-step run at t = 1 on pure noise, which makes few-step teacher numbers
-    meaningless."""
-    from diffusers import DDIMScheduler  # start-up time: only the teacher needs diffusers here
-
-    return DDIMScheduler.from_config(pipe.scheduler.config, **TEACHER_DDIM)
-
-
-@torch.no_grad()
-def teacher_latents(
-    pipe: LoadedPipeline, cond: TextCondition, z: torch.Tensor, steps: int, cfg: float
-) -> torch.Tensor:
-    """Multi-step DDIM sampling with classifier-free guidance
-    ``ε = ε(∅) + w (ε(c) − ε(∅))``, conditional and unconditional halves in ONE forward."""
-    scheduler = teacher_scheduler(pipe)
-    scheduler.set_timesteps(steps, device=z.device)  # type: ignore[attr-defined]
-    x = z * scheduler.init_noise_sigma  # type: ignore[attr-defined]
-    guided = cfg != 1.0
-    both = TextCondition.cat([pipe.prompt_encoder.empty(len(cond)).to(z.device), cond]) if guided else cond
-    for t in scheduler.timesteps:  # type: ignore[attr-defined]
-        inp = torch.cat([x, x]) if guided else x
-        inp = scheduler.scale_model_input(inp, t)  # type: ignore[attr-defined]
-        eps = pipe.denoiser.eps(inp, t, both)
-        if guided:
-            eps_u, eps_c = eps.chunk(2)
-            eps = eps_u + cfg * (eps_c - eps_u)
-        x = scheduler.step(eps, t, x).prev_sample  # type: ignore[attr-defined]
-    return x
 
 
 @torch.no_grad()
@@ -127,8 +69,9 @@ def generate(
 ) -> Generation:
     """Generate ``num_images_per_prompt`` images for each prompt (prompt-major order);
     image ``i`` uses seed ``config.seed + i``. ``progress(done, total)`` is called after
-    every batch."""
-    cfg = config.resolved(pipe.backbone, getattr(pipe, "weights_alpha_bar_T", None))
+    every batch. The one-step ᾱ_T is ``config.alpha_bar_T`` when set, else the pipeline's
+    (decided when it was loaded)."""
+    cfg = config.resolved(pipe.backbone, pipe.alpha_bar_T)
     jobs = [(p, cfg.seed + i) for i, p in enumerate(p for p in prompts for _ in range(num_images_per_prompt))]
     images: list[np.ndarray] = []
     timings: list[float] = []

@@ -1,0 +1,50 @@
+"""The pipeline runtime every command shares: find and load a backbone's base pipeline
+(:mod:`~wadi_cli.pipeline.base`), put one-step weights into it (the authors' release format,
+a LoRaD adapter, or an exported folder; :mod:`~wadi_cli.pipeline.loading`) as a frozen
+:class:`LoadedPipeline` whose one-step ᾱ_T is decided once (:mod:`~wadi_cli.pipeline.alpha_bar`),
+and generate with the one-step sampler or the multi-step teacher
+(:mod:`~wadi_cli.pipeline.generate`). The command-line options of sampling are declared once,
+in :class:`~wadi_cli.pipeline.options.SamplingOptions`."""
+
+from wadi_cli.pipeline.alpha_bar import AlphaBarT, decide_alpha_bar_T, weights_alpha_bar_T
+from wadi_cli.pipeline.base import PipelineSource, weights_variant
+from wadi_cli.pipeline.generate import Generation, decode, generate, initial_noise
+from wadi_cli.pipeline.loaded import LoadedPipeline, check_weights_or_teacher
+from wadi_cli.pipeline.loading import (
+    apply_weights,
+    default_weights,
+    detect_weights_kind,
+    get_backbone_spec,
+    load_pipeline,
+    load_state_strict,
+    resolve_pipeline_source,
+)
+from wadi_cli.pipeline.one_step import one_step_latents
+from wadi_cli.pipeline.settings import SampleConfig, resolve_dtype
+from wadi_cli.pipeline.teacher import teacher_latents, teacher_scheduler
+
+__all__ = [
+    "AlphaBarT",
+    "Generation",
+    "LoadedPipeline",
+    "PipelineSource",
+    "SampleConfig",
+    "apply_weights",
+    "check_weights_or_teacher",
+    "decide_alpha_bar_T",
+    "decode",
+    "default_weights",
+    "detect_weights_kind",
+    "generate",
+    "get_backbone_spec",
+    "initial_noise",
+    "load_pipeline",
+    "load_state_strict",
+    "one_step_latents",
+    "resolve_dtype",
+    "resolve_pipeline_source",
+    "teacher_latents",
+    "teacher_scheduler",
+    "weights_alpha_bar_T",
+    "weights_variant",
+]
