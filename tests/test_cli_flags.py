@@ -1,7 +1,10 @@
 """One answer per question: every `wadi distill` default lives in its backbone's recipe file,
 and `wadi info -b NAME`, `wadi distill -b NAME --dry-run` and `wadi distill --help` give the
 same numbers; every config field has exactly one flag and every flag a field; every
-`--flag` an error message of the package names exists.
+`--flag` an error message of the package names exists. Likewise for sampling: every
+`SamplingOptions` field a command takes is exactly one flag of `wadi sample`, `wadi eval` and
+`wadi swap` with the declared help, the teacher's defaults come from the backbone's sampling
+recipe (configs/sample/NAME.toml), which `wadi info` shows, and no help text quotes them.
 
 The expectations are read here from the recipe files with tomllib and from the dataclass
 fields, independently of the code that builds the flags and resolves the config."""
@@ -20,8 +23,11 @@ import typer
 from typer.testing import CliRunner
 
 from wadi_cli.cli.distill import COMMAND_OPTIONS
+from wadi_cli.cli.eval import EvalFlags
 from wadi_cli.cli.main import app
 from wadi_cli.distill.config import DistillConfig
+from wadi_cli.errors import BadInputError
+from wadi_cli.pipeline.options import SamplingOptions
 
 PACKAGE = Path(__file__).resolve().parents[1] / "wadi_cli"
 RECIPES = PACKAGE / "configs" / "distill"
@@ -168,3 +174,77 @@ def test_every_flag_an_error_message_names_exists():
                     missing.append(f"{path.relative_to(PACKAGE)}:{line}: {flag}")
     assert named > 100  # the scan sees the messages
     assert not missing, missing
+
+
+# ---- the sampling declaration: sample, eval and swap take their sampling flags from it ----------
+SAMPLING_RECIPES = PACKAGE / "configs" / "sample"
+#: The options each command has beyond the sampling declaration (its own work).
+COMMAND_OWN = {
+    "sample": {"prompts", "out", "prompts_file", "json_out"},
+    "eval": {f.name for f in dataclasses.fields(EvalFlags)},
+    "swap": {"teacher", "student", "keep", "out", "alpha", "filter", "overwrite", "sample", "rows",
+             "samples_dir", "no_eval", "json_out"},
+}  # fmt: skip
+
+
+def _sampling_recipe(name: str) -> dict:
+    return tomllib.loads((SAMPLING_RECIPES / f"{name}.toml").read_text())
+
+
+@pytest.mark.parametrize("command", ["sample", "eval", "swap"])
+def test_every_sampling_field_a_command_takes_has_one_flag_and_its_help(command):
+    taken = [f for f in dataclasses.fields(SamplingOptions) if command in f.metadata["commands"]]
+    assert {"backbone", "seed", "steps", "cfg", "device"} <= {f.name for f in taken}
+    options = {o.name: o for o in _options(command) if o.name != "help"}
+    for f in taken:
+        opt = options[f.name]
+        assert not opt.hidden and [x for x in opt.opts if x.startswith("--")] == [_flag(f.name)], f.name
+        assert opt.help == f.metadata["commands"][command].get("help", f.metadata["help"]), f.name
+        if f.metadata["short"]:
+            assert f.metadata["short"] in opt.opts
+    # every other option is the command's own; no sampling option is declared twice
+    assert set(options) - {f.name for f in taken} == COMMAND_OWN[command] - {
+        p.name for p in _command(command).params if p.param_type_name == "argument"
+    }
+    # the declared per-command defaults are the flags' defaults (user-visible defaults kept)
+    expected = {"sample": {"backbone": "sd21", "num_images": 1, "batch_size": 4},
+                "eval": {"backbone": "tiny", "num_images": None, "batch_size": None},
+                "swap": {"backbone": "tiny", "num_images": 500}}[command]  # fmt: skip
+    assert {k: options[k].default for k in expected} == expected
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_teacher_defaults_come_from_the_sampling_recipe_and_help_quotes_none(backbone):
+    from wadi_cli.backbones import get_backbone
+    from wadi_cli.pipeline import SampleConfig
+
+    teacher = _sampling_recipe(backbone)["teacher"]
+    resolved = SampleConfig(teacher=True).resolved(get_backbone(backbone))
+    assert (resolved.steps, resolved.cfg) == (teacher["steps"], teacher["cfg"])
+    info = json.loads(runner.invoke(app, ["info", "-b", backbone, "--json"]).stdout)
+    assert info["sampling"]["values"] == _sampling_recipe(backbone)
+    assert Path(info["sampling"]["file"]) == SAMPLING_RECIPES / f"{backbone}.toml"
+    for command in ("sample", "eval", "swap"):
+        helps = {o.name: o.help or "" for o in _options(command)}
+        for name in ("steps", "cfg"):  # the recipe's word, not its number
+            assert "backbone" in helps[name] and not re.search(r"\d", helps[name]), (command, name)
+        assert "0.0047" not in " ".join(helps.values()) + (_command(command).help or "")
+        if "alpha_bar_T" in helps:
+            assert "weights record" in helps["alpha_bar_T"] and not re.search(r"\d", helps["alpha_bar_T"])
+
+
+def test_one_validator_refuses_bad_sampling_options_before_any_work():
+    for kwargs, message in (
+        ({"teacher": True, "weights": "x.safetensors"}, "drop --weights"),
+        ({"base": True, "teacher": True}, "--base"),
+        ({"steps": 3}, "--teacher only"),
+        ({"teacher": True, "steps": 0}, "--steps must be at least 1"),
+        ({"alpha_bar_T": 1.5}, "--alpha-bar-t"),
+        ({"batch_size": 0}, "--batch-size"),
+        ({"num_images": 0}, "--num-images"),
+    ):
+        with pytest.raises(BadInputError, match=re.escape(message)):
+            SamplingOptions(**kwargs)
+    for args in (["sample", "x", "-b", "tiny", "--steps", "3"], ["eval", "-b", "tiny", "--cfg", "2"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code != 0 and "--teacher only" in result.stderr, result.output

@@ -83,10 +83,14 @@ def recipe_values(recipe: dict[str, Any], adapter: str | None) -> dict[str, Any]
 SAMPLING_DIR: Path = Path(__file__).resolve().parent.parent / "configs" / "sample"
 
 
-@functools.cache
 def sampling_recipe(backbone: str) -> dict[str, Any]:
     """The sampling recipe of ``backbone`` (``SAMPLING_DIR/<backbone>.toml``, read once per
-    process; do not modify the result)."""
+    process; a copy)."""
+    return copy.deepcopy(_sampling_recipe(backbone))
+
+
+@functools.cache
+def _sampling_recipe(backbone: str) -> dict[str, Any]:
     path = SAMPLING_DIR / f"{backbone}.toml"
     if not path.is_file():
         raise BadInputError(
@@ -98,7 +102,7 @@ def sampling_recipe(backbone: str) -> dict[str, Any]:
 def teacher_defaults(backbone: str) -> tuple[int, float]:
     """``(steps, cfg)`` of ``backbone``'s multi-step teacher when ``--steps`` / ``--cfg`` are
     not given: the ``[teacher]`` table of its sampling recipe."""
-    table = sampling_recipe(backbone).get("teacher", {})
+    table = _sampling_recipe(backbone).get("teacher", {})
     try:
         return int(table["steps"]), float(table["cfg"])
     except (KeyError, TypeError, ValueError):

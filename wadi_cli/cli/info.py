@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from wadi_cli.backbones import BACKBONES, get_backbone
+from wadi_cli.backbones.recipes import SAMPLING_DIR, sampling_recipe
 from wadi_cli.cli.common import JsonFlag, console, handle_errors
 from wadi_cli.errors import BadInputError
 
@@ -71,6 +72,11 @@ def _plan_table(plan: dict) -> Table:
         f"batch {r['batch_size']}, {r['max_steps']} steps "
         f"(all of it: wadi distill -b {plan['backbone']} --dry-run)",
     )
+    t = plan["sampling"]["values"]["teacher"]
+    table.add_row(
+        "sampling recipe",
+        f"{plan['sampling']['file']}: teacher {t['steps']} steps, cfg {t['cfg']} (--steps, --cfg)",
+    )
     return table
 
 
@@ -118,7 +124,12 @@ def register(app: typer.Typer) -> None:
             else:
                 console.print(_summary_table())
             return
-        plan = get_backbone(backbone).adapter_plan(rank=rank, fake_rank=fake_rank)
+        spec = get_backbone(backbone)
+        plan = spec.adapter_plan(rank=rank, fake_rank=fake_rank)
+        plan["sampling"] = {
+            "file": str(SAMPLING_DIR / f"{spec.name}.toml"),
+            "values": sampling_recipe(spec.name),
+        }
         if json_out:
             typer.echo(json.dumps(plan, indent=2))
         else:
