@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+import wadi_cli.pipeline.base as base_files
 from wadi_cli import tiny  # module, not names: tests point tiny.TINY_STUDENT_PATH elsewhere
 from wadi_cli.backbones import Backbone, get_backbone
 from wadi_cli.diffusion import PromptEncoder, alphas_cumprod_of, wrap_denoiser
@@ -31,7 +32,6 @@ from wadi_cli.errors import CheckpointError, HubError, MismatchError
 from wadi_cli.io import fetch_file, open_checkpoint, require_finite
 from wadi_cli.io.tensor_map import KeyDiff, Tensors, as_tensor_map
 from wadi_cli.lorad import is_adapter, load_adapter, merge_adapter_into_state_dict
-from wadi_cli.pipeline import base as base_files
 from wadi_cli.pipeline.base import (
     PipelineSource,
     latent_size,
