@@ -53,13 +53,18 @@ def read_recipe(path: Path, where: str | None = None) -> dict[str, Any]:
 
 
 @functools.cache
-def _backbone_recipe(backbone: str) -> dict[str, Any]:
-    path = RECIPES_DIR / f"{backbone}.toml"
+def _shipped(folder: Path, backbone: str, what: str) -> dict[str, Any]:
+    """``folder/<backbone>.toml`` (read once per process); ``what`` names it in errors."""
+    path = folder / f"{backbone}.toml"
     if not path.is_file():
         raise BadInputError(
-            f"backbone {backbone!r} has no distillation recipe at {path} (the package install is incomplete)"
+            f"backbone {backbone!r} has no {what} recipe at {path} (the package install is incomplete)"
         )
     return read_recipe(path)
+
+
+def _backbone_recipe(backbone: str) -> dict[str, Any]:
+    return _shipped(RECIPES_DIR, backbone, "distillation")
 
 
 def backbone_recipe(backbone: str) -> dict[str, Any]:
@@ -89,14 +94,8 @@ def sampling_recipe(backbone: str) -> dict[str, Any]:
     return copy.deepcopy(_sampling_recipe(backbone))
 
 
-@functools.cache
 def _sampling_recipe(backbone: str) -> dict[str, Any]:
-    path = SAMPLING_DIR / f"{backbone}.toml"
-    if not path.is_file():
-        raise BadInputError(
-            f"backbone {backbone!r} has no sampling recipe at {path} (the package install is incomplete)"
-        )
-    return read_recipe(path)
+    return _shipped(SAMPLING_DIR, backbone, "sampling")
 
 
 def teacher_defaults(backbone: str) -> tuple[int, float]:

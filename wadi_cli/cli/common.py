@@ -94,13 +94,8 @@ OutDir = Annotated[
     Path | None,
     typer.Option("--out", "-o", help="Output folder (written atomically: all or nothing)."),
 ]
-Base = Annotated[
-    bool,
-    typer.Option("--base", help="One step from the undistilled base model instead of the default weights."),
-]
 Device = Annotated[str, typer.Option("--device", help="Torch device: cpu, cuda, cuda:1, mps.")]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
-Seed = Annotated[int, typer.Option("--seed", help="Random seed.")]
 
 
 @contextlib.contextmanager

@@ -146,7 +146,8 @@ def one_step_x0(
         x0 = (z − sqrt(1 − ᾱ_T) · ε̂(z, T−1, c)) / sqrt(ᾱ_T)
 
     ``z`` is pure Gaussian noise, ``pred`` the denoiser's output at t = T−1 and
-    ``alpha_bar_T`` the method's constant (0.0047 in the release, named once in the
-    backbone registry). A v-prediction model is converted with the same ᾱ_T.
+    ``alpha_bar_T`` the method's constant (named once, as ``ALPHA_BAR_T`` in the backbone
+    registry; a pipeline decides which value it samples with in
+    ``wadi_cli/pipeline/alpha_bar.py``). A v-prediction model is converted with the same ᾱ_T.
     """
     return to_x0(pred, z, alpha_bar_T, prediction_type)
