@@ -4,24 +4,61 @@ a LoRaD adapter, or an exported folder; :mod:`~wadi_cli.pipeline.loading`) as a 
 :class:`LoadedPipeline` whose one-step ᾱ_T is decided once (:mod:`~wadi_cli.pipeline.alpha_bar`),
 and generate with the one-step sampler or the multi-step teacher
 (:mod:`~wadi_cli.pipeline.generate`). The command-line options of sampling are declared once,
-in :class:`~wadi_cli.pipeline.options.SamplingOptions`."""
+in :class:`~wadi_cli.pipeline.options.SamplingOptions`.
 
-from wadi_cli.pipeline.alpha_bar import AlphaBarT, decide_alpha_bar_T, weights_alpha_bar_T
-from wadi_cli.pipeline.base import PipelineSource, weights_variant
-from wadi_cli.pipeline.generate import Generation, decode, generate, initial_noise
-from wadi_cli.pipeline.loaded import LoadedPipeline, check_weights_or_teacher
-from wadi_cli.pipeline.loading import (
-    apply_weights,
-    default_weights,
-    detect_weights_kind,
-    get_backbone_spec,
-    load_pipeline,
-    load_state_strict,
-    resolve_pipeline_source,
-)
-from wadi_cli.pipeline.one_step import one_step_latents
-from wadi_cli.pipeline.settings import SampleConfig, resolve_dtype
-from wadi_cli.pipeline.teacher import teacher_latents, teacher_scheduler
+The names below load on first use: the CLI reads :mod:`~wadi_cli.pipeline.options` to build
+its flags, and ``wadi sample --help`` must not import torch for that."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from wadi_cli.pipeline.alpha_bar import AlphaBarT, decide_alpha_bar_T, weights_alpha_bar_T
+    from wadi_cli.pipeline.base import PipelineSource, weights_variant
+    from wadi_cli.pipeline.generate import Generation, decode, generate, initial_noise
+    from wadi_cli.pipeline.loaded import LoadedPipeline, check_weights_or_teacher
+    from wadi_cli.pipeline.loading import (
+        apply_weights,
+        default_weights,
+        detect_weights_kind,
+        get_backbone_spec,
+        load_pipeline,
+        load_state_strict,
+        resolve_pipeline_source,
+    )
+    from wadi_cli.pipeline.one_step import one_step_latents
+    from wadi_cli.pipeline.options import SamplingOptions
+    from wadi_cli.pipeline.settings import SampleConfig, resolve_dtype
+    from wadi_cli.pipeline.teacher import teacher_latents, teacher_scheduler
+
+_HOMES = {
+    "AlphaBarT": "alpha_bar",
+    "decide_alpha_bar_T": "alpha_bar",
+    "weights_alpha_bar_T": "alpha_bar",
+    "PipelineSource": "base",
+    "weights_variant": "base",
+    "Generation": "generate",
+    "decode": "generate",
+    "generate": "generate",
+    "initial_noise": "generate",
+    "LoadedPipeline": "loaded",
+    "check_weights_or_teacher": "loaded",
+    "apply_weights": "loading",
+    "default_weights": "loading",
+    "detect_weights_kind": "loading",
+    "get_backbone_spec": "loading",
+    "load_pipeline": "loading",
+    "load_state_strict": "loading",
+    "resolve_pipeline_source": "loading",
+    "one_step_latents": "one_step",
+    "SamplingOptions": "options",
+    "SampleConfig": "settings",
+    "resolve_dtype": "settings",
+    "teacher_latents": "teacher",
+    "teacher_scheduler": "teacher",
+}
 
 __all__ = [
     "AlphaBarT",
@@ -29,6 +66,7 @@ __all__ = [
     "LoadedPipeline",
     "PipelineSource",
     "SampleConfig",
+    "SamplingOptions",
     "apply_weights",
     "check_weights_or_teacher",
     "decide_alpha_bar_T",
@@ -48,3 +86,9 @@ __all__ = [
     "weights_alpha_bar_T",
     "weights_variant",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)

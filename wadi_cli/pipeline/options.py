@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wadi_cli.errors import BadInputError
-from wadi_cli.pipeline.loaded import check_weights_or_teacher
-from wadi_cli.pipeline.settings import SampleConfig
+
+if TYPE_CHECKING:
+    from wadi_cli.pipeline.settings import SampleConfig
 
 #: The commands that take sampling options.
 COMMANDS: tuple[str, ...] = ("sample", "eval", "swap")
@@ -127,7 +128,10 @@ class SamplingOptions:
         """The one validator of sampling options: value ranges (through
         :class:`~wadi_cli.pipeline.settings.SampleConfig`), what is sampled
         (:func:`~wadi_cli.pipeline.loaded.check_weights_or_teacher`), and the teacher's
-        settings only with the teacher."""
+        settings only with the teacher. (The CLI builds its flags from this module without
+        torch; the checks import it when options are built.)"""
+        from wadi_cli.pipeline.loaded import check_weights_or_teacher
+
         self.sample_config()
         check_weights_or_teacher(self.teacher, self.weights, self.base)
         if not self.teacher and (self.steps is not None or self.cfg is not None):
@@ -139,6 +143,8 @@ class SamplingOptions:
         """The generation settings (``batch_size``: the command's default when these options
         name none). Its ``alpha_bar_T`` is ``--alpha-bar-t`` as given; the pipeline loaded
         with the same value decides what ``None`` means."""
+        from wadi_cli.pipeline.settings import SampleConfig
+
         return SampleConfig(
             teacher=self.teacher,
             steps=self.steps,
