@@ -392,7 +392,7 @@ def build_sd21_pipeline(ctx: Context, folder: Path, dtype: torch.dtype) -> tuple
 
 def step_sample_compile(ctx: Context) -> dict[str, Any]:
     from wadi_cli.pipeline import load_pipeline
-    from wadi_cli.pipeline.generate import generate
+    from wadi_cli.pipeline.generation import generate
     from wadi_cli.pipeline.settings import SampleConfig
 
     dtype = torch.float16 if ctx.cuda else torch.float32

@@ -55,7 +55,7 @@ def _planted_generate(wrong: set[int]):
     """A stand-in for ``generate`` that returns, for each prompt, a real render of what the
     prompt says (parsed from its text, jitter from the run's seed, as the FD reference is
     drawn) except at the indices ``wrong``, which get the next shape in the vocabulary."""
-    from wadi_cli.pipeline.generate import Generation
+    from wadi_cli.pipeline.generation import Generation
     from wadi_cli.tiny.data import ATTRIBUTES, parse_prompt, render_batch
 
     def fake(sampler, prompts, config, **kwargs):

@@ -3,7 +3,7 @@
 a LoRaD adapter, or an exported folder; :mod:`~wadi_cli.pipeline.loading`) as a frozen
 :class:`LoadedPipeline` whose one-step ᾱ_T is decided once (:mod:`~wadi_cli.pipeline.alpha_bar`),
 and generate with the one-step sampler or the multi-step teacher
-(:mod:`~wadi_cli.pipeline.generate`). The command-line options of sampling are declared once,
+(:mod:`~wadi_cli.pipeline.generation`). The command-line options of sampling are declared once,
 in :class:`~wadi_cli.pipeline.options.SamplingOptions`.
 
 The names below load on first use: the CLI reads :mod:`~wadi_cli.pipeline.options` to build
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from wadi_cli.pipeline.alpha_bar import AlphaBarT, decide_alpha_bar_T, weights_alpha_bar_T
     from wadi_cli.pipeline.base import PipelineSource, weights_variant
-    from wadi_cli.pipeline.generate import Generation, decode, generate, initial_noise
+    from wadi_cli.pipeline.generation import Generation, decode, generate, initial_noise
     from wadi_cli.pipeline.loaded import LoadedPipeline, check_weights_or_teacher
     from wadi_cli.pipeline.loading import (
         apply_weights,
@@ -39,10 +39,10 @@ _HOMES = {
     "weights_alpha_bar_T": "alpha_bar",
     "PipelineSource": "base",
     "weights_variant": "base",
-    "Generation": "generate",
-    "decode": "generate",
-    "generate": "generate",
-    "initial_noise": "generate",
+    "Generation": "generation",
+    "decode": "generation",
+    "generate": "generation",
+    "initial_noise": "generation",
     "LoadedPipeline": "loaded",
     "check_weights_or_teacher": "loaded",
     "apply_weights": "loading",

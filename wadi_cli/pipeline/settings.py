@@ -1,4 +1,4 @@
-"""Generation settings: :class:`SampleConfig` (what one :func:`~wadi_cli.pipeline.generate.generate`
+"""Generation settings: :class:`SampleConfig` (what one :func:`~wadi_cli.pipeline.generation.generate`
 call does: one step or the teacher, its steps and guidance, ᾱ_T, seed, batch size) and the
 dtype a pipeline loads in. The teacher's default steps and guidance come from the backbone's
 sampling recipe (``wadi_cli/configs/sample/NAME.toml``)."""
