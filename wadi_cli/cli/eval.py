@@ -134,7 +134,7 @@ class EvalFlags:
     json_out: JsonFlag = False
 
     @property
-    def protocol(self) -> bool:
+    def protocol_flags_given(self) -> bool:
         """Whether any flag of the protocol (beyond the tiny classifier) was given."""
         given = (self.captions, self.ref, self.save_ref, self.images, self.metrics, self.watch)
         return any(f is not None for f in (*given, self.inception_weights, self.clip_weights))
@@ -148,7 +148,7 @@ def register(app: typer.Typer) -> None:
     def eval_(*, sampling: SamplingOptions, flags: EvalFlags) -> None:
         from wadi_cli.errors import BadInputError
 
-        if sampling.backbone.strip().lower() == "tiny" and not flags.protocol:
+        if sampling.backbone.strip().lower() == "tiny" and not flags.protocol_flags_given:
             if flags.num_processes is not None:  # the launched processes would each run all of it
                 raise BadInputError(
                     "--num-processes splits the protocol metrics (--captions, --ref, --metrics, "
