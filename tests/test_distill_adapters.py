@@ -7,7 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from wadi_cli.distill.adapters import (
+from wadi_cli.errors import BadInputError, MismatchError
+from wadi_cli.lorad import LoRaDLinear, merge_adapter_into_state_dict
+from wadi_cli.lorad.multi_adapter import (
     MultiAdapterLinear,
     adapter_parameters,
     adapter_state_dict,
@@ -17,8 +19,6 @@ from wadi_cli.distill.adapters import (
     merged_state_dict,
     use_adapter,
 )
-from wadi_cli.errors import BadInputError, MismatchError
-from wadi_cli.lorad import LoRaDLinear, merge_adapter_into_state_dict
 
 
 class Net(nn.Module):
