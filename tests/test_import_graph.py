@@ -112,7 +112,8 @@ def test_a_planted_cycle_is_found(tmp_path):
     (pkg / "__init__.py").write_text("")
     (pkg / "sub" / "__init__.py").write_text("from wadi_cli.sub.a import x\n")
     (pkg / "sub" / "a.py").write_text("def f():\n    from wadi_cli.sub import b\nx = 1\n")
-    (pkg / "sub" / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import a\n")
+    relative_typed = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import a\n"
+    (pkg / "sub" / "b.py").write_text(relative_typed)
     (pkg / "sub" / "c.py").write_text("if __name__ == '__main__':\n    import wadi_cli.sub.a\n")
     graph = import_graph(pkg)
     assert graph["wadi_cli.sub.a"] == {"wadi_cli.sub.b"}
