@@ -118,7 +118,7 @@ def main() -> None:
         for b in (1, args.batch)
     }
     result = {
-        "what": "end-to-end CPU latency of wadi_cli.sample.generate on the tiny model (fp32): "
+        "what": "end-to-end CPU latency of wadi_cli.pipeline.generate on the tiny model (fp32): "
         "prompt encoding + denoiser + VAE decode",
         "weights": weights,
         "teacher": {"scheduler": "DDIM", "steps": args.steps, "cfg": teacher_cfg.cfg},

@@ -5,7 +5,7 @@ Shaped like torchtune's recipe interface: :meth:`AdapterRecipe.setup` builds the
 / :meth:`AdapterRecipe.load` save and restore it. The state is
 
 - one adapter per trained role on the frozen base network of a
-  :class:`~wadi_cli.sample.LoadedPipeline` (switchable layers of
+  :class:`~wadi_cli.pipeline.LoadedPipeline` (switchable layers of
   :mod:`wadi_cli.lorad.multi_adapter`; or, for the student of kind ``full``, a trainable
   fp32 copy of the whole network), described by :meth:`AdapterRecipe.roles`;
 - the optimizer and gradient scaler of each role (:mod:`wadi_cli.distill.optimizers`), the
@@ -48,7 +48,7 @@ from wadi_cli.lorad.multi_adapter import (
 )
 
 if TYPE_CHECKING:
-    from wadi_cli.sample import LoadedPipeline
+    from wadi_cli.pipeline import LoadedPipeline
 
 #: The role the EMA averages, validation samples and export reads.
 STUDENT = "student"

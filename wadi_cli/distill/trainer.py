@@ -58,7 +58,7 @@ class StepResult:
 
 
 class Distiller(AdapterRecipe):
-    """State and step of a WaDi run. ``pipe`` is a :class:`wadi_cli.sample.LoadedPipeline` of
+    """State and step of a WaDi run. ``pipe`` is a :class:`wadi_cli.pipeline.LoadedPipeline` of
     the base pipeline (teacher weights, frozen); its denoiser network gets both adapters."""
 
     def __init__(
