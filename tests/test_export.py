@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 from _helpers_sample import one_torch_thread, tiny_pipeline_dir
@@ -120,3 +123,50 @@ def test_baseline_runs_resume_and_export_merged(tmp_path, kind):
     with torch.no_grad():
         torch.testing.assert_close(merged(x, 999, emb).sample, ref, rtol=1e-4, atol=1e-5)
         assert not torch.allclose(ref, _base_unet(pipe)(x, 999, emb).sample)
+
+
+def test_diffusers_plain_one_step_call_is_wadi_sample(run_dir, tmp_path):
+    """``pipe(prompt, num_inference_steps=1, guidance_scale=0 or 1)`` on the export samples
+    t = 999 and gives ``wadi sample``'s image from the same noise. Tolerance: latents to
+    float32 rounding (rtol 1e-5), images within 1 level of 255 (diffusers maps [−1, 1] to
+    [0, 1] then ×255, wadi (x + 1) × 127.5: the same value rounded on either side of .5)."""
+    from _helpers_onestep import diffusers_one_step, wadi_one_step
+
+    run, pipe = run_dir
+    out = tmp_path / "pipe"
+    summary = export_run(run, "diffusers", out)
+    z, x0, images = wadi_one_step("tiny", out, model=str(pipe))
+    for guidance, cls in ((0.0, "DiffusionPipeline"), (1.0, "StableDiffusionPipeline")):
+        latents, theirs = diffusers_one_step(out, z, guidance, cls)
+        torch.testing.assert_close(latents, x0, rtol=1e-5, atol=1e-5)
+        assert np.abs(theirs.astype(int) - images.astype(int)).max() <= 1
+    sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    betas = torch.tensor(sched["trained_betas"], dtype=torch.float64)
+    assert abs(float(torch.cumprod(1 - betas, 0)[-1]) / summary["alpha_bar_T"] - 1) < 1e-5
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: diffusers" in card
+    assert "pipeline_tag: text-to-image" in card and "- one-step" in card
+    assert "num_inference_steps=1" in card and f"{summary['alpha_bar_T']:g}" in card
+
+
+def test_model_card_metrics_from_an_eval_folder(run_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from wadi_cli.cli.main import app
+
+    run, _ = run_dir
+    ev = tmp_path / "eval"
+    ev.mkdir()
+    result = {"num_images": 64, "metrics": {"accuracy": 0.8125, "fd": 3.25}}
+    (ev / "metrics.json").write_text(json.dumps(result))
+    out = tmp_path / "pipe"
+    r = CliRunner().invoke(app, ["export", str(run), "-f", "diffusers", "-o", str(out), "--eval", str(ev)])
+    assert r.exit_code == 0, r.output
+    card = (out / "README.md").read_text()
+    assert "| accuracy | 0.8125 |" in card and "| fd | 3.25 |" in card and "64 images" in card
+    # bad input: one line, exit 2, nothing written
+    for args in (["-f", "diffusers", "--eval", str(tmp_path)], ["-f", "merged", "--eval", str(ev)]):
+        bad = tmp_path / "bad"
+        r = CliRunner().invoke(app, ["export", str(run), "-o", str(bad), *args])
+        assert r.exit_code == 2 and "--eval" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert not bad.exists()

@@ -16,7 +16,10 @@ HELP = """Export the one-step student of a `wadi distill` run.
 Formats: merged = the full U-Net/transformer state dict (the authors' release format,
 loads strictly into the base model); adapter = the LoRaD adapter file of `wadi merge`;
 diffusers = a complete pipeline folder for `from_pretrained` and `wadi sample --weights`
-(the base's own components only: no safety checker, one copy of each weight);
+(the base's own components only: no safety checker, one copy of each weight), whose
+scheduler makes diffusers' plain one-step call `pipe(prompt, num_inference_steps=1,
+guidance_scale=0)` sample t = 999 with the run's ᾱ_T, and a model card README.md
+(--eval EVAL adds the metrics of a `wadi eval --out EVAL` folder);
 single-file = the original Stable Diffusion checkpoint layout (U-Net + VAE + text encoder)
 that ComfyUI and AUTOMATIC1111 load (sd15, sd21). Every format records the run's ᾱ_T.
 The EMA weights are used when the run kept them (--raw for the raw student).
@@ -27,7 +30,7 @@ Examples:
 
   wadi export runs/sd15 --format adapter --out sd15-student.safetensors --raw
 
-  wadi export runs/sd15 --format diffusers --out sd15-onestep/
+  wadi export runs/sd15 --format diffusers --out sd15-onestep/ --eval eval/sd15
 
   wadi export runs/sd15 --format single-file --out wadi-sd15.safetensors
 
@@ -62,6 +65,14 @@ def register(app: typer.Typer) -> None:
         overwrite: Annotated[
             bool, typer.Option("--overwrite", help="Replace an existing output file.")
         ] = False,
+        eval_dir: Annotated[
+            Path | None,
+            typer.Option(
+                "--eval",
+                help="A `wadi eval --out` folder whose metrics go into the model card (diffusers).",
+                show_default=False,
+            ),
+        ] = None,
         json_out: JsonFlag = False,
     ) -> None:
         from wadi_cli.distill.export import export_run
@@ -72,7 +83,9 @@ def register(app: typer.Typer) -> None:
             "--out is missing: name the output file (merged, adapter, single-file) or folder (diffusers) "
             "with --out PATH",
         )
-        summary = export_run(run, fmt, out, checkpoint=checkpoint, ema=not raw, overwrite=overwrite)
+        summary = export_run(
+            run, fmt, out, checkpoint=checkpoint, ema=not raw, overwrite=overwrite, eval_dir=eval_dir
+        )
         if json_out:
             console.print_json(json.dumps(summary))
         else:

@@ -23,6 +23,7 @@ from typing import Any
 
 from wadi_cli.backbones import Backbone
 from wadi_cli.distill.checkpoint import find_checkpoint, read_state
+from wadi_cli.distill.export_diffusers import model_card, read_eval_metrics, write_one_step_scheduler
 from wadi_cli.errors import BadInputError, CheckpointError
 from wadi_cli.io import (
     atomic_output_dir,
@@ -143,13 +144,19 @@ def export_run(
     checkpoint: str | None = None,
     ema: bool = True,
     overwrite: bool = False,
+    eval_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Export the student of ``run`` in format ``fmt`` to ``out`` (atomically).
 
+    ``diffusers`` folders get the one-step scheduler and a model card (with the metrics of
+    the ``wadi eval`` folder ``eval_dir`` when given; see :mod:`wadi_cli.distill.export_diffusers`).
     Returns a summary: ``out``, ``format``, ``checkpoint``, ``ema``, ``tensors``.
     """
     if fmt not in FORMATS:
         raise BadInputError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+    if eval_dir is not None and fmt != "diffusers":
+        raise BadInputError("--eval adds metrics to the model card of --format diffusers only")
+    metrics = read_eval_metrics(eval_dir) if eval_dir is not None else None
     out_path = Path(out).expanduser()
     if fmt in ("merged", "adapter", "single-file"):
         check_writable(out_path)
@@ -199,6 +206,7 @@ def export_run(
     from wadi_cli.backbones.registry import PIPELINE_COMPONENTS
     from wadi_cli.io.pipeline_folder import write_pipeline_folder
 
+    alpha_bar_T = float(config.get("alpha_bar_T") or backbone.alpha_bar_T)
     with atomic_output_dir(out_path) as tmp:
         write_pipeline_folder(
             tmp,
@@ -212,4 +220,15 @@ def export_run(
             variant=source.variant,
             metadata=meta,
         )
-    return {**summary, "tensors": len(merged)}
+        write_one_step_scheduler(tmp, alpha_bar_T)
+        index = json.loads((tmp / "model_index.json").read_text(encoding="utf-8"))
+        card = model_card(
+            pipeline_class=index["_class_name"],
+            base_ref=source.denoiser_ref,
+            family=backbone.family,
+            alpha_bar_T=alpha_bar_T,
+            recipe=recipe,
+            metrics=metrics,
+        )
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+    return {**summary, "tensors": len(merged), "alpha_bar_T": alpha_bar_T}
