@@ -11,6 +11,7 @@ from _helpers_sample import one_torch_thread, tiny_pipeline_dir
 
 from wadi_cli.distill import distill, list_checkpoints, load_checkpoint, resolve_config
 from wadi_cli.distill.export import export_run
+from wadi_cli.distill.export_lora import LoraRank
 from wadi_cli.errors import BadInputError, CheckpointError
 from wadi_cli.io import load_state_dict
 from wadi_cli.lorad import apply_adapter, load_adapter
@@ -170,3 +171,127 @@ def test_model_card_metrics_from_an_eval_folder(run_dir, tmp_path):
         r = CliRunner().invoke(app, ["export", str(run), "-o", str(bad), *args])
         assert r.exit_code == 2 and "--eval" in r.stderr and len(r.stderr.strip().splitlines()) == 1
         assert not bad.exists()
+
+
+def _numpy_low_rank(delta: torch.Tensor, rank: int) -> torch.Tensor:
+    """Independent reference: numpy's float64 SVD truncated to ``rank``."""
+    mat = delta.double().reshape(delta.shape[0], -1).numpy()
+    u, s, vh = np.linalg.svd(mat, full_matrices=False)
+    return torch.from_numpy((u[:, :rank] * s[:rank]) @ vh[:rank]).reshape(delta.shape)
+
+
+def _fused_unet(pipe_dir, lora_file):
+    """The base pipeline with ``lora_file`` loaded by diffusers' ``load_lora_weights`` and fused:
+    the U-Net's effective weights."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(pipe_dir), safety_checker=None, local_files_only=True)
+    pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    return {k: v.double() for k, v in pipe.unet.state_dict().items()}
+
+
+@pytest.mark.parametrize("keys", ["kohya", "diffusers"])
+def test_lora_export_loads_in_diffusers_as_base_plus_truncated_change(run_dir, tmp_path, keys):
+    """``--format lora`` read by diffusers' ``load_lora_weights`` on the base pipeline: every
+    effective weight is base + ΔW_r with ΔW_r numpy's float64 rank-3 SVD of merged − base;
+    the reported per-layer errors are ‖ΔW − ΔW_r‖/‖ΔW‖ of that reference."""
+    run, pipe = run_dir
+    out = tmp_path / "lora.safetensors"
+    summary = export_run(run, "lora", out, lora=LoraRank(rank=3), lora_keys=keys)
+    export_run(run, "merged", tmp_path / "m.safetensors")
+    merged = load_state_dict(tmp_path / "m.safetensors")
+    base = {k: v.double() for k, v in _base_unet(pipe).state_dict().items()}
+    fused = _fused_unet(pipe, out)
+    errors = {row["layer"]: row for row in summary["lora"]["layers"]}
+    changed = 0
+    for k, w in base.items():
+        delta = merged[k].double() - w
+        if not delta.any():
+            torch.testing.assert_close(fused[k], w, rtol=0, atol=1e-6)
+            continue
+        changed += 1
+        ref = _numpy_low_rank(delta, 3)
+        torch.testing.assert_close(fused[k], w + ref, rtol=0, atol=2e-6)
+        row = errors[k[: -len(".weight")]]
+        assert row["rank"] == 3
+        assert row["rel_error"] == pytest.approx(float((delta - ref).norm() / delta.norm()), rel=1e-6)
+    assert changed == len(errors) > 10
+
+
+def test_lora_of_planted_changes_covers_convs_and_the_energy_rule(pipe_dir, tmp_path):
+    """Planted ΔW of known spectrum on a resnet conv, a 1×1 conv and Linear layers: the energy
+    rule picks the smallest rank holding the fraction (numpy reference), diffusers' loader
+    gives base + ΔW_r (convs included), and full energy reproduces the change exactly."""
+    from safetensors.torch import save_file
+
+    from wadi_cli.distill.export_lora import extract_lora
+
+    base = _base_unet(pipe_dir).state_dict()
+    g = torch.Generator().manual_seed(5)
+    student = {k: v.clone() for k, v in base.items()}
+    planted = [
+        k for k in base if k.endswith(("resnets.0.conv1.weight", "attn1.to_q.weight", "ff.net.2.weight"))
+    ]
+    planted = planted[:4]
+    spectrum = torch.tensor([1.0, 0.6, 0.3, 0.1, 0.05])  # energy fractions: 0.7, 0.95, 0.99, 0.999, 1
+    for k in planted:
+        m, n = base[k].shape[0], base[k][0].numel()
+        q1 = torch.linalg.qr(torch.randn(m, 5, generator=g, dtype=torch.float64))[0]
+        q2 = torch.linalg.qr(torch.randn(n, 5, generator=g, dtype=torch.float64))[0]
+        delta = (q1 * spectrum.double()) @ q2.T * 0.01
+        student[k] = (base[k].double() + delta.reshape(base[k].shape)).float()
+    assert any(base[k].ndim == 4 for k in planted)
+
+    class Reader(dict):
+        pass
+
+    for energy in (0.9, 0.985):
+        tensors, report = extract_lora(Reader(base), student, LoraRank(energy=energy))
+        for row in report["layers"]:
+            k = row["layer"] + ".weight"
+            s = np.linalg.svd((student[k].double() - base[k].double()).reshape(len(base[k]), -1).numpy())[1]
+            frac = np.cumsum(s**2) / np.sum(s**2)
+            assert row["rank"] == int(np.argmax(frac >= energy - 1e-9)) + 1, (energy, row)
+        file = tmp_path / f"planted-{energy}.safetensors"
+        save_file(tensors, str(file))
+        fused = _fused_unet(pipe_dir, file)
+        for k in planted:
+            ref = base[k].double() + _numpy_low_rank(
+                student[k].double() - base[k].double(), tensors_rank(report, k)
+            )
+            torch.testing.assert_close(fused[k], ref, rtol=0, atol=2e-6)
+    # energy 1: the change itself (float32 rounding of the student adds tiny singular values)
+    tensors, report = extract_lora(Reader(base), student, LoraRank(energy=1.0))
+    assert report["total_rel_error"] < 1e-5 and all(r["rank"] >= 5 for r in report["layers"])
+    save_file(tensors, str(tmp_path / "full.safetensors"))
+    fused = _fused_unet(pipe_dir, tmp_path / "full.safetensors")
+    for k in planted:
+        torch.testing.assert_close(fused[k], student[k].double(), rtol=0, atol=2e-6)
+
+
+def tensors_rank(report, key):
+    return next(r["rank"] for r in report["layers"] if r["layer"] + ".weight" == key)
+
+
+def test_lora_bad_input(run_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from wadi_cli.cli.main import app
+
+    run, _ = run_dir
+    out = tmp_path / "l.safetensors"
+    for flags, words in (
+        (["--lora-rank", "100000"], "exceeds the rank"),
+        (["--lora-energy", "0"], "(0, 1]"),
+        (["--lora-energy", "1.5"], "(0, 1]"),
+        ([], "exactly one of"),
+        (["--lora-rank", "2", "--lora-energy", "0.5"], "exactly one of"),
+        (["--lora-rank", "2", "--lora-keys", "peft"], "--lora-keys"),
+    ):
+        r = CliRunner().invoke(app, ["export", str(run), "-f", "lora", "-o", str(out), *flags])
+        assert r.exit_code == 2 and words in r.stderr, (flags, r.output)
+        assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
+    r = CliRunner().invoke(app, ["export", str(run), "-f", "merged", "-o", str(out), "--lora-rank", "2"])
+    assert r.exit_code == 2 and "--format lora" in r.stderr and not out.exists()

@@ -24,6 +24,7 @@ from typing import Any
 from wadi_cli.backbones import Backbone
 from wadi_cli.distill.checkpoint import find_checkpoint, read_state
 from wadi_cli.distill.export_diffusers import model_card, read_eval_metrics, write_one_step_scheduler
+from wadi_cli.distill.export_lora import KOHYA_ALPHA, LORA_KEYS, LoraRank, extract_lora
 from wadi_cli.errors import BadInputError, CheckpointError
 from wadi_cli.io import (
     atomic_output_dir,
@@ -36,7 +37,7 @@ from wadi_cli.io.writers import ALPHA_BAR_T_METADATA
 from wadi_cli.lorad import load_adapter, merge_adapter_into_state_dict, save_adapter
 from wadi_cli.sample.pipeline import PipelineSource
 
-FORMATS: tuple[str, ...] = ("merged", "adapter", "diffusers", "single-file")
+FORMATS: tuple[str, ...] = ("merged", "adapter", "diffusers", "single-file", "lora")
 
 
 def run_student_file(
@@ -145,11 +146,16 @@ def export_run(
     ema: bool = True,
     overwrite: bool = False,
     eval_dir: str | os.PathLike[str] | None = None,
+    lora: LoraRank | None = None,
+    lora_keys: str = "kohya",
 ) -> dict[str, Any]:
     """Export the student of ``run`` in format ``fmt`` to ``out`` (atomically).
 
     ``diffusers`` folders get the one-step scheduler and a model card (with the metrics of
     the ``wadi eval`` folder ``eval_dir`` when given; see :mod:`wadi_cli.distill.export_diffusers`).
+    ``lora`` (the rank rule) and ``lora_keys`` (``kohya`` or ``diffusers``) shape
+    ``--format lora`` (see :mod:`wadi_cli.distill.export_lora`), whose summary adds the
+    per-layer and total relative errors (``lora``).
     Returns a summary: ``out``, ``format``, ``checkpoint``, ``ema``, ``tensors``.
     """
     if fmt not in FORMATS:
@@ -157,8 +163,12 @@ def export_run(
     if eval_dir is not None and fmt != "diffusers":
         raise BadInputError("--eval adds metrics to the model card of --format diffusers only")
     metrics = read_eval_metrics(eval_dir) if eval_dir is not None else None
+    if fmt == "lora" and lora is None:
+        raise BadInputError("--format lora needs exactly one of --lora-rank R and --lora-energy E")
+    if fmt == "lora" and lora_keys not in LORA_KEYS:
+        raise BadInputError(f"--lora-keys must be one of {', '.join(LORA_KEYS)}; got {lora_keys!r}")
     out_path = Path(out).expanduser()
-    if fmt in ("merged", "adapter", "single-file"):
+    if fmt in ("merged", "adapter", "single-file", "lora"):
         check_writable(out_path)
         if out_path.exists() and not overwrite:
             raise BadInputError(f"{out_path} already exists (pass --overwrite to replace it)")
@@ -191,12 +201,23 @@ def export_run(
         tensors, lcfg = load_adapter(adapter_file)
         save_adapter(out_path, tensors, lcfg, extra_metadata=extra)
         return {**summary, "tensors": len(tensors)}
-    merged, backbone, source = _merged_state(adapter_file, config, with_components=fmt != "merged")
+    merged, backbone, source = _merged_state(
+        adapter_file, config, with_components=fmt not in ("merged", "lora")
+    )
     sources = [source.denoiser_ref] + ([source.components_ref] if source.components_ref else [])
     meta = {**provenance_metadata(config=recipe, sources=[*sources, str(adapter_file)]), **alpha}
     if fmt == "merged":
         save_safetensors(merged, out_path, meta)
         return {**summary, "tensors": len(merged)}
+    if fmt == "lora":
+        assert lora is not None
+        with open_checkpoint(source.denoiser_root, backbone.denoiser_subfolder) as base:
+            tensors, report = extract_lora(base, merged, lora, keys=lora_keys, family=backbone.family)
+        ranks = sorted({layer["rank"] for layer in report["layers"]})
+        lora_meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(max(ranks))}
+        lora_meta |= {"ss_network_alpha": str(KOHYA_ALPHA), "wadi_lora_keys": lora_keys}
+        save_safetensors(tensors, out_path, {**meta, **lora_meta})
+        return {**summary, "tensors": len(tensors), "lora": report}
     if fmt == "single-file":
         from wadi_cli.io.sd_single_file_write import save_single_file
 
