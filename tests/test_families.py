@@ -267,6 +267,18 @@ def test_swap_analyze_merge_with_hub_ids(hub_cache, work, family):
         assert all(torch.equal(mine.get(k), ref.get(k)) for k in ref)
 
 
+def test_merge_refuses_an_sd21_adapter_on_an_sd15_base(hub_cache, work):
+    """An adapter recorded as sd21 merged into SD1.5 (whose proj_in are 1×1 convs where SD2.1
+    has Linear layers): one line, exit 2, no file; --any-backbone is the deliberate transfer."""
+    adapter = exported("sd21", work)["adapter"]
+    out = work / "sd21-into-sd15.safetensors"
+    r = wadi("merge", hubh.SD15, adapter, "--out", out, code=2)
+    assert "made for backbone 'sd21'" in r.stderr and "--any-backbone" in r.stderr and not out.exists()
+    assert len(r.stderr.strip().splitlines()) == 1
+    wadi("merge", hubh.SD15, adapter, "--out", out, "--any-backbone")
+    assert out.is_file()
+
+
 @pytest.mark.parametrize("family", ["sd15", "sd21", "sd21-768"])
 def test_single_file_converts_back_through_diffusers(hub_cache, work, family):
     """``--format single-file`` (export and merge) read back with diffusers' own
