@@ -295,3 +295,27 @@ def test_lora_bad_input(run_dir, tmp_path):
         assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
     r = CliRunner().invoke(app, ["export", str(run), "-f", "merged", "-o", str(out), "--lora-rank", "2"])
     assert r.exit_code == 2 and "--format lora" in r.stderr and not out.exists()
+
+
+def test_analyze_takes_a_run_folder_or_an_adapter_as_student(run_dir, tmp_path):
+    """``wadi analyze BASE RUN`` and ``wadi analyze BASE ADAPTER`` analyze the merged student:
+    the same numbers as ``wadi analyze BASE MERGED`` of ``export --format merged``."""
+    from typer.testing import CliRunner
+
+    from wadi_cli.cli.main import app
+
+    run, pipe = run_dir
+    base = pipe / "unet" / "diffusion_pytorch_model.safetensors"
+    export_run(run, "merged", tmp_path / "m.safetensors")
+    export_run(run, "adapter", tmp_path / "a.safetensors")
+    overall = {}
+    for name, student in (
+        ("merged", tmp_path / "m.safetensors"),
+        ("run", run),
+        ("adapter", tmp_path / "a.safetensors"),
+    ):
+        r = CliRunner().invoke(app, ["analyze", str(base), str(student), "--json"])
+        assert r.exit_code == 0, (name, r.output)
+        overall[name] = json.loads(r.stdout[r.stdout.index("{") :])["overall"]
+    assert overall["merged"]["layers"] > 0 and overall["merged"]["direction_change_mean"] > 0
+    assert overall["run"] == overall["merged"] and overall["adapter"] == overall["merged"]

@@ -80,6 +80,20 @@ def run_weights(
         yield dest, student, config
 
 
+@contextlib.contextmanager
+def student_weights(student: str | os.PathLike[str]) -> Iterator[tuple[Path, bool]]:
+    """STUDENT as ``wadi swap`` and ``wadi analyze`` take it: a ``wadi distill`` run folder
+    becomes its latest student (EMA when kept), merged into a temporary file; anything else
+    (a file, a folder, an adapter) passes through. Yields ``(path, came_from_a_run)``."""
+    from wadi_cli.distill.run_dirs import is_run_folder
+
+    if not is_run_folder(student):
+        yield Path(student), False
+        return
+    with run_weights(student, merged=True) as (merged, _, _):
+        yield merged, True
+
+
 def run_variant(config: dict[str, Any]) -> str | None:
     """The hub weights variant of the run's base: ``fp16`` when it trained in fp16."""
     return "fp16" if config.get("mixed_precision") == "fp16" else None
