@@ -295,6 +295,8 @@ def test_lora_bad_input(run_dir, tmp_path):
         assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
     r = CliRunner().invoke(app, ["export", str(run), "-f", "merged", "-o", str(out), "--lora-rank", "2"])
     assert r.exit_code == 2 and "--format lora" in r.stderr and not out.exists()
+    r = CliRunner().invoke(app, ["export", str(run), "-f", "lora", "-o", str(out), "--lora-energy", "0.9"])
+    assert r.exit_code == 0 and "total relative error" in r.stdout and out.is_file(), r.output
 
 
 def test_analyze_takes_a_run_folder_or_an_adapter_as_student(run_dir, tmp_path):
