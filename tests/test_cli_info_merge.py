@@ -93,8 +93,35 @@ def files(tmp_path):
         for name in ("down_blocks.0", "down_blocks.1"):
             model.get_submodule(name).lorad_A.normal_()
     adapter = get_adapter_state_dict(model)
-    save_adapter(tmp_path / "adapter.safetensors", adapter, LoRaDConfig(rank=3, backbone="tiny"))
+    # a toy, not a registered backbone: no recorded backbone (see the backbone test below)
+    save_adapter(tmp_path / "adapter.safetensors", adapter, LoRaDConfig(rank=3, backbone=None))
     return tmp_path, model, base, adapter
+
+
+def test_merge_refuses_an_adapter_of_another_backbone(files):
+    """Bases not built like the adapter's recorded backbone: a target that is a 1×1 conv
+    (LoRaD adapts Linear layers only), and, for a U-Net backbone, proj_in/proj_out that are
+    convs where its config has Linear projections (tiny's does). One line, exit 2, nothing
+    written; --any-backbone merges anyway; an adapter with no recorded backbone is not checked."""
+    tmp, _, base, adapter = files
+    out = tmp / "m.safetensors"
+    conv = dict(base, **{"down_blocks.0.weight": base["down_blocks.0.weight"][:, :, None, None]})
+    proj = dict(base, **{"up_blocks.0.attentions.1.proj_in.weight": torch.zeros(4, 4, 1, 1)})
+    save_file(conv, str(tmp / "conv.safetensors"))
+    save_file(proj, str(tmp / "proj.safetensors"))
+    save_adapter(tmp / "tiny.safetensors", adapter, LoRaDConfig(rank=3, backbone="tiny"))
+    for bad, words in (
+        ("conv", "down_blocks.0.weight is a conv (6, 8, 1, 1)"),
+        ("proj", "proj_in.weight is a conv"),
+    ):
+        args = ["merge", str(tmp / f"{bad}.safetensors"), str(tmp / "tiny.safetensors"), "--out", str(out)]
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2 and "made for backbone 'tiny'" in r.stderr and words in r.stderr, r.output
+        assert "--any-backbone" in r.stderr and len(r.stderr.strip().splitlines()) == 1 and not out.exists()
+        assert runner.invoke(app, [*args, "--any-backbone"]).exit_code == 0 and out.is_file()
+        out.unlink()
+    args = ["merge", str(tmp / "proj.safetensors"), str(tmp / "adapter.safetensors"), "--out", str(out)]
+    assert runner.invoke(app, args).exit_code == 0  # no recorded backbone: nothing to compare with
 
 
 def test_merge_writes_rotated_weights(files):

@@ -167,7 +167,7 @@ def test_exports_carry_alpha_and_only_the_pipeline(hub_cache, work, family):
     folder = paths["diffusers"]
     sub = "transformer" if family == "pixart" else "unet"
     assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == sorted(
-        ["model_index.json", sub, "vae", "text_encoder", "tokenizer", "scheduler"]
+        ["model_index.json", "README.md", sub, "vae", "text_encoder", "tokenizer", "scheduler"]
     )
     weights = sorted(
         str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix in (".safetensors", ".bin")
@@ -184,6 +184,30 @@ def test_exports_carry_alpha_and_only_the_pipeline(hub_cache, work, family):
     with open_checkpoint(paths["merged"]) as src:
         net = getattr(pipe, sub).state_dict()
         assert all(torch.equal(net[k], src.get(k)) for k in src)
+
+
+#: the pipeline class diffusers users load each family's export with
+PIPELINES = {"sd15": "StableDiffusionPipeline", "sd21": "StableDiffusionPipeline"}
+PIPELINES |= {"sd21-768": "StableDiffusionPipeline", "pixart": "PixArtAlphaPipeline"}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_diffusers_plain_one_step_call_is_wadi_sample(hub_cache, work, family):
+    """The export answers ``pipe(prompt, num_inference_steps=1, guidance_scale=0 or 1)``
+    with ``wadi sample``'s image from the same noise (t = 999 and the recorded ᾱ_T = ALPHA,
+    not the schedule's 0.00466). Tolerance: latents to float32 rounding; images within one
+    level of 255 (diffusers and wadi round the same value from [−1, 1] by different formulas)."""
+    from _helpers_onestep import diffusers_one_step, wadi_one_step
+
+    backbone, flags, _, _ = FAMILIES[family]
+    folder = exported(family, work)["diffusers"]
+    z, x0, images = wadi_one_step(backbone, folder, model=flags[1] if flags else None)
+    for guidance, cls in ((0.0, "DiffusionPipeline"), (1.0, PIPELINES[family])):
+        latents, theirs = diffusers_one_step(folder, z, guidance, cls)
+        torch.testing.assert_close(latents, x0, rtol=1e-5, atol=1e-5)
+        assert np.abs(theirs.astype(int) - images.astype(int)).max() <= 1, (family, guidance)
+    card = (folder / "README.md").read_text()
+    assert f"base_model: {BASE_REPO[family]}" in card and f"ᾱ_T = {ALPHA:g}" in card
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -241,6 +265,18 @@ def test_swap_analyze_merge_with_hub_ids(hub_cache, work, family):
         assert mine.metadata()["alpha_bar_T"] == str(ALPHA)
         assert sorted(mine.keys()) == sorted(ref.keys())
         assert all(torch.equal(mine.get(k), ref.get(k)) for k in ref)
+
+
+def test_merge_refuses_an_sd21_adapter_on_an_sd15_base(hub_cache, work):
+    """An adapter recorded as sd21 merged into SD1.5 (whose proj_in are 1×1 convs where SD2.1
+    has Linear layers): one line, exit 2, no file; --any-backbone is the deliberate transfer."""
+    adapter = exported("sd21", work)["adapter"]
+    out = work / "sd21-into-sd15.safetensors"
+    r = wadi("merge", hubh.SD15, adapter, "--out", out, code=2)
+    assert "made for backbone 'sd21'" in r.stderr and "--any-backbone" in r.stderr and not out.exists()
+    assert len(r.stderr.strip().splitlines()) == 1
+    wadi("merge", hubh.SD15, adapter, "--out", out, "--any-backbone")
+    assert out.is_file()
 
 
 @pytest.mark.parametrize("family", ["sd15", "sd21", "sd21-768"])

@@ -207,3 +207,84 @@ def test_info_says_where_each_part_comes_from_and_the_flag():
     assert sources["components"]["repo"] == PIX512 and sources["components"]["flag"] == "--components"
     text = CliRunner().invoke(app, ["info", "-b", "sd21"], env={"COLUMNS": "200"}).stdout
     assert SD21_BASE in text and f"--model {SD21}" in text and "v-prediction" in text
+
+
+@pytest.mark.parametrize(
+    ("backbone", "flags", "repos"),
+    [
+        ("sd15", [], ["stable-diffusion-v1-5/stable-diffusion-v1-5"]),
+        ("sd15", ["--dtype", "fp16"], ["stable-diffusion-v1-5/stable-diffusion-v1-5"]),
+        ("sd21", [], ["stabilityai/stable-diffusion-2-1-base"]),
+        ("pixart", [], ["PixArt-alpha/PixArt-XL-2-256x256"]),
+    ],
+)
+def test_offline_hint_downloads_exactly_the_planned_files(tmp_path, monkeypatch, backbone, flags, repos):
+    """With an empty cache, offline, `wadi sample --teacher` fails with one line whose
+    `hf download REPO --include ...` patterns are exactly the files the fetch plan takes from
+    the recorded file list: the denoiser, VAE and text encoder weights (one copy, fp16 with
+    --dtype fp16), configs, tokenizer, scheduler, model_index.json; never the whole repo."""
+    import shlex
+
+    import huggingface_hub.constants as constants
+    from typer.testing import CliRunner
+
+    from wadi_cli.cli.main import app
+    from wadi_cli.io.hub_files import FetchPlan, recorded_repos, select_files
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    r = CliRunner().invoke(
+        app, ["sample", "x", "-b", backbone, "--teacher", "-o", str(tmp_path / "o"), *flags]
+    )
+    assert r.exit_code == 3 and len(r.stderr.strip().splitlines()) == 1, r.output
+    line = r.stderr.replace("\n", " ")
+    command = line[line.index("`hf download") + 1 :]
+    words = shlex.split(command[: command.index("`")])
+    assert words[:3] == ["hf", "download", repos[0]] and words[3] == "--include"
+    sub = "transformer" if backbone == "pixart" else "unet"
+    variant = "fp16" if "fp16" in flags else None
+    if backbone == "pixart":  # a denoiser-only repo: its plan is the transformer alone
+        plan = FetchPlan(folders=(sub,), weights=(sub,), variant=variant)
+    else:
+        folders = (sub, "vae", "text_encoder", "tokenizer", "scheduler")
+        plan = FetchPlan(folders=folders, weights=(sub, "vae", "text_encoder"), variant=variant)
+    files = recorded_repos()[repos[0]]["files"]
+    assert sorted(words[4:]) == select_files(files, plan)
+    assert not any("safety_checker" in w or w.endswith((".bin", ".ckpt")) for w in words[4:])
+    weights = [w for w in words[4:] if w.endswith(".safetensors")]
+    assert len(weights) == (1 if backbone == "pixart" else 3)
+    assert all((".fp16." in w) == (variant == "fp16") for w in weights), weights
+
+
+def test_include_patterns_of_an_unrecorded_repo_select_the_plan():
+    """For a repo without a recorded file list the patterns are name globs; over a file list
+    with decoys they select every planned file and no other weights."""
+    from fnmatch import fnmatch
+
+    from wadi_cli.io.hub_files import FetchPlan, include_patterns, select_files
+
+    files = [
+        "model_index.json",
+        "README.md",
+        "v1-5-pruned.safetensors",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "unet/diffusion_pytorch_model.non_ema.safetensors",
+        "unet/diffusion_pytorch_model.bin",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/config.json",
+        "text_encoder/model.safetensors.index.json",
+        "text_encoder/model-00001-of-00002.safetensors",
+        "text_encoder/model-00002-of-00002.safetensors",
+        "tokenizer/vocab.json",
+        "tokenizer/merges.txt",
+        "safety_checker/model.safetensors",
+    ]
+    plan = FetchPlan(
+        folders=("unet", "vae", "text_encoder", "tokenizer"), weights=("unet", "vae", "text_encoder")
+    )
+    patterns = include_patterns("someone/unrecorded", plan)
+    chosen = sorted(f for f in files if any(fnmatch(f, p) for p in patterns))
+    assert chosen == select_files(files, plan)

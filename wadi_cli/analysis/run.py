@@ -275,11 +275,20 @@ def analyze_checkpoints(
     options: AnalyzeOptions | None = None,
     progress: ProgressFn | None = None,
 ) -> AnalysisResult:
-    """Open two checkpoints with :func:`wadi_cli.io.open_checkpoint` and analyze them."""
+    """Open two checkpoints with :func:`wadi_cli.io.open_checkpoint` and analyze them; a
+    LoRaD adapter file as STUDENT is merged into the teacher first (as ``wadi swap`` does)."""
+    from wadi_cli.io.tensor_map import DictSource
+    from wadi_cli.swap.core import open_student
 
     (options or AnalyzeOptions()).validate()  # fail on bad flags before touching files
-    with open_checkpoint(teacher_path) as t_src, open_checkpoint(student_path) as s_src:
-        result = analyze_sources(t_src, s_src, options, progress)
+    with open_checkpoint(teacher_path) as t_src:
+        s_src, desc = open_student(student_path, t_src)
+        try:
+            student = s_src if hasattr(s_src, "shape") else DictSource(s_src, desc)
+            result = analyze_sources(t_src, student, options, progress)
+        finally:
+            if hasattr(s_src, "close"):
+                s_src.close()
     result.teacher = f"{teacher_path} ({result.teacher})" if result.teacher else str(teacher_path)
     result.student = f"{student_path} ({result.student})" if result.student else str(student_path)
     return result

@@ -35,6 +35,8 @@ Examples:
 
   wadi analyze teacher.safetensors student.safetensors --out report/
 
+  wadi analyze wadi_cli/assets/tiny/pipeline runs/tiny     (a run folder: its latest student)
+
   wadi analyze teacher.safetensors student.safetensors --filter 'attn|ff' --json > summary.json
 
   wadi analyze teacher.safetensors student.safetensors --rank-k 32 --exact --device cuda
@@ -106,7 +108,11 @@ def register(app: typer.Typer) -> None:
         ] = None,
         student: Annotated[
             str | None,
-            typer.Argument(help="Student checkpoint (file or folder); required.", show_default=False),
+            typer.Argument(
+                help="Student: checkpoint (file or folder), `wadi distill` run folder (its latest "
+                "student) or LoRaD adapter (merged into TEACHER); required.",
+                show_default=False,
+            ),
         ] = None,
         out: OutDir = None,
         json_out: JsonFlag = False,
@@ -125,6 +131,7 @@ def register(app: typer.Typer) -> None:
 
         from wadi_cli.analysis import AnalyzeOptions, analyze_checkpoints
         from wadi_cli.analysis.outputs import write_report_files
+        from wadi_cli.distill.export import student_weights
         from wadi_cli.io import atomic_output_dir
 
         teacher = require(teacher, "no checkpoints given: compare two with `wadi analyze TEACHER STUDENT`")
@@ -152,7 +159,14 @@ def register(app: typer.Typer) -> None:
             def progress(name: str, done: int, total: int) -> None:
                 bar.update(task, completed=done, total=total, description=name[-40:])
 
-            result = analyze_checkpoints(teacher, student, opts, progress)
+            student_path, from_run = stack.enter_context(student_weights(student))
+            if from_run:
+                err_console.print(
+                    f"[dim]using the run's latest student ({student}), merged[/]", highlight=False
+                )
+            result = analyze_checkpoints(teacher, student_path, opts, progress)
+            if from_run:
+                result.student = f"{student} (latest student, merged)"
             if folder is not None:
                 write_report_files(result, folder)
         summary = result.summary(include_layers=json_out)

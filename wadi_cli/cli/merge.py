@@ -14,7 +14,8 @@ from wadi_cli.cli.common import JsonFlag, console, handle_errors, require
 HELP = """Merge a LoRaD adapter into a base checkpoint and write one .safetensors file
 (atomically, with provenance metadata). Every adapted weight W becomes R(AB)·W; every
 other tensor is copied unchanged. Adapter modules without a matching '<path>.weight'
-in BASE are an error and nothing is written.
+in BASE are an error and nothing is written, and so is a BASE whose architecture is not
+the adapter's recorded backbone (--any-backbone merges it anyway).
 
 Examples:
 
@@ -64,6 +65,14 @@ def register(app: typer.Typer) -> None:
                 "BASE must then be a pipeline folder or hub id).",
             ),
         ] = "merged",
+        any_backbone: Annotated[
+            bool,
+            typer.Option(
+                "--any-backbone",
+                help="Merge an adapter into a base of another architecture than its recorded "
+                "backbone (a deliberate transfer; by default refused).",
+            ),
+        ] = False,
         json_out: JsonFlag = False,
     ) -> None:
         from wadi_cli.lorad import merge_adapter_file
@@ -72,7 +81,14 @@ def register(app: typer.Typer) -> None:
         adapter = require(adapter, f"no adapter given: `wadi merge {base} ADAPTER --out merged.safetensors`")
         out = require(out, "--out is missing: name the merged checkpoint with --out FILE.safetensors")
         summary = merge_adapter_file(
-            base, adapter, out, dtype=dtype, prefix=prefix, overwrite=overwrite, fmt=fmt
+            base,
+            adapter,
+            out,
+            dtype=dtype,
+            prefix=prefix,
+            overwrite=overwrite,
+            fmt=fmt,
+            any_backbone=any_backbone,
         )
         if json_out:
             typer.echo(json.dumps(summary, indent=2))

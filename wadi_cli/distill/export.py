@@ -23,6 +23,8 @@ from typing import Any
 
 from wadi_cli.backbones import Backbone
 from wadi_cli.distill.checkpoint import find_checkpoint, read_state
+from wadi_cli.distill.export_diffusers import model_card, read_eval_metrics, write_one_step_scheduler
+from wadi_cli.distill.export_lora import KOHYA_ALPHA, LORA_KEYS, LoraRank, extract_lora
 from wadi_cli.errors import BadInputError, CheckpointError
 from wadi_cli.io import (
     atomic_output_dir,
@@ -35,7 +37,7 @@ from wadi_cli.io.writers import ALPHA_BAR_T_METADATA
 from wadi_cli.lorad import load_adapter, merge_adapter_into_state_dict, save_adapter
 from wadi_cli.pipeline.base import PipelineSource
 
-FORMATS: tuple[str, ...] = ("merged", "adapter", "diffusers", "single-file")
+FORMATS: tuple[str, ...] = ("merged", "adapter", "diffusers", "single-file", "lora")
 
 
 def run_student_file(
@@ -76,6 +78,20 @@ def run_weights(
         else:
             export_run(run, "merged", dest, checkpoint=checkpoint)
         yield dest, student, config
+
+
+@contextlib.contextmanager
+def student_weights(student: str | os.PathLike[str]) -> Iterator[tuple[Path, bool]]:
+    """STUDENT as ``wadi swap`` and ``wadi analyze`` take it: a ``wadi distill`` run folder
+    becomes its latest student (EMA when kept), merged into a temporary file; anything else
+    (a file, a folder, an adapter) passes through. Yields ``(path, came_from_a_run)``."""
+    from wadi_cli.distill.run_dirs import is_run_folder
+
+    if not is_run_folder(student):
+        yield Path(student), False
+        return
+    with run_weights(student, merged=True) as (merged, _, _):
+        yield merged, True
 
 
 def run_variant(config: dict[str, Any]) -> str | None:
@@ -143,15 +159,30 @@ def export_run(
     checkpoint: str | None = None,
     ema: bool = True,
     overwrite: bool = False,
+    eval_dir: str | os.PathLike[str] | None = None,
+    lora: LoraRank | None = None,
+    lora_keys: str = "kohya",
 ) -> dict[str, Any]:
     """Export the student of ``run`` in format ``fmt`` to ``out`` (atomically).
 
+    ``diffusers`` folders get the one-step scheduler and a model card (with the metrics of
+    the ``wadi eval`` folder ``eval_dir`` when given; see :mod:`wadi_cli.distill.export_diffusers`).
+    ``lora`` (the rank rule) and ``lora_keys`` (``kohya`` or ``diffusers``) shape
+    ``--format lora`` (see :mod:`wadi_cli.distill.export_lora`), whose summary adds the
+    per-layer and total relative errors (``lora``).
     Returns a summary: ``out``, ``format``, ``checkpoint``, ``ema``, ``tensors``.
     """
     if fmt not in FORMATS:
         raise BadInputError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+    if eval_dir is not None and fmt != "diffusers":
+        raise BadInputError("--eval adds metrics to the model card of --format diffusers only")
+    metrics = read_eval_metrics(eval_dir) if eval_dir is not None else None
+    if fmt == "lora" and lora is None:
+        raise BadInputError("--format lora needs exactly one of --lora-rank R and --lora-energy E")
+    if fmt == "lora" and lora_keys not in LORA_KEYS:
+        raise BadInputError(f"--lora-keys must be one of {', '.join(LORA_KEYS)}; got {lora_keys!r}")
     out_path = Path(out).expanduser()
-    if fmt in ("merged", "adapter", "single-file"):
+    if fmt in ("merged", "adapter", "single-file", "lora"):
         check_writable(out_path)
         if out_path.exists() and not overwrite:
             raise BadInputError(f"{out_path} already exists (pass --overwrite to replace it)")
@@ -184,12 +215,23 @@ def export_run(
         tensors, lcfg = load_adapter(adapter_file)
         save_adapter(out_path, tensors, lcfg, extra_metadata=extra)
         return {**summary, "tensors": len(tensors)}
-    merged, backbone, source = _merged_state(adapter_file, config, with_components=fmt != "merged")
+    merged, backbone, source = _merged_state(
+        adapter_file, config, with_components=fmt not in ("merged", "lora")
+    )
     sources = [source.denoiser_ref] + ([source.components_ref] if source.components_ref else [])
     meta = {**provenance_metadata(config=recipe, sources=[*sources, str(adapter_file)]), **alpha}
     if fmt == "merged":
         save_safetensors(merged, out_path, meta)
         return {**summary, "tensors": len(merged)}
+    if fmt == "lora":
+        assert lora is not None
+        with open_checkpoint(source.denoiser_root, backbone.denoiser_subfolder) as base:
+            tensors, report = extract_lora(base, merged, lora, keys=lora_keys, family=backbone.family)
+        ranks = sorted({layer["rank"] for layer in report["layers"]})
+        lora_meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(max(ranks))}
+        lora_meta |= {"ss_network_alpha": str(KOHYA_ALPHA), "wadi_lora_keys": lora_keys}
+        save_safetensors(tensors, out_path, {**meta, **lora_meta})
+        return {**summary, "tensors": len(tensors), "lora": report}
     if fmt == "single-file":
         from wadi_cli.io.sd_single_file_write import save_single_file
 
@@ -199,6 +241,7 @@ def export_run(
     from wadi_cli.backbones.registry import PIPELINE_COMPONENTS
     from wadi_cli.io.pipeline_folder import write_pipeline_folder
 
+    alpha_bar_T = float(config.get("alpha_bar_T") or backbone.alpha_bar_T)
     with atomic_output_dir(out_path) as tmp:
         write_pipeline_folder(
             tmp,
@@ -212,4 +255,15 @@ def export_run(
             variant=source.variant,
             metadata=meta,
         )
-    return {**summary, "tensors": len(merged)}
+        write_one_step_scheduler(tmp, alpha_bar_T)
+        index = json.loads((tmp / "model_index.json").read_text(encoding="utf-8"))
+        card = model_card(
+            pipeline_class=index["_class_name"],
+            base_ref=source.denoiser_ref,
+            family=backbone.family,
+            alpha_bar_T=alpha_bar_T,
+            recipe=recipe,
+            metrics=metrics,
+        )
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+    return {**summary, "tensors": len(merged), "alpha_bar_T": alpha_bar_T}

@@ -22,7 +22,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from wadi_cli.errors import CheckpointError, HubError
-from wadi_cli.io.hub_files import FetchPlan, MissingFiles, select_files
+from wadi_cli.io.hub_files import FetchPlan, MissingFiles, download_command, select_files
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _OFFLINE_ERRORS = ("LocalEntryNotFoundError", "IncompleteSnapshotError", "OfflineModeIsEnabled")
@@ -145,9 +145,16 @@ def resolve_repo(
         wanted = select_files(files, plan)
         return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=wanted))
     except MissingFiles as exc:
-        raise _missing(exc, repo_id, offline) from None
+        raise _with_command(_missing(exc, repo_id, offline), repo_id, plan) from None
     except Exception as exc:  # noqa: BLE001 - every hub failure becomes one line
-        raise _explain(exc, repo_id, what) from None
+        raise _with_command(_explain(exc, repo_id, what), repo_id, plan) from None
+
+
+def _with_command(error: HubError, repo_id: str, plan: FetchPlan) -> HubError:
+    """``error`` carrying (attribute ``command``) the ``hf download`` command that fetches
+    exactly the plan's files where the hub is reachable."""
+    error.command = download_command(repo_id, plan)  # type: ignore[attr-defined]
+    return error
 
 
 def denoiser_folder(files: list[str]) -> str | None:

@@ -134,3 +134,43 @@ def recorded_repos() -> dict[str, dict[str, Any]]:
     "exact", "files": {path: bytes or None}}}`` (``wadi_cli/configs/hub_files.json``)."""
     text = resources.files("wadi_cli").joinpath("configs", "hub_files.json").read_text()
     return json.loads(text)["repos"]
+
+
+def _pattern_weights(folder: str, variant: str | None) -> list[str]:
+    """Name patterns of one copy of a folder's safetensors weights, for each variant
+    :func:`folder_weights` would try (the preferred one first)."""
+    out = []
+    for v in [variant, None] if variant else [None, "fp16"]:
+        tag = f".{v}" if v else ""
+        for stem in WEIGHT_STEMS:
+            out += [f"{folder}/{stem}{tag}.safetensors", f"{folder}/{stem}.safetensors.index{tag}.json"]
+            out.append(f"{folder}/{stem}{tag}-*-of-*.safetensors")
+    return out
+
+
+def include_patterns(repo: str, plan: FetchPlan) -> list[str]:
+    """The ``--include`` patterns of ``hf download REPO`` that fetch what ``plan`` needs: the
+    very files :func:`select_files` picks when the repository's file list is recorded
+    (:func:`recorded_repos`), else name patterns (config files of the planned folders and,
+    for weights folders, one copy of the weights of each variant :func:`folder_weights`
+    would try)."""
+    known = recorded_repos().get(repo)
+    if known is not None:
+        try:
+            return select_files(known["files"], plan)
+        except MissingFiles:
+            pass  # the recorded list lacks a planned folder: fall back to patterns
+    out = list(plan.root)
+    for folder in plan.folders:
+        out += [f"{folder}/*{suffix}" for suffix in CONFIG_SUFFIXES]
+        if folder in plan.weights:
+            out += _pattern_weights(folder, plan.variant)
+    return out
+
+
+def download_command(repo: str, plan: FetchPlan) -> str:
+    """``hf download REPO --include ...``: one shell command fetching only what ``plan`` needs."""
+    import shlex
+
+    patterns = " ".join(shlex.quote(p) for p in include_patterns(repo, plan))
+    return f"hf download {shlex.quote(repo)} --include {patterns}"

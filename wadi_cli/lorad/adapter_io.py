@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -239,13 +240,16 @@ def merge_adapter_file(
     prefix: str | None = None,
     overwrite: bool = False,
     fmt: str = "merged",
+    any_backbone: bool = False,
 ) -> dict[str, Any]:
     """Merge the adapter file ``adapter`` into the checkpoint ``base`` (anything
     :func:`wadi_cli.io.open_checkpoint` reads) and write one safetensors file ``out``
     atomically, with provenance metadata (and the adapter's recorded ᾱ_T). Nothing is
     written on error. ``fmt="single-file"`` writes the original Stable Diffusion layout
     instead (U-Net + the VAE and text encoder of ``base``, which must then be a pipeline
-    folder or hub id of an sd15/sd21 adapter).
+    folder or hub id of an sd15/sd21 adapter). An adapter recorded for one backbone is
+    refused on a base of another architecture (:func:`check_base_backbone`) unless
+    ``any_backbone`` (a deliberate transfer).
 
     Returns:
         A summary: ``out``, ``merged_layers``, ``tensors``, ``rank``, ``role``, ``dtype``.
@@ -266,6 +270,8 @@ def merge_adapter_file(
         raise BadInputError("--out must differ from the base checkpoint it is read from")
     root = _single_file_base(base, config) if fmt == "single-file" else None
     with open_checkpoint(root or base, "unet" if root else None) as src:
+        if not any_backbone:
+            check_base_backbone(src, tensors, config, prefix)
         merged = merge_adapter_into_state_dict(src, tensors, dtype=torch_dtype, prefix=prefix)
         for name, tensor in merged.items():  # a rotation of finite weights is finite: NaN/Inf came with BASE
             require_finite(base, name, tensor)
@@ -298,6 +304,46 @@ def merge_adapter_file(
         "dtype": recipe["dtype"],
         "format": fmt,
     }
+
+
+def check_base_backbone(
+    base: Tensors, adapter: Mapping[str, Tensor], config: LoRaDConfig, prefix: str | None = None
+) -> None:
+    """Refuse a base whose denoiser is not built like the adapter's recorded backbone, from
+    headers only: (1) LoRaD adapts ``nn.Linear`` layers only, so a target that is a 1×1 conv
+    in ``base`` belongs to another architecture (an SD2.1 adapter's proj_in on SD1.5); (2)
+    the transformer blocks' proj_in / proj_out must be Linear (2-D) exactly when the
+    backbone's shipped U-Net config says ``use_linear_projection`` (an SD1.5 adapter on
+    SD2.1). Other misfits (missing layers, other sizes) are refused by the merge itself."""
+    name = getattr(config, "backbone", None)
+    if not name:
+        return
+    from wadi_cli.backbones import get_backbone
+
+    try:
+        backbone = get_backbone(str(name))
+    except BadInputError:
+        return  # a backbone this version does not know: nothing to compare with
+    base = as_tensor_map(base)
+    keys = list(base.keys())
+    paths, _ = adapter_paths(adapter)
+    pre = _resolve_prefix(set(keys), paths, prefix)
+    bad = [f"{pre}{p}.weight is a conv {tuple(base.shape(f'{pre}{p}.weight'))}" for p in paths]
+    bad = [b for b, p in zip(bad, paths, strict=True) if len(base.shape(f"{pre}{p}.weight")) == 4]
+    if backbone.family == "unet" and not bad:
+        linear = bool(backbone.denoiser_config().get("use_linear_projection", False))
+        proj = [k for k in keys if k.startswith(pre) and _PROJ.search(k)]
+        bad = [
+            f"{k} is {'a conv' if linear else 'Linear'}" for k in proj if (len(base.shape(k)) == 2) != linear
+        ]
+    if bad:
+        raise MismatchError(
+            f"the adapter was made for backbone {name!r} but the base is not built like {name} "
+            f"({bad[0]}; {len(bad)} such layer(s)); pass --any-backbone to merge it anyway"
+        )
+
+
+_PROJ = re.compile(r"attentions\.\d+\.proj_(in|out)\.weight$")
 
 
 def _single_file_base(base: str | os.PathLike[str], config: LoRaDConfig) -> Path:

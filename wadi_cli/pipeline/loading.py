@@ -100,13 +100,14 @@ def _pipeline_source(
         repo = str(model if model is not None else backbone.hub_id)
         comp = str(components or backbone.components_repo or repo)
         detail = str(exc).split(";", 1)[0]  # which folder or file is missing, without its hint
+        command = getattr(exc, "command", None)  # hf download of exactly the planned files
         if comp == repo:
             raise _MissingDownload(
-                f"the base pipeline {repo} ({detail})", f"hf download {repo}", "--model DIR"
+                f"the base pipeline {repo} ({detail})", command or f"hf download {repo}", "--model DIR"
             ) from None
         raise _MissingDownload(
             f"the base pipeline {repo} with the components of {comp} ({detail})",
-            f"hf download {repo}; hf download {comp}",
+            command or f"hf download {repo}; hf download {comp}",
             "--model DIR --components DIR",
         ) from None
 

@@ -1,0 +1,46 @@
+"""Diffusers' own pipeline on a ``--format diffusers`` export, next to ``wadi sample``, from
+the same initial noise (shared by the tiny and the family tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+#: Prompts of the comparisons (the tiny tokenizer knows these words; the miniature CLIP
+#: tokenizers map them to whatever ids they have).
+PROMPTS = ["a red circle at the top left", "a blue square at the bottom right"]
+SEED = 11  # image i starts from wadi's noise of seed SEED + i
+
+
+def wadi_one_step(backbone: str, weights: Path, model: str | None = None, alpha_bar_T: float | None = None):
+    """``wadi sample``'s latents x0 and uint8 images of :data:`PROMPTS`, and its initial noise."""
+    from wadi_cli.sample import SampleConfig, load_pipeline
+    from wadi_cli.sample.generate import decode, initial_noise, one_step_latents
+
+    pipe = load_pipeline(backbone, model=model, weights=weights)
+    cfg = SampleConfig(seed=SEED, alpha_bar_T=alpha_bar_T).resolved(pipe.backbone, pipe.weights_alpha_bar_T)
+    z = initial_noise([SEED + i for i in range(len(PROMPTS))], pipe.latent_shape)
+    x0 = one_step_latents(pipe, pipe.prompt_encoder(PROMPTS), z, float(cfg.alpha_bar_T))
+    return z, x0, decode(pipe.vae, x0)
+
+
+def diffusers_one_step(
+    folder: Path, z: torch.Tensor, guidance_scale: float = 0.0, pipeline_class: str = "DiffusionPipeline"
+):
+    """The plain one-step call ``pipe(prompt, num_inference_steps=1, guidance_scale=...)`` with
+    ``latents=z``: its latents and its uint8 images (diffusers' own postprocessing)."""
+    import diffusers
+
+    cls = getattr(diffusers, pipeline_class)
+    pipe = cls.from_pretrained(str(folder), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=1, guidance_scale=guidance_scale, latents=z.clone())
+    if "Pixart" in type(pipe).__name__ or "PixArt" in type(pipe).__name__:
+        kw["use_resolution_binning"] = False  # the miniature's side is none of the real bins
+    with torch.no_grad():
+        latents = pipe(PROMPTS, output_type="latent", **kw).images
+        images = pipe(PROMPTS, output_type="np", **kw).images
+    assert [int(t) for t in pipe.scheduler.timesteps] == [999]
+    return latents, (np.asarray(images) * 255).round().astype(np.uint8)
