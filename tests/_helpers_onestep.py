@@ -16,13 +16,11 @@ SEED = 11  # image i starts from wadi's noise of seed SEED + i
 
 def wadi_one_step(backbone: str, weights: Path, model: str | None = None, alpha_bar_T: float | None = None):
     """``wadi sample``'s latents x0 and uint8 images of :data:`PROMPTS`, and its initial noise."""
-    from wadi_cli.sample import SampleConfig, load_pipeline
-    from wadi_cli.sample.generate import decode, initial_noise, one_step_latents
+    from wadi_cli.pipeline import decode, initial_noise, load_pipeline, one_step_latents
 
-    pipe = load_pipeline(backbone, model=model, weights=weights)
-    cfg = SampleConfig(seed=SEED, alpha_bar_T=alpha_bar_T).resolved(pipe.backbone, pipe.weights_alpha_bar_T)
+    pipe = load_pipeline(backbone, model=model, weights=weights, alpha_bar_T=alpha_bar_T)
     z = initial_noise([SEED + i for i in range(len(PROMPTS))], pipe.latent_shape)
-    x0 = one_step_latents(pipe, pipe.prompt_encoder(PROMPTS), z, float(cfg.alpha_bar_T))
+    x0 = one_step_latents(pipe, pipe.prompt_encoder(PROMPTS), z, pipe.alpha_bar_T)
     return z, x0, decode(pipe.vae, x0)
 
 

@@ -83,14 +83,12 @@ def test_kdiffusion_euler_one_step_is_wadi_sample(hub_cache, tmp_path, family):
     from k_diffusion.external import DiscreteEpsDDPMDenoiser, DiscreteVDDPMDenoiser
     from k_diffusion.sampling import sample_euler
 
-    from wadi_cli.sample import SampleConfig, load_pipeline
-    from wadi_cli.sample.generate import decode, initial_noise, one_step_latents
+    from wadi_cli.pipeline import decode, initial_noise, load_pipeline, one_step_latents
 
     backbone, flags = FAMILIES[family]
     single, merged = _student(family, tmp_path)
     pipe = load_pipeline(backbone, model=flags[1] if flags else None, weights=merged)
-    cfg = SampleConfig(seed=SEED).resolved(pipe.backbone, pipe.weights_alpha_bar_T)
-    assert cfg.alpha_bar_T == ALPHA
+    assert pipe.alpha_bar_T == ALPHA
     cond = pipe.prompt_encoder(PROMPTS)
     z = initial_noise([SEED + i for i in range(len(PROMPTS))], pipe.latent_shape)
     x0 = one_step_latents(pipe, cond, z, ALPHA)
