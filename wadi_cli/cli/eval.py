@@ -160,7 +160,20 @@ def register(app: typer.Typer) -> None:
                 help="OpenCLIP weights file, or a folder with open_clip_config.json (default: HF cache).",
             ),
         ] = None,
-        clip_model: Annotated[str, typer.Option("--clip-model", help="OpenCLIP architecture.")] = "ViT-g-14",
+        clip_model: Annotated[
+            str | None, typer.Option("--clip-model", help="OpenCLIP architecture (default: the protocol's).")
+        ] = None,
+        protocol_name: Annotated[
+            str,
+            typer.Option(
+                "--protocol",
+                help="Whose evaluation to reproduce: wadi, dmd2 or gigagan (crop, CLIP input and text, "
+                "CLIP model, captions, image order, seeding; docs/evaluation-protocols.md).",
+            ),
+        ] = "wadi",
+        dry_run: Annotated[
+            bool, typer.Option("--dry-run", help="Show the work and a time estimate here; run nothing.")
+        ] = False,
         workers: Annotated[int, typer.Option("--workers", help="Image decoding workers.")] = 0,
         out: OutDir = None,
         json_out: JsonFlag = False,
@@ -168,7 +181,7 @@ def register(app: typer.Typer) -> None:
         from wadi_cli.errors import BadInputError
 
         protocol_flags = (captions, ref, save_ref, images, metrics, watch, inception_weights, clip_weights)
-        if backbone.strip().lower() == "tiny" and all(f is None for f in protocol_flags):
+        if backbone.strip().lower() == "tiny" and all(f is None for f in protocol_flags) and not dry_run:
             if num_processes is not None:  # the launched processes would each run all of it
                 raise BadInputError(
                     "--num-processes splits the protocol metrics (--captions, --ref, --metrics, "
@@ -286,8 +299,13 @@ def _protocol_eval(a: dict[str, Any]) -> None:
         clip_model=a["clip_model"],
         clip_weights=_str(a["clip_weights"]),
         workers=a["workers"],
+        protocol=protocol.get_protocol(a["protocol_name"]).name,
     )
-    use_backbone_cpu_threads(name, a["device"])
+    if a["images"] is None and a["save_ref"] is None:  # scoring alone keeps torch's thread count
+        use_backbone_cpu_threads(name, a["device"])
+    if a["dry_run"]:
+        _dry_run(a, name, tiny, options)
+        return
     procs = processes(resolve_device(a["device"]))
     bars = progress_bars(err_console, enabled=procs.is_main)
     if a["save_ref"] is not None:
@@ -312,6 +330,25 @@ def _protocol_eval(a: dict[str, Any]) -> None:
         _show(result, a["json_out"])
 
 
+def _dry_run(a: dict[str, Any], name: str, tiny: bool, options: Any) -> None:
+    """--dry-run: the plan and the time estimate (wadi_cli.evaluation.estimate)."""
+    from wadi_cli.evaluation.estimate import describe, estimate, to_json
+    from wadi_cli.evaluation.folders import list_images
+    from wadi_cli.machine import resolve_device
+
+    metrics = options.metrics
+    if a["save_ref"] is not None:
+        generate, score, metrics = 0, 0, ("fid", "kid", "pr")
+    elif a["images"] is not None:
+        score = len(list_images(a["images"], "--images", options.rules.image_order))
+        generate, score = 0, min(score, a["num_images"] or score)
+    else:
+        generate = score = len(_captions(a, tiny) or [])
+    plan = estimate(generate=generate, score=score, ref=a["ref"], metrics=metrics, backbone=name,
+                    device=resolve_device(a["device"]), protocol_name=options.protocol)  # fmt: skip
+    typer.echo(to_json(plan) if a["json_out"] else describe(plan))
+
+
 def _watched_backbone(run: Path | None) -> str | None:
     """The backbone of a ``--watch`` run (from its config.json), checked to be a run."""
     if run is None:
@@ -326,11 +363,13 @@ def _watched_backbone(run: Path | None) -> str | None:
 def _captions(a: dict[str, Any], tiny: bool) -> list[str] | None:
     """--captions (first -n), or for tiny the prompts drawn with --seed."""
     from wadi_cli.errors import BadInputError
+    from wadi_cli.evaluation import protocol
     from wadi_cli.evaluation.captions import read_captions, select_captions
 
     if a["captions"] is not None:
+        style = protocol.get_protocol(a["protocol_name"]).captions
         return select_captions(
-            read_captions(a["captions"], a["caption_column"]), a["num_images"], str(a["captions"])
+            read_captions(a["captions"], a["caption_column"], style), a["num_images"], str(a["captions"])
         )
     if a["images"] is not None:
         return None

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Iterator
 
 import numpy as np
 
@@ -31,19 +30,42 @@ def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.mean(features, axis=0), np.cov(features, rowvar=False)
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """clean-fid prints a note when it regularises a singular product; keep stdout for us."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield
-
-
 def fid(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """Fréchet distance ``‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½)`` (clean-fid)."""
+    return fid_checked(mu1, sigma1, mu2, sigma2)[0]
+
+
+def fid_checked(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
+) -> tuple[float, bool]:
+    """(FID, whether Σ1 Σ2 was singular). scipy's and clean-fid's own notes about a singular
+    product (printed for every FID from fewer images than feature dimensions) are kept
+    quiet: the caller says it once, in words (:func:`singular_note`)."""
+    import warnings
+
     from cleanfid.fid import frechet_distance
 
-    with _quiet():
-        return float(frechet_distance(mu1, sigma1, mu2, sigma2))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise BadInputError(
+            f"FID: features of {len(mu1)} dimensions against a reference of {len(mu2)}: "
+            "the reference was made with another feature extractor"
+        )
+    out = io.StringIO()
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out):
+        warnings.simplefilter("always")
+        value = float(frechet_distance(mu1, sigma1, mu2, sigma2))
+    singular = bool(out.getvalue().strip()) or any("singular" in str(w.message).lower() for w in caught)
+    return value, singular
+
+
+def singular_note(n_generated: int, n_reference: int, dim: int) -> str:
+    """The one warning of an FID whose covariance product is singular, in words."""
+    return (
+        f"FID from {n_generated} generated and {n_reference} reference images: with fewer images "
+        f"than the {dim} feature dimensions the covariances are singular, so the matrix square "
+        "root was regularised (clean-fid adds a small multiple of the identity); the value is "
+        "only comparable to FIDs computed from the same numbers of images"
+    )
 
 
 def kid(generated: np.ndarray, reference: np.ndarray, seed: int = protocol.KID_SEED) -> float:
