@@ -239,8 +239,8 @@ class Scorer:
         ref = self.reference
         if "fid" in wanted:
             mu, sigma = scores.statistics(feats["inception"])
-            out["fid"], singular = scores.fid_checked(mu, sigma, ref.mu, ref.sigma)  # type: ignore[union-attr]
-            if singular:
+            out["fid"] = scores.fid(mu, sigma, ref.mu, ref.sigma)  # type: ignore[union-attr]
+            if scores.is_singular(len(files), ref.num_images, len(mu)):  # type: ignore[union-attr]
                 self.warnings.append(scores.singular_note(len(files), ref.num_images, len(mu)))  # type: ignore[union-attr]
         if "kid" in wanted:
             out["kid"] = scores.kid(feats["inception"], ref.features)  # type: ignore[union-attr]

@@ -31,16 +31,9 @@ def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fid(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """Fréchet distance ``‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½)`` (clean-fid)."""
-    return fid_checked(mu1, sigma1, mu2, sigma2)[0]
-
-
-def fid_checked(
-    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
-) -> tuple[float, bool]:
-    """(FID, whether Σ1 Σ2 was singular). scipy's and clean-fid's own notes about a singular
-    product (printed for every FID from fewer images than feature dimensions) are kept
-    quiet: the caller says it once, in words (:func:`singular_note`)."""
+    """Fréchet distance ``‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½)`` (clean-fid). scipy's and
+    clean-fid's own notes about a singular product are kept quiet: the caller says it once,
+    in words (:func:`is_singular`, :func:`singular_note`)."""
     import warnings
 
     from cleanfid.fid import frechet_distance
@@ -50,21 +43,24 @@ def fid_checked(
             f"FID: features of {len(mu1)} dimensions against a reference of {len(mu2)}: "
             "the reference was made with another feature extractor"
         )
-    out = io.StringIO()
-    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out):
-        warnings.simplefilter("always")
-        value = float(frechet_distance(mu1, sigma1, mu2, sigma2))
-    singular = bool(out.getvalue().strip()) or any("singular" in str(w.message).lower() for w in caught)
-    return value, singular
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        return float(frechet_distance(mu1, sigma1, mu2, sigma2))
+
+
+def is_singular(n_generated: int, n_reference: int, dim: int) -> bool:
+    """A covariance of N feature vectors has rank at most N − 1: below ``dim + 1`` images on
+    either side, Σ1 Σ2 is singular."""
+    return min(n_generated, n_reference) <= dim
 
 
 def singular_note(n_generated: int, n_reference: int, dim: int) -> str:
     """The one warning of an FID whose covariance product is singular, in words."""
     return (
         f"FID from {n_generated} generated and {n_reference} reference images: with fewer images "
-        f"than the {dim} feature dimensions the covariances are singular, so the matrix square "
-        "root was regularised (clean-fid adds a small multiple of the identity); the value is "
-        "only comparable to FIDs computed from the same numbers of images"
+        f"than the {dim} feature dimensions the covariance matrices are singular and the matrix "
+        "square root inside FID is only approximate; compare this value only with FIDs from the "
+        "same numbers of images (the papers use 30,000)"
     )
 
 
