@@ -1,5 +1,7 @@
 """The zero-shot COCO protocol of the one-step distillation papers (GigaGAN's evaluation, as
-used by DMD2, SiD-LSG, SwiftBrush v2 and WaDi's Table 1), as data and one image transform.
+used by DMD2, SiD-LSG, SwiftBrush v2 and WaDi's Table 1), as data and one image transform;
+the named variants of it (:data:`PROTOCOLS`: ``wadi``, ``dmd2``, ``gigagan``) fix every
+choice that changes a number (``docs/evaluation-protocols.md``).
 
 - FID / KID / precision-recall: every real and generated image is converted to RGB
   (``PIL.Image.convert``), center-cropped to a square on its long edge, resized to
@@ -176,7 +178,7 @@ PROTOCOLS: dict[str, Protocol] = {
     ),
     "dmd2": Protocol(
         name="dmd2",
-        papers="DMD2 (main/coco_eval, test_folder_sd.py) and WaDi's Table 1, which follows it",
+        papers="DMD2 (main/coco_eval, main/test_folder_sd.py); the closest published code to WaDi's Table 1",
         crop="half-even",
         clip_input="square-256",
         tokenization="spliced",
