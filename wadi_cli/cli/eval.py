@@ -181,7 +181,8 @@ def register(app: typer.Typer) -> None:
         from wadi_cli.errors import BadInputError
 
         protocol_flags = (captions, ref, save_ref, images, metrics, watch, inception_weights, clip_weights)
-        if backbone.strip().lower() == "tiny" and all(f is None for f in protocol_flags) and not dry_run:
+        classifier_only = not dry_run and protocol_name.strip().lower() == "wadi"  # else: the protocol path
+        if backbone.strip().lower() == "tiny" and all(f is None for f in protocol_flags) and classifier_only:
             if num_processes is not None:  # the launched processes would each run all of it
                 raise BadInputError(
                     "--num-processes splits the protocol metrics (--captions, --ref, --metrics, "
