@@ -53,6 +53,9 @@ Examples:
 
   wadi eval --ref val2014/ --save-ref coco2014_256.npz
 
+  wadi eval --protocol dmd2 -b sd15 -w RUN --captions captions_coco14_test.txt \
+    --ref val2014/ --out eval/dmd2 --dry-run
+
   wadi eval --images other_method/ --captions coco2014_30k.csv --ref coco2014_256.npz
 
   wadi eval --watch runs/sd15 -n 5000 --captions coco2014_30k.csv --ref coco2014_256.npz
@@ -128,7 +131,20 @@ class EvalFlags:
             help="OpenCLIP weights file, or a folder with open_clip_config.json (default: HF cache).",
         ),
     ] = None
-    clip_model: Annotated[str, typer.Option("--clip-model", help="OpenCLIP architecture.")] = "ViT-g-14"
+    clip_model: Annotated[
+        str | None, typer.Option("--clip-model", help="OpenCLIP architecture (default: the protocol's).")
+    ] = None
+    protocol_name: Annotated[
+        str,
+        typer.Option(
+            "--protocol",
+            help="Whose evaluation to reproduce: wadi, dmd2 or gigagan (crop, CLIP input and text, "
+            "CLIP model, captions, image order, seeding; docs/evaluation-protocols.md).",
+        ),
+    ] = "wadi"
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show the work and a time estimate here; run nothing.")
+    ] = False
     workers: Annotated[int, typer.Option("--workers", help="Image decoding workers.")] = 0
     out: OutDir = None
     json_out: JsonFlag = False
@@ -148,7 +164,8 @@ def register(app: typer.Typer) -> None:
     def eval_(*, sampling: SamplingOptions, flags: EvalFlags) -> None:
         from wadi_cli.errors import BadInputError
 
-        if sampling.backbone.strip().lower() == "tiny" and not flags.protocol_flags_given:
+        classifier_only = not flags.dry_run and flags.protocol_name.strip().lower() == "wadi"
+        if sampling.backbone.strip().lower() == "tiny" and not flags.protocol_flags_given and classifier_only:
             if flags.num_processes is not None:  # the launched processes would each run all of it
                 raise BadInputError(
                     "--num-processes splits the protocol metrics (--captions, --ref, --metrics, "
@@ -245,8 +262,13 @@ def _protocol_eval(sampling: SamplingOptions, flags: EvalFlags) -> None:
         clip_model=flags.clip_model,
         clip_weights=_str(flags.clip_weights),
         workers=flags.workers,
+        protocol=protocol.get_protocol(flags.protocol_name).name,
     )
-    use_backbone_cpu_threads(name, sampling.device)
+    if flags.images is None and flags.save_ref is None:  # scoring alone keeps torch's thread count
+        use_backbone_cpu_threads(name, sampling.device)
+    if flags.dry_run:
+        _dry_run(sampling, flags, name, tiny, options)
+        return
     procs = processes(resolve_device(sampling.device))
     bars = progress_bars(err_console, enabled=procs.is_main)
     if flags.save_ref is not None:
@@ -271,6 +293,25 @@ def _protocol_eval(sampling: SamplingOptions, flags: EvalFlags) -> None:
         _show(result, flags.json_out)
 
 
+def _dry_run(sampling: SamplingOptions, flags: EvalFlags, name: str, tiny: bool, options: Any) -> None:
+    """--dry-run: the plan and the time estimate (wadi_cli.evaluation.estimate)."""
+    from wadi_cli.evaluation.estimate import describe, estimate, to_json
+    from wadi_cli.evaluation.folders import list_images
+    from wadi_cli.machine import resolve_device
+
+    metrics = options.metrics
+    if flags.save_ref is not None:
+        generate, score, metrics = 0, 0, ("fid", "kid", "pr")
+    elif flags.images is not None:
+        score = len(list_images(flags.images, "--images", options.rules.image_order))
+        generate, score = 0, min(score, sampling.num_images or score)
+    else:
+        generate = score = len(_captions(sampling, flags, tiny) or [])
+    plan = estimate(generate=generate, score=score, ref=flags.ref, metrics=metrics, backbone=name,
+                    device=resolve_device(sampling.device), protocol_name=options.protocol)  # fmt: skip
+    typer.echo(to_json(plan) if flags.json_out else describe(plan))
+
+
 def _watched_backbone(run: Path | None) -> str | None:
     """The backbone of a ``--watch`` run (from its config.json), checked to be a run."""
     if run is None:
@@ -285,11 +326,15 @@ def _watched_backbone(run: Path | None) -> str | None:
 def _captions(sampling: SamplingOptions, flags: EvalFlags, tiny: bool) -> list[str] | None:
     """--captions (first -n), or for tiny the prompts drawn with --seed."""
     from wadi_cli.errors import BadInputError
+    from wadi_cli.evaluation import protocol
     from wadi_cli.evaluation.captions import read_captions, select_captions
 
     if flags.captions is not None:
+        style = protocol.get_protocol(flags.protocol_name).captions
         return select_captions(
-            read_captions(flags.captions, flags.caption_column), sampling.num_images, str(flags.captions)
+            read_captions(flags.captions, flags.caption_column, style),
+            sampling.num_images,
+            str(flags.captions),
         )
     if flags.images is not None:
         return None

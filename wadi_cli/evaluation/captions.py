@@ -8,6 +8,9 @@
   id, images in increasing id order.
 
 Whitespace is normalised and empty captions are skipped; an empty file is refused.
+Under ``--protocol dmd2|gigagan`` a ``.txt`` is read as DMD2's ``captions_coco14_test.txt``
+is written: every line is one caption exactly as it stands (trailing and repeated spaces,
+a leading ``#``), only blank lines skipped (:func:`read_caption_lines`).
 """
 
 from __future__ import annotations
@@ -72,12 +75,30 @@ def coco_captions(path: str | os.PathLike[str]) -> list[tuple[int, str, str]]:
     return [(i, files.get(i, ""), best[i][1]) for i in sorted(best)]
 
 
-def read_captions(path: str | os.PathLike[str], column: str | None = None) -> list[str]:
-    """The captions of ``path`` in file order (see the module docstring for the formats)."""
+def read_caption_lines(path: Path) -> list[str]:
+    """Every non-blank line of a UTF-8 text file as one caption, unchanged but for its line
+    end (DMD2's and GigaGAN's caption files)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"{_FLAG} {path}: cannot read it as UTF-8 text ({exc})") from None
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise BadInputError(f"{_FLAG} {path}: holds no captions")
+    return lines
+
+
+def read_captions(
+    path: str | os.PathLike[str], column: str | None = None, style: str = "normalised"
+) -> list[str]:
+    """The captions of ``path`` in file order (see the module docstring for the formats);
+    ``style="lines"`` reads a ``.txt`` line by line, as is."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise BadInputError(f"{_FLAG} {p}: no such file")
     suffix = p.suffix.lower()
+    if style == "lines" and suffix == ".txt":
+        return read_caption_lines(p)
     if suffix not in CAPTION_SUFFIXES:
         raise BadInputError(f"{_FLAG} {p}: unsupported type; use one of {', '.join(CAPTION_SUFFIXES)}")
     if suffix == ".json":

@@ -149,8 +149,12 @@ def evaluate_model(
         "batch_size": request.batch_size,
         "dtype": str(dtype).replace("torch.", ""),
     }
+    rules = options.rules
+    seed_batch = rules.seed_batch if rules.seeding == "per-batch" else None
+    if seed_batch:  # only then do the images depend on the protocol (older folders resume)
+        settings.update(seeding=f"{rules.name}: per batch of {seed_batch}", batch_size=seed_batch)
     check_ref(ref)
-    manifest = build_manifest(settings, request.captions, request.seed)
+    manifest = build_manifest(settings, request.captions, request.seed, seed_batch)
     check_resumable(request.out, manifest)
     attrs = _tiny_attrs(spec.name, request.captions)
     real_seed = request.seed if request.real_seed is None else request.real_seed
@@ -169,7 +173,7 @@ def evaluate_model(
         base=request.base,
         alpha_bar_T=request.alpha_bar_T,
     )
-    made, seconds = generate_missing(pipe, request.out, manifest, config, procs, progress)
+    made, seconds = generate_missing(pipe, request.out, manifest, config, procs, progress, seed_batch)
     scorer.timing.generated += made
     scorer.timing.generation_s += seconds
     files = [request.out / f for f in manifest.files]
@@ -187,13 +191,29 @@ def evaluate_model(
         "metrics": metrics,
         "how": how,
         "reference": _reference_summary(scorer),
+        "protocol": rules.to_dict(),
         "timing": scorer.timing.to_dict(),
         "out": str(request.out),
     }
-    if pipe.warnings:
-        result["warnings"] = pipe.warnings
+    warnings = list(pipe.warnings) + _protocol_warnings(scorer)
+    if warnings:
+        result["warnings"] = warnings
     write_metrics(request.out, result)
     return result
+
+
+def _protocol_warnings(scorer: Scorer) -> list[str]:
+    """The scorer's notes (a singular FID) and, for a protocol with a fixed real set, a
+    reference of another size."""
+    notes = list(scorer.warnings)
+    rules, ref = scorer.options.rules, scorer.reference
+    wanted = rules.reference_images
+    if ref is not None and wanted is not None and ref.num_images != wanted and scorer.options.needs_reference:
+        notes.append(
+            f"--protocol {rules.name} compares against {rules.reference} ({wanted:,} images); "
+            f"this reference holds {ref.num_images:,}, so FID / KID / precision / recall are not the papers'"
+        )
+    return notes
 
 
 def _reference_summary(scorer: Scorer) -> dict[str, Any] | None:
@@ -221,7 +241,8 @@ def evaluate_folder(
         raise BadInputError("--images: accuracy and fd score tiny generations; use --metrics fid,kid,clip,pr")
     check_ref(ref)
     found = manifest_images(folder)
-    files, own = found if found is not None else (list_images(folder, "--images"), None)
+    order = options.rules.image_order
+    files, own = found if found is not None else (list_images(folder, "--images", order), None)
     texts = list(captions) if captions is not None else own
     if num_images is not None:
         if num_images > len(files):
@@ -251,8 +272,12 @@ def evaluate_folder(
         "metrics": metrics,
         "how": how,
         "reference": _reference_summary(scorer),
+        "protocol": options.rules.to_dict(),
         "timing": scorer.timing.to_dict(),
     }
+    warnings = _protocol_warnings(scorer)
+    if warnings:
+        result["warnings"] = warnings
     if out is not None:
         ensure_eval_dir(out)
         result["out"] = str(out)
@@ -279,6 +304,7 @@ def make_reference(
         inception_weights=options.inception_weights,
         feature_batch_size=options.feature_batch_size,
         workers=options.workers,
+        protocol=options.protocol,
     )
     start = time.perf_counter()
     scorer = Scorer.load(opts, procs, progress)

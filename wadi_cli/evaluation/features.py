@@ -5,7 +5,9 @@
   resizes with its own ``build_resizer("clean")``; the input is the protocol's 256-px
   square (:func:`wadi_cli.evaluation.protocol.protocol_image`);
 - OpenCLIP image and text embeddings (``open_clip.create_model_and_transforms``), with
-  OpenCLIP's own image preprocessing applied to the image as generated.
+  OpenCLIP's own image preprocessing applied to the image the protocol gives it
+  (:func:`wadi_cli.evaluation.protocol.clip_input`) and the text tokenized by the
+  protocol's rule (:mod:`wadi_cli.evaluation.clip_text`).
 
 Weights are never downloaded here: ``--inception-weights`` / ``--clip-weights`` take local
 files, and the libraries' own caches are used when they hold the files. A missing file
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 
 from wadi_cli.errors import BadInputError, CheckpointError
-from wadi_cli.evaluation import protocol
+from wadi_cli.evaluation import clip_text, protocol
 from wadi_cli.evaluation.folders import read_image
 
 EXTRA = 'pip install "wadi-cli[eval]"'
@@ -125,9 +127,21 @@ class InceptionFeatures:
         self.net = net.to(device).eval()
         self.device = device
         self.resize = build_resizer(protocol.FID_MODE)
+        self._dim: int | None = None
 
-    def settings(self, resolution: int = protocol.RESOLUTION) -> protocol.FeatureSettings:
-        return protocol.FeatureSettings(resolution=resolution, extractor_sha256=self.sha256)
+    def settings(
+        self, resolution: int = protocol.RESOLUTION, rounding: str = "floor"
+    ) -> protocol.FeatureSettings:
+        crop = protocol.crop_description(rounding)
+        return protocol.FeatureSettings(resolution=resolution, crop=crop, extractor_sha256=self.sha256)
+
+    @property
+    def dim(self) -> int:
+        """Length of one feature vector (one forward pass of a blank image, computed once)."""
+        if self._dim is None:
+            blank = torch.zeros(1, 3, 299, 299)
+            self._dim = int(self(blank).shape[1])
+        return self._dim
 
     def prepare(self, square: np.ndarray) -> torch.Tensor:
         """clean-fid's clean resize of one (R, R, 3) uint8 square → (3, 299, 299) float in [0, 255]."""
@@ -140,7 +154,9 @@ class InceptionFeatures:
 
 
 # ---- OpenCLIP -------------------------------------------------------------------------
-def resolve_clip(model: str, weights: str | os.PathLike[str] | None) -> tuple[str, str | None, str]:
+def resolve_clip(
+    model: str, weights: str | os.PathLike[str] | None, pretrained: str = protocol.CLIP_PRETRAINED
+) -> tuple[str, str | None, str]:
     """``(model_name, pretrained, description)`` for ``open_clip.create_model_and_transforms``:
 
     - a folder with ``open_clip_config.json``: OpenCLIP's ``local-dir:`` form (config and
@@ -162,7 +178,7 @@ def resolve_clip(model: str, weights: str | os.PathLike[str] | None) -> tuple[st
         return model, str(path), f"{model} ({path.name})"
     import open_clip
 
-    cfg = open_clip.get_pretrained_cfg(model, protocol.CLIP_PRETRAINED) or {}
+    cfg = open_clip.get_pretrained_cfg(model, pretrained) or {}
     repo = str(cfg.get("hf_hub", "")).strip("/")
     found = None
     if repo:
@@ -176,19 +192,27 @@ def resolve_clip(model: str, weights: str | os.PathLike[str] | None) -> tuple[st
     if found is None:
         where = f"https://huggingface.co/{repo}/resolve/main/open_clip_pytorch_model.bin" if repo else "them"
         raise CheckpointError(
-            f"CLIP weights missing ({model} {protocol.CLIP_PRETRAINED} is not in the Hugging Face cache): "
+            f"CLIP weights missing ({model} {pretrained} is not in the Hugging Face cache): "
             f"download {where} and pass it with --clip-weights FILE"
         )
-    return model, found, f"{model} {protocol.CLIP_PRETRAINED}"
+    return model, found, f"{model} {pretrained}"
 
 
 class ClipFeatures:
-    """OpenCLIP image / text embeddings, L2-normalised."""
+    """OpenCLIP image / text embeddings, L2-normalised, under a protocol's CLIP rules
+    (image input, tokenization; the model and its weights are the caller's)."""
 
-    def __init__(self, model: str, weights: str | os.PathLike[str] | None, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: str,
+        weights: str | os.PathLike[str] | None,
+        device: torch.device,
+        proto: protocol.Protocol | None = None,
+    ) -> None:
         import open_clip
 
-        name, pretrained, self.description = resolve_clip(model, weights)
+        self.protocol = protocol.get_protocol(proto)
+        name, pretrained, self.description = resolve_clip(model, weights, self.protocol.clip_pretrained)
         try:
             net, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
             self.tokenizer = open_clip.get_tokenizer(name)
@@ -196,18 +220,26 @@ class ClipFeatures:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(f"--clip-weights: cannot load {self.description} ({msg})") from None
         self.net = net.to(device).eval()
-        self.preprocess: Callable[[Any], torch.Tensor] = preprocess
+        self.model_preprocess: Callable[[Any], torch.Tensor] = preprocess
         self.device = device
+
+    def preprocess(self, image: Any) -> torch.Tensor:
+        """The protocol's CLIP input (:func:`~wadi_cli.evaluation.protocol.clip_input`), then
+        the model's own preprocessing."""
+        return self.model_preprocess(protocol.clip_input(image, self.protocol))
 
     @torch.no_grad()
     def images(self, batch: torch.Tensor) -> np.ndarray:
         emb = self.net.encode_image(batch.to(self.device)).float()
         return torch.nn.functional.normalize(emb, dim=-1).cpu().numpy()
 
+    def tokens(self, texts: Sequence[str], prefix: str = protocol.CLIP_PREFIX) -> torch.Tensor:
+        """Token ids of ``prefix`` + each text by the protocol's rule."""
+        return clip_text.tokenize(self.tokenizer, texts, prefix, self.protocol.tokenization)
+
     @torch.no_grad()
     def texts(self, texts: Sequence[str], prefix: str = protocol.CLIP_PREFIX) -> np.ndarray:
-        tokens = self.tokenizer([prefix + t for t in texts]).to(self.device)
-        emb = self.net.encode_text(tokens).float()
+        emb = self.net.encode_text(self.tokens(texts, prefix).to(self.device)).float()
         return torch.nn.functional.normalize(emb, dim=-1).cpu().numpy()
 
 
@@ -222,8 +254,10 @@ class _Images(torch.utils.data.Dataset):
         inception: Callable[[np.ndarray], torch.Tensor] | None,
         clip: Callable[[Any], torch.Tensor] | None,
         resolution: int,
+        rounding: str = "floor",
     ) -> None:
         self.files, self.inception, self.clip, self.resolution = list(files), inception, clip, resolution
+        self.rounding = rounding
 
     def __len__(self) -> int:
         return len(self.files)
@@ -235,7 +269,7 @@ class _Images(torch.utils.data.Dataset):
         except BadInputError as exc:
             item["error"], image = str(exc), None
         if self.inception is not None:
-            square = protocol.protocol_image(image, self.resolution) if image is not None else None
+            square = None if image is None else protocol.protocol_image(image, self.resolution, self.rounding)
             item["inception"] = self.inception(square) if square is not None else None
         if self.clip is not None:
             item["clip"] = self.clip(image) if image is not None else None
@@ -260,6 +294,7 @@ def extract(
     resolution: int = protocol.RESOLUTION,
     workers: int = 0,
     progress: Callable[[int], None] | None = None,
+    rounding: str = "floor",
 ) -> dict[str, np.ndarray]:
     """Features of ``files`` in order: ``{"inception": (N, D), "clip": (N, E)}`` (those
     asked for). ``progress(k)`` is called after each batch with its size."""
@@ -269,6 +304,7 @@ def extract(
             inception.prepare if inception is not None else None,
             clip.preprocess if clip is not None else None,
             resolution,
+            rounding,
         ),
         batch_size=batch_size,
         num_workers=workers,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,9 +38,16 @@ IMAGES = "images"
 REFERENCE = "reference"
 
 
-def list_images(folder: str | os.PathLike[str], flag: str) -> list[Path]:
+def natural_key(text: str) -> list[Any]:
+    """Sort key that orders digit runs by value and letters case-blind (``2.png`` before
+    ``10.png``), GigaGAN's order of its generated images."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
+
+
+def list_images(folder: str | os.PathLike[str], flag: str, order: str = "path") -> list[Path]:
     """Image files under ``folder`` (recursively, hidden names skipped), sorted by their
-    relative path. A missing folder or one without images is refused."""
+    relative path (``order="natural"``: by :func:`natural_key` of it). A missing folder or
+    one without images is refused."""
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise BadInputError(f"{flag} {root}: no such folder")
@@ -53,6 +61,8 @@ def list_images(folder: str | os.PathLike[str], flag: str) -> list[Path]:
         ),
         key=lambda p: p.relative_to(root).as_posix(),
     )
+    if order == "natural":
+        files.sort(key=lambda p: natural_key(p.relative_to(root).as_posix()))
     if not files:
         raise BadInputError(f"{flag} {root}: holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return files
@@ -121,13 +131,21 @@ class Manifest:
             raise BadInputError(f"{path}: unreadable evaluation manifest ({exc})") from None
 
 
-def build_manifest(settings: dict[str, Any], captions: Sequence[str], seed: int) -> Manifest:
-    """Image ``i`` shows ``captions[i]`` and starts from noise seed ``seed + i``."""
+def build_manifest(
+    settings: dict[str, Any], captions: Sequence[str], seed: int, seed_batch: int | None = None
+) -> Manifest:
+    """Image ``i`` shows ``captions[i]`` and starts from noise seed ``seed + i``; with
+    ``seed_batch`` B (DMD2's seeding) from row ``i mod B`` of the noise of batch
+    ``i // B``, drawn at once from a generator seeded ``seed + i // B``."""
     n = len(captions)
-    entries = [
-        {"file": f"{IMAGES}/{image_name(i, n)}", "caption": c, "seed": seed + i}
-        for i, c in enumerate(captions)
-    ]
+    entries: list[dict[str, Any]] = []
+    for i, c in enumerate(captions):
+        entry: dict[str, Any] = {"file": f"{IMAGES}/{image_name(i, n)}", "caption": c}
+        if seed_batch:
+            entry.update(seed=seed + i // seed_batch, row=i % seed_batch)
+        else:
+            entry["seed"] = seed + i
+        entries.append(entry)
     return Manifest(dict(settings), entries)
 
 

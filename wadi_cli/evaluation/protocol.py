@@ -1,5 +1,7 @@
 """The zero-shot COCO protocol of the one-step distillation papers (GigaGAN's evaluation, as
-used by DMD2, SiD-LSG, SwiftBrush v2 and WaDi's Table 1), as data and one image transform.
+used by DMD2, SiD-LSG, SwiftBrush v2 and WaDi's Table 1), as data and one image transform;
+the named variants of it (:data:`PROTOCOLS`: ``wadi``, ``dmd2``, ``gigagan``) fix every
+choice that changes a number (``docs/evaluation-protocols.md``).
 
 - FID / KID / precision-recall: every real and generated image is converted to RGB
   (``PIL.Image.convert``), center-cropped to a square on its long edge, resized to
@@ -72,21 +74,170 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def center_crop_square(image: Image.Image) -> Image.Image:
-    """The largest centered square: ``side = min(w, h)``, offset ``(w - side) // 2`` along
-    the long edge (the short edge is kept whole)."""
+#: How the offset of the centered square is rounded when the long edge minus the short
+#: edge is odd: ``floor`` (wadi's first protocol) or ``half-even`` (torchvision's
+#: ``center_crop``: Python's ``round`` of half the difference, which DMD2 and GigaGAN use).
+CROP_ROUNDINGS: tuple[str, ...] = ("floor", "half-even")
+
+
+def crop_offset(difference: int, rounding: str = "floor") -> int:
+    """Offset of a centered window along an edge ``difference`` pixels longer than it."""
+    if rounding == "floor":
+        return difference // 2
+    if rounding == "half-even":
+        return int(round(difference / 2.0))
+    raise ValueError(f"unknown crop rounding {rounding!r}; choose from {', '.join(CROP_ROUNDINGS)}")
+
+
+def crop_description(rounding: str) -> str:
+    """The crop as recorded in reference files (``floor`` keeps wadi's first text, so
+    reference files made before protocols existed still load)."""
+    base = "center square on the long edge"
+    return base if rounding == "floor" else f"{base}, offset rounded half-to-even (torchvision)"
+
+
+def center_crop_square(image: Image.Image, rounding: str = "floor") -> Image.Image:
+    """The largest centered square: ``side = min(w, h)``, offset along the long edge by
+    :func:`crop_offset` (the short edge is kept whole)."""
     w, h = image.size
     side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
+    left, top = crop_offset(w - side, rounding), crop_offset(h - side, rounding)
     return image.crop((left, top, left + side, top + side))
 
 
-def protocol_image(image: Image.Image | np.ndarray, resolution: int = RESOLUTION) -> np.ndarray:
+def protocol_image(
+    image: Image.Image | np.ndarray, resolution: int = RESOLUTION, rounding: str = "floor"
+) -> np.ndarray:
     """The protocol's transform: RGB, center crop on the long edge, PIL LANCZOS to
     ``resolution`` x ``resolution``. Returns an (R, R, 3) uint8 array."""
     img = Image.fromarray(np.asarray(image, dtype=np.uint8)) if isinstance(image, np.ndarray) else image
-    square = center_crop_square(to_rgb(img))
+    square = center_crop_square(to_rgb(img), rounding)
     return np.asarray(square.resize((resolution, resolution), Image.Resampling.LANCZOS), dtype=np.uint8)
+
+
+#: GigaGAN's and DMD2's real set: every image of COCO's val2014 folder.
+VAL2014_IMAGES = 40504
+#: Ways to bring an image to CLIP's own preprocessing (see :func:`clip_input`).
+CLIP_INPUTS: tuple[str, ...] = ("as-generated", "square-256", "square-256-tensor")
+#: Ways to tokenize ``prefix + caption`` (see :mod:`wadi_cli.evaluation.clip_text`).
+TOKENIZATIONS: tuple[str, ...] = ("joined", "spliced")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """One named evaluation protocol: every choice that changes a number, fixed together
+    (``wadi eval --protocol NAME``). See ``docs/evaluation-protocols.md`` for each choice's
+    measured effect."""
+
+    name: str
+    #: the papers whose numbers this protocol reproduces
+    papers: str
+    #: crop offset rounding (:data:`CROP_ROUNDINGS`), for Inception and CLIP inputs alike
+    crop: str
+    #: what CLIP's preprocessing receives (:data:`CLIP_INPUTS`)
+    clip_input: str
+    #: how the CLIP text is tokenized (:data:`TOKENIZATIONS`)
+    tokenization: str
+    #: OpenCLIP model and pretrained tag of the CLIP score
+    clip_model: str
+    clip_pretrained: str
+    #: ``normalised`` (wadi's caption readers) or ``lines`` (a .txt line is one caption, as is)
+    captions: str
+    #: ``path`` (sorted relative paths) or ``natural`` (GigaGAN's natural sort: 2.png < 10.png)
+    image_order: str
+    #: the real set the protocol's numbers were computed against, and its size (None: any)
+    reference: str
+    reference_images: int | None
+    #: ``per-image`` (image i: own generator seeded seed + i) or ``per-batch`` (DMD2: batch k
+    #: of ``seed_batch`` images drawn at once from a generator seeded seed + k)
+    seeding: str
+    seed_batch: int = 10
+
+    @property
+    def crop_description(self) -> str:
+        return crop_description(self.crop)
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    "wadi": Protocol(
+        name="wadi",
+        papers="wadi's own runs before --protocol existed",
+        crop="floor",
+        clip_input="as-generated",
+        tokenization="joined",
+        clip_model=CLIP_MODEL,
+        clip_pretrained=CLIP_PRETRAINED,
+        captions="normalised",
+        image_order="path",
+        reference="any folder or --save-ref file",
+        reference_images=None,
+        seeding="per-image",
+    ),
+    "dmd2": Protocol(
+        name="dmd2",
+        papers="DMD2 (main/coco_eval, main/test_folder_sd.py); the closest published code to WaDi's Table 1",
+        crop="half-even",
+        clip_input="square-256",
+        tokenization="spliced",
+        clip_model=CLIP_MODEL,
+        clip_pretrained=CLIP_PRETRAINED,
+        captions="lines",
+        image_order="path",
+        reference="the whole COCO val2014 folder",
+        reference_images=VAL2014_IMAGES,
+        seeding="per-batch",
+        seed_batch=10,
+    ),
+    "gigagan": Protocol(
+        name="gigagan",
+        papers="GigaGAN (evaluation/evaluation.py, default --clip_model4eval ViT-B/32)",
+        crop="half-even",
+        clip_input="square-256-tensor",
+        tokenization="spliced",
+        clip_model="ViT-B-32",
+        clip_pretrained="openai",
+        captions="lines",
+        image_order="natural",
+        reference="the whole COCO val2014 folder",
+        reference_images=VAL2014_IMAGES,
+        seeding="per-image",
+    ),
+}
+DEFAULT_PROTOCOL = "wadi"
+
+
+def get_protocol(name: str | Protocol | None) -> Protocol:
+    """The named protocol (``None``: :data:`DEFAULT_PROTOCOL`); unknown names are refused."""
+    if isinstance(name, Protocol):
+        return name
+    key = (name or DEFAULT_PROTOCOL).strip().lower()
+    if key not in PROTOCOLS:
+        raise BadInputError(f"--protocol {name}: unknown; choose from {', '.join(PROTOCOLS)}")
+    return PROTOCOLS[key]
+
+
+def tensor_round_trip(square: np.ndarray) -> np.ndarray:
+    """GigaGAN's detour of a uint8 image through its data loader before CLIP: ``/ 255``,
+    normalised to [-1, 1] with mean = std = 0.5, back with ``(x + 1) * 127.5`` and cast to
+    uint8 (truncation), all in float32: 63 of the 256 levels come back one lower."""
+    x = square.astype(np.float32) / np.float32(255)
+    x = (x - np.float32(0.5)) / np.float32(0.5)
+    return np.clip((x + np.float32(1.0)) * np.float32(127.5), 0, 255).astype(np.uint8)
+
+
+def clip_input(image: Image.Image, proto: Protocol, resolution: int = RESOLUTION) -> Image.Image:
+    """The image handed to CLIP's own preprocessing under ``proto``: as generated (RGB), or
+    the protocol's 256-px square (DMD2), or that square after GigaGAN's tensor round trip."""
+    rgb = to_rgb(image)
+    if proto.clip_input == "as-generated":
+        return rgb
+    square = protocol_image(rgb, resolution, proto.crop)
+    if proto.clip_input == "square-256-tensor":
+        square = tensor_round_trip(square)
+    return Image.fromarray(square)
 
 
 @dataclass(frozen=True)

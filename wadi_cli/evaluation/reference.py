@@ -67,10 +67,60 @@ def save_reference(ref: Reference, path: str | os.PathLike[str]) -> Path:
     return dest
 
 
-def load_reference(path: str | os.PathLike[str], expected: protocol.FeatureSettings) -> Reference:
+def _not_an_npz(p: Path) -> str | None:
+    """Why ``p`` is not a ``.npz`` (a zip archive), from its first bytes; ``None`` when it
+    may be one."""
+    try:
+        with p.open("rb") as fh:
+            head = fh.read(512)
+    except OSError as exc:
+        return f"cannot read it ({exc.strerror or exc})"
+    if head.startswith(b"PK"):
+        return None
+    text = head.lstrip()
+    if text[:1] in (b"{", b"["):
+        return "it is JSON text, not a .npz"
+    if head.startswith(b"\x93NUMPY"):
+        return "it is a single .npy array, not a .npz with mu, sigma, features and settings"
+    if not head:
+        return "it is empty"
+    return "it is not a .npz (zip) archive"
+
+
+def check_shapes(ref: Reference, dim: int | None, where: str) -> None:
+    """Refuse a reference whose arrays disagree with each other or with the feature
+    extractor's ``dim`` (before any feature is computed)."""
+    d = ref.mu.shape[0] if ref.mu.ndim == 1 else -1
+    ok = (
+        ref.mu.ndim == 1
+        and ref.sigma.shape == (d, d)
+        and ref.features.ndim == 2
+        and ref.features.shape[1] == d
+    )
+    if not ok:
+        raise BadInputError(
+            f"{where}: inconsistent arrays (mu {ref.mu.shape}, sigma {ref.sigma.shape}, "
+            f"features {ref.features.shape}); recompute it with --ref DIR --save-ref FILE"
+        )
+    if dim is not None and d != dim:
+        raise MismatchError(
+            f"{where} holds {d}-dimensional features but the feature extractor gives {dim}: "
+            "it was made with another network; recompute it with --ref DIR --save-ref FILE"
+        )
+
+
+def load_reference(
+    path: str | os.PathLike[str], expected: protocol.FeatureSettings, dim: int | None = None
+) -> Reference:
     """Read a file of :func:`save_reference`; refuse it when its settings differ from
-    ``expected`` (:class:`MismatchError` naming every difference)."""
+    ``expected`` (:class:`MismatchError` naming every difference) or when its features are
+    not ``dim``-dimensional."""
     p = Path(path).expanduser()
+    why = _not_an_npz(p)
+    if why is not None:
+        raise BadInputError(
+            f"--ref {p}: {why}; give a folder of real images or a file made with --ref DIR --save-ref FILE"
+        )
     try:
         with np.load(p, allow_pickle=False) as data:
             missing = [k for k in REFERENCE_KEYS if k not in data.files]
@@ -97,6 +147,8 @@ def load_reference(path: str | os.PathLike[str], expected: protocol.FeatureSetti
         )
     settings = {k: meta[k] for k in expected.to_dict()}
     extra = {k: v for k, v in meta.items() if k not in settings}
-    return Reference(
+    ref = Reference(
         arrays["mu"], arrays["sigma"], arrays["features"], settings, str(extra.get("source", p)), extra
     )
+    check_shapes(ref, dim, f"--ref {p}")
+    return ref

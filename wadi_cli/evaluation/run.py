@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 
 from wadi_cli.errors import BadInputError
 from wadi_cli.evaluation import protocol, scores
@@ -48,10 +49,16 @@ from wadi_cli.evaluation.folders import (
 from wadi_cli.evaluation.parallel import Processes
 from wadi_cli.evaluation.reference import Reference, load_reference, save_reference
 from wadi_cli.io import write_text_atomic
-from wadi_cli.pipeline import LoadedPipeline, generate
+from wadi_cli.pipeline import LoadedPipeline, generate, images_from_noise
 from wadi_cli.tiny.classifier import TinyClassifier
 from wadi_cli.tiny.data import render_batch
 from wadi_cli.tiny.metrics import evaluate_images
+
+_CLIP_INPUT = {
+    "as-generated": "the image as generated",
+    "square-256": "the protocol's 256-px square",
+    "square-256-tensor": "the protocol's 256-px square through GigaGAN's [-1, 1] tensor and back",
+}
 
 
 class ProgressFactory(Protocol):
@@ -74,11 +81,21 @@ class EvalOptions:
     metrics: tuple[str, ...]
     resolution: int = protocol.RESOLUTION
     inception_weights: str | None = None
-    clip_model: str = protocol.CLIP_MODEL
+    clip_model: str | None = None  # None: the protocol's
     clip_weights: str | None = None
     clip_prefix: str = protocol.CLIP_PREFIX
     feature_batch_size: int = 50
     workers: int = 0
+    protocol: str = protocol.DEFAULT_PROTOCOL
+
+    @property
+    def rules(self) -> protocol.Protocol:
+        """The named protocol's rules (crop, CLIP input and text, captions, seeding)."""
+        return protocol.get_protocol(self.protocol)
+
+    @property
+    def clip_architecture(self) -> str:
+        return self.clip_model or self.rules.clip_model
 
     @property
     def protocol_metrics(self) -> tuple[str, ...]:
@@ -119,6 +136,7 @@ class Scorer:
     reference: Reference | None = None  # on the main process (the others compute, not hold it)
     reference_from: str | None = None  # every process: where the reference was loaded from
     timing: Timing = field(default_factory=Timing)
+    warnings: list[str] = field(default_factory=list)  # said once per evaluation, in words
     _texts: tuple[tuple[str, ...], np.ndarray] | None = None  # the last captions' CLIP features
 
     @classmethod
@@ -133,11 +151,13 @@ class Scorer:
         if any(m in protocol.REFERENCE_METRICS for m in needed):
             scorer.inception = InceptionFeatures(options.inception_weights, procs.device)
         if "clip" in needed:
-            scorer.clip = ClipFeatures(options.clip_model, options.clip_weights, procs.device)
+            scorer.clip = ClipFeatures(
+                options.clip_architecture, options.clip_weights, procs.device, options.rules
+            )
         return scorer
 
     def settings(self) -> protocol.FeatureSettings:
-        return self.inception.settings(self.options.resolution)
+        return self.inception.settings(self.options.resolution, self.options.rules.crop)
 
     # ---- features ------------------------------------------------------------------
     def features(self, files: Sequence[Path], clip: bool, label: str) -> dict[str, np.ndarray] | None:
@@ -158,6 +178,7 @@ class Scorer:
                 resolution=self.options.resolution,
                 workers=self.options.workers,
                 progress=advance,
+                rounding=self.options.rules.crop,
             )
         self.timing.featured += len(my_files)
         self.timing.features_s += time.perf_counter() - start
@@ -187,9 +208,9 @@ class Scorer:
         if path.is_file():
             if save_to is not None:
                 raise BadInputError("--save-ref needs --ref DIR (a folder of real images), not a file")
-            self.reference = load_reference(path, self.settings())
+            self.reference = load_reference(path, self.settings(), self.inception.dim)
             return self.reference
-        files = list_images(path, "--ref")
+        files = list_images(path, "--ref", self.options.rules.image_order)
         feats = self.features(files, clip=False, label="reference features")
         if feats is None:
             return None
@@ -210,6 +231,7 @@ class Scorer:
             return {}, {}
         if "clip" in wanted and captions is None:
             raise BadInputError("--metrics clip needs the caption of every image: pass --captions FILE")
+        self.warnings = []
         feats = self.features(files, clip="clip" in wanted, label="features")
         if feats is None:
             return {}, {}
@@ -218,6 +240,8 @@ class Scorer:
         if "fid" in wanted:
             mu, sigma = scores.statistics(feats["inception"])
             out["fid"] = scores.fid(mu, sigma, ref.mu, ref.sigma)  # type: ignore[union-attr]
+            if scores.is_singular(len(files), ref.num_images, len(mu)):  # type: ignore[union-attr]
+                self.warnings.append(scores.singular_note(len(files), ref.num_images, len(mu)))  # type: ignore[union-attr]
         if "kid" in wanted:
             out["kid"] = scores.kid(feats["inception"], ref.features)  # type: ignore[union-attr]
         if "pr" in wanted:
@@ -241,8 +265,9 @@ class Scorer:
 
         wanted = self.options.protocol_metrics
         how: dict[str, dict[str, Any]] = {}
+        rules = self.options.rules
         resize = (
-            f"RGB, center crop on the long edge, PIL LANCZOS to {self.options.resolution}x"
+            f"RGB, {protocol.crop_description(rules.crop)}, PIL LANCZOS to {self.options.resolution}x"
             f"{self.options.resolution}, then clean-fid's clean resize to 299x299"
         )
         if self.inception is not None:
@@ -271,8 +296,8 @@ class Scorer:
             how["clip"] = {
                 "library": f"open_clip {library_version('open_clip_torch')}",
                 "feature_extractor": self.clip.description,
-                "text": f"{self.options.clip_prefix!r} + caption",
-                "resize": "OpenCLIP's own preprocessing of the image as generated",
+                "text": f"{self.options.clip_prefix!r} + caption, tokenized {rules.tokenization}",
+                "resize": f"{_CLIP_INPUT[rules.clip_input]}, then OpenCLIP's own preprocessing",
                 "scale": "mean cosine similarity (0-1)",
                 "n_generated": n,
             }
@@ -287,26 +312,48 @@ def generate_missing(
     config: Any,
     procs: Processes,
     progress: ProgressFactory,
+    seed_batch: int | None = None,
 ) -> tuple[int, float]:
     """Generate every chunk of ``manifest`` with an incomplete image, split over processes.
-    Chunk ``[s, e)`` is one batch of captions ``s..e-1`` with seeds ``seed + s …``; returns
-    (images made by this process, seconds)."""
+    Chunk ``[s, e)`` is one batch of captions ``s..e-1`` with seeds ``seed + s …``; with
+    ``seed_batch`` (DMD2's seeding) a chunk is one of its batches, whose noise is drawn at
+    once (:func:`batch_noise`). Returns (images made by this process, seconds)."""
 
-    todo = missing_chunks(out, manifest, config.batch_size)
+    chunk = seed_batch or config.batch_size
+    todo = missing_chunks(out, manifest, chunk)
     procs.barrier()  # every process has looked before anyone writes
     mine = shard(todo, procs.rank, procs.world)
     total = sum(e - s for s, e in mine)
     start = time.perf_counter()
     with progress("generating", total) as advance:
         for s, e in mine:
-            cfg = dataclasses.replace(config, seed=int(manifest.entries[s]["seed"]), batch_size=e - s)
-            gen = generate(pipe, manifest.captions[s:e], cfg)
-            for i, image in zip(range(s, e), gen.images, strict=True):
+            if seed_batch:
+                noise = batch_noise(manifest.entries, s, e, pipe.latent_shape)
+                images = images_from_noise(pipe, manifest.captions[s:e], config, noise)
+            else:
+                cfg = dataclasses.replace(config, seed=int(manifest.entries[s]["seed"]), batch_size=e - s)
+                images = generate(pipe, manifest.captions[s:e], cfg).images
+            for i, image in zip(range(s, e), images, strict=True):
                 save_png(image, out / manifest.entries[i]["file"])
             advance(e - s)
     seconds = time.perf_counter() - start
     procs.barrier()
     return total, seconds
+
+
+def batch_noise(
+    entries: Sequence[dict[str, Any]], start: int, stop: int, shape: Sequence[int]
+) -> torch.Tensor:
+    """The noise of entries ``start..stop-1`` under DMD2's seeding: for each batch seed,
+    ``N(0, I)`` of shape (images of that batch in the whole manifest, *shape), float32, from
+    one CPU generator seeded with it; each entry takes its ``row``."""
+    wanted = {int(e["seed"]) for e in entries[start:stop]}
+    sizes = {k: sum(1 for e in entries if int(e["seed"]) == k) for k in wanted}
+    drawn = {
+        k: torch.randn((m, *shape), generator=torch.Generator("cpu").manual_seed(k), dtype=torch.float32)
+        for k, m in sizes.items()
+    }
+    return torch.stack([drawn[int(e["seed"])][int(e["row"])] for e in entries[start:stop]])
 
 
 def prepare_out(out: Path, manifest: Manifest, procs: Processes) -> None:
@@ -369,6 +416,7 @@ __all__ = [
     "ProgressFactory",
     "Scorer",
     "Timing",
+    "batch_noise",
     "generate_missing",
     "manifest_images",
     "no_progress",

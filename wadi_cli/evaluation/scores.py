@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Iterator
 
 import numpy as np
 
@@ -31,19 +30,38 @@ def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.mean(features, axis=0), np.cov(features, rowvar=False)
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """clean-fid prints a note when it regularises a singular product; keep stdout for us."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield
-
-
 def fid(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """Fréchet distance ``‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½)`` (clean-fid)."""
+    """Fréchet distance ``‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½)`` (clean-fid). scipy's and
+    clean-fid's own notes about a singular product are kept quiet: the caller says it once,
+    in words (:func:`is_singular`, :func:`singular_note`)."""
+    import warnings
+
     from cleanfid.fid import frechet_distance
 
-    with _quiet():
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise BadInputError(
+            f"FID: features of {len(mu1)} dimensions against a reference of {len(mu2)}: "
+            "the reference was made with another feature extractor"
+        )
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
         return float(frechet_distance(mu1, sigma1, mu2, sigma2))
+
+
+def is_singular(n_generated: int, n_reference: int, dim: int) -> bool:
+    """A covariance of N feature vectors has rank at most N − 1: below ``dim + 1`` images on
+    either side, Σ1 Σ2 is singular."""
+    return min(n_generated, n_reference) <= dim
+
+
+def singular_note(n_generated: int, n_reference: int, dim: int) -> str:
+    """The one warning of an FID whose covariance product is singular, in words."""
+    return (
+        f"FID from {n_generated} generated and {n_reference} reference images: with fewer images "
+        f"than the {dim} feature dimensions the covariance matrices are singular and the matrix "
+        "square root inside FID is only approximate; compare this value only with FIDs from the "
+        "same numbers of images (the papers use 30,000)"
+    )
 
 
 def kid(generated: np.ndarray, reference: np.ndarray, seed: int = protocol.KID_SEED) -> float:

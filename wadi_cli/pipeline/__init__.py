@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from wadi_cli.pipeline.alpha_bar import AlphaBarT, decide_alpha_bar_T, weights_alpha_bar_T
     from wadi_cli.pipeline.base import PipelineSource, weights_variant
-    from wadi_cli.pipeline.generation import Generation, decode, generate, initial_noise
+    from wadi_cli.pipeline.generation import Generation, decode, generate, images_from_noise, initial_noise
     from wadi_cli.pipeline.loaded import LoadedPipeline, check_weights_or_teacher
     from wadi_cli.pipeline.loading import (
         apply_weights,
@@ -42,6 +42,7 @@ _HOMES = {
     "Generation": "generation",
     "decode": "generation",
     "generate": "generation",
+    "images_from_noise": "generation",
     "initial_noise": "generation",
     "LoadedPipeline": "loaded",
     "check_weights_or_teacher": "loaded",
@@ -74,6 +75,7 @@ __all__ = [
     "default_weights",
     "detect_weights_kind",
     "generate",
+    "images_from_noise",
     "get_backbone_spec",
     "initial_noise",
     "load_pipeline",

@@ -60,6 +60,23 @@ class Generation:
     timings: list[float] = field(default_factory=list)
 
 
+@torch.no_grad()
+def images_from_noise(
+    pipe: LoadedPipeline, prompts: Sequence[str], config: SampleConfig, z: torch.Tensor
+) -> np.ndarray:
+    """uint8 images of ``prompts`` from the initial noise ``z`` (one latent per prompt): the
+    one-step formula, or the teacher when ``config.teacher``; ``config`` as resolved by
+    :func:`generate` (its ᾱ_T, else the pipeline's)."""
+    cfg = config.resolved(pipe.backbone, pipe.alpha_bar_T)
+    cond = pipe.prompt_encoder(list(prompts))
+    z = z.to(pipe.device)
+    if cfg.teacher:
+        x0 = teacher_latents(pipe, cond, z, int(cfg.steps), float(cfg.cfg))  # type: ignore[arg-type]
+    else:
+        x0 = one_step_latents(pipe, cond, z, float(cfg.alpha_bar_T))  # type: ignore[arg-type]
+    return decode(pipe.vae, x0)
+
+
 def generate(
     pipe: LoadedPipeline,
     prompts: Sequence[str],
@@ -79,13 +96,8 @@ def generate(
     for lo in range(0, len(jobs), cfg.batch_size):
         batch = jobs[lo : lo + cfg.batch_size]
         t0 = time.perf_counter()
-        cond = pipe.prompt_encoder([p for p, _ in batch])
         z = initial_noise([s for _, s in batch], pipe.latent_shape, pipe.device)
-        if cfg.teacher:
-            x0 = teacher_latents(pipe, cond, z, int(cfg.steps), float(cfg.cfg))  # type: ignore[arg-type]
-        else:
-            x0 = one_step_latents(pipe, cond, z, float(cfg.alpha_bar_T))  # type: ignore[arg-type]
-        images.append(decode(pipe.vae, x0))
+        images.append(images_from_noise(pipe, [p for p, _ in batch], cfg, z))
         timings.append(time.perf_counter() - t0)
         if progress is not None:
             progress(lo + len(batch), len(jobs))
