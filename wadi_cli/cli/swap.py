@@ -69,20 +69,16 @@ Examples:
 
 @contextlib.contextmanager
 def _student_file(student: Path) -> Iterator[Path]:
-    """A `wadi distill` run folder becomes its latest student, merged (a temporary file);
-    anything else passes through."""
-    from wadi_cli.distill.run_dirs import is_run_folder
+    """A `wadi distill` run folder becomes its latest student, merged (a temporary file;
+    :func:`wadi_cli.distill.export.student_weights`); anything else passes through."""
+    from wadi_cli.distill.export import student_weights
 
-    if not is_run_folder(student):
-        yield student
-        return
-    from wadi_cli.distill.export import run_weights
-
-    with run_weights(student, merged=True) as (merged, _, _):
-        err_console.print(
-            f"[dim]using the run's latest student ({student}), merged[/]", highlight=False, soft_wrap=True
-        )
-        yield merged
+    with student_weights(student) as (path, from_run):
+        if from_run:
+            err_console.print(
+                f"[dim]using the run's latest student ({student}), merged[/]", highlight=False, soft_wrap=True
+            )
+        yield path
 
 
 @contextlib.contextmanager
