@@ -91,7 +91,8 @@ def test_report_reads_the_swap_from_the_numbers():
     text = report_markdown(_metrics(21.0, 250.0))
     assert "reproduces the paper's asymmetry" in text and "+1.00" in text and "+230.00" in text
     assert "changed directions 10.0× more than norms" in text
-    assert "— (norms kept)" in text and "| 3 / 4 | 0.250 | 0.900 |" in text  # LoRaD: no silly ratio
+    assert "— (norms unchanged, below 1e-06)" in text  # LoRaD: no ratio over rounding
+    assert "| 3 / 4 | 0.250 | 0.900 |" in text
     flipped = report_markdown(_metrics(250.0, 21.0))
     assert "does NOT show the paper's asymmetry" in flipped
     for fig in ("fig1a", "fig1b", "fig1c", "fig1d"):

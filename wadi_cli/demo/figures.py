@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from wadi_cli.analysis import LayerResult
+from wadi_cli.analysis.report import NORM_FLOOR, norms_unchanged
 from wadi_cli.analysis.spectrum import rank_at_share
 
 _TINY = 1e-9
@@ -34,11 +35,6 @@ def colour(kind: str) -> str:
     return KIND_COLOURS.get(kind, "#999999")
 
 
-#: Below this mean relative norm change a student "kept its norms" (LoRaD: float32
-#: rounding of an exact rotation, ~1e-8); a direction/norm ratio would be meaningless.
-NORMS_KEPT = 1e-6
-
-
 def _pyplot():  # imported on first plot: matplotlib is slow to load and picks the Agg backend
     import matplotlib
 
@@ -50,19 +46,21 @@ def _pyplot():  # imported on first plot: matplotlib is slow to load and picks t
 
 def plot_norm_vs_direction(students: Mapping[str, Sequence[LayerResult]], path: Path) -> None:
     """Panel (a): per layer, mean relative norm change (x) vs mean direction change (y).
-    Layers with no norm change (LoRaD, by construction) sit on the left edge at 1e-9."""
+    Norm changes below :data:`~wadi_cli.analysis.report.NORM_FLOOR` (LoRaD, by construction:
+    float32 rounding) are drawn at a tenth of it, in the shaded band the legend explains."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 5.0))
     lo, hi = 1.0, _TINY
+    drawn_at = NORM_FLOOR / 10
     for name, layers in students.items():
         norm = np.array([x.norm_rel_change_mean for x in layers], dtype=float)
         dirc = np.array([x.direction_change_mean for x in layers], dtype=float)
         ok = np.isfinite(norm) & np.isfinite(dirc)
         moved = ok & ((norm > _TINY) | (dirc > _TINY))  # layers an adapter does not touch stay put
-        x, y = np.maximum(norm[moved], _TINY), np.maximum(dirc[moved], _TINY)
+        x, y = np.where(norm[moved] < NORM_FLOOR, drawn_at, norm[moved]), np.maximum(dirc[moved], _TINY)
         mean_norm, mean_dir = np.mean(norm[ok]), np.mean(dirc[ok])
-        if mean_norm < NORMS_KEPT:
-            label = f"{name}: norms kept (mean change {mean_norm:.1e})"
+        if norms_unchanged(mean_norm):
+            label = f"{name}: norms unchanged (mean change {mean_norm:.1e} < {NORM_FLOOR:g})"
         else:
             label = f"{name}: direction/norm = {mean_dir / mean_norm:.1f}x"
         untouched = int((ok & ~moved).sum())
@@ -71,13 +69,16 @@ def plot_norm_vs_direction(students: Mapping[str, Sequence[LayerResult]], path: 
         if x.size:
             ax.scatter(x, y, s=14, alpha=0.7, label=label, color=colour(name))
             lo, hi = min(lo, x.min(), y.min()), max(hi, x.max(), y.max())
+    if lo <= drawn_at:
+        band = f"norm change < {NORM_FLOOR:g} (float32 rounding): drawn at {drawn_at:g}"
+        ax.axvspan(drawn_at / 3, NORM_FLOOR, color="grey", alpha=0.12, label=band)
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="equal change")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("mean relative norm change |‖S_i‖−‖T_i‖| / ‖T_i‖")
     ax.set_ylabel("mean direction change ‖d_S,i − d_T,i‖")
     ax.set_title("(a) what distillation changed, per layer")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from wadi_cli.demo.figures import NORMS_KEPT
+from wadi_cli.analysis.report import NORM_FLOOR, norms_unchanged
 
 
 def _f(value: Any, digits: int = 3) -> str:
@@ -36,8 +36,8 @@ def _students_table(m: dict[str, Any]) -> list[str]:
 def _ratio(a: dict[str, Any]) -> str:
     """The direction/norm ratio, or a note when the norms did not change (LoRaD)."""
     norm = a.get("norm_rel_change_mean")
-    if norm is not None and norm < NORMS_KEPT:
-        return "— (norms kept)"
+    if norms_unchanged(norm):
+        return f"— (norms unchanged, below {NORM_FLOOR:g})"
     return _f(a.get("direction_to_norm_ratio"), 1)
 
 
