@@ -146,9 +146,13 @@ def register(app: typer.Typer) -> None:
             if resume
             else config_for_run(out or ".", None, config, overrides)
         )
+        from wadi_cli.distill.prompt_sets import prompt_source, require_prompts
+
         if dry_run:
-            _print_plan(cfg.to_dict(), parameter_plan(cfg), json_out)
+            plan = {**parameter_plan(cfg), "prompts": prompt_source(cfg.prompts, cfg.backbone)}
+            _print_plan(cfg.to_dict(), plan, json_out)
             return
+        require_prompts(cfg.prompts, cfg.backbone)
         if out is None:
             from wadi_cli.distill.launch import launched_world_size
 
@@ -251,6 +255,7 @@ def _print_plan(config: dict[str, Any], plan: dict[str, Any], as_json: bool) -> 
         plan_table.add_row(role, rank, str(r["layers"]), f"{r['trainable_params']:,}")
     console.print(plan_table)
     console.print(f"base parameters (frozen): {plan['base_params']:,}")
+    console.print(f"trains on: {plan['prompts']}", highlight=False)
 
 
 def _run_with_progress(cfg: DistillConfig, out: Path, resume: str | None, again: str) -> RunSummary:
@@ -276,14 +281,6 @@ def _run_with_progress(cfg: DistillConfig, out: Path, resume: str | None, again:
         progress.console.print(
             f"run folder: [bold]{out}[/] (continue it with: {again})", highlight=False, soft_wrap=True
         )
-        if cfg.prompts is None and cfg.backbone != "tiny":
-            from wadi_cli.distill.data import SMOKE_PROMPTS
-
-            progress.console.print(
-                f"[yellow]note:[/] no --prompts: training on wadi's {len(SMOKE_PROMPTS)} built-in smoke-test "
-                "prompts; for a real run pass a caption file with --prompts FILE",
-                highlight=False,
-            )
         state["task"] = progress.add_task(
             "distill", total=total, completed=start, loss_g=0.0, loss_f=0.0, rate=0.0
         )

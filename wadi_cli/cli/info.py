@@ -11,6 +11,7 @@ from rich.table import Table
 
 from wadi_cli.backbones import BACKBONES, get_backbone
 from wadi_cli.cli.common import JsonFlag, console, handle_errors
+from wadi_cli.distill.prompt_sets import prompt_source
 from wadi_cli.errors import BadInputError
 
 HELP = """Show a backbone's LoRaD adapter plan: adapted layers and trainable parameters
@@ -71,6 +72,7 @@ def _plan_table(plan: dict) -> Table:
         f"batch {r['batch_size']}, {r['max_steps']} steps "
         f"(all of it: wadi distill -b {plan['backbone']} --dry-run)",
     )
+    table.add_row("trains on (no --prompts)", plan["trains_on"])
     return table
 
 
@@ -119,6 +121,7 @@ def register(app: typer.Typer) -> None:
                 console.print(_summary_table())
             return
         plan = get_backbone(backbone).adapter_plan(rank=rank, fake_rank=fake_rank)
+        plan["trains_on"] = prompt_source(None, plan["backbone"])
         if json_out:
             typer.echo(json.dumps(plan, indent=2))
         else:
