@@ -31,7 +31,9 @@ newest such run of --backbone (of any backbone when -b is not given).
 
 Examples:
 
-  wadi distill --backbone sd21
+  wadi distill --backbone sd21 --prompts captions.txt
+
+  wadi distill --backbone sd21 --prompts smoke --max-steps 10 --out runs/smoke
 
   wadi distill --backbone tiny --resume latest
 
@@ -58,9 +60,43 @@ Examples:
 COMMAND_OPTIONS: tuple[str, ...] = ("--out", "--config", "--resume", "--dry-run", "--json", "--num-processes")
 _ALIAS = "__alias"  # suffix of the parameter behind a field's hidden old spelling
 
+#: ``wadi distill --help`` in panels: the command's own options first, then the config's
+#: fields by what they set (every field in exactly one panel; a test keeps it so).
+COMMAND_PANEL = "Run folder and mode"
+PANELS: dict[str, tuple[str, ...]] = {
+    "Model and student": ("backbone", "model", "components", "adapter", "rank", "fake_rank", "init_seed"),
+    "Data": ("prompts", "prompt_column", "text_cache"),
+    "Length, checkpoints, validation": (
+        "max_steps", "batch_size", "grad_accum", "seed", "checkpoint_every", "keep_last", "log_every",
+        "validate_every", "tensorboard",
+    ),
+    "Optimisation (student and fake score)": (
+        "lr", "fake_lr", "adam_beta1", "adam_beta2", "adam_eps", "weight_decay", "max_grad_norm",
+        "fake_max_grad_norm", "warmup_steps", "lr_schedule", "optimizer", "ema_decay",
+    ),
+    "VSD objective (WaDi §4)": (
+        "guidance", "fake_guidance", "t_min", "t_max", "fake_t_min", "fake_t_max", "alpha_bar_T",
+        "prompt_dropout", "fake_updates",
+    ),
+    "Regression to teacher samples (not in the paper)": (
+        "regression_weight", "regression_pairs", "regression_steps",
+    ),
+    "Device and precision": (
+        "device", "mixed_precision", "gradient_checkpointing", "lorad_exact_low_precision",
+    ),
+}  # fmt: skip
+
+
+def panel_of(field_name: str) -> str:
+    """The help panel of a config field (:data:`PANELS`)."""
+    for panel, names in PANELS.items():
+        if field_name in names:
+            return panel
+    raise KeyError(f"config field {field_name!r} has no panel in wadi_cli/cli/distill.py PANELS")
+
 
 def _opt(*names: str, help: str) -> Any:
-    return typer.Option(*names, help=help, show_default=False)
+    return typer.Option(*names, help=help, show_default=False, rich_help_panel=COMMAND_PANEL)
 
 
 def _config_parameters() -> list[inspect.Parameter]:
@@ -75,7 +111,9 @@ def _config_parameters() -> list[inspect.Parameter]:
         kind, flag = field_kind(f.name), flag_name(f.name)
         short, alias = option_alias(f.name)
         decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag, *([short] if short else [])]
-        option = typer.Option(*decls, help=option_help(f.name), show_default=False)
+        option = typer.Option(
+            *decls, help=option_help(f.name), show_default=False, rich_help_panel=panel_of(f.name)
+        )
         params.append(_keyword(f.name, kind, option))
         if alias:
             params.append(_keyword(f.name + _ALIAS, kind, typer.Option(alias, hidden=True)))
@@ -105,6 +143,7 @@ def register(app: typer.Typer) -> None:
                 "--out",
                 "-o",
                 help="Run folder (checkpoints, metrics, config); default: a new ./runs/NAME-YYYYmmdd-HHMMSS.",
+                rich_help_panel=COMMAND_PANEL,
             ),
         ] = None,
         config: Annotated[
@@ -122,10 +161,18 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         dry_run: Annotated[
-            bool, typer.Option("--dry-run", help="Print the resolved config and parameter plan, then exit.")
+            bool,
+            typer.Option(
+                "--dry-run",
+                help="Print the resolved config and parameter plan, then exit.",
+                rich_help_panel=COMMAND_PANEL,
+            ),
         ] = False,
         json_out: Annotated[
-            bool, typer.Option("--json", help="Print --dry-run output / the summary as JSON.")
+            bool,
+            typer.Option(
+                "--json", help="Print --dry-run output / the summary as JSON.", rich_help_panel=COMMAND_PANEL
+            ),
         ] = False,
         num_processes: Annotated[
             int | None, _opt("--num-processes", help="Launch N processes through `accelerate launch`.")
