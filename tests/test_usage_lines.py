@@ -6,10 +6,11 @@ line), in a fresh working directory:
     wadi sample "a shiba inu wearing a beret"
 
 (captions.txt: a few captions written into the working directory; a real backbone has no
-default prompt set, so the line names its prompts.) SD2.1 cannot be downloaded here, so its
-files are made available the way a user's machine has them after `hf download`: stand-ins (small random SD-shaped pipeline, a release file in
-the authors' format) planted in a hub cache, offline (HF_HUB_OFFLINE=1 from conftest). With
-an empty cache each line that needs the hub ends in the one-line message naming the files
+default prompt set, so the line names its prompts.) SD2.1 cannot be downloaded here, so
+its files are made available the way a user's machine has them after `hf download`: stand-
+ins (small random SD-shaped pipeline, a release file in the authors' format) planted in a
+hub cache, offline (HF_HUB_OFFLINE=1 from conftest). With an empty cache each line that
+needs the hub ends in the one-line message naming the files
 and the flags for local copies, and leaves nothing behind."""
 
 from __future__ import annotations
