@@ -213,7 +213,7 @@ def test_plots_explain_the_floor_and_keep_full_layer_names():
                          ("up_blocks.0.c.weight", 0.01, 0.05)])  # fmt: skip
     fig = norm_vs_direction_figure(layers)
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
-    assert "2 layers' norm change below 1e-06 (unchanged: float32 rounding), drawn at 1e-07" in labels
+    assert "2 layers: norm change below 1e-06 (unchanged: float32 rounding), drawn at 1e-07" in labels
     xs = np.concatenate([c.get_offsets()[:, 0] for c in fig.axes[0].collections if hasattr(c, "get_offsets")])
     assert sorted(set(np.round(xs, 12))) == [1e-7, 0.01]  # nothing at an unexplained 1e-12
     long = "up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_out.0.weight"

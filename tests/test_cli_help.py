@@ -92,3 +92,10 @@ def test_wrap_command_keeps_options_with_values_and_quotes_whole():
     assert " ".join(x.removesuffix(" \\").strip() for x in lines) == cmd
     text = format_examples("Do.\n\nExamples:\n\n  wadi info       (one line per backbone)\n\nMore text.\n")
     assert "```\n# one line per backbone\nwadi info\n```" in text and text.rstrip().endswith("More text.")
+
+
+def test_counted_nouns_agree_with_their_number():
+    from wadi_cli.words import plural
+
+    assert (plural(1, "image"), plural(2, "image"), plural(0, "layer")) == ("1 image", "2 images", "0 layers")
+    assert plural(1_024, "prompt") == "1,024 prompts" and plural(3, "child", "children") == "3 children"

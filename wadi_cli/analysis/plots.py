@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from wadi_cli.analysis.report import NORM_FLOOR, LayerResult, norms_unchanged
+from wadi_cli.words import plural
 
 _GRID = np.linspace(0.0, 1.0, 201)
 
@@ -73,7 +74,7 @@ def norm_vs_direction_figure(layers: list[LayerResult]) -> Any:
         ax0.set_xscale("log")
         ax0.set_yscale("log")
         if low.any():
-            band = f"{int(low.sum())} layers' norm change {floor_label}"
+            band = f"{plural(int(low.sum()), 'layer')}: norm change {floor_label}"
             ax0.axvspan(lo, NORM_FLOOR, color="grey", alpha=0.12, label=band)
     mean_norm = float(np.nanmean(norm)) if np.isfinite(norm).any() else math.nan
     if norms_unchanged(mean_norm):
@@ -144,8 +145,10 @@ def residual_spectra_figure(spectra: dict[str, np.ndarray], examples: int = 6) -
             ax1.plot(_GRID, cum, lw=0.9, alpha=0.8)
         med_sv = np.median(np.stack([c[0] for c in curves.values()]), axis=0)
         med_cum = np.median(np.stack([c[1] for c in curves.values()]), axis=0)
-        ax0.plot(_GRID, np.maximum(med_sv, 1e-8), "k", lw=2.2, label=f"median of {len(names)} layers")
-        ax1.plot(_GRID, med_cum, "k", lw=2.2, label=f"median of {len(names)} layers")
+        ax0.plot(
+            _GRID, np.maximum(med_sv, 1e-8), "k", lw=2.2, label=f"median of {plural(len(names), 'layer')}"
+        )
+        ax1.plot(_GRID, med_cum, "k", lw=2.2, label=f"median of {plural(len(names), 'layer')}")
         at30 = float(np.interp(0.3, _GRID, med_cum))
         ax1.axvline(0.3, color="grey", ls=":", lw=0.8)
         ax1.axhline(at30, color="grey", ls=":", lw=0.8)

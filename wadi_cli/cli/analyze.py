@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from wadi_cli.cli.common import Device, JsonFlag, OutDir, console, err_console, handle_errors, require
+from wadi_cli.words import plural
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -116,14 +117,14 @@ def _headline(overall: dict[str, Any], seconds: float) -> str:
         return (
             f"row norms unchanged: mean relative norm change {nm:.2g} is below {NORM_FLOOR:g} (float32 "
             f"rounding); mean direction change {_fmt(overall['direction_change_mean'], '.3g')} over "
-            f"{overall['layers']} layers: only directions changed ({seconds:.1f} s)"
+            f"{plural(overall['layers'], 'layer')}: only directions changed ({seconds:.1f} s)"
         )
     ratio_mean = _fmt(overall["direction_to_norm_ratio_mean"], ".3g")
     ratio_std = _fmt(overall["direction_to_norm_ratio_std"], ".3g")
     ratio_angle = _fmt(overall["angle_to_norm_ratio_mean"], ".3g")
     return (
         f"direction change / norm change: [bold]{ratio_mean}x[/] (means), {ratio_std}x (stds) over "
-        f"{overall['layers']} layers; angle variant {ratio_angle}x ({seconds:.1f} s)"
+        f"{plural(overall['layers'], 'layer')}; angle variant {ratio_angle}x ({seconds:.1f} s)"
     )
 
 

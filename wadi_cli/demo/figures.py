@@ -16,6 +16,7 @@ import numpy as np
 from wadi_cli.analysis import LayerResult
 from wadi_cli.analysis.report import NORM_FLOOR, norms_unchanged
 from wadi_cli.analysis.spectrum import rank_at_share
+from wadi_cli.words import plural
 
 _TINY = 1e-9
 #: One colour per model kind in every panel (a student keeps its colour from run to run and
@@ -65,7 +66,7 @@ def plot_norm_vs_direction(students: Mapping[str, Sequence[LayerResult]], path: 
             label = f"{name}: direction/norm = {mean_dir / mean_norm:.1f}x"
         untouched = int((ok & ~moved).sum())
         if untouched:
-            label += f"; {untouched} layers unchanged, not shown"
+            label += f"; {plural(untouched, 'layer')} unchanged, not shown"
         if x.size:
             ax.scatter(x, y, s=14, alpha=0.7, label=label, color=colour(name))
             lo, hi = min(lo, x.min(), y.min()), max(hi, x.max(), y.max())

@@ -40,6 +40,7 @@ from wadi_cli.sample import evaluate_tiny
 from wadi_cli.swap import write_swap
 from wadi_cli.tiny.arch import TINY_PIPELINE_DIR
 from wadi_cli.tiny.classifier import load_classifier
+from wadi_cli.words import plural
 
 
 @dataclass
@@ -130,7 +131,9 @@ def _run(tmp: Path, opts: DemoOptions, progress: DemoProgress) -> dict[str, Any]
     images: dict[str, np.ndarray] = {}
     rows: list[int] = []
 
-    what = f"evaluating the teacher ({opts.teacher_steps} steps, {opts.num_images} images)"
+    what = (
+        f"evaluating the teacher ({plural(opts.teacher_steps, 'step')}, {plural(opts.num_images, 'image')})"  # type: ignore[arg-type]
+    )
 
     def teacher_eval() -> None:
         progress.side_job(what)
@@ -146,7 +149,8 @@ def _run(tmp: Path, opts: DemoOptions, progress: DemoProgress) -> dict[str, Any]
             f"teacher ({opts.teacher_steps} steps): accuracy {res['accuracy']:.3f}, fd {res['fd']:.2f}"
         )
 
-    progress.stage(f"distilling {len(specs)} students ({opts.steps} steps each, {opts.jobs} at a time)")
+    each = f"{plural(opts.steps, 'step')} each, {opts.jobs} at a time"  # type: ignore[arg-type]
+    progress.stage(f"distilling {plural(len(specs), 'student')} ({each})")
     progress.training(names, opts.steps)  # type: ignore[arg-type]
     t0 = time.perf_counter()
     # the full fine-tune is the slowest (every weight has gradients and Adam state): start
