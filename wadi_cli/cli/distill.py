@@ -306,40 +306,41 @@ def _print_plan(config: dict[str, Any], plan: dict[str, Any], as_json: bool) -> 
 
 
 def _run_with_progress(cfg: DistillConfig, out: Path, resume: str | None, again: str) -> RunSummary:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from wadi_cli.cli.progress import CountColumn, EtaColumn, PhaseDisplay
     from wadi_cli.distill import distill
 
     progress = Progress(
-        TextColumn("[bold]distill[/]"),
+        TextColumn("{task.description}"),
         BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn(
-            "L_G {task.fields[loss_g]:.3g}  L_fake {task.fields[loss_f]:.3g}  {task.fields[rate]:.2f} step/s"
-        ),
+        CountColumn(),
+        TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(),
-        TimeRemainingColumn(),
+        EtaColumn(),
         console=err_console,
         transient=False,
     )
     state: dict[str, Any] = {}
 
-    def on_start(start: int, total: int) -> None:
+    def on_run(run: Path) -> None:  # the run folder is known: say it before anything slow
+        state["announced"] = True
         progress.console.print(
             f"run folder: [bold]{out}[/] (continue it with: {again})", highlight=False, soft_wrap=True
         )
+
+    def on_start(start: int, total: int) -> None:
+        if not state.get("announced"):
+            on_run(out)
         state["task"] = progress.add_task(
-            "distill", total=total, completed=start, loss_g=0.0, loss_f=0.0, rate=0.0
+            "[bold]distill[/]", total=total, completed=start, info="", counted=True, eta=True
         )
 
     def on_step(result: StepResult, seconds: float) -> None:
-        progress.update(
-            state["task"],
-            completed=result.step,
-            loss_g=result.loss_g,
-            loss_f=result.loss_fake,
-            rate=1.0 / max(seconds, 1e-9),
+        info = (
+            f"L_G {result.loss_g:.3g}  L_fake {result.loss_fake:.3g}  {1.0 / max(seconds, 1e-9):.2f} step/s"
         )
+        progress.update(state["task"], completed=result.step, info=info)
 
     def on_validate(row: dict[str, Any]) -> None:
         progress.console.print(
@@ -347,5 +348,13 @@ def _run_with_progress(cfg: DistillConfig, out: Path, resume: str | None, again:
             f"({'EMA' if row['student'] == 'ema' else 'raw'} student)"
         )
 
+    hooks: dict[str, Any] = {"on_step": on_step, "on_start": on_start, "on_validate": on_validate}
+    # the phase events and the early run-folder line need distill() to take these two
+    # callbacks (wadi_cli/distill/phases.py says what it reports); until then the run
+    # folder is announced when training starts, as before
+    accepted = inspect.signature(distill).parameters
+    hooks.update(
+        {k: v for k, v in (("on_phase", PhaseDisplay(progress)), ("on_run", on_run)) if k in accepted}
+    )
     with progress:
-        return distill(cfg, out, resume=resume, on_step=on_step, on_start=on_start, on_validate=on_validate)
+        return distill(cfg, out, resume=resume, **hooks)
