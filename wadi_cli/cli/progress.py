@@ -7,6 +7,7 @@ from datetime import timedelta
 from typing import Any
 
 from rich.progress import ProgressColumn
+from rich.table import Column
 from rich.text import Text
 
 
@@ -22,7 +23,11 @@ class CountColumn(ProgressColumn):
 
 class EtaColumn(ProgressColumn):
     """``ETA h:mm:ss`` (from the recent speed) for the rows whose task has ``eta=True``,
-    once rich has enough samples to estimate it."""
+    once rich has enough samples to estimate it (never split over two lines: a narrow
+    terminal squeezes the other columns instead)."""
+
+    def __init__(self) -> None:
+        super().__init__(table_column=Column(no_wrap=True))
 
     def render(self, task: Any) -> Text:
         left = task.time_remaining
