@@ -145,6 +145,14 @@ MUTATIONS: tuple[Mutation, ...] = (
       "wadi_cli/io/writers.py", 'fd, probe = tempfile.mkstemp(prefix=".wadi-probe.", dir=probe_dir)',
       'fd, probe = tempfile.mkstemp(prefix=".wadi-probe.")',
       ("tests/test_io_write.py::test_check_writable_folder_on_a_read_only_file_system",)),
+    # ---- what the outputs say -------------------------------------------------------------------
+    M("analyze-ratio-over-rounding", "wadi analyze prints a direction/norm ratio over unchanged norms",
+      "wadi_cli/analysis/report.py",
+      "return norm_rel_change_mean is not None and 0.0 <= norm_rel_change_mean < NORM_FLOOR", "return False",
+      ("tests/test_cli_analyze.py::test_unchanged_norms_are_said_not_divided",)),
+    M("demo-prompt-twice-in-grid", "the swap grid's rows repeat a prompt", "wadi_cli/demo/figures.py",
+      "        seen.setdefault(p, i)", "        seen[f'{p}{i}'] = i",
+      ("tests/test_demo.py::test_grid_rows_show_each_prompt_once_and_colours_are_fixed_per_kind",)),
 )  # fmt: skip
 
 

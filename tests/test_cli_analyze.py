@@ -126,3 +126,96 @@ def test_help_has_examples():
         and "wadi analyze teacher.safetensors student.safetensors --out" in res.stdout
     )
     assert "analyze" in runner.invoke(app, ["--help"]).stdout
+
+
+def _rotated_pair(tmp_path, scale: float):
+    """Two layers whose rows turn by ANGLE and scale by ``scale`` (1: a LoRaD-like student)."""
+    n = 12
+    t, s = {}, {}
+    names = ("down_blocks.0.attentions.0.to_k.weight", "up_blocks.1.attentions.0.to_v.weight")
+    for i, name in enumerate(names):
+        tt, ss = planted_pair(n, 24, angles=torch.full((n,), ANGLE, dtype=torch.float64),
+                              scales=torch.full((n,), scale, dtype=torch.float64), seed=i)  # fmt: skip
+        t[name], s[name] = tt.float(), ss.float()
+    save_file(t, tmp_path / "t.safetensors")
+    save_file(s, tmp_path / "s.safetensors")
+    return str(tmp_path / "t.safetensors"), str(tmp_path / "s.safetensors")
+
+
+def test_unchanged_norms_are_said_not_divided(tmp_path):
+    """A rotation-only student: the norms moved by float32 rounding only, so the output says
+    'unchanged (below 1e-06)' instead of a ratio such as 3.22e+07x."""
+    t, s = _rotated_pair(tmp_path, 1.0)
+    res = runner.invoke(app, ["analyze", t, s], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "row norms unchanged: mean relative norm change" in res.stdout and "below 1e-06" in res.stdout
+    assert "x (means)" not in res.stdout and "unchanged" in res.stdout.split("overall")[1].split("\n")[0]
+    # just above the floor the ratio is printed (3e-6 > 1e-6)
+    t, s = _rotated_pair(tmp_path, 1.0 + 3e-6)
+    res = runner.invoke(app, ["analyze", t, s], env={"COLUMNS": "200"})
+    assert "direction change / norm change:" in res.stdout and "row norms unchanged" not in res.stdout
+
+
+def test_header_and_legend_tell_the_truth_about_summary_json(pair, tmp_path):
+    t, s = pair
+    res = runner.invoke(app, ["analyze", str(t), str(s), "--rank-k", "5"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "definitions in summary.json" not in res.stdout
+    assert "--out DIR writes them to DIR/summary.json" in res.stdout
+    words = " ".join(res.stdout.split())
+    assert "E@5: share of the direction residual's energy in its top 5 singular values" in words
+    assert "r93/side: fewest singular values holding 93 % of that energy, over min(rows, cols)" in words
+    out = tmp_path / "rep"
+    res = runner.invoke(app, ["analyze", str(t), str(s), "--out", str(out)], env={"COLUMNS": "200"})
+    assert f"Every definition: {out}/summary.json" in " ".join(res.stdout.split())
+    assert "norm_floor" in json.loads((out / "summary.json").read_text())["definitions"]
+
+
+def _layer_rows(rows: list[tuple[str, float, float]]) -> list:
+    from wadi_cli.analysis.report import LayerResult, block_of
+
+    nan = float("nan")
+    return [
+        LayerResult(
+            name,
+            block_of(name),
+            "linear",
+            4,
+            4,
+            0,
+            0,
+            norm,
+            nan,
+            dirc,
+            nan,
+            nan,
+            nan,
+            1.0,
+            1.0,
+            1,
+            1,
+            1,
+            0.25,
+            0.25,
+            0.25,
+            1.0,
+        )  # fmt: skip
+        for name, norm, dirc in rows
+    ]
+
+
+def test_plots_explain_the_floor_and_keep_full_layer_names():
+    import numpy as np
+
+    from wadi_cli.analysis.plots import norm_vs_direction_figure, residual_spectra_figure
+
+    layers = _layer_rows([("down_blocks.0.a.weight", 0.0, 0.03), ("down_blocks.0.b.weight", 2e-8, 0.02),
+                         ("up_blocks.0.c.weight", 0.01, 0.05)])  # fmt: skip
+    fig = norm_vs_direction_figure(layers)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "2 layers: norm change below 1e-06 (unchanged: float32 rounding), drawn at 1e-07" in labels
+    xs = np.concatenate([c.get_offsets()[:, 0] for c in fig.axes[0].collections if hasattr(c, "get_offsets")])
+    assert sorted(set(np.round(xs, 12))) == [1e-7, 0.01]  # nothing at an unexplained 1e-12
+    long = "up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_out.0.weight"
+    fig = residual_spectra_figure({long: np.array([4.0, 1.0, 0.5]), "mid_block.x.weight": np.array([1.0])})
+    assert long in [t.get_text() for t in fig.legends[0].get_texts()]

@@ -194,3 +194,36 @@ def test_an_ignored_sigint_stays_ignored(tmp_path, pipe_dir, sigint_handler):
     on_step = lambda result, seconds: seen.append(signal.getsignal(signal.SIGINT))  # noqa: E731
     distill(resolve_config(overrides=over), tmp_path / "run", on_step=on_step)
     assert seen == [signal.SIG_IGN] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+@pytest.mark.parametrize("backbone", ["sd15", "sd21", "pixart"])
+def test_real_backbone_without_prompts_is_refused_and_the_dry_run_says_so(backbone, tmp_path):
+    """sd15/sd21/pixart have no default prompt set: --dry-run, wadi info and the refusal say
+    what to pass; --prompts smoke names the built-in smoke set."""
+    dry = runner.invoke(app, ["distill", "-b", backbone, "--dry-run"], env={"COLUMNS": "300"})
+    assert dry.exit_code == 0, dry.output
+    assert (
+        "trains on: none: pass a caption file with --prompts FILE" in dry.stdout and "JourneyDB" in dry.stdout
+    )
+    plan = json.loads(runner.invoke(app, ["distill", "-b", backbone, "--dry-run", "--json"]).stdout)["plan"]
+    assert plan["prompts"].startswith("none: pass a caption file with --prompts FILE")
+    info = json.loads(runner.invoke(app, ["info", "-b", backbone, "--json"]).stdout)
+    assert info["trains_on"] == plan["prompts"]
+    run = tmp_path / "run"
+    res = runner.invoke(app, ["distill", "-b", backbone, "--out", str(run)])
+    assert res.exit_code == 2 and not run.exists()
+    lines = [x for x in res.output.splitlines() if x.strip()]
+    assert len(lines) == 1 and "has no default prompts" in lines[0], res.output
+    smoke = json.loads(
+        runner.invoke(app, ["distill", "-b", backbone, "--prompts", "smoke", "--dry-run", "--json"]).stdout
+    )
+    assert smoke["plan"]["prompts"] == "wadi's 16 built-in smoke-test prompts (--prompts smoke)"
+
+
+def test_tiny_without_prompts_draws_from_its_grammar_and_smoke_names_the_set():
+    from wadi_cli.distill.data import SMOKE_PROMPTS, load_prompts
+
+    plan = json.loads(runner.invoke(app, ["distill", "--dry-run", "--json"]).stdout)["plan"]
+    assert plan["prompts"].startswith("1,024 prompts drawn from the tiny model's grammar")
+    assert len(load_prompts(None, backbone="tiny")) == 1024
+    assert load_prompts("smoke", backbone="sd21") == list(SMOKE_PROMPTS) and len(SMOKE_PROMPTS) == 16

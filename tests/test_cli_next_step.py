@@ -43,7 +43,8 @@ CASES = [
     # eval: the classifier (the student has its own test in test_tiny_student.py)
     (["eval", "--model", TINY_BASE, "--classifier", "none.safetensors", "-n", "4"], 2, "--classifier FILE"),
     # distill: the base model; the run to resume
-    (["distill", "-b", "sd15"], 3, "with --model DIR"),
+    (["distill", "-b", "sd15", "--prompts", "smoke"], 3, "with --model DIR"),
+    (["distill", "-b", "sd15"], 2, "--prompts FILE"),
     (["distill", "--resume", "latest"], 2, "name the run folder with --out RUN"),
     (["distill", "-b", "tiny", "--resume", "latest"], 2, "name the run folder with --out RUN"),
 ]

@@ -52,7 +52,8 @@ def test_energy_in_top_share_of_singular_values():
 
 def _metrics(norms_fd: float, directions_fd: float) -> dict:
     student = {"label": "full fine-tune", "trainable_params": 10, "accuracy": 0.9, "fd": 20.0,
-               "train_seconds": 1.0, "peak_rss_mb": 100.0}  # fmt: skip
+               "train_seconds": 1.0, "peak_rss_mb": 100.0, "recipe": "tiny_paper", "regression_weight": 0.0,
+               "per_attribute_accuracy": {"color": 1.0, "shape": 0.96, "position": 1.0}}  # fmt: skip
     lorad = {**student, "label": "LoRaD (rank 16)"}
     per = {"norm_rel_change_mean": 0.01, "direction_change_mean": 0.1, "angle_deg_mean": 5.0,
            "direction_to_norm_ratio": 10.0, "rank_frac90": 0.5, "layers": 4, "layers_changed": 3,
@@ -77,7 +78,11 @@ def _metrics(norms_fd: float, directions_fd: float) -> dict:
         "swap": {
             "student_metrics": {"accuracy": 0.9, "fd": 20.0},
             "teacher_norms": {"accuracy": 0.89, "fd": norms_fd},
-            "teacher_directions": {"accuracy": 0.1, "fd": directions_fd},
+            "teacher_directions": {
+                "accuracy": 0.1,
+                "fd": directions_fd,
+                "per_attribute_accuracy": {"color": 0.99, "shape": 0.71, "position": 1.0},
+            },
         },
     }
 
@@ -86,11 +91,41 @@ def test_report_reads_the_swap_from_the_numbers():
     text = report_markdown(_metrics(21.0, 250.0))
     assert "reproduces the paper's asymmetry" in text and "+1.00" in text and "+230.00" in text
     assert "changed directions 10.0× more than norms" in text
-    assert "— (norms kept)" in text and "| 3 / 4 | 0.250 | 0.900 |" in text  # LoRaD: no silly ratio
+    assert "— (norms unchanged, below 1e-06)" in text  # LoRaD: no ratio over rounding
+    assert "| 3 / 4 | 0.250 | 0.900 |" in text
     flipped = report_markdown(_metrics(250.0, 21.0))
     assert "does NOT show the paper's asymmetry" in flipped
     for fig in ("fig1a", "fig1b", "fig1c", "fig1d"):
         assert f"figures/{fig}_" in text
+
+
+def test_report_states_the_objective_the_students_recorded():
+    """The objective comes from the students' recorded config, not a fixed sentence."""
+    m = _metrics(21.0, 250.0)
+    text = report_markdown(m)
+    assert "`wadi distill -b tiny --config tiny_paper` (regression_weight 0: the paper's VSD objective" in (
+        text
+    )
+    assert "tiny recipe" not in text
+    for s in m["students"].values():
+        s.update(recipe="tiny", regression_weight=4.0)
+    text = report_markdown(m)
+    assert "--config tiny` (regression_weight 4: VSD plus a DMD-style regression" in text
+    m["students"]["lorad"]["regression_weight"] = 0.5
+    assert "(regression_weight LoRaD (rank 16) 0.5, full fine-tune 4: VSD plus" in report_markdown(m)
+
+
+def test_swap_grid_caption_names_the_attribute_each_hybrid_loses():
+    text = report_markdown(_metrics(21.0, 250.0))
+    assert "With the teacher directions, shape accuracy falls 0.96 → 0.71 (look at the shapes" in text
+
+
+def test_grid_rows_show_each_prompt_once_and_colours_are_fixed_per_kind():
+    from wadi_cli.demo.figures import KIND_COLOURS, colour, distinct_rows
+
+    assert distinct_rows(["a", "b", "a", "c", "b", "d"], 3) == [0, 1, 3]
+    assert distinct_rows(["a", "a"], 6) == [0]
+    assert colour("lorad") == KIND_COLOURS["lorad"] and len(set(KIND_COLOURS.values())) == len(KIND_COLOURS)
 
 
 def test_cli_refuses_a_foreign_folder_and_bad_steps(tmp_path):
@@ -140,3 +175,63 @@ def test_the_spawned_workers_module_loads_without_torch():
     code = "import sys, wadi_cli.demo.students; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+def _bars(display) -> dict[str, tuple[float, float | None]]:
+    return {t.description.strip(): (t.completed, t.total) for t in display.progress.tasks}
+
+
+def test_display_counts_every_students_steps_and_the_overall_bar():
+    """The top row is the bar over all students' steps (not a stage that reads 1/1 from the
+    first second); each student's row reaches its step count; finished rows stop."""
+    from rich.console import Console
+
+    from wadi_cli.cli.demo import _RichProgress
+
+    display = _RichProgress(Console(record=True, width=160, force_terminal=False))
+    with display:
+        display.stage("distilling 2 students (7 steps each, 2 at a time)")
+        display.training(["lorad", "full"], 7)
+        assert _bars(display)["distilling 2 students (7 steps each, 2 at a time)"] == (0, 14)
+        display.train_state("full", "loading")
+        for step in (3, 7):
+            display.train_step("full", step, 0.5, 0.25)
+        display.train_state("full", "done in 9 s")
+        display.train_step("lorad", 5, 0.5, 0.25)
+        assert _bars(display)["distilling 2 students (7 steps each, 2 at a time)"] == (12, 14)
+        display.train_step("lorad", 7, 0.5, 0.25)
+        bars = _bars(display)
+        assert bars["train lorad"] == bars["train full"] == (7, 7)
+        assert bars["distilling 2 students (7 steps each, 2 at a time)"] == (14, 14)
+        display.stage("plots and report")
+    text = display.progress.console.export_text()
+    assert "14/14" in text and text.count("7/7") == 2 and "done in 9 s" in text and "0/1" not in text
+
+
+def test_students_steps_reach_the_display_while_the_side_job_runs():
+    """The teacher's evaluation (the side job) runs while a student trains; the student's
+    steps must reach the display meanwhile, not after it (the bars once froze for minutes)."""
+    import time
+
+    from wadi_cli.cli.demo import _RichProgress
+    from wadi_cli.demo.students import STUDENTS, train_students
+
+    display = _RichProgress()
+    seen: dict[str, object] = {}
+
+    def side_job() -> None:  # waits for the student's last step to show up on its bar
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and _bars(display)["train lorad"][0] < 3:
+            time.sleep(0.2)
+        seen["during"] = _bars(display)["train lorad"]
+
+    with display:
+        display.stage("distilling 1 student")
+        display.training(["lorad"], 3)
+        import tempfile
+        from pathlib import Path
+
+        with tempfile.TemporaryDirectory() as tmp:
+            done = train_students([STUDENTS["lorad"]], 3, 0, Path(tmp), jobs=2, on_step=display.train_step,
+                                  side_job=side_job, on_state=display.train_state)  # fmt: skip
+    assert seen["during"] == (3, 3) and done["lorad"].steps == 3

@@ -85,7 +85,7 @@ def _image_side(folder: Path) -> int:
 _RUNS: dict[str, Path] = {}
 #: a run small enough for a miniature: batch 1, ranks 4 / 2, no validation, CPU
 SMALL_RUN = [*("--batch-size", "1", "--rank", "4", "--fake-rank", "2"), "--validate-every", "0"]
-SMALL_RUN += ["--device", "cpu", "--no-tensorboard"]
+SMALL_RUN += ["--device", "cpu", "--no-tensorboard", "--prompts", "smoke"]  # a real family names its prompts
 
 
 def distilled(family: str, work: Path) -> Path:

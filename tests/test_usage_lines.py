@@ -2,13 +2,15 @@
 line), in a fresh working directory:
 
     wadi analyze teacher.safetensors student.safetensors
-    wadi distill --backbone sd21
+    wadi distill --backbone sd21 --prompts captions.txt
     wadi sample "a shiba inu wearing a beret"
 
-SD2.1 cannot be downloaded here, so its files are made available the way a user's machine
-has them after `hf download`: stand-ins (small random SD-shaped pipeline, a release file in
-the authors' format) planted in a hub cache, offline (HF_HUB_OFFLINE=1 from conftest). With
-an empty cache each line that needs the hub ends in the one-line message naming the files
+(captions.txt: a few captions written into the working directory; a real backbone has no
+default prompt set, so the line names its prompts.) SD2.1 cannot be downloaded here, so
+its files are made available the way a user's machine has them after `hf download`: stand-
+ins (small random SD-shaped pipeline, a release file in the authors' format) planted in a
+hub cache, offline (HF_HUB_OFFLINE=1 from conftest). With an empty cache each line that
+needs the hub ends in the one-line message naming the files
 and the flags for local copies, and leaves nothing behind."""
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from wadi_cli.cli.main import app
 from wadi_cli.io import save_safetensors
 
 ANALYZE = "wadi analyze teacher.safetensors student.safetensors"
-DISTILL = "wadi distill --backbone sd21"
+DISTILL = "wadi distill --backbone sd21 --prompts captions.txt"
 SAMPLE = 'wadi sample "a shiba inu wearing a beret"'
 RUN_NAME = re.compile(r"^sd21-\d{8}-\d{6}$")
 
@@ -52,6 +54,13 @@ def _use_cache(monkeypatch, cache) -> None:
 def cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture
+def captions(cwd):
+    """The ``captions.txt`` that the distill line names."""
+    (cwd / "captions.txt").write_text("a photo of a red fox in snow\na lighthouse at sunset\n")
+    return cwd / "captions.txt"
 
 
 @pytest.fixture
@@ -118,7 +127,7 @@ def _ctrl_c_after_first_step(runs, timeout: float = 600.0) -> threading.Thread:
     return thread
 
 
-def test_distill_line_makes_a_run_folder_and_resume_latest_finds_it(cwd, hub, sigint_handler):
+def test_distill_line_makes_a_run_folder_and_resume_latest_finds_it(cwd, captions, hub, sigint_handler):
     _ctrl_c_after_first_step(cwd / "runs")
     result = run_line(DISTILL)  # 20,000 steps by the paper's recipe: stopped by Ctrl-C
     assert result.exit_code == 130, result.output
@@ -151,7 +160,7 @@ def test_distill_line_makes_a_run_folder_and_resume_latest_finds_it(cwd, hub, si
         (DISTILL, ("stabilityai/stable-diffusion-2-1-base", "hf download")),
     ],
 )
-def test_offline_each_line_names_the_files_and_the_flags(cwd, empty_hub, line, needles):
+def test_offline_each_line_names_the_files_and_the_flags(cwd, captions, empty_hub, line, needles):
     result = run_line(line)
     assert result.exit_code == 3, result.output
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
@@ -160,4 +169,4 @@ def test_offline_each_line_names_the_files_and_the_flags(cwd, empty_hub, line, n
         assert needle in lines[0]
     flags = "--model DIR --weights rotated_unet-sdv2-1.safetensors" if "sample" in line else "--model DIR"
     assert lines[0].endswith(f"pass {'local copies' if 'sample' in line else 'a local copy'} with {flags}")
-    assert list(cwd.iterdir()) == []  # no half-made run or sample folder
+    assert [p.name for p in cwd.iterdir()] == ["captions.txt"]  # no half-made run or sample folder

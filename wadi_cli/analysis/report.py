@@ -18,6 +18,19 @@ import torch
 from wadi_cli.analysis.decompose import RowDecomposition
 from wadi_cli.analysis.spectrum import SpectrumStats
 
+#: Below this mean relative row-norm change a layer's (or a group's) norms count as unchanged:
+#: a float32 weight holds a row norm to about half an ulp (6e-8 relative), so a student that only
+#: rotates rows (LoRaD, by construction) shows ~1e-8..1e-7 from rounding alone; 1e-6 leaves a
+#: margin of ~8 ulps. A direction/norm ratio over such a norm change divides a real change by
+#: rounding, so the CLI, the plots and the demo say "unchanged" instead of printing it.
+NORM_FLOOR = 1e-6
+
+
+def norms_unchanged(norm_rel_change_mean: float | None) -> bool:
+    """Whether a mean relative norm change lies below :data:`NORM_FLOOR` (NaN/None: no)."""
+    return norm_rel_change_mean is not None and 0.0 <= norm_rel_change_mean < NORM_FLOOR
+
+
 DEFINITIONS: dict[str, str] = {
     "rows/cols": "Every weight with >= 2 dims is a matrix of rows: Linear (m, n) -> m x n, "
     "Conv (out, in, kh, kw) -> out x in*kh*kw. Row i splits into norm ||W_i|| and direction "
@@ -45,6 +58,9 @@ DEFINITIONS: dict[str, str] = {
     "direction_to_norm_ratio_std": "mean over layers of direction_change_std divided by mean over "
     "layers of norm_rel_change_std (paper: ~10x).",
     "angle_to_norm_ratio_mean/_std": "as above with the angle in radians instead of the chord.",
+    "norm_floor": f"a mean relative norm change below {NORM_FLOOR:g} is float32 rounding (~8 ulps): the "
+    "norms count as unchanged and the direction/norm ratios, still written here, divide by rounding "
+    "(wadi analyze prints 'unchanged' instead).",
 }
 
 _BLOCK = re.compile(r"(?:^|\.)((?:down_blocks|up_blocks|transformer_blocks|blocks)\.\d+|mid_block)\.")

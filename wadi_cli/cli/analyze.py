@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from wadi_cli.cli.common import Device, JsonFlag, OutDir, console, err_console, handle_errors, require
+from wadi_cli.words import plural
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -49,12 +50,39 @@ def _fmt(x: Any, spec: str = ".4g") -> str:
     return format(x, spec)
 
 
+def _legend(rank_k: int, out: str | None) -> str:
+    """The words behind the table's columns (and where the full definitions are)."""
+    from wadi_cli.analysis.report import NORM_FLOOR
+
+    where = (
+        f"Every definition: {out}/summary.json"
+        if out is not None
+        else "Every definition: --out DIR writes them to DIR/summary.json"
+    )
+    return (
+        "normΔ: mean relative row-norm change |‖S_i‖-‖T_i‖|/‖T_i‖; dirΔ: mean direction change "
+        "‖d_S,i-d_T,i‖ (chord, 0..2); dir/norm: dirΔ/normΔ ('unchanged': normΔ below "
+        f"{NORM_FLOOR:g}, float32 rounding, so no ratio); angle°: mean angle between rows; "
+        f"E@{rank_k}: share of the direction residual's energy in its top {rank_k} singular values; "
+        "r93/side: fewest singular values holding 93 % of that energy, over min(rows, cols) "
+        f"(small = low-rank change). {where}."
+    )
+
+
+def _ratio_cell(agg: dict[str, Any]) -> str:
+    from wadi_cli.analysis.report import norms_unchanged
+
+    if norms_unchanged(agg["norm_rel_change_mean"]):
+        return "unchanged"
+    return _fmt(agg["direction_to_norm_ratio_mean"], ".3g")
+
+
 def _summary_table(summary: dict[str, Any], rank_k: int) -> Table:
     from rich import box
     from rich.table import Table
 
     table = Table(
-        title="norm vs direction change per block (means over layers; definitions in summary.json)",
+        title="norm vs direction change per block (means over layers)",
         title_justify="left",
         box=box.SIMPLE_HEAD,
         pad_edge=False,
@@ -68,7 +96,7 @@ def _summary_table(summary: dict[str, Any], rank_k: int) -> Table:
             str(agg["layers"]),
             _fmt(agg["norm_rel_change_mean"], ".3g"),
             _fmt(agg["direction_change_mean"], ".3g"),
-            _fmt(agg["direction_to_norm_ratio_mean"], ".3g"),
+            _ratio_cell(agg),
             _fmt(agg["angle_deg_mean"], ".3g"),
             _fmt(agg["energy_at_k"], ".3f"),
             _fmt(agg["rank_frac93"], ".3f"),
@@ -79,6 +107,27 @@ def _summary_table(summary: dict[str, Any], rank_k: int) -> Table:
         add(name, agg)
     add("overall", summary["overall"], style="bold")
     return table
+
+
+def _headline(overall: dict[str, Any], seconds: float) -> str:
+    """The overall direction/norm ratio, or, when the norms did not change (a LoRaD student),
+    that fact: a ratio over float rounding (e.g. 3.22e+07x) says nothing."""
+    from wadi_cli.analysis.report import NORM_FLOOR, norms_unchanged
+
+    nm = overall["norm_rel_change_mean"]
+    if norms_unchanged(nm):
+        return (
+            f"row norms unchanged: mean relative norm change {nm:.2g} is below {NORM_FLOOR:g} (float32 "
+            f"rounding); mean direction change {_fmt(overall['direction_change_mean'], '.3g')} over "
+            f"{plural(overall['layers'], 'layer')}: only directions changed ({seconds:.1f} s)"
+        )
+    ratio_mean = _fmt(overall["direction_to_norm_ratio_mean"], ".3g")
+    ratio_std = _fmt(overall["direction_to_norm_ratio_std"], ".3g")
+    ratio_angle = _fmt(overall["angle_to_norm_ratio_mean"], ".3g")
+    return (
+        f"direction change / norm change: [bold]{ratio_mean}x[/] (means), {ratio_std}x (stds) over "
+        f"{plural(overall['layers'], 'layer')}; angle variant {ratio_angle}x ({seconds:.1f} s)"
+    )
 
 
 def _report_skipped(summary: dict[str, Any], limit: int = 5) -> None:
@@ -175,14 +224,7 @@ def register(app: typer.Typer) -> None:
             return
         _report_skipped(summary)
         console.print(_summary_table(summary, rank_k))
-        overall = summary["overall"]
-        ratio_mean = _fmt(overall["direction_to_norm_ratio_mean"], ".3g")
-        ratio_std = _fmt(overall["direction_to_norm_ratio_std"], ".3g")
-        ratio_angle = _fmt(overall["angle_to_norm_ratio_mean"], ".3g")
-        console.print(
-            f"direction change / norm change: [bold]{ratio_mean}x[/] (means), {ratio_std}x (stds) over "
-            f"{overall['layers']} layers; angle variant {ratio_angle}x ({result.seconds:.1f} s)",
-            highlight=False,
-        )
+        console.print(_legend(rank_k, None if out is None else str(out)), style="dim", highlight=False)
+        console.print(_headline(summary["overall"], result.seconds), highlight=False)
         if out is not None:
             console.print(f"wrote {out}/ (layers.csv, summary.json, spectra.npz, 2 plots)", highlight=False)

@@ -33,22 +33,30 @@ Examples:
 
 
 class _RichProgress:
-    """Progress of the demo: a bar per student while training, one line per result."""
+    """Progress of the demo: one bar over all students' steps (with the time left), a bar per
+    student (its real step, read from the workers while this process evaluates the teacher),
+    a row for the teacher's evaluation, a row per later stage, one line per result."""
 
-    def __init__(self) -> None:
+    def __init__(self, console: Any = None) -> None:
         from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        from wadi_cli.cli.progress import CountColumn, EtaColumn
 
         self.progress = Progress(
             SpinnerColumn(),
             TextColumn("{task.description}"),
             BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
+            CountColumn(),
             TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(),
-            console=err_console,
+            EtaColumn(),
+            console=console or err_console,
         )
         self.tasks: dict[str, Any] = {}
+        self.steps: dict[str, int] = {}
+        self.overall: Any = None
         self.current: Any = None
+        self.side: Any = None
 
     def __enter__(self) -> _RichProgress:
         self.progress.__enter__()
@@ -65,17 +73,38 @@ class _RichProgress:
 
     def stage(self, text: str) -> None:
         self._finish_stage()
-        self.current = self.progress.add_task(text, total=1, info="")
+        # no total: a pulsing bar while the stage runs, full when the next one starts
+        self.current = self.progress.add_task(text, total=None, info="")
 
     def training(self, names: list[str], steps: int) -> None:
-        self._finish_stage()
+        # the stage's row becomes the bar over every student's steps (its ETA is the training's)
+        self.overall, self.current = self.current, None
+        if self.overall is None:
+            self.overall = self.progress.add_task("distilling", total=None, info="")
+        self.progress.update(self.overall, total=steps * len(names), completed=0, counted=True, eta=True)
         for name in names:
-            self.tasks[name] = self.progress.add_task(f"  train {name}", total=steps, info="waiting")
+            self.steps[name] = 0
+            self.tasks[name] = self.progress.add_task(
+                f"  train {name}", total=steps, info="waiting for a free core", counted=True, eta=True
+            )
 
     def train_step(self, name: str, step: int, loss_g: float, loss_fake: float) -> None:
+        self.steps[name] = step
         self.progress.update(
             self.tasks[name], completed=step, info=f"L_G {loss_g:.3g}  L_fake {loss_fake:.3g}"
         )
+        self.progress.update(self.overall, completed=sum(self.steps.values()))
+
+    def train_state(self, name: str, text: str) -> None:
+        if text.startswith("done"):
+            self.progress.stop_task(self.tasks[name])  # the elapsed time stops at the student's end
+        self.progress.update(self.tasks[name], info=text)
+
+    def side_job(self, text: str, seconds: float | None = None) -> None:
+        if seconds is None:
+            self.side = self.progress.add_task(f"  {text}", total=None, info="")
+        else:
+            self.progress.update(self.side, total=1, completed=1, info=f"done in {seconds:.0f} s")
 
     def result(self, text: str) -> None:
         self.progress.console.print(f"  {text}")

@@ -31,7 +31,9 @@ newest such run of --backbone (of any backbone when -b is not given).
 
 Examples:
 
-  wadi distill --backbone sd21
+  wadi distill --backbone sd21 --prompts captions.txt
+
+  wadi distill --backbone sd21 --prompts smoke --max-steps 10 --out runs/smoke
 
   wadi distill --backbone tiny --resume latest
 
@@ -58,9 +60,43 @@ Examples:
 COMMAND_OPTIONS: tuple[str, ...] = ("--out", "--config", "--resume", "--dry-run", "--json", "--num-processes")
 _ALIAS = "__alias"  # suffix of the parameter behind a field's hidden old spelling
 
+#: ``wadi distill --help`` in panels: the command's own options first, then the config's
+#: fields by what they set (every field in exactly one panel; a test keeps it so).
+COMMAND_PANEL = "Run folder and mode"
+PANELS: dict[str, tuple[str, ...]] = {
+    "Model and student": ("backbone", "model", "components", "adapter", "rank", "fake_rank", "init_seed"),
+    "Data": ("prompts", "prompt_column", "text_cache"),
+    "Length, checkpoints, validation": (
+        "max_steps", "batch_size", "grad_accum", "seed", "checkpoint_every", "keep_last", "log_every",
+        "validate_every", "tensorboard",
+    ),
+    "Optimisation (student and fake score)": (
+        "lr", "fake_lr", "adam_beta1", "adam_beta2", "adam_eps", "weight_decay", "max_grad_norm",
+        "fake_max_grad_norm", "warmup_steps", "lr_schedule", "optimizer", "ema_decay",
+    ),
+    "VSD objective (WaDi §4)": (
+        "guidance", "fake_guidance", "t_min", "t_max", "fake_t_min", "fake_t_max", "alpha_bar_T",
+        "prompt_dropout", "fake_updates",
+    ),
+    "Regression to teacher samples (not in the paper)": (
+        "regression_weight", "regression_pairs", "regression_steps",
+    ),
+    "Device and precision": (
+        "device", "mixed_precision", "gradient_checkpointing", "lorad_exact_low_precision",
+    ),
+}  # fmt: skip
+
+
+def panel_of(field_name: str) -> str:
+    """The help panel of a config field (:data:`PANELS`)."""
+    for panel, names in PANELS.items():
+        if field_name in names:
+            return panel
+    raise KeyError(f"config field {field_name!r} has no panel in wadi_cli/cli/distill.py PANELS")
+
 
 def _opt(*names: str, help: str) -> Any:
-    return typer.Option(*names, help=help, show_default=False)
+    return typer.Option(*names, help=help, show_default=False, rich_help_panel=COMMAND_PANEL)
 
 
 def _config_parameters() -> list[inspect.Parameter]:
@@ -75,7 +111,9 @@ def _config_parameters() -> list[inspect.Parameter]:
         kind, flag = field_kind(f.name), flag_name(f.name)
         short, alias = option_alias(f.name)
         decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag, *([short] if short else [])]
-        option = typer.Option(*decls, help=option_help(f.name), show_default=False)
+        option = typer.Option(
+            *decls, help=option_help(f.name), show_default=False, rich_help_panel=panel_of(f.name)
+        )
         params.append(_keyword(f.name, kind, option))
         if alias:
             params.append(_keyword(f.name + _ALIAS, kind, typer.Option(alias, hidden=True)))
@@ -105,6 +143,7 @@ def register(app: typer.Typer) -> None:
                 "--out",
                 "-o",
                 help="Run folder (checkpoints, metrics, config); default: a new ./runs/NAME-YYYYmmdd-HHMMSS.",
+                rich_help_panel=COMMAND_PANEL,
             ),
         ] = None,
         config: Annotated[
@@ -122,10 +161,18 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         dry_run: Annotated[
-            bool, typer.Option("--dry-run", help="Print the resolved config and parameter plan, then exit.")
+            bool,
+            typer.Option(
+                "--dry-run",
+                help="Print the resolved config and parameter plan, then exit.",
+                rich_help_panel=COMMAND_PANEL,
+            ),
         ] = False,
         json_out: Annotated[
-            bool, typer.Option("--json", help="Print --dry-run output / the summary as JSON.")
+            bool,
+            typer.Option(
+                "--json", help="Print --dry-run output / the summary as JSON.", rich_help_panel=COMMAND_PANEL
+            ),
         ] = False,
         num_processes: Annotated[
             int | None, _opt("--num-processes", help="Launch N processes through `accelerate launch`.")
@@ -146,9 +193,13 @@ def register(app: typer.Typer) -> None:
             if resume
             else config_for_run(out or ".", None, config, overrides)
         )
+        from wadi_cli.distill.prompt_sets import prompt_source, require_prompts
+
         if dry_run:
-            _print_plan(cfg.to_dict(), parameter_plan(cfg), json_out)
+            plan = {**parameter_plan(cfg), "prompts": prompt_source(cfg.prompts, cfg.backbone)}
+            _print_plan(cfg.to_dict(), plan, json_out)
             return
+        require_prompts(cfg.prompts, cfg.backbone)
         if out is None:
             from wadi_cli.distill.launch import launched_world_size
 
@@ -251,51 +302,45 @@ def _print_plan(config: dict[str, Any], plan: dict[str, Any], as_json: bool) -> 
         plan_table.add_row(role, rank, str(r["layers"]), f"{r['trainable_params']:,}")
     console.print(plan_table)
     console.print(f"base parameters (frozen): {plan['base_params']:,}")
+    console.print(f"trains on: {plan['prompts']}", highlight=False)
 
 
 def _run_with_progress(cfg: DistillConfig, out: Path, resume: str | None, again: str) -> RunSummary:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from wadi_cli.cli.progress import CountColumn, EtaColumn, PhaseDisplay
     from wadi_cli.distill import distill
 
     progress = Progress(
-        TextColumn("[bold]distill[/]"),
+        TextColumn("{task.description}"),
         BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn(
-            "L_G {task.fields[loss_g]:.3g}  L_fake {task.fields[loss_f]:.3g}  {task.fields[rate]:.2f} step/s"
-        ),
+        CountColumn(),
+        TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(),
-        TimeRemainingColumn(),
+        EtaColumn(),
         console=err_console,
         transient=False,
     )
     state: dict[str, Any] = {}
 
-    def on_start(start: int, total: int) -> None:
+    def on_run(run: Path) -> None:  # the run folder is known: say it before anything slow
+        state["announced"] = True
         progress.console.print(
             f"run folder: [bold]{out}[/] (continue it with: {again})", highlight=False, soft_wrap=True
         )
-        if cfg.prompts is None and cfg.backbone != "tiny":
-            from wadi_cli.distill.data import SMOKE_PROMPTS
 
-            progress.console.print(
-                f"[yellow]note:[/] no --prompts: training on wadi's {len(SMOKE_PROMPTS)} built-in smoke-test "
-                "prompts; for a real run pass a caption file with --prompts FILE",
-                highlight=False,
-            )
+    def on_start(start: int, total: int) -> None:
+        if not state.get("announced"):
+            on_run(out)
         state["task"] = progress.add_task(
-            "distill", total=total, completed=start, loss_g=0.0, loss_f=0.0, rate=0.0
+            "[bold]distill[/]", total=total, completed=start, info="", counted=True, eta=True
         )
 
     def on_step(result: StepResult, seconds: float) -> None:
-        progress.update(
-            state["task"],
-            completed=result.step,
-            loss_g=result.loss_g,
-            loss_f=result.loss_fake,
-            rate=1.0 / max(seconds, 1e-9),
+        info = (
+            f"L_G {result.loss_g:.3g}  L_fake {result.loss_fake:.3g}  {1.0 / max(seconds, 1e-9):.2f} step/s"
         )
+        progress.update(state["task"], completed=result.step, info=info)
 
     def on_validate(row: dict[str, Any]) -> None:
         progress.console.print(
@@ -303,5 +348,13 @@ def _run_with_progress(cfg: DistillConfig, out: Path, resume: str | None, again:
             f"({'EMA' if row['student'] == 'ema' else 'raw'} student)"
         )
 
+    hooks: dict[str, Any] = {"on_step": on_step, "on_start": on_start, "on_validate": on_validate}
+    # the phase events and the early run-folder line need distill() to take these two
+    # callbacks (wadi_cli/distill/phases.py says what it reports); until then the run
+    # folder is announced when training starts, as before
+    accepted = inspect.signature(distill).parameters
+    hooks.update(
+        {k: v for k, v in (("on_phase", PhaseDisplay(progress)), ("on_run", on_run)) if k in accepted}
+    )
     with progress:
-        return distill(cfg, out, resume=resume, on_step=on_step, on_start=on_start, on_validate=on_validate)
+        return distill(cfg, out, resume=resume, **hooks)

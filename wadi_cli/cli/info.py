@@ -12,6 +12,7 @@ from rich.table import Table
 from wadi_cli.backbones import BACKBONES, get_backbone
 from wadi_cli.backbones.recipes import SAMPLING_DIR, sampling_recipe
 from wadi_cli.cli.common import JsonFlag, console, handle_errors
+from wadi_cli.distill.prompt_sets import prompt_source
 from wadi_cli.errors import BadInputError
 
 HELP = """Show a backbone's LoRaD adapter plan: adapted layers and trainable parameters
@@ -77,6 +78,7 @@ def _plan_table(plan: dict) -> Table:
         "sampling recipe",
         f"{plan['sampling']['file']}: teacher {t['steps']} steps, cfg {t['cfg']} (--steps, --cfg)",
     )
+    table.add_row("trains on (no --prompts)", plan["trains_on"])
     return table
 
 
@@ -130,6 +132,7 @@ def register(app: typer.Typer) -> None:
             "file": str(SAMPLING_DIR / f"{spec.name}.toml"),
             "values": sampling_recipe(spec.name),
         }
+        plan["trains_on"] = prompt_source(None, plan["backbone"])
         if json_out:
             typer.echo(json.dumps(plan, indent=2))
         else:

@@ -6,17 +6,19 @@ from __future__ import annotations
 import typer
 
 from wadi_cli import __version__
+from wadi_cli.cli.help_format import format_examples, patch_typer_help
 from wadi_cli.quiet import quiet_third_party_logs
 
 quiet_third_party_logs()
+patch_typer_help()
 
 app = typer.Typer(
     name="wadi",
-    help=(
+    help=format_examples(
         "Weight-direction-aware one-step distillation of diffusion models (WaDi, CVPR 2026).\n\n"
         "Examples:\n\n"
         "    wadi analyze teacher.safetensors student.safetensors\n"
-        "    wadi distill --backbone sd21\n"
+        "    wadi distill --backbone sd21 --prompts captions.txt\n"
         '    wadi sample "a shiba inu wearing a beret"\n'
         "    wadi demo --out demo/\n"
         "    wadi info --backbone sd15\n"
@@ -60,6 +62,8 @@ def _register() -> None:
     # One-line summaries for `wadi --help`: the first sentence of each docstring, reflowed
     # (docstrings are wrapped at ~90 columns, which rich would otherwise keep).
     for command in app.registered_commands:
+        if command.help:  # examples as a code block that breaks with `\` before 80 columns
+            command.help = format_examples(command.help)
         doc = command.help or (command.callback.__doc__ if command.callback else None)
         if command.short_help is None and doc:
             first = " ".join(doc.strip().split("\n\n")[0].split())

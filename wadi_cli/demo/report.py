@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from wadi_cli.demo.figures import NORMS_KEPT
+from wadi_cli.analysis.report import NORM_FLOOR, norms_unchanged
 
 
 def _f(value: Any, digits: int = 3) -> str:
@@ -36,8 +36,8 @@ def _students_table(m: dict[str, Any]) -> list[str]:
 def _ratio(a: dict[str, Any]) -> str:
     """The direction/norm ratio, or a note when the norms did not change (LoRaD)."""
     norm = a.get("norm_rel_change_mean")
-    if norm is not None and norm < NORMS_KEPT:
-        return "— (norms kept)"
+    if norms_unchanged(norm):
+        return f"— (norms unchanged, below {NORM_FLOOR:g})"
     return _f(a.get("direction_to_norm_ratio"), 1)
 
 
@@ -113,6 +113,44 @@ def _reading(m: dict[str, Any]) -> list[str]:
     return out
 
 
+def _objective(m: dict[str, Any]) -> str:
+    """How the students were trained, from what their runs recorded (``runs/*/config.json``)."""
+    students = m["students"].values()
+    recipes = sorted({s.get("recipe") or "?" for s in students})
+    weights = sorted({s.get("regression_weight") for s in students}, key=lambda w: (w is None, w))
+    flags = " ".join(f"--config {r}" for r in recipes if r != "?")
+    text = f"`wadi distill -b tiny{' ' + flags if flags else ''}`"
+    if weights == [0] or weights == [0.0]:
+        return text + " (regression_weight 0: the paper's VSD objective alone, no regression term)"
+    if None in weights:
+        return text
+    if len(weights) == 1:
+        parts = f"{weights[0]:g}"
+    else:
+        parts = ", ".join(f"{s['label']} {s['regression_weight']:g}" for s in students)
+    return f"{text} (regression_weight {parts}: VSD plus a DMD-style regression term the paper does not have)"
+
+
+def swap_grid_caption(m: dict[str, Any]) -> str:
+    """What to look at in Fig. 1d, from the per-attribute accuracies: the attribute each
+    hybrid loses most against the full fine-tune it was made from."""
+    base = m["students"]["full"].get("per_attribute_accuracy") or {}
+    parts = []
+    for key, what in (("teacher_directions", "teacher directions"), ("teacher_norms", "teacher norms")):
+        per = m["swap"][key].get("per_attribute_accuracy") or {}
+        drops = {a: base[a] - per[a] for a in per if a in base}
+        if not drops:
+            continue
+        attr = max(drops, key=lambda a: drops[a])
+        if drops[attr] > 0.02:
+            parts.append(f"with the {what}, {attr} accuracy falls {base[attr]:.2f} → {per[attr]:.2f} "
+                         f"(look at the {attr}s across the row)")  # fmt: skip
+        else:
+            parts.append(f"with the {what}, no attribute's accuracy falls by more than 0.02")
+    text = "; ".join(parts)
+    return text[:1].upper() + text[1:] + "." if text else ""
+
+
 def report_markdown(m: dict[str, Any]) -> str:
     """The demo's ``report.md`` from its ``metrics.json`` document."""
     o, mach, t = m["options"], m["machine"], m["timings"]
@@ -125,9 +163,8 @@ def report_markdown(m: dict[str, Any]) -> str:
         "",
         "## What ran",
         "",
-        f"1. Distilled the tiny teacher into one-step students, {o['steps']} steps each with the tiny "
-        "recipe of "
-        f"`wadi distill -b tiny`: {names}. {o['jobs']} trained at a time "
+        f"1. Distilled the tiny teacher into one-step students, {o['steps']} steps each with "
+        f"{_objective(m)}: {names}. {o['jobs']} trained at a time "
         f"({t['training_wall_s']:.0f} s wall, teacher evaluation included).",
         f"2. Evaluated every model as `wadi eval -b tiny -n {o['num_images']} --seed {o['seed']}` does: "
         "accuracy = share of images whose colour, shape and position all match the prompt (shipped "
@@ -163,6 +200,10 @@ def report_markdown(m: dict[str, Any]) -> str:
         "![swap metrics](figures/fig1c_swap_metrics.png)",
         "",
         "![swap grid](figures/fig1d_swap_grid.png)",
+        "",
+        "Fig. 1d: each row is one prompt and one noise through every model; columns are the teacher, "
+        "the one-step students and the full fine-tune with the teacher's norms or directions. "
+        + swap_grid_caption(m),
         "",
         "## Reading the numbers",
         "",

@@ -29,8 +29,8 @@ from wadi_cli.analysis import analyze_checkpoints
 from wadi_cli.analysis.outputs import write_report_files
 from wadi_cli.analysis.report import jsonable
 from wadi_cli.demo import figures
-from wadi_cli.demo.report import report_markdown
-from wadi_cli.demo.students import STUDENTS, student_config, train_students
+from wadi_cli.demo.report import report_markdown, swap_grid_caption
+from wadi_cli.demo.students import STUDENT_RECIPE, STUDENTS, student_config, train_students
 from wadi_cli.distill.export import export_run
 from wadi_cli.distill.plan import parameter_plan
 from wadi_cli.errors import BadInputError
@@ -40,6 +40,7 @@ from wadi_cli.machine import machine_info
 from wadi_cli.swap import write_swap
 from wadi_cli.tiny.arch import TINY_PIPELINE_DIR
 from wadi_cli.tiny.classifier import load_classifier
+from wadi_cli.words import plural
 
 
 @dataclass
@@ -82,7 +83,14 @@ class DemoProgress:
         """Students ``names`` will each train ``steps`` steps."""
 
     def train_step(self, name: str, step: int, loss_g: float, loss_fake: float) -> None:
-        """Student ``name`` reached ``step``."""
+        """Student ``name`` reached ``step`` (called while the teacher is evaluated, too)."""
+
+    def train_state(self, name: str, text: str) -> None:
+        """Student ``name`` was launched (``"loading"``) or finished (``"done in N s"``)."""
+
+    def side_job(self, text: str, seconds: float | None = None) -> None:
+        """Work done in this process while the students train (the teacher's evaluation)
+        started (``seconds`` is None) or finished after ``seconds``."""
 
     def result(self, text: str) -> None:
         """A headline number is known."""
@@ -121,21 +129,28 @@ def _run(tmp: Path, opts: DemoOptions, progress: DemoProgress) -> dict[str, Any]
     timings: dict[str, float] = {}
     teacher: dict[str, Any] = {}
     images: dict[str, np.ndarray] = {}
+    rows: list[int] = []
+
+    what = (
+        f"evaluating the teacher ({plural(opts.teacher_steps, 'step')}, {plural(opts.num_images, 'image')})"  # type: ignore[arg-type]
+    )
 
     def teacher_eval() -> None:
+        progress.side_job(what)
         t0 = time.perf_counter()
         res, gen = _evaluate(opts.num_images, opts.seed, teacher=True, steps=opts.teacher_steps)  # type: ignore[arg-type]
         teacher.update(res)
-        images["teacher"], images["prompts"] = (
-            gen.images[: opts.grid_rows],
-            np.array(gen.prompts[: opts.grid_rows]),
-        )
+        # the grid's rows: the first distinct prompts (every model's images at these indices)
+        rows.extend(figures.distinct_rows(gen.prompts, opts.grid_rows))
+        images["teacher"], images["prompts"] = gen.images[rows], np.array(gen.prompts)[rows]
         timings["teacher_eval_s"] = round(time.perf_counter() - t0, 1)
+        progress.side_job(what, timings["teacher_eval_s"])
         progress.result(
             f"teacher ({opts.teacher_steps} steps): accuracy {res['accuracy']:.3f}, fd {res['fd']:.2f}"
         )
 
-    progress.stage(f"distilling {len(specs)} students ({opts.steps} steps each, {opts.jobs} at a time)")
+    each = f"{plural(opts.steps, 'step')} each, {opts.jobs} at a time"  # type: ignore[arg-type]
+    progress.stage(f"distilling {plural(len(specs), 'student')} ({each})")
     progress.training(names, opts.steps)  # type: ignore[arg-type]
     t0 = time.perf_counter()
     # the full fine-tune is the slowest (every weight has gradients and Adam state): start
@@ -143,17 +158,17 @@ def _run(tmp: Path, opts: DemoOptions, progress: DemoProgress) -> dict[str, Any]
     launch_order = sorted(specs, key=lambda sp: sp.name != "full")
     trained = train_students(
         launch_order, opts.steps, opts.seed, tmp / "runs", jobs=opts.jobs,  # type: ignore[arg-type]
-        on_step=progress.train_step, side_job=teacher_eval,
+        on_step=progress.train_step, side_job=teacher_eval, on_state=progress.train_state,
     )  # fmt: skip
     timings["training_wall_s"] = round(time.perf_counter() - t0, 1)
-    students = _students(tmp, specs, trained, opts, progress, images)
+    students = _students(tmp, specs, trained, opts, progress, images, rows)
     progress.stage("analysing teacher vs each student (norms, directions, residual spectra)")
     t0 = time.perf_counter()
     analysis, analyses = _analyse(tmp, teacher_unet, names)
     timings["analysis_s"] = round(time.perf_counter() - t0, 1)
     progress.stage("swapping norms and directions on the full fine-tune")
     t0 = time.perf_counter()
-    swap = _swap(tmp, teacher_unet, opts, progress, images)
+    swap = _swap(tmp, teacher_unet, opts, progress, images, rows)
     timings["swap_s"] = round(time.perf_counter() - t0, 1)
     swap["student_metrics"] = {k: students["full"][k] for k in ("accuracy", "fd")}
     progress.stage("plots and report")
@@ -172,8 +187,8 @@ def _run(tmp: Path, opts: DemoOptions, progress: DemoProgress) -> dict[str, Any]
     }  # fmt: skip
 
 
-def _students(tmp: Path, specs: list[Any], trained: dict[str, Any], opts: DemoOptions,
-              progress: DemoProgress, images: dict[str, np.ndarray]) -> dict[str, Any]:  # fmt: skip
+def _students(tmp: Path, specs: list[Any], trained: dict[str, Any], opts: DemoOptions, progress: DemoProgress,
+              images: dict[str, np.ndarray], rows: list[int]) -> dict[str, Any]:  # fmt: skip
     """Export every student merged and evaluate it."""
     out: dict[str, Any] = {}
     (tmp / "students").mkdir()
@@ -182,13 +197,18 @@ def _students(tmp: Path, specs: list[Any], trained: dict[str, Any], opts: DemoOp
         merged = tmp / "students" / f"{spec.name}.safetensors"
         export_run(trained[spec.name].run, "merged", merged, ema=False)
         res, gen = _evaluate(opts.num_images, opts.seed, weights=merged)  # type: ignore[arg-type]
-        images[spec.name] = gen.images[: opts.grid_rows]
+        images[spec.name] = gen.images[rows]
         cfg = student_config(spec, opts.steps, opts.seed)  # type: ignore[arg-type]
+        # the objective as the run recorded it (what the report says it trained with)
+        recorded = json.loads((trained[spec.name].run / "config.json").read_text(encoding="utf-8"))
         out[spec.name] = {
             "label": spec.label,
             "adapter": cfg.adapter,
             "rank": None if cfg.adapter == "full" else cfg.rank,
             "lr": cfg.lr,
+            "recipe": STUDENT_RECIPE,
+            "regression_weight": recorded["regression_weight"],
+            "fake_rank": recorded["fake_rank"],
             "accuracy": res["accuracy"],
             "fd": res["fd"],
             "per_attribute_accuracy": res["per_attribute_accuracy"],
@@ -247,7 +267,7 @@ def energy_in_top(sq: np.ndarray, share: float) -> float:
 
 
 def _swap(tmp: Path, teacher_unet: Path, opts: DemoOptions, progress: DemoProgress,
-          images: dict[str, np.ndarray]) -> dict[str, Any]:  # fmt: skip
+          images: dict[str, np.ndarray], rows: list[int]) -> dict[str, Any]:  # fmt: skip
     """The two hybrids of the full fine-tune, written as `wadi swap` writes them, and scored."""
     (tmp / "swaps").mkdir()
     doc: dict[str, Any] = {"student": "full"}
@@ -256,7 +276,7 @@ def _swap(tmp: Path, teacher_unet: Path, opts: DemoOptions, progress: DemoProgre
         path = tmp / "swaps" / f"full_{variant}.safetensors"
         stats = write_swap(teacher_unet, tmp / "students" / "full.safetensors", variant, path)
         res, gen = _evaluate(opts.num_images, opts.seed, weights=path)  # type: ignore[arg-type]
-        images[label] = gen.images[: opts.grid_rows]
+        images[label] = gen.images[rows]
         doc[variant] = {"accuracy": res["accuracy"], "fd": res["fd"], "keep": stats.keep,
                         "per_attribute_accuracy": res["per_attribute_accuracy"],
                         "weights": f"swaps/{path.name}", "stats": stats.to_dict()}  # fmt: skip
@@ -280,11 +300,13 @@ def _figures(tmp: Path, analyses: dict[str, Any], teacher: dict[str, Any], stude
         "full FT +\nteacher norms": swap["teacher_norms"],
         "full FT +\nteacher directions": swap["teacher_directions"],
     }
-    figures.plot_swap_metrics(variants, fig / "fig1c_swap_metrics.png")
+    kinds = ["teacher", "full", "teacher_norms", "teacher_directions"]
+    figures.plot_swap_metrics(variants, kinds, fig / "fig1c_swap_metrics.png")
     cols = {"teacher": images["teacher"]}
     cols.update({f"{n} (1 step)": images[n] for n in students})
     cols.update({k: images[k] for k in ("full + teacher norms", "full + teacher directions")})
-    figures.plot_image_grid(cols, [str(p) for p in images["prompts"]], fig / "fig1d_swap_grid.png")
+    caption = swap_grid_caption({"students": students, "swap": swap})
+    figures.plot_image_grid(cols, [str(p) for p in images["prompts"]], fig / "fig1d_swap_grid.png", caption)
 
 
 def _write_outputs(tmp: Path, metrics: dict[str, Any]) -> None:

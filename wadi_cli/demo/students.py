@@ -11,6 +11,7 @@ import multiprocessing as mp
 import os
 import queue as queue_mod
 import resource
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -52,12 +53,17 @@ class TrainResult:
     steps: int
 
 
+#: The shipped ``--config`` the students train with: the paper's objective only
+#: (``wadi_cli/configs/distill/tiny_paper.toml``): the demo measures the WaDi method itself,
+#: not the tiny recipe's regression term.
+STUDENT_RECIPE = "tiny_paper"
+
+
 def student_config(spec: StudentSpec, steps: int, seed: int) -> DistillConfig:
-    """The resolved distill config of ``spec`` on the tiny backbone, with the paper's
-    objective only (``--config tiny_paper``, ``wadi_cli/configs/distill/tiny_paper.toml``):
-    the demo measures the WaDi method itself, not the tiny recipe's regression term."""
+    """The resolved distill config of ``spec`` on the tiny backbone (``--config``
+    :data:`STUDENT_RECIPE` plus the spec's overrides)."""
     return resolve_config(
-        "tiny_paper",
+        STUDENT_RECIPE,
         overrides={
             "backbone": "tiny",
             "max_steps": steps,
@@ -109,18 +115,22 @@ def train_students(
     jobs: int = 2,
     on_step: Callable[[str, int, float, float], None] | None = None,
     side_job: Callable[[], None] | None = None,
+    on_state: Callable[[str, str], None] | None = None,
 ) -> dict[str, TrainResult]:
     """Train ``specs`` (``jobs`` at a time, one thread each) into ``workdir/<name>``.
 
-    ``side_job`` (e.g. the teacher's evaluation) runs in this process once a slot frees
-    up for it, i.e. when fewer than ``jobs`` students remain to be trained.
+    ``side_job`` (e.g. the teacher's evaluation) runs in a thread of this process once a slot
+    frees up for it, i.e. when fewer than ``jobs`` students remain to be trained; meanwhile
+    this thread goes on reading the workers' events, so ``on_step`` keeps reporting every
+    student's real step while the side job works. ``on_state(name, text)`` says when a
+    student is launched (``"loading"``) and when it finished (``"done in N s"``).
     """
     ctx = mp.get_context("spawn")
     events = ctx.Queue()
     pending = list(specs)
     running: dict[str, Any] = {}
     results: dict[str, TrainResult] = {}
-    side_done = side_job is None
+    side: _SideJob | None = None
 
     def launch() -> None:
         spec = pending.pop(0)
@@ -130,14 +140,17 @@ def train_students(
         )
         proc.start()
         running[spec.name] = proc
+        if on_state is not None:
+            on_state(spec.name, "loading")
 
     try:
-        while pending or running or not side_done:
+        while pending or running or side is None or not side.finished():
             while pending and len(running) < jobs:
                 launch()
-            if not side_done and len(running) + len(pending) < jobs:
-                side_job()  # type: ignore[misc]
-                side_done = True
+            if side is None and len(running) + len(pending) < jobs:
+                side = _SideJob(side_job)
+            if not running:
+                side.wait(0.5)  # type: ignore[union-attr]  # nothing left to read: wait for the side job
                 continue
             try:
                 event = events.get(timeout=0.5)
@@ -154,13 +167,43 @@ def train_students(
             elif kind == "done":
                 running.pop(name).join()
                 results[name] = TrainResult(name, workdir / name, event[2], event[3], event[4])
+                if on_state is not None:
+                    on_state(name, f"done in {event[2]:.0f} s")
             elif kind == "error":
                 running.pop(name).join()
                 if os.environ.get("WADI_DEBUG"):
                     print(event[3])
                 raise WadiError(f"training the {name} student failed: {event[2]}")
+        side.result()  # type: ignore[union-attr]  # the side job's own error, if any
     finally:
         for proc in running.values():
             proc.terminate()
             proc.join()
     return results
+
+
+class _SideJob:
+    """``job`` in a daemon thread; :meth:`result` re-raises what it raised."""
+
+    def __init__(self, job: Callable[[], None] | None) -> None:
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(job,), name="wadi-demo-side-job", daemon=True)
+        self._thread.start()
+
+    def _run(self, job: Callable[[], None] | None) -> None:
+        try:
+            if job is not None:
+                job()
+        except BaseException as exc:  # handed to the main thread by result()
+            self._error = exc
+
+    def finished(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self, timeout: float | None) -> None:
+        self._thread.join(timeout)
+
+    def result(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error

@@ -116,7 +116,9 @@ class DistillConfig:
     log_every: int = knob("Write metrics.csv every N steps.")
     validate_every: int = knob("Validation images (+ tiny metrics) every N steps; 0 = off.")
     prompts: str | None = knob(
-        "Prompt file: .txt, .jsonl, .csv or .parquet (default: built-in prompts).", default=None
+        "Prompt file: .txt, .jsonl, .csv or .parquet; 'smoke' = 16 built-in smoke-test prompts "
+        "(default: tiny draws from its grammar; sd15/sd21/pixart need one).",
+        default=None,
     )
     prompt_column: str = knob("Column / key of the prompts in --prompts.")
     text_cache: int = knob("Keep the encodings of up to N distinct prompts (LRU); 0 = encode on the fly.")

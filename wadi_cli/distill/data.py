@@ -14,29 +14,14 @@ from collections.abc import Sequence
 
 import torch
 
+from wadi_cli.distill.prompt_sets import (  # noqa: F401 (SMOKE_PROMPTS re-exported)
+    SMOKE_PROMPTS,
+    SMOKE_SET,
+    TINY_PROMPT_COUNT,
+)
 from wadi_cli.errors import BadInputError
 from wadi_cli.io.prompts import PROMPT_SUFFIXES, read_prompt_file  # noqa: F401 (re-exported)
 from wadi_cli.tiny.data import prompt_for, sample_attributes
-
-#: A small built-in prompt set for smoke runs of the SD / PixArt backbones.
-SMOKE_PROMPTS: tuple[str, ...] = (
-    "a photo of a red fox sitting in fresh snow",
-    "an astronaut riding a horse on the moon, digital art",
-    "a bowl of ramen with a soft-boiled egg, studio lighting",
-    "a lighthouse on a cliff at sunset, oil painting",
-    "a close-up portrait of an old fisherman, black and white photo",
-    "a cozy reading nook with a window and rain outside",
-    "a futuristic city skyline at night with neon lights",
-    "a watercolor painting of a hummingbird and flowers",
-    "a wooden cabin in a pine forest, morning fog",
-    "a corgi wearing sunglasses on a beach",
-    "a steaming cup of coffee on a rustic table",
-    "a mountain lake reflecting snowy peaks, landscape photography",
-    "a vintage red car parked on a cobblestone street",
-    "a bouquet of sunflowers in a glass vase",
-    "an isometric illustration of a tiny island with a castle",
-    "a macro photo of a dew drop on a green leaf",
-)
 
 
 def tiny_prompts(n: int = 1024, seed: int = 0) -> list[str]:
@@ -48,12 +33,14 @@ def tiny_prompts(n: int = 1024, seed: int = 0) -> list[str]:
 def load_prompts(
     prompts: str | os.PathLike[str] | None, column: str = "prompt", backbone: str = "tiny", seed: int = 0
 ) -> list[str]:
-    """The run's prompts: the file if given, else the tiny grammar for ``tiny``, else
-    :data:`SMOKE_PROMPTS`."""
+    """The run's prompts: the file if given (``smoke``: :data:`SMOKE_PROMPTS`), else the tiny
+    grammar for ``tiny``, else :data:`SMOKE_PROMPTS` (the CLI refuses that case first)."""
+    if prompts is not None and str(prompts) == SMOKE_SET:
+        return list(SMOKE_PROMPTS)
     if prompts is not None:
         return read_prompt_file(prompts, column)
     if backbone == "tiny":
-        return tiny_prompts(1024, seed)
+        return tiny_prompts(TINY_PROMPT_COUNT, seed)
     return list(SMOKE_PROMPTS)
 
 
