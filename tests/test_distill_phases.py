@@ -55,9 +55,6 @@ def test_phase_display_counts_and_finishes_each_phase():
     assert "64/64" in text and text.count("done in") == 2 and "loading the tiny base model" in text
 
 
-@pytest.mark.xfail(
-    strict=False, reason="wired at merge: distill() in distill/run.py must take on_run / on_phase"
-)
 def test_run_folder_and_a_phase_line_come_before_any_training_step(tmp_path):
     """``wadi distill -b tiny --max-steps 1`` in a subprocess: the run-folder line arrives
     before the run has a metrics.csv, and a phase line comes before the training bar."""

@@ -348,13 +348,8 @@ def _run_with_progress(cfg: DistillConfig, out: Path, resume: str | None, again:
             f"({'EMA' if row['student'] == 'ema' else 'raw'} student)"
         )
 
-    hooks: dict[str, Any] = {"on_step": on_step, "on_start": on_start, "on_validate": on_validate}
-    # the phase events and the early run-folder line need distill() to take these two
-    # callbacks (wadi_cli/distill/phases.py says what it reports); until then the run
-    # folder is announced when training starts, as before
-    accepted = inspect.signature(distill).parameters
-    hooks.update(
-        {k: v for k, v in (("on_phase", PhaseDisplay(progress)), ("on_run", on_run)) if k in accepted}
-    )
     with progress:
-        return distill(cfg, out, resume=resume, **hooks)
+        return distill(
+            cfg, out, resume=resume, on_step=on_step, on_start=on_start, on_validate=on_validate,
+            on_phase=PhaseDisplay(progress), on_run=on_run,
+        )  # fmt: skip

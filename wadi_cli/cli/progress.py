@@ -57,10 +57,10 @@ class PhaseDisplay:
             return
         if event.kind == "advance":
             self.progress.update(task, completed=event.done)
+        elif event.failed:  # the error line says what went wrong: leave no half-done row above it
+            self.progress.remove_task(task)
         else:
-            info = "failed" if event.failed else f"done in {event.seconds:.1f} s"
+            info = f"done in {event.seconds:.1f} s"
             total = event.total if event.total is not None else 1
-            self.progress.update(
-                task, total=total, completed=total if not event.failed else event.done, info=info
-            )
+            self.progress.update(task, total=total, completed=total, info=info)
             self.progress.stop_task(task)

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -44,11 +44,22 @@ from wadi_cli.distill.config import DistillConfig, resolve_config
 from wadi_cli.distill.data import load_prompts
 from wadi_cli.distill.lock import acquire_run_lock, check_run_lock
 from wadi_cli.distill.logs import MetricsLog, TensorBoardLog, keep_rows_up_to
+from wadi_cli.distill.phases import PhaseCallback, Phases
 from wadi_cli.distill.signals import stop_on_signals
-from wadi_cli.distill.topology import barrier, launch_rank, process_topology, rank_checksums, synced_stop
+from wadi_cli.distill.topology import (
+    Topology,
+    barrier,
+    launch_rank,
+    process_topology,
+    rank_checksums,
+    synced_stop,
+)
 from wadi_cli.distill.trainer import METRIC_FIELDS, Distiller, StepResult
 from wadi_cli.errors import CheckpointError, WriteError
 from wadi_cli.io import remove_stale_temps, write_text_atomic
+
+if TYPE_CHECKING:
+    from wadi_cli.pipeline import LoadedPipeline
 
 
 @dataclass
@@ -123,20 +134,28 @@ def _naming_previous(path: Path, exc: CheckpointError) -> CheckpointError:
     return CheckpointError(f"{exc}{hint}")
 
 
-def build_distiller(cfg: DistillConfig, prompts: list[str]) -> Distiller:
-    """Load the base pipeline (frozen teacher) and set up the run's state."""
+def load_base(cfg: DistillConfig, phases: Phases | None = None) -> tuple[LoadedPipeline, Topology]:
+    """The base pipeline (frozen teacher) on this process's device, and the process topology."""
     from wadi_cli.pipeline import load_pipeline
 
     topology, device = process_topology(cfg.device)
-    pipe = load_pipeline(
-        cfg.backbone,
-        model=cfg.model,
-        components=cfg.components,
-        teacher=True,
-        device=device,
-        dtype=weights_dtype(cfg, device),
-    )
-    return Distiller(cfg, pipe, prompts, topology)
+    with (phases or Phases()).phase(f"loading the {cfg.backbone} base model"):
+        pipe = load_pipeline(
+            cfg.backbone,
+            model=cfg.model,
+            components=cfg.components,
+            teacher=True,
+            device=device,
+            dtype=weights_dtype(cfg, device),
+        )
+    return pipe, topology
+
+
+def build_distiller(cfg: DistillConfig, prompts: list[str], phases: Phases | None = None) -> Distiller:
+    """Load the base pipeline and set up the run's state, reporting the slow phases to
+    ``phases``."""
+    pipe, topology = load_base(cfg, phases)
+    return Distiller(cfg, pipe, prompts, topology, phases=phases)
 
 
 def _validate(
@@ -165,14 +184,23 @@ def distill(
     on_step: Callable[[StepResult, float], None] | None = None,
     on_start: Callable[[int, int], None] | None = None,
     on_validate: Callable[[dict[str, Any]], None] | None = None,
+    on_phase: PhaseCallback | None = None,
+    on_run: Callable[[Path], None] | None = None,
 ) -> RunSummary:
     """Run (or continue, with ``resume="latest"`` or a checkpoint path) a distillation
     into the run folder ``out`` until ``cfg.max_steps``. Checkpoints every
     ``cfg.checkpoint_every`` steps, at the end, and on Ctrl-C. The main process holds the
     run folder's lock throughout (:class:`~wadi_cli.distill.lock.RunLockedError` if a live
-    process already trains there)."""
+    process already trains there). ``on_run(folder)`` is called (main process) once the base
+    model has loaded, before the run's slower set-up; ``on_phase`` with the events of the
+    phases before the first step (:mod:`wadi_cli.distill.phases`)."""
     run, prompts, ckpt = prepare(cfg, out, resume)
-    distiller = build_distiller(cfg, prompts)
+    main = launch_rank() == 0
+    phases = Phases(on_phase if main else None)
+    pipe, topology = load_base(cfg, phases)
+    if on_run is not None and main:  # the base loaded: the run will start, before its slow set-up
+        on_run(run)
+    distiller = Distiller(cfg, pipe, prompts, topology, phases=phases)
     if ckpt is not None:
         distiller.load(ckpt)
     with contextlib.ExitStack() as stack:

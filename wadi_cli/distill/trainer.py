@@ -33,6 +33,7 @@ from wadi_cli.distill.losses import (
     regression_loss,
     vsd_gradient,
 )
+from wadi_cli.distill.phases import Phases
 from wadi_cli.distill.recipe import AdapterRecipe, Role
 from wadi_cli.distill.topology import Topology
 from wadi_cli.lorad.multi_adapter import use_adapter
@@ -62,9 +63,15 @@ class Distiller(AdapterRecipe):
     the base pipeline (teacher weights, frozen); its denoiser network gets both adapters."""
 
     def __init__(
-        self, cfg: DistillConfig, pipe: LoadedPipeline, prompts: list[str], topology: Topology | None = None
+        self,
+        cfg: DistillConfig,
+        pipe: LoadedPipeline,
+        prompts: list[str],
+        topology: Topology | None = None,
+        phases: Phases | None = None,
     ) -> None:
         self.prompts = prompts
+        self.phases = phases or Phases()  # setup() reports its slow parts here
         super().__init__(cfg, pipe, topology)
 
     def roles(self) -> list[Role]:
@@ -203,10 +210,13 @@ class Distiller(AdapterRecipe):
         picks = torch.randint(0, len(prompts), (n,), generator=g).tolist()
         texts = [prompts[i] for i in picks]
         x0 = []
-        for start in range(0, n, 64):
-            cond = self.encode(texts[start : start + 64])
-            zb = z[start : start + 64].to(self.device)
-            x0.append(teacher_latents(self.pipe, cond, zb, cfg.regression_steps, cfg.guidance).float())
+        what = f"building {n:,} regression pairs ({cfg.regression_steps}-step teacher)"
+        with self.phases.phase(what, total=n) as advance:
+            for start in range(0, n, 64):
+                cond = self.encode(texts[start : start + 64])
+                zb = z[start : start + 64].to(self.device)
+                x0.append(teacher_latents(self.pipe, cond, zb, cfg.regression_steps, cfg.guidance).float())
+                advance(len(zb))
         return {"z": z.to(self.device), "x0": torch.cat(x0), "prompts": texts}
 
     def _regression_batch(self) -> tuple[Tensor, TextCondition, Tensor]:
