@@ -48,32 +48,33 @@ class Mutation:
 
 M = Mutation
 TRAINER = "wadi_cli/distill/trainer.py"
+RECIPE = "wadi_cli/distill/recipe.py"
 LOSSES = "wadi_cli/distill/losses.py"
 SWAP = "wadi_cli/swap/core.py"
 
 MUTATIONS: tuple[Mutation, ...] = (
     # ---- the training loop -----------------------------------------------------------------
-    M("ema-formula-swap", "EMA: (1−d)·ema + d·v instead of d·ema + (1−d)·v", TRAINER,
-      "self.ema[k].mul_(decay).add_(v.float(), alpha=1 - decay)",
-      "self.ema[k].mul_(1 - decay).add_(v.float(), alpha=decay)", (REF,)),
+    M("ema-formula-swap", "EMA: (1−d)·ema + d·v instead of d·ema + (1−d)·v", "wadi_cli/distill/ema.py",
+      "self.shadow[k].mul_(decay).add_(v.float(), alpha=1 - decay)",
+      "self.shadow[k].mul_(1 - decay).add_(v.float(), alpha=decay)", (REF,)),
     M("regression-sign", "regression term subtracted from the generator loss", TRAINER,
       "loss_g = loss_g + loss_r", "loss_g = loss_g - loss_r", (REF,)),
     M("fp16-no-loss-scaling", "mixed precision: backward of the unscaled loss (GradScaler still unscales)",
-      TRAINER, "self.scalers[name].scale(loss).backward()", "loss.backward()", (FP16,)),
-    M("fp16-clip-before-unscale", "mixed precision: clipping sees the scaled gradients", TRAINER,
+      RECIPE, "self.scalers[name].scale(loss).backward()", "loss.backward()", (FP16,)),
+    M("fp16-clip-before-unscale", "mixed precision: clipping sees the scaled gradients", RECIPE,
       "scaler.unscale_(opt)", "pass", (FP16,)),
     M("generator-loss-sign", "VSD generator loss pushes along +g", LOSSES,
       "target = (x - g.to(x.dtype)).detach()", "target = (x + g.to(x.dtype)).detach()", (QUALITY, REF)),
     M("teacher-fake-swap", "VSD gradient with teacher and fake score swapped", TRAINER,
       "generator_loss(x0, vsd_gradient(eps_real, eps_fake, ab))",
       "generator_loss(x0, vsd_gradient(eps_fake, eps_real, ab))", (QUALITY, REF)),
-    M("zero-lr", "both learning rates set to 0", TRAINER,
+    M("zero-lr", "both learning rates set to 0", RECIPE,
       'group["lr"] = base_lr * scale', 'group["lr"] = 0.0 * base_lr * scale', (QUALITY, REF)),
     M("fake-accumulation-scale", "fake-score loss not divided by the micro-batch count", TRAINER,
       'self._backward("fake", loss_f / k)', 'self._backward("fake", loss_f)', (REF,)),
     M("stale-fake-samples", "extra fake updates reuse the old student samples", TRAINER,
       "            if j > 0:", "            if j > 1:", (REF,)),
-    M("no-clipping", "gradient clipping disabled", TRAINER,
+    M("no-clipping", "gradient clipping disabled", RECIPE,
       "norm = torch.nn.utils.clip_grad_norm_(params, max_norm)",
       'norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))', (REF,)),
     M("cfg-halves-swapped", "batched CFG with conditional and unconditional halves swapped", TRAINER,
@@ -83,10 +84,10 @@ MUTATIONS: tuple[Mutation, ...] = (
       'x_tf = add_noise(x0, d["eps_fake"], ab_f)', 'x_tf = add_noise(x0, d["eps"], ab_f)', (REF,)),
     M("prompt-dropout-inverted", "prompt dropout keeps the dropped rows", TRAINER,
       "keep = ~drop.reshape(-1, 1, 1)", "keep = drop.reshape(-1, 1, 1)", (REF,)),
-    M("adam-betas-swapped", "AdamW betas (β2, β1)", TRAINER,
+    M("adam-betas-swapped", "AdamW betas (β2, β1)", "wadi_cli/distill/optimizers.py",
       "lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2)",
       "lr=lr, betas=(cfg.adam_beta2, cfg.adam_beta1)", (REF,)),
-    M("warmup-off-by-one", "linear warm-up starts at 0", TRAINER,
+    M("warmup-off-by-one", "linear warm-up starts at 0", RECIPE,
       "return (step + 1) / w", "return step / w", (REF,)),
     M("student-timestep", "the one-step student evaluated at T−2", TRAINER,
       "pred = student(z, self.t_last, cond)", "pred = student(z, self.t_last - 1, cond)", (REF,)),

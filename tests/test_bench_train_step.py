@@ -73,7 +73,7 @@ def test_variants_agree_with_the_plain_teacher_at_init(toy_config):
 
 
 def test_hook_recreation_trains_exactly_like_ours(toy_config):
-    from wadi_cli.distill import adapter_state_dict
+    from wadi_cli.lorad.multi_adapter import adapter_state_dict
 
     ours = bts.build_bench("ours", toy_config, **TOY)
     hook = bts.build_bench("hook", toy_config, **TOY)
@@ -116,7 +116,7 @@ def test_hook_does_two_matmuls_per_adapted_layer_ours_one(toy_config):
 
 
 def test_single_layer_hook_computes_base_and_rotated_products():
-    from wadi_cli.distill.adapters import add_switchable_adapter, use_adapter
+    from wadi_cli.lorad.multi_adapter import add_switchable_adapter, use_adapter
 
     torch.manual_seed(0)
     x = torch.randn(6, 8)

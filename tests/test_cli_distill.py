@@ -163,18 +163,18 @@ def test_repeated_signals(sigint_handler, monkeypatch, launched):
     """Alone, a second Ctrl-C stops at once; repeated SIGTERMs (a scheduler may send more
     than one) never do, nor does anything under a launcher, where every worker can get a
     signal twice (from the scheduler and passed on by the launcher)."""
-    from wadi_cli.distill.run import _stop_on_signals
+    from wadi_cli.distill.signals import stop_on_signals
 
     if launched:
         monkeypatch.setenv("WORLD_SIZE", "2")
     else:
         monkeypatch.delenv("WORLD_SIZE", raising=False)
     try:
-        with _stop_on_signals() as flag:
+        with stop_on_signals() as flag:
             os.kill(os.getpid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGTERM)
             assert flag["stop"] == "SIGTERM"
-        with _stop_on_signals() as flag:
+        with stop_on_signals() as flag:
             os.kill(os.getpid(), signal.SIGINT)
             if launched:
                 os.kill(os.getpid(), signal.SIGINT)

@@ -7,7 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from wadi_cli.distill.adapters import (
+from wadi_cli.errors import BadInputError, MismatchError
+from wadi_cli.lorad import LoRaDLinear, merge_adapter_into_state_dict
+from wadi_cli.lorad.multi_adapter import (
     MultiAdapterLinear,
     adapter_parameters,
     adapter_state_dict,
@@ -17,8 +19,6 @@ from wadi_cli.distill.adapters import (
     merged_state_dict,
     use_adapter,
 )
-from wadi_cli.errors import BadInputError, MismatchError
-from wadi_cli.lorad import LoRaDLinear, merge_adapter_into_state_dict
 
 
 class Net(nn.Module):
@@ -176,3 +176,39 @@ def test_peft_baselines_on_the_shared_base(kind):
     add_switchable_adapter(fresh, "student", ["a", "b.0", "b.2"], 2, init_seed=1, kind=kind)
     for k, v in adapter_state_dict(again, "student").items():
         assert torch.equal(v, adapter_state_dict(fresh, "student")[k])
+
+
+def test_a_new_kind_is_one_entry_in_the_kind_table(monkeypatch):
+    """Adapter kinds are looked up in lorad.kinds.ADAPTER_KINDS: a kind added there is wired,
+    selected, exported and refused by name like the shipped ones."""
+    from wadi_cli.lorad import kinds
+
+    class Scale(nn.Module):  # y = base(x) · (1 + s), s = 0 at init
+        adapter_param_names = ("scale_s",)
+
+        def __init__(self, base: nn.Linear) -> None:
+            super().__init__()
+            self.base_layer = base
+            self.scale_s = nn.Parameter(torch.zeros(base.out_features))
+
+        def forward(self, x):
+            return self.base_layer(x) * (1 + self.scale_s)
+
+    monkeypatch.setitem(kinds.ADAPTER_KINDS, "scale", lambda base, rank, label, g: Scale(base))
+    torch.manual_seed(3)
+    net = Net()
+    x = torch.randn(2, 6)
+    teacher = net(x)
+    add_switchable_adapter(net, "student", ["a", "b.2"], rank=1, kind="scale")
+    assert sorted(adapter_state_dict(net, "student")) == ["a.scale_s", "b.2.scale_s"]
+    with torch.no_grad():
+        adapter_parameters(net, "student")[0].fill_(0.25)
+    with use_adapter(net, "student"):
+        got = net(x)
+    want = net.b(net.a.base_layer(x) * 1.25)
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, teacher)
+    with pytest.raises(
+        BadInputError, match="unknown adapter kind 'nope'; expected lorad, lora, dora or scale"
+    ):
+        add_switchable_adapter(net, "fake", ["a"], rank=1, kind="nope")

@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wadi_cli.distill import adapter_state_dict, resolve_config
+from wadi_cli.distill import resolve_config
 from wadi_cli.distill.trainer import Distiller
+from wadi_cli.lorad.multi_adapter import adapter_state_dict
 
 PROMPTS = [
     "a red circle at the top left",
@@ -301,7 +302,7 @@ def _setup(pipe_dir, dtype: torch.dtype, **overrides) -> tuple[Distiller, Refere
         for params in d.params.values():
             for p in params:
                 p.data = p.data.double()  # before the first step: Adam's state follows
-        d.ema = {k: v.double() for k, v in d.ema.items()}
+        d.ema.to(dtype=torch.float64)
     ref = ReferenceWaDi(
         cfg,
         plain,
@@ -329,7 +330,7 @@ def _state(d: Distiller) -> dict[str, dict[str, torch.Tensor]]:
     return {
         "student": {k: v.double() for k, v in adapter_state_dict(d.net, "student").items()},
         "fake": {k: v.double() for k, v in adapter_state_dict(d.net, "fake").items()},
-        "ema": {k: v.double() for k, v in d.ema.items()},
+        "ema": {k: v.double() for k, v in d.ema.shadow.items()},
     }
 
 

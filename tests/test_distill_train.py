@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from wadi_cli.diffusion import TextCondition
-from wadi_cli.distill import adapter_state_dict, distill, list_checkpoints, load_checkpoint, resolve_config
+from wadi_cli.distill import distill, list_checkpoints, load_checkpoint, resolve_config
+from wadi_cli.distill.recipe import TrainingDiverged
 from wadi_cli.distill.run import config_for_run
-from wadi_cli.distill.trainer import Distiller, TrainingDiverged
+from wadi_cli.distill.trainer import Distiller
 from wadi_cli.errors import BadInputError, MismatchError
 from wadi_cli.lorad import merge_adapter_into_state_dict
+from wadi_cli.lorad.multi_adapter import adapter_state_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

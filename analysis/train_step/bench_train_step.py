@@ -261,7 +261,7 @@ class HookTrainer:
     def __init__(self, cfg: Any, sampler: Any, prompts: list[str]) -> None:
         from wadi_cli.diffusion import alphas_cumprod_of, last_timestep
         from wadi_cli.distill.data import PromptStream
-        from wadi_cli.distill.trainer import _make_optimizer
+        from wadi_cli.distill.optimizers import make_optimizer as _make_optimizer
 
         self.cfg, self.sampler, self.device = cfg, sampler, sampler.device
         self.denoiser, self.net = sampler.denoiser, sampler.denoiser.model

@@ -195,7 +195,8 @@ class Backbone:
     def _skeleton(self) -> tuple[dict[str, tuple[int, int]], int]:
         key = (self.name, str(self.config_path))
         if key not in _SKELETON_CACHE:
-            from wadi_cli.backbones.skeletons import skeleton  # it imports the registry
+            # imported here, not at the top: `python -m wadi_cli.backbones.skeletons` runs it as a script
+            from wadi_cli.backbones.skeletons import skeleton
 
             _SKELETON_CACHE[key] = skeleton(self)
         return _SKELETON_CACHE[key]

@@ -12,23 +12,37 @@ release that adds or reshapes a layer fails the tests instead of skewing a count
 
 Regenerate the table after changing a shipped config (or diffusers):
 ``python -m wadi_cli.backbones.skeletons``.
+
+This module sits below the registry: it knows an architecture only as a name, a diffusers
+class and a config (:class:`Architecture`, which a registry ``Backbone`` is), and never
+imports the registry; the regeneration command above hands it the registry's backbones.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from wadi_cli.backbones.registry import Backbone
+from typing import Any, Protocol
 
 #: name -> (out_features, in_features) of every nn.Linear, in module order; and the total
 #: parameter count of the denoiser.
 Skeleton = tuple[dict[str, tuple[int, int]], int]
 
 SKELETONS_FILE: Path = Path(__file__).resolve().parent.parent / "configs" / "skeletons.json"
+
+
+class Architecture(Protocol):
+    """What a shape table needs of a backbone (:class:`wadi_cli.backbones.Backbone` is one)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def denoiser_class(self) -> str: ...
+
+    def denoiser_config(self) -> dict[str, Any]: ...
 
 
 def config_digest(config: dict[str, Any]) -> str:
@@ -58,7 +72,7 @@ def _read_table(path: Path = SKELETONS_FILE) -> dict[str, Any]:
         return {}  # a missing or damaged table only costs speed
 
 
-def shipped_skeleton(backbone: Backbone, config: dict[str, Any]) -> Skeleton | None:
+def shipped_skeleton(backbone: Architecture, config: dict[str, Any]) -> Skeleton | None:
     """The table's entry for ``backbone`` if it was computed from exactly ``config``."""
     entry = _read_table().get(backbone.name)
     if not isinstance(entry, dict) or entry.get("config_sha256") != config_digest(config):
@@ -69,7 +83,7 @@ def shipped_skeleton(backbone: Backbone, config: dict[str, Any]) -> Skeleton | N
     return shapes, int(entry["base_params"])
 
 
-def skeleton(backbone: Backbone, config: dict[str, Any] | None = None) -> Skeleton:
+def skeleton(backbone: Architecture, config: dict[str, Any] | None = None) -> Skeleton:
     """Linear shapes and parameter count of ``backbone``'s denoiser built from ``config``
     (default: the shipped architecture config): from the shipped table when it was computed
     from that very config, else from a meta-device build."""
@@ -80,7 +94,7 @@ def skeleton(backbone: Backbone, config: dict[str, Any] | None = None) -> Skelet
     return build_skeleton(backbone.denoiser_class, config)
 
 
-def table_entry(backbone: Backbone) -> dict[str, Any]:
+def table_entry(backbone: Architecture) -> dict[str, Any]:
     """One entry of ``skeletons.json``, computed by building the network on the meta device."""
     import diffusers
 
@@ -95,16 +109,17 @@ def table_entry(backbone: Backbone) -> dict[str, Any]:
     }
 
 
-def write_table(path: Path = SKELETONS_FILE) -> Path:
-    """Recompute every backbone's entry and write the table (atomically)."""
-    from wadi_cli.backbones.registry import BACKBONES  # the registry imports this module
+def write_table(backbones: Mapping[str, Architecture], path: Path = SKELETONS_FILE) -> Path:
+    """Recompute the entry of every one of ``backbones`` and write the table (atomically)."""
     from wadi_cli.io import write_text_atomic  # start-up time: io imports torch
 
-    table = {name: table_entry(b) for name, b in BACKBONES.items()}
+    table = {name: table_entry(b) for name, b in backbones.items()}
     # one line per backbone: small diffs when one architecture changes
     text = "{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in table.items()) + "\n}\n"
     return write_text_atomic(path, text)
 
 
-if __name__ == "__main__":
-    print(write_table())
+if __name__ == "__main__":  # the command, run as a script: the registry is loaded by then
+    from wadi_cli.backbones import BACKBONES
+
+    print(write_table(BACKBONES))

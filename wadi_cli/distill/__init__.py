@@ -1,5 +1,7 @@
 """WaDi distillation (§4): LoRaD student + VSD against a LoRaD fake score on ONE frozen
-base; config, prompts, losses, the training step, resumable checkpoints and export.
+base; config, prompts, losses, the adapter-training recipe and its EMA, the training
+step, the run loop with its logs, signals and ranks, resumable checkpoints and export.
+(The switchable adapters on the shared base are :mod:`wadi_cli.lorad.multi_adapter`.)
 
 The names below are imported on first use (PEP 562), for start-up time: ``wadi distill
 --help`` builds its flags from :mod:`wadi_cli.distill.config`, which imports no torch, and
@@ -12,23 +14,33 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 #: The submodules that define the public names, cheapest first.
-_MODULES = ("config", "plan", "data", "losses", "adapters", "checkpoint", "export", "run", "trainer")
+_MODULES = (
+    "config",
+    "plan",
+    "data",
+    "losses",
+    "checkpoint",
+    "export",
+    "ema",
+    "topology",
+    "recipe",
+    "run",
+    "trainer",
+)
 
 __all__ = [
     "FORMATS",
     "SMOKE_PROMPTS",
     "Checkpoint",
     "DistillConfig",
+    "EMA",
+    "AdapterRecipe",
     "Distiller",
     "PromptStream",
     "RunSummary",
     "StepResult",
-    "MultiAdapterLinear",
     "Topology",
     "TrainingDiverged",
-    "adapter_parameters",
-    "adapter_state_dict",
-    "add_switchable_adapter",
     "config_for_run",
     "distill",
     "export_run",
@@ -37,18 +49,14 @@ __all__ = [
     "generator_loss",
     "guided_eps",
     "list_checkpoints",
-    "load_adapter_tensors",
     "load_checkpoint",
     "load_prompts",
-    "merged_state_dict",
     "parameter_plan",
     "read_config_file",
     "read_prompt_file",
     "resolve_config",
     "run_student_file",
     "run_weights",
-    "switchable_layers",
-    "use_adapter",
     "vsd_gradient",
 ]
 
@@ -69,21 +77,14 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from wadi_cli.distill.adapters import (
-        MultiAdapterLinear,
-        adapter_parameters,
-        adapter_state_dict,
-        add_switchable_adapter,
-        load_adapter_tensors,
-        merged_state_dict,
-        switchable_layers,
-        use_adapter,
-    )
     from wadi_cli.distill.checkpoint import Checkpoint, find_checkpoint, list_checkpoints, load_checkpoint
     from wadi_cli.distill.config import DistillConfig, read_config_file, resolve_config
     from wadi_cli.distill.data import SMOKE_PROMPTS, PromptStream, load_prompts, read_prompt_file
+    from wadi_cli.distill.ema import EMA
     from wadi_cli.distill.export import FORMATS, export_run, run_student_file, run_weights
     from wadi_cli.distill.losses import fake_score_loss, generator_loss, guided_eps, vsd_gradient
     from wadi_cli.distill.plan import parameter_plan
+    from wadi_cli.distill.recipe import AdapterRecipe, TrainingDiverged
     from wadi_cli.distill.run import RunSummary, config_for_run, distill
-    from wadi_cli.distill.trainer import Distiller, StepResult, Topology, TrainingDiverged
+    from wadi_cli.distill.topology import Topology
+    from wadi_cli.distill.trainer import Distiller, StepResult

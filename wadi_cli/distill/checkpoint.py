@@ -241,21 +241,27 @@ def read_adapter_tensors(path: Path) -> dict[str, Tensor]:
     return load_adapter(path)[0]
 
 
-#: Files every checkpoint holds (``ema.safetensors`` too when the run keeps an EMA).
-REQUIRED_FILES = (
-    "state.json",
-    "student.safetensors",
-    "fake.safetensors",
-    "optim_student.safetensors",
-    "optim_fake.safetensors",
-    "rng.safetensors",
-)
+def required_files(roles: list[str], ema: bool) -> list[str]:
+    """Files every checkpoint of a run that trains ``roles`` holds (``ema.safetensors`` too
+    when the run keeps an EMA)."""
+    return [
+        "state.json",
+        *(f"{role}.safetensors" for role in roles),
+        *(f"optim_{role}.safetensors" for role in roles),
+        "rng.safetensors",
+        *(["ema.safetensors"] if ema else []),
+    ]
+
+
+def checkpoint_roles(state: Mapping[str, Any]) -> list[str]:
+    """The trained roles of a checkpoint (the keys of its targets), the student first."""
+    return sorted(state["targets"], key=lambda role: (role != "student", role))
 
 
 def read_state(folder: Path) -> dict[str, Any]:
     """The ``state.json`` of a checkpoint folder, checked to be whole: every file of
-    :data:`REQUIRED_FILES` (and the EMA when the run keeps one) is there. One
-    :class:`CheckpointError` line naming the folder otherwise."""
+    :func:`required_files` (adapter and optimizer state of each role, RNG, and the EMA when
+    the run keeps one) is there. One :class:`CheckpointError` line naming the folder otherwise."""
     try:
         state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -267,7 +273,7 @@ def read_state(folder: Path) -> dict[str, Any]:
         ema = float(state["config"].get("ema_decay") or 0) > 0
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{folder}: state.json is not a wadi checkpoint state ({exc!r})") from None
-    needed = list(REQUIRED_FILES) + (["ema.safetensors"] if ema else [])
+    needed = required_files(checkpoint_roles(state), ema)
     missing = [f for f in needed if not (folder / f).is_file()]
     if missing:
         raise CheckpointError(f"{folder}: incomplete checkpoint, missing {', '.join(missing)}")
@@ -279,14 +285,13 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     inconsistent is one :class:`CheckpointError` line naming the folder."""
     folder = Path(path)
     state = read_state(folder)
+    roles = checkpoint_roles(state)
     adapters = {}
-    for name in ("student", "fake", "ema"):
+    for name in (*roles, "ema"):
         file = folder / f"{name}.safetensors"
         if file.is_file():
             adapters[name] = read_adapter_tensors(file)
-    optimizers = {
-        name: _optimizer_from_file(folder / f"optim_{name}.safetensors") for name in ("student", "fake")
-    }
+    optimizers = {name: _optimizer_from_file(folder / f"optim_{name}.safetensors") for name in roles}
     with open_checkpoint(folder / "rng.safetensors") as src:
         rng = {k: src.get(k) for k in src}
     return Checkpoint(

@@ -121,8 +121,8 @@ def _merged_baseline(
     """LoRA / DoRA: build the base denoiser, attach the adapter, probe effective weights."""
     import diffusers
 
-    from wadi_cli.distill.adapters import add_switchable_adapter, load_adapter_tensors, merged_state_dict
     from wadi_cli.distill.checkpoint import read_adapter_tensors
+    from wadi_cli.lorad.multi_adapter import add_switchable_adapter, load_adapter_tensors, merged_state_dict
 
     with open_checkpoint(adapter_file) as src:
         targets = json.loads(src.metadata().get("targets", "[]"))

@@ -1,18 +1,15 @@
-"""The WaDi training step (§4) on ONE frozen base serving teacher, student and fake score.
+"""The WaDi distillation recipe (§4): a LoRaD student and a LoRaD fake score on ONE frozen
+base that serves as the teacher, trained with the VSD losses.
 
-:class:`Distiller` owns the adapters (student and fake on the same base network, see
-:mod:`wadi_cli.distill.adapters`), both AdamW optimizers, the student EMA, the run's RNG
-(one CPU generator: every random draw of a step comes from it, so a step depends only on
-the state it starts from) and the prompt stream. :func:`wadi_cli.distill.run.distill`
-drives it.
+:class:`Distiller` is an :class:`~wadi_cli.distill.recipe.AdapterRecipe` (which holds the
+adapters, optimizers, scalers, EMA, RNG and checkpoints) with what is particular to
+distillation: its two roles, the prompt stream and text-condition cache, the random
+draws of a step, the fixed teacher pairs of the regression term, and the step itself.
+:func:`wadi_cli.distill.run.distill` drives it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -26,16 +23,7 @@ from wadi_cli.diffusion import (
     alphas_cumprod_of,
     last_timestep,
     one_step_x0,
-    wrap_denoiser,
 )
-from wadi_cli.distill.adapters import (
-    adapter_parameters,
-    adapter_state_dict,
-    add_switchable_adapter,
-    load_adapter_tensors,
-    use_adapter,
-)
-from wadi_cli.distill.checkpoint import Checkpoint, restore_rng, rng_state
 from wadi_cli.distill.config import DistillConfig
 from wadi_cli.distill.data import PromptStream
 from wadi_cli.distill.losses import (
@@ -45,42 +33,15 @@ from wadi_cli.distill.losses import (
     regression_loss,
     vsd_gradient,
 )
-from wadi_cli.errors import BadInputError, MismatchError, WadiError
-from wadi_cli.lorad import lorad_layers
+from wadi_cli.distill.recipe import AdapterRecipe, Role
+from wadi_cli.distill.topology import Topology
+from wadi_cli.lorad.multi_adapter import use_adapter
 
 if TYPE_CHECKING:
     from wadi_cli.pipeline import LoadedPipeline
 
-
-class TrainingDiverged(WadiError):
-    """A loss became NaN/Inf; the run stops and keeps its last good checkpoint."""
-
-    exit_code = 1
-
-
-@dataclass(frozen=True)
-class Topology:
-    """Where this process sits in a (possibly multi-process, via accelerate) run. Every
-    rank draws the noise and prompts of the WHOLE global batch from the same generator and
-    keeps its own slice, so RNG state and data position are identical on every rank."""
-
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def mean(self, tensor: Tensor) -> Tensor:
-        """Average ``tensor`` over ranks (accelerate's ``reduce``; identity when alone)."""
-        if self.world == 1:
-            return tensor
-        from accelerate.utils import reduce
-
-        return reduce(tensor, "mean")
-
-    def slice(self, batch: int) -> slice:
-        return slice(self.rank * batch, (self.rank + 1) * batch)
+#: The columns of ``metrics.csv`` (and the TensorBoard scalars): :class:`StepResult` + seconds.
+METRIC_FIELDS = ("step", "loss_g", "loss_fake", "grad_norm_g", "grad_norm_fake", "lr", "fake_lr", "seconds")
 
 
 @dataclass
@@ -96,96 +57,55 @@ class StepResult:
     fake_lr: float
 
 
-class Distiller:
+class Distiller(AdapterRecipe):
     """State and step of a WaDi run. ``pipe`` is a :class:`wadi_cli.sample.LoadedPipeline` of
     the base pipeline (teacher weights, frozen); its denoiser network gets both adapters."""
 
     def __init__(
         self, cfg: DistillConfig, pipe: LoadedPipeline, prompts: list[str], topology: Topology | None = None
     ) -> None:
-        self.cfg = cfg
-        self.topology = topology or Topology()
-        self.pipe = pipe
-        self.denoiser = pipe.denoiser
-        self.net = self.denoiser.model
-        self.device = pipe.device
-        backbone = pipe.backbone
-        self.net.requires_grad_(False)
-        # targets are read from the plain network, before any wrapping
-        self.targets = {
-            "student": backbone.target_modules(self.net, "student"),
-            "fake": backbone.target_modules(self.net, "fake"),
-        }
-        self.student_net: torch.nn.Module | None = None
-        if cfg.adapter == "full":  # DMD2-style baseline: every student weight trainable (fp32 copy)
-            self.student_net = copy.deepcopy(self.net).float()
-            self.student_denoiser = wrap_denoiser(
-                self.student_net,
-                self.denoiser.prediction_type,
-                self.denoiser.alphas_cumprod,
-                family=self.denoiser.family,
-            )
-            self.targets["student"] = []
-        else:
-            add_switchable_adapter(
-                self.net,
+        self.prompts = prompts
+        super().__init__(cfg, pipe, topology)
+
+    def roles(self) -> list[Role]:
+        """The student (``cfg.adapter``: LoRaD, or a baseline) and the fake score (LoRaD), each
+        on its backbone's target rule, with its own rank, init seed, lr and clipping."""
+        cfg, backbone = self.cfg, self.pipe.backbone
+        return [
+            Role(
                 "student",
-                self.targets["student"],
+                backbone.target_modules(self.net, "student"),
+                cfg.adapter,
                 cfg.rank,
-                init_seed=cfg.init_seed,
-                kind=cfg.adapter,
-            )
-        add_switchable_adapter(
-            self.net, "fake", self.targets["fake"], cfg.fake_rank, init_seed=cfg.init_seed + 1
-        )
-        for layer in lorad_layers(self.net).values():
-            layer.exact_low_precision = cfg.lorad_exact_low_precision
-        self.params = {name: adapter_parameters(self.net, name) for name in ("student", "fake")}
-        if self.student_net is not None:
-            self.params["student"] = list(self.student_net.parameters())
-        for params in self.params.values():
-            for p in params:
-                p.requires_grad_(True)
-        if cfg.gradient_checkpointing:
-            for net in (self.net, self.student_net):
-                if net is not None:
-                    net.enable_gradient_checkpointing()
-        lrs = {"student": cfg.lr, "fake": cfg.fake_lr}
-        self.optimizers = {
-            name: _make_optimizer(cfg, params, lrs[name]) for name, params in self.params.items()
-        }
-        # fp16 base weights: scale losses so tiny VSD gradients (g / numel) do not underflow
-        fp16 = next(self.net.parameters()).dtype == torch.float16
-        self.scalers = {
-            name: torch.amp.GradScaler(self.device.type, enabled=fp16) for name in self.optimizers
-        }
-        self.ema: dict[str, Tensor] | None = None
-        if cfg.ema_decay > 0:
-            self.ema = {k: v.detach().clone().float() for k, v in self.student_state().items()}
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+                cfg.init_seed,
+                cfg.lr,
+                cfg.max_grad_norm,
+            ),
+            Role(
+                "fake",
+                backbone.target_modules(self.net, "fake"),
+                "lorad",
+                cfg.fake_rank,
+                cfg.init_seed + 1,
+                cfg.fake_lr,
+                cfg.fake_max_grad_norm,
+            ),
+        ]
+
+    def setup(self) -> None:
+        """The recipe's state, then the schedule, the prompt stream, the text-condition cache
+        and (with a regression weight) the fixed teacher pairs."""
+        super().setup()
+        cfg, pipe = self.cfg, self.pipe
         self.alphas_cumprod = alphas_cumprod_of(pipe.scheduler)
         self.t_last = last_timestep(pipe.scheduler)
-        self.stream = PromptStream(prompts, cfg.seed)
+        self.stream = PromptStream(self.prompts, cfg.seed)
         self._text_cache: dict[str, TextCondition] = {}
         self.pairs: dict[str, Any] | None = None
         if cfg.regression_weight > 0:
-            self.pairs = self._teacher_pairs(prompts)
-        self.step = 0
+            self.pairs = self._teacher_pairs(self.prompts)
 
     # ---- pieces of a step ------------------------------------------------------------
-    def lr_scale(self, step: int) -> float:
-        """Multiplier of both lrs at ``step`` (0-based): linear warm-up over
-        ``warmup_steps``, then constant (the paper) or a cosine decay that reaches 0 at
-        ``max_steps``. Both optimizers share it."""
-        cfg = self.cfg
-        w = cfg.warmup_steps
-        if w > 0 and step < w:
-            return (step + 1) / w
-        if cfg.lr_schedule == "cosine":
-            span = max(1, cfg.max_steps - w)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - w) / span)))
-        return 1.0
-
     def _guided_eps(
         self, adapter: str | None, x_t: Tensor, t: Tensor, cond: TextCondition, scale: float
     ) -> Tensor:
@@ -254,45 +174,6 @@ class Distiller:
             for m in range(micro)
         ]
 
-    def _backward(self, name: str, loss: Tensor) -> None:
-        """Accumulate the gradient of ``loss`` (with the adapter still selected: gradient
-        checkpointing recomputes the forward during backward)."""
-        with use_adapter(self.net, name):
-            self.scalers[name].scale(loss).backward()
-
-    def _step(self, name: str, max_norm: float) -> float:
-        """Average the accumulated gradients over ranks, unscale, clip, step, zero."""
-        opt, scaler, params = self.optimizers[name], self.scalers[name], self.params[name]
-        if self.topology.world > 1:
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            flat = self.topology.mean(torch.cat([g.flatten() for g in grads]))
-            for p, chunk in zip(params, flat.split([p.numel() for p in params]), strict=True):
-                p.grad = chunk.view_as(p).clone()
-        scaler.unscale_(opt)
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        return float(norm)
-
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        if self.ema is None:
-            return
-        decay = self.cfg.ema_decay
-        for k, v in self.student_state().items():
-            self.ema[k].mul_(decay).add_(v.float(), alpha=1 - decay)
-
-    def _check(self, name: str, loss: Tensor) -> None:
-        finite = torch.isfinite(loss.detach()).float().reshape(1)
-        if self.topology.world > 1:  # every rank stops together
-            finite = self.topology.mean(finite)
-        if float(finite) < 1.0:
-            raise TrainingDiverged(
-                f"step {self.step + 1}: the {name} loss is {float(loss.detach())}; stopping (the last good "
-                "checkpoint is kept; try a lower --lr / --fake-lr)"
-            )
-
     def _one_step_x0(self, z: Tensor, cond: TextCondition) -> Tensor:
         """The student's sample from pure noise at t = T-1 (with graph for a LoRaD/full student)."""
         with self.student() as student:
@@ -358,9 +239,7 @@ class Distiller:
         1–6), each accumulated over ``grad_accum`` micro-batches."""
         cfg, dev, k = self.cfg, self.device, self.cfg.grad_accum
         scale = self.lr_scale(self.step)
-        for name, base_lr in (("student", cfg.lr), ("fake", cfg.fake_lr)):
-            for group in self.optimizers[name].param_groups:
-                group["lr"] = base_lr * scale
+        self._set_lrs(scale)
         saved, losses_g = [], []
         for prompts, d in zip(self._prompts(k), self._draws(cfg.batch_size, k), strict=True):
             cond = self.encode(prompts)
@@ -379,8 +258,7 @@ class Distiller:
             self._backward("student", loss_g / k)
             losses_g.append(loss_g.detach())
             saved.append((x0.detach(), cond, d))
-        norm_g = self._step("student", cfg.max_grad_norm)
-        self._update_ema()
+        norm_g = self._optimizer_step("student")  # and the EMA
         # 5. fake-score update(s); extra updates train on fresh samples of the new student
         for j in range(cfg.fake_updates):
             if j > 0:
@@ -395,7 +273,7 @@ class Distiller:
                 self._check("fake-score", loss_f)
                 self._backward("fake", loss_f / k)
                 losses_f.append(loss_f.detach())
-            norm_f = self._step("fake", cfg.fake_max_grad_norm)
+            norm_f = self._optimizer_step("fake")
         self.step += 1
         loss_g = self.topology.mean(torch.stack(losses_g).mean())
         loss_f = self.topology.mean(torch.stack(losses_f).mean())
@@ -408,98 +286,6 @@ class Distiller:
             cfg.lr * scale,
             cfg.fake_lr * scale,
         )
-
-    # ---- state -------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def student(self) -> Iterator[Any]:
-        """The student denoiser: the shared base with the student adapter selected, or the
-        separate trainable copy of a ``full`` fine-tune."""
-        if self.student_net is not None:
-            yield self.student_denoiser
-            return
-        with use_adapter(self.net, "student"):
-            yield self.denoiser
-
-    def student_state(self) -> dict[str, Tensor]:
-        """The student's trainable tensors (adapter file names, or the full state dict)."""
-        if self.student_net is not None:
-            return {k: v.detach() for k, v in self.student_net.state_dict().items()}
-        return adapter_state_dict(self.net, "student")
-
-    @torch.no_grad()
-    def load_student_state(self, tensors: dict[str, Tensor]) -> None:
-        """Inverse of :meth:`student_state` (keys and shapes must match)."""
-        if self.student_net is None:
-            load_adapter_tensors(self.net, "student", tensors)
-            return
-        try:
-            self.student_net.load_state_dict({k: v.to(self.device) for k, v in tensors.items()}, strict=True)
-        except RuntimeError as exc:
-            raise MismatchError(f"full student state does not fit: {str(exc).splitlines()[0]}") from None
-
-    def student_weights(self, ema: bool = False) -> dict[str, Tensor]:
-        """A copy of the student's trainable tensors: its adapter, or every weight for
-        ``--adapter full`` (the EMA copy with ``ema=True`` when enabled)."""
-        if ema and self.ema is not None:
-            return {k: v.clone() for k, v in self.ema.items()}
-        return {k: v.clone() for k, v in self.student_state().items()}
-
-    def checkpoint(self) -> Checkpoint:
-        """Everything needed to continue from the current step."""
-        adapters = {"student": self.student_state(), "fake": adapter_state_dict(self.net, "fake")}
-        if self.ema is not None:
-            adapters["ema"] = self.ema
-        return Checkpoint(
-            step=self.step,
-            data_position=self.stream.position,
-            adapters=adapters,
-            optimizers={k: opt.state_dict() for k, opt in self.optimizers.items()},
-            rng=rng_state(self.generator),
-            config=self.cfg.to_dict(),
-            targets={k: list(v) for k, v in self.targets.items()},
-            extra={
-                "grad_scalers": {k: s.state_dict() for k, s in self.scalers.items() if s.is_enabled()},
-                "world_size": self.topology.world,
-            },
-        )
-
-    def load(self, ckpt: Checkpoint) -> None:
-        """Continue from ``ckpt`` (targets must match exactly)."""
-        for role in ("student", "fake"):
-            if list(ckpt.targets.get(role, [])) != self.targets[role]:
-                raise MismatchError(
-                    f"cannot resume: the {role} targets of the checkpoint differ from this model's"
-                )
-            if role == "student":
-                self.load_student_state(ckpt.adapters[role])
-            else:
-                load_adapter_tensors(self.net, role, ckpt.adapters[role])
-            self.optimizers[role].load_state_dict(ckpt.optimizers[role])
-        if self.ema is not None:
-            src = ckpt.adapters.get("ema") or self.student_state()
-            self.ema = {k: v.detach().clone().float().to(self.device) for k, v in src.items()}
-        for name, state in ckpt.extra.get("grad_scalers", {}).items():
-            if self.scalers[name].is_enabled():
-                self.scalers[name].load_state_dict(state)
-        restore_rng(self.generator, ckpt.rng)
-        self.stream.position = ckpt.data_position
-        self.step = ckpt.step
-
-
-def _make_optimizer(cfg: DistillConfig, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    """AdamW (β, ε, weight decay from the config), or bitsandbytes' 8-bit AdamW."""
-    kwargs = dict(
-        lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
-    )
-    if cfg.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise BadInputError(
-                "--optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes)"
-            ) from None
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
 
 
 def _drop_prompts(cond: TextCondition, empty: TextCondition, drop: Tensor) -> TextCondition:

@@ -45,7 +45,7 @@ def ema_weights(distiller: Any, use_ema: bool) -> Iterator[None]:
         yield
         return
     raw = {k: v.clone() for k, v in distiller.student_state().items()}
-    distiller.load_student_state(distiller.ema)
+    distiller.ema.copy_to(distiller.student_state())
     try:
         yield
     finally:

@@ -1,9 +1,10 @@
-"""One frozen base network serving teacher, student and fake score (WaDi §4).
+"""Switchable adapters: one frozen base network serving several roles (WaDi §4: teacher,
+student and fake score).
 
 The student and the fake score model are the teacher plus a LoRaD adapter each (different
 targets and ranks). Instead of three networks, every targeted Linear is wrapped once in a
 :class:`MultiAdapterLinear` that holds one adapter per role (a
-:class:`~wadi_cli.lorad.LoRaDLinear`, or peft's LoRA / DoRA for the ablation's student), all
+:class:`~wadi_cli.lorad.LoRaDLinear`, or another kind of :mod:`wadi_cli.lorad.kinds`), all
 sharing the SAME frozen ``base_layer``. :func:`use_adapter` selects which one
 runs (``None`` = the teacher). Each forward does exactly one matmul: the plain base
 weight, or the rotated weight of the active adapter (the maths stays in
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 
 from wadi_cli.errors import BadInputError, MismatchError
 from wadi_cli.io.tensor_map import KeyDiff, preview
-from wadi_cli.lorad import LoRaDLinear
+from wadi_cli.lorad.kinds import make_adapter
 from wadi_cli.lorad.model import set_submodule
 
 
@@ -44,22 +45,19 @@ class MultiAdapterLinear(nn.Module):
     def add_adapter(
         self, name: str, rank: int, *, label: str, generator: torch.Generator | None, kind: str = "lorad"
     ) -> None:
-        """Add an adapter ``name`` of ``rank`` (identity at init) on the shared base: LoRaD,
-        or (baselines for the paper's ablation) peft's LoRA / DoRA with ``alpha = rank``."""
+        """Add an adapter ``name`` of ``rank`` (identity at init) on the shared base: any kind
+        of :data:`~wadi_cli.lorad.kinds.ADAPTER_KINDS` (LoRaD; peft's LoRA / DoRA, the
+        baselines of the paper's ablation)."""
         if name in self.adapters:
             raise BadInputError(f"{label}: adapter {name!r} already present")
-        if kind == "lorad":
-            self.adapters[name] = LoRaDLinear(self.base_layer, rank, name=label, generator=generator)
-            return
-        if kind not in ("lora", "dora"):
-            raise BadInputError(f"unknown adapter kind {kind!r}; expected lorad, lora or dora")
-        self.adapters[name] = _peft_linear(self.base_layer, rank, kind == "dora", generator)
+        self.adapters[name] = make_adapter(kind, self.base_layer, rank, label=label, generator=generator)
 
     def adapter_tensors(self, name: str) -> dict[str, nn.Parameter]:
         """The trainable tensors of adapter ``name`` by their name inside the adapter."""
         sub = self.adapters[name]
-        if isinstance(sub, LoRaDLinear):
-            return {p: getattr(sub, p) for p in sub.adapter_param_names}
+        names = getattr(sub, "adapter_param_names", None)  # LoRaD (and any kind that names its tensors)
+        if names is not None:
+            return {p: getattr(sub, p) for p in names}
         return {n: p for n, p in sub.named_parameters() if not n.startswith("base_layer.")}
 
     @torch.no_grad()
@@ -84,28 +82,6 @@ class MultiAdapterLinear(nn.Module):
         # nn.ModuleDict has no .get()
         layer = self.adapters[self.active] if self.active in self.adapters else self.base_layer  # noqa: SIM401
         return layer(x)
-
-
-def _peft_linear(base: nn.Linear, rank: int, dora: bool, generator: torch.Generator | None) -> nn.Module:
-    """peft's LoRA/DoRA Linear on ``base`` (fp32 adapter tensors; init from ``generator``)."""
-    try:
-        from peft import LoraConfig  # optional dependency (the baselines extra)
-        from peft.tuners.lora import Linear as PeftLoraLinear
-    except ImportError:
-        raise BadInputError(
-            "--adapter lora/dora needs peft: pip install 'wadi-cli[baselines]' (or pip install peft)"
-        ) from None
-
-    config = LoraConfig(r=rank, lora_alpha=rank, use_dora=dora, lora_dropout=0.0)
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator)) if generator is not None else None
-    with torch.random.fork_rng(devices=[]):
-        if seed is not None:
-            torch.manual_seed(seed)
-        layer = PeftLoraLinear(base, "default", config, r=rank, lora_alpha=rank, use_dora=dora)
-    for n, p in layer.named_parameters():
-        if not n.startswith("base_layer."):
-            p.data = p.data.float()
-    return layer.eval()
 
 
 def switchable_layers(model: nn.Module) -> dict[str, MultiAdapterLinear]:
