@@ -167,12 +167,10 @@ def main() -> None:
     results = {
         "benchmark": "CLI start-up: fresh process per command, wall time",
         "command": "python analysis/bench_startup.py"
-        + (f" --before {args.before}" if args.before else "")
+        + (" --before BEFORE" if args.before else "")  # BEFORE: the earlier checkout (no machine paths)
         + f" --repeats {args.repeats}",
-        "after": {"root": str(REPO), "commit": git_commit(REPO)},
-        "before": None
-        if args.before is None
-        else {"root": str(sides["before"]), "commit": git_commit(sides["before"])},
+        "after": {"root": ".", "commit": git_commit(REPO)},
+        "before": None if args.before is None else {"root": "BEFORE", "commit": git_commit(sides["before"])},
         "repeats": args.repeats,
         "machine": machine_info(),
         "load_average_1min": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)},

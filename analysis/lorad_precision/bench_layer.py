@@ -246,6 +246,12 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _rel(path: Path, root: Path) -> str:
+    """``path`` relative to the repository ``root`` when inside it."""
+    path = path.resolve()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -270,7 +276,8 @@ def main(argv: list[str] | None = None) -> dict:
         machine["gpu"] = torch.cuda.get_device_name(0)
     doc = {
         "machine": machine,
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        # paths relative to the repository: no machine paths in the results
+        "args": {k: _rel(v, root) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "command": "python analysis/lorad_precision/bench_layer.py "
         + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v is not None and k != "results"),
         "rows": bench(args),

@@ -19,7 +19,7 @@ at angles 1e-4, 1e-3, 1e-2. Part 2: the trained tiny adapters of the runs given 
 ``--run NAME=RUN_FOLDER`` (student and fake score of the last checkpoint): |Θ| distribution
 and the weight-space measures on the shipped tiny U-Net's weights.
 
-    python analysis/lorad_precision/rounding.py --run fp32-seed0=/tmp/lp/fp32-seed0 ...
+    python analysis/lorad_precision/rounding.py --run fp32-seed0=lp/fp32-seed0 ...
 
 Writes ``results/rounding.json`` and ``results/rounding.md``.
 """

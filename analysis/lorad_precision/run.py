@@ -8,8 +8,8 @@ other tiny study. Each row also records the package's git commit (the
 bf16 arm was run before and after the layer changed) and the |Θ| quantiles of the final
 student and fake-score adapters.
 
-    python analysis/lorad_precision/run.py --arms fp32 bf16 --seeds 0 1 --keep-runs /tmp/lp
-    python analysis/lorad_precision/run.py --arms fp32-paper-lr1e-3 bf16-paper-lr1e-3 --keep-runs /tmp/lp
+    python analysis/lorad_precision/run.py --arms fp32 bf16 --seeds 0 1 --keep-runs lp
+    python analysis/lorad_precision/run.py --arms fp32-paper-lr1e-3 bf16-paper-lr1e-3 --keep-runs lp
     python analysis/lorad_precision/run.py --table      # rebuild results/runs.md
 
 Appends one JSON line per run to ``results/runs.jsonl`` and rewrites ``results/runs.md``.

@@ -154,7 +154,8 @@ def main() -> None:
         train_seconds = None
         if args.student is None:
             student_path, cmd, train_seconds = train_student(workdir, args.train_seed, env)
-            commands["train"] = shlex.join(["wadi", *cmd[3:]])
+            # the temporary folder as TMPDIR: no machine paths in the committed results
+            commands["train"] = shlex.join(["wadi", *cmd[3:]]).replace(str(workdir), "TMPDIR")
         else:
             student_path = args.student.expanduser().resolve()
             commands["train"] = "(given with --student; the study's own default is) " + shlex.join(
@@ -274,7 +275,7 @@ def main() -> None:
         "commands": commands,
         "student": {
             "source": str(args.student) if args.student else "trained by this script",
-            "description": student_desc,
+            "description": student_desc.replace(str(workdir), "TMPDIR"),
             "train_seconds": train_seconds,
         },  # fmt: skip
         "eval": {"num_images": args.num_images, "seed": args.seed},

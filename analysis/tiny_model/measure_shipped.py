@@ -59,6 +59,9 @@ def teacher_eval(steps: int, n: int, seed: int) -> dict:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     result = json.loads(proc.stdout)
+    for key in ("model", "weights"):  # the repository's files relative to it: no machine paths
+        if isinstance(result.get(key), str):
+            result[key] = result[key].removeprefix(str(REPO) + os.sep)
     return {"command": " ".join(cmd) + " --json", "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), **result}
 
 

@@ -22,6 +22,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -116,6 +117,7 @@ HP = {
 
 
 def log(msg: str, work: Path) -> None:
+    msg = msg.replace(str(HERE.parents[1]) + os.sep, "")  # the repository's files relative to it
     line = f"[{time.strftime('%H:%M:%S')}] {msg}"
     print(line, flush=True)
     with open(work / "train_log.txt", "a") as f:
@@ -457,6 +459,17 @@ def stage_vae(images, work: Path, force: bool) -> dict:
     return recon_check(AutoencoderKL.from_pretrained(work / "vae").eval(), work, "vae")
 
 
+def drop_source_paths(pipeline: Path) -> None:
+    """Remove ``_name_or_path`` (the folder a component was loaded from on the training machine)
+    from the saved configs: the shipped files hold no machine paths, and diffusers sets it on load."""
+    from wadi_cli.io.writers import write_text_atomic
+
+    for cfg in sorted(Path(pipeline).glob("*/config.json")):
+        data = json.loads(cfg.read_text())
+        if data.pop("_name_or_path", None) is not None:
+            write_text_atomic(cfg, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def stage_decoder(images, work: Path, force: bool) -> dict:
     """Fine-tune the shipped pipeline's VAE decoder (phase 3) and re-save the pipeline."""
     from diffusers import AutoencoderKL
@@ -475,6 +488,7 @@ def stage_decoder(images, work: Path, force: bool) -> dict:
     comps = {k: getattr(pipe, k) for k in ("unet", "text_encoder", "tokenizer", "scheduler")}
     comps["vae"] = AutoencoderKL.from_pretrained(out).eval()
     arch.save_tiny_pipeline(comps, arch.TINY_PIPELINE_DIR)
+    drop_source_paths(arch.TINY_PIPELINE_DIR)
     log(f"pipeline re-saved with the fine-tuned decoder to {arch.TINY_PIPELINE_DIR}", work)
     return recon_check(comps["vae"], work, "vae_decoder_ft")
 
@@ -496,6 +510,7 @@ def stage_unet(labels, work: Path, force: bool) -> None:
             n = len(name) + 1
             comps[name].load_state_dict({k[n:]: v for k, v in sd.items() if k.startswith(name + ".")})
     arch.save_tiny_pipeline(comps, arch.TINY_PIPELINE_DIR)
+    drop_source_paths(arch.TINY_PIPELINE_DIR)
     log(f"pipeline written to {arch.TINY_PIPELINE_DIR}", work)
 
 

@@ -9,7 +9,7 @@
    the same numbers as step 2; both go to ``analysis/tiny_student/results/ship_student.json``.
 
     python analysis/tiny_student/ship_student.py                 # ~8 min on one thread
-    python analysis/tiny_student/ship_student.py --run /tmp/run0 # reuse a finished run
+    python analysis/tiny_student/ship_student.py --run run0 # reuse a finished run
 """
 
 from __future__ import annotations
@@ -39,6 +39,12 @@ def wadi(*args: str, capture: bool = False) -> str:
     if proc.returncode != 0:
         raise SystemExit(f"wadi {' '.join(args)} failed ({proc.returncode}): {(proc.stderr or '')[-500:]}")
     return proc.stdout if capture else ""
+
+
+def _portable(path: str, run: Path) -> str:
+    """``path`` with the run folder written RUN and the repository's own files relative to it."""
+    path = path.replace(str(run.resolve()), "RUN").replace(str(run), "RUN")
+    return path.removeprefix(str(HERE.parents[1]) + os.sep)
 
 
 def main() -> None:
@@ -90,6 +96,10 @@ def main() -> None:
             },
         )
     eval_shipped = json.loads(wadi(*EVAL, capture=True))
+    for ev in (eval_run, eval_shipped):  # no machine paths in the committed results
+        for key in ("model", "weights"):
+            if isinstance(ev.get(key), str):
+                ev[key] = _portable(ev[key], run)
     if (eval_shipped["accuracy"], eval_shipped["fd"]) != (eval_run["accuracy"], eval_run["fd"]):
         raise SystemExit(f"the shipped file scores {eval_shipped} but the run {eval_run}")
     results = {

@@ -61,6 +61,14 @@ from torch import Tensor, nn
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_train_step.json"
+
+
+def _rel(path: Path) -> str:
+    """``path`` relative to the repository when inside it (no machine paths in the results)."""
+    path = path.resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 VARIANTS: tuple[str, ...] = ("ours", "hook", "lora")
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROMPTS: list[str] = [f"benchmark prompt {i}" for i in range(64)]
@@ -687,7 +695,7 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
     info["load_average_end"] = list(os.getloadavg())
-    setup = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "worker"}
+    setup = {k: (_rel(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "worker"}
     summary = summarise(runs, args.device.startswith("cuda"))
     result = {"machine": info, "setup": setup, **summary, "runs": runs}
     first = runs[variants[0]][0]
