@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import math
 
-import _helpers_sample as helpers
 import numpy as np
 import pytest
 import torch
+from _helpers_sample import tiny_pipeline_dir
 from typer.testing import CliRunner
 
 from wadi_cli.cli.main import app
@@ -18,7 +18,7 @@ from wadi_cli.io import save_safetensors
 
 @pytest.fixture(scope="module")
 def base_dir():
-    return str(helpers.tiny_pipeline_dir())
+    return str(tiny_pipeline_dir())
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from wadi_cli.distill.config import DistillConfig
 from wadi_cli.errors import BadInputError
 from wadi_cli.pipeline.options import SamplingOptions
 
-PACKAGE = Path(__file__).resolve().parents[1] / "wadi_cli"
+PACKAGE = Path(__file__).resolve().parents[2] / "wadi_cli"
 RECIPES = PACKAGE / "configs" / "distill"
 BACKBONES = ("sd15", "sd21", "pixart", "tiny")
 runner = CliRunner()

@@ -4,9 +4,9 @@ cache, fresh working directory)."""
 
 from __future__ import annotations
 
-import _helpers_sample as helpers
 import pytest
 import torch
+from _helpers_sample import tiny_pipeline_dir
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -67,7 +67,7 @@ def test_a_missing_input_names_the_next_step(offline_cwd, argv, code, ending):
     weights = offline_cwd / "w.safetensors"
     save_file({"conv_in.weight": torch.zeros(2, 2)}, str(weights))  # a readable merged file: the hub error
     fill = {
-        "tiny_base": str(helpers.tiny_pipeline_dir()) if TINY_BASE in argv else "",
+        "tiny_base": str(tiny_pipeline_dir()) if TINY_BASE in argv else "",
         "weights": str(weights),
     }
     result = CliRunner().invoke(app, [a.format(**fill) for a in argv])

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 
-import _helpers_sample as helpers
 import numpy as np
 import pytest
 import torch
+from _helpers_sample import tiny_pipeline_dir, tiny_sampler
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -20,7 +20,7 @@ PROMPT = "a red circle at the top left"
 
 @pytest.fixture(scope="module")
 def base_dir():
-    return str(helpers.tiny_pipeline_dir())
+    return str(tiny_pipeline_dir())
 
 
 def run(*args: str):
@@ -100,10 +100,7 @@ def test_sample_writes_pngs_grid_and_json(base_dir, tmp_path):
 
 
 def test_release_file_changes_the_output(base_dir, tmp_path):
-    state = {
-        k: v + 0.02 * torch.randn_like(v)
-        for k, v in helpers.tiny_sampler().denoiser.model.state_dict().items()
-    }
+    state = {k: v + 0.02 * torch.randn_like(v) for k, v in tiny_sampler().denoiser.model.state_dict().items()}
     release = save_safetensors(state, tmp_path / "rotated_unet-test.safetensors")
     a, b = tmp_path / "a", tmp_path / "b"
     assert run(PROMPT, "-b", "tiny", "--model", base_dir, "-o", str(a)).exit_code == 0

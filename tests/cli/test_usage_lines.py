@@ -21,9 +21,9 @@ import signal
 import threading
 import time
 
-import _helpers_sample as helpers
 import pytest
 import torch
+from _helpers_sample import sd21_hub_cache
 from typer.testing import CliRunner
 
 from wadi_cli.cli.main import app
@@ -56,7 +56,7 @@ def cwd(tmp_path, monkeypatch):
 
 @pytest.fixture
 def hub(monkeypatch):
-    _use_cache(monkeypatch, helpers.sd21_hub_cache())
+    _use_cache(monkeypatch, sd21_hub_cache())
 
 
 @pytest.fixture

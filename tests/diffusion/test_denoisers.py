@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-import _helpers_sample as helpers
+import _helpers_sample
 import pytest
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ from wadi_cli.errors import BadInputError
 
 @pytest.fixture(scope="module")
 def tiny_components():
-    return helpers.tiny_components()
+    return _helpers_sample.tiny_components()
 
 
 def _pixart(use_additional_conditions: bool = False):

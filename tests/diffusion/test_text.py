@@ -4,7 +4,7 @@ with exactly the same rule for prompts and for the empty prompt ∅."""
 
 from __future__ import annotations
 
-import _helpers_sample as helpers
+import _helpers_sample
 import pytest
 import torch
 
@@ -14,7 +14,7 @@ from wadi_cli.errors import BadInputError
 
 @pytest.fixture(scope="module")
 def tiny_components():
-    return helpers.tiny_components()
+    return _helpers_sample.tiny_components()
 
 
 PROMPTS = ["a red circle at the top left", "a blue square"]

@@ -4,9 +4,9 @@ train() mode, so the flag did nothing there; the floor is now 0.32)."""
 
 from __future__ import annotations
 
-import _helpers_sample as helpers
 import pytest
 import torch
+from _helpers_sample import tiny_pipeline_dir
 
 from wadi_cli.diffusion import TextCondition
 from wadi_cli.distill import resolve_config
@@ -17,7 +17,7 @@ from wadi_cli.distill.trainer import Distiller
 def test_blocks_run_again_during_backward(checkpointing):
     from wadi_cli.pipeline import load_pipeline
 
-    sampler = load_pipeline("tiny", model=helpers.tiny_pipeline_dir(), teacher=True)
+    sampler = load_pipeline("tiny", model=tiny_pipeline_dir(), teacher=True)
     cfg = resolve_config(
         overrides={
             "backbone": "tiny",

@@ -27,10 +27,10 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
-import _helpers_sample as helpers
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers_sample import tiny_module, tiny_pipeline_dir
 from torch import nn
 
 from wadi_cli.distill import resolve_config
@@ -85,8 +85,8 @@ def shipped_pipeline():
 @pytest.fixture(scope="module")
 def random_pipeline():
     """A randomly initialised tiny pipeline (see the mixed-precision test for why)."""
-    helpers.tiny_module()
-    return helpers.tiny_pipeline_dir()
+    tiny_module()
+    return tiny_pipeline_dir()
 
 
 # ---- the reference ------------------------------------------------------------------------

@@ -9,11 +9,11 @@ import os
 import subprocess
 import sys
 
-import _helpers_eval as he
-import _helpers_sample as helpers
 import numpy as np
 import pytest
 import torch
+from _helpers_eval import clip_folder, inception_file, random_images, write_images
+from _helpers_sample import tiny_pipeline_dir
 from typer.testing import CliRunner
 
 from wadi_cli.cli.main import app
@@ -32,14 +32,14 @@ def run(*args: str):
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     return {
-        "inception": he.inception_file(root),
-        "inception2": he.inception_file(root, seed=1, name="other.pt"),
-        "clip": he.clip_folder(root / "clip"),
+        "inception": inception_file(root),
+        "inception2": inception_file(root, seed=1, name="other.pt"),
+        "clip": clip_folder(root / "clip"),
         "real": root / "real",
         "fake": root / "fake",
         "root": root,
-        "real_paths": he.write_images(root / "real", he.random_images(24, 0, size=(48, 64))),
-        "fake_paths": he.write_images(root / "fake", he.random_images(20, 1, size=(40, 40), shift=40)),
+        "real_paths": write_images(root / "real", random_images(24, 0, size=(48, 64))),
+        "fake_paths": write_images(root / "fake", random_images(20, 1, size=(40, 40), shift=40)),
     }
 
 
@@ -219,7 +219,7 @@ def test_mixed_modes_are_scored_and_a_corrupt_image_is_refused(files, tmp_path):
 
     mixed = tmp_path / "mixed"
     mixed.mkdir()
-    arrays = he.random_images(6, 5, size=(30, 50))
+    arrays = random_images(6, 5, size=(30, 50))
     for i, (mode, a) in enumerate(zip(["L", "RGBA", "CMYK", "P", "RGB", "LA"], arrays, strict=True)):
         img = Image.fromarray(a).convert(mode)
         img.save(mixed / f"{i}.{'jpg' if mode == 'CMYK' else 'png'}")
@@ -241,7 +241,7 @@ def _tiny_args(files, out, extra=()):
 
 
 def helpers_dir() -> str:
-    return str(helpers.tiny_pipeline_dir())
+    return str(tiny_pipeline_dir())
 
 
 def test_kill_and_resume_gives_the_metrics_of_one_run(files, tmp_path):

@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import os
 
-import _helpers_sample as helpers
 import numpy as np
 import pytest
+from _helpers_sample import tiny_pipeline_dir
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -149,7 +149,7 @@ def test_missing_chunks_finds_absent_and_truncated_images(tmp_path):
 
 @pytest.fixture(scope="module")
 def base_dir():
-    return str(helpers.tiny_pipeline_dir())
+    return str(tiny_pipeline_dir())
 
 
 @pytest.fixture(scope="module")

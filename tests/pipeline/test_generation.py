@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import math
 
-import _helpers_sample as helpers
 import numpy as np
 import pytest
 import torch
+from _helpers_sample import tiny_sampler
 
 from wadi_cli.errors import BadInputError
 from wadi_cli.pipeline import SampleConfig, generate, initial_noise
@@ -24,7 +24,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def sampler():
-    return helpers.tiny_sampler()
+    return tiny_sampler()
 
 
 def test_initial_noise_one_generator_per_image():

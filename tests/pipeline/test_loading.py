@@ -3,10 +3,10 @@ and exported folders, on a random tiny pipeline; mismatches are refused clearly.
 
 from __future__ import annotations
 
-import _helpers_sample as helpers
 import numpy as np
 import pytest
 import torch
+from _helpers_sample import tiny_module, tiny_pipeline_dir, tiny_sampler
 
 from wadi_cli.errors import CheckpointError, MismatchError
 from wadi_cli.io import save_safetensors
@@ -17,13 +17,13 @@ PROMPTS = ["a red circle at the top left", "a yellow square at the bottom left"]
 
 @pytest.fixture(scope="module")
 def base_dir():
-    return helpers.tiny_pipeline_dir()
+    return tiny_pipeline_dir()
 
 
 @pytest.fixture(scope="module")
 def perturbed(base_dir):
     """The tiny U-Net's state dict, every float tensor perturbed (seeded)."""
-    sampler = helpers.tiny_sampler()
+    sampler = tiny_sampler()
     g = torch.Generator().manual_seed(123)
     out = {}
     for k, v in sampler.denoiser.model.state_dict().items():
@@ -50,10 +50,10 @@ def test_release_format_equals_sampling_the_perturbed_model(base_dir, perturbed,
     for k, v in s.denoiser.model.state_dict().items():
         assert torch.equal(v, perturbed[k]), k
     got = _images(s)
-    base = _images(helpers.tiny_sampler())
+    base = _images(tiny_sampler())
     assert not np.array_equal(got, base)
     # reference: a pipeline folder whose U-Net IS the perturbed model, sampled with no weights
-    tiny = helpers.tiny_module()
+    tiny = tiny_module()
     comps = tiny.build_tiny_components(seed=0)
     comps["unet"].load_state_dict(perturbed)
     ref_dir = tiny.save_tiny_pipeline(comps, tmp_path / "perturbed")
@@ -81,7 +81,7 @@ def _rotate_reference(w: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
 def test_adapter_is_merged_exactly(base_dir, tmp_path):
     from wadi_cli.lorad import LoRaDConfig, save_adapter
 
-    base = helpers.tiny_sampler().denoiser.model.state_dict()
+    base = tiny_sampler().denoiser.model.state_dict()
     targets = ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "mid_block.attentions.0.proj_in"]
     g = torch.Generator().manual_seed(7)
     tensors = {}
@@ -101,14 +101,14 @@ def test_adapter_is_merged_exactly(base_dir, tmp_path):
         torch.testing.assert_close(state[t + ".weight"].norm(dim=1), base[t + ".weight"].norm(dim=1))
     untouched = [k for k in base if not any(k == t + ".weight" for t in targets)]
     assert all(torch.equal(state[k], base[k]) for k in untouched)
-    assert not np.array_equal(_images(s), _images(helpers.tiny_sampler()))
+    assert not np.array_equal(_images(s), _images(tiny_sampler()))
 
 
 def test_adapter_for_another_backbone_refused(base_dir, tmp_path):
     from wadi_cli.lorad import LoRaDConfig, save_adapter
 
     t = "mid_block.attentions.0.proj_in"
-    w = helpers.tiny_sampler().denoiser.model.state_dict()[t + ".weight"]
+    w = tiny_sampler().denoiser.model.state_dict()[t + ".weight"]
     tensors = {t + ".lorad_A": torch.zeros(w.shape[0], 1), t + ".lorad_B": torch.ones(1, w.shape[1] // 2)}
     path = save_adapter(tmp_path / "a.safetensors", tensors, LoRaDConfig(rank=1, backbone="sd15"))
     with pytest.raises(MismatchError, match="sd15"):

@@ -6,27 +6,27 @@ executed. The table of results is ``analysis/bad_input/`` (``python analysis/bad
 
 from __future__ import annotations
 
-import _helpers_corpus as corpus
 import pytest
+from _helpers_corpus import KINDS, build_corpus, cases, run_case
 from _helpers_sample import tiny_pipeline_dir
 
 
 @pytest.fixture(scope="session")
 def built(tmp_path_factory):
-    return corpus.build_corpus(tmp_path_factory.mktemp("corpus"), tiny_pipeline_dir())
+    return build_corpus(tmp_path_factory.mktemp("corpus"), tiny_pipeline_dir())
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.parametrize("case", corpus.cases(), ids=lambda c: c.id)
+@pytest.mark.parametrize("case", cases(), ids=lambda c: c.id)
 def test_bad_input_is_refused_in_one_line_and_nothing_is_written(built, case, tmp_path):
-    result = corpus.run_case(built, case, tmp_path)
+    result = run_case(built, case, tmp_path)
     assert not result.problems(), f"{case.id}: {result.problems()} (exit {result.exit_code})"
 
 
 def test_the_corpus_is_what_the_issue_asks_for():
-    kinds = {k for family in corpus.KINDS.values() for k in family}
+    kinds = {k for family in KINDS.values() for k in family}
     needed = [
         "empty file", "truncated safetensors", "header lies about offsets", "header lies about dtype",
         "huge header length", "pickle renamed .safetensors", "malicious .ckpt", "malicious .bin",
@@ -36,8 +36,8 @@ def test_the_corpus_is_what_the_issue_asks_for():
         "directory", "does not exist", "unreadable",
     ]  # fmt: skip
     assert set(needed) <= kinds
-    commands = {c.command for c in corpus.cases()}
+    commands = {c.command for c in cases()}
     assert commands == {"sample", "eval", "swap", "merge", "export", "distill", "info"}
-    assert {c.slot for c in corpus.cases() if c.command == "distill"} == {
+    assert {c.slot for c in cases() if c.command == "distill"} == {
         "--prompts", "--config", "--resume", "--model"
     }  # fmt: skip

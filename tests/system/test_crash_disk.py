@@ -16,9 +16,9 @@ import os
 import threading
 from pathlib import Path
 
-import _helpers_crash as crash
 import pytest
 import torch
+from _helpers_crash import leftovers, temp_siblings, tree
 from _helpers_sample import one_torch_thread
 from safetensors import SafetensorError
 from typer.testing import CliRunner
@@ -96,7 +96,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_training_at_the_last_good_one
     assert steps_seen == [1, 2, 3]  # it did not carry on to step 4
     assert [p.name for p in list_checkpoints(run)] == ["step-00000001", "step-00000002"]
     assert {p.name: p.read_bytes() for p in (run / "checkpoints" / "step-00000002").iterdir()} == good
-    assert crash.leftovers(run) == []  # no temporary files, and the lock is released
+    assert leftovers(run) == []  # no temporary files, and the lock is released
     monkeypatch.undo()  # space again: the run continues from step 2 and finishes
     summary = distill(config_for_run(run, "latest"), run, resume="latest")
     assert (summary.start_step, summary.step) == (2, 4)
@@ -126,7 +126,7 @@ def test_a_full_disk_under_the_metrics_log_stops_training(pipe_dir, tmp_path):
     with pytest.raises(WriteError, match=r"cannot write .*metrics.csv: No space left on device; training "):
         distill(_cfg(pipe_dir), run, on_step=on_step)
     assert [p.name for p in list_checkpoints(run)] == ["step-00000001", "step-00000002"]
-    assert crash.leftovers(run) == []
+    assert leftovers(run) == []
 
 
 def test_a_full_disk_under_the_tensorboard_events_stops_training(pipe_dir, tmp_path, monkeypatch):
@@ -151,7 +151,7 @@ def test_a_full_disk_under_the_tensorboard_events_stops_training(pipe_dir, tmp_p
     with pytest.raises(WriteError, match=pattern + r"the last good checkpoint is .*step-00000002$"):
         distill(_cfg(pipe_dir, tensorboard=True), run, on_step=on_step)
     assert [p.name for p in list_checkpoints(run)] == ["step-00000001", "step-00000002"]
-    assert crash.leftovers(run) == []
+    assert leftovers(run) == []
     assert threading.excepthook is hook and printed == []
 
 
@@ -193,7 +193,7 @@ def test_exports_that_cannot_be_written_leave_the_old_output(
         export_run(run_dir, "diffusers", out)
     else:
         out.write_bytes(adapter.read_bytes())
-    before = crash.tree(out)
+    before = tree(out)
     args = {
         "export": ["export", str(run_dir), "-f", "merged", "--out", str(out), "--overwrite"],
         "export-diffusers": ["export", str(run_dir), "-f", "diffusers", "--out", str(out)],
@@ -220,8 +220,8 @@ def test_exports_that_cannot_be_written_leave_the_old_output(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.output, result.stderr
     assert lines[0].startswith("error: cannot write ") and reason in lines[0]
-    assert crash.tree(out) == before
-    assert crash.temp_siblings(out) == []
+    assert tree(out) == before
+    assert temp_siblings(out) == []
 
 
 def test_torch_tensors_still_round_trip(tmp_path):

@@ -16,20 +16,32 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import _helpers_crash as crash
-import _helpers_sample as helpers
 import pytest
+from _helpers_crash import (
+    ForkLauncher,
+    SubprocessLauncher,
+    _metric_steps,
+    checkpoint_differences,
+    distill_args,
+    kill_loop,
+    kill_writer,
+    leftovers,
+    run_to_end,
+    straight_run,
+    tree,
+)
+from _helpers_sample import one_torch_thread, tiny_sampler
 
 
 @pytest.fixture(scope="module")
 def forked(tmp_path_factory, pipe_dir):
-    helpers.tiny_sampler()  # import and warm up everything before forking: each child starts in ~1 s
-    return crash.ForkLauncher(tmp_path_factory.mktemp("logs"))
+    tiny_sampler()  # import and warm up everything before forking: each child starts in ~1 s
+    return ForkLauncher(tmp_path_factory.mktemp("logs"))
 
 
 def test_distill_killed_three_times_resumes_bit_exactly(pipe_dir, forked, tmp_path):
-    reference, seconds = crash.straight_run(forked, pipe_dir, tmp_path / "straight", 3, full=False)
-    stats = crash.kill_loop(
+    reference, seconds = straight_run(forked, pipe_dir, tmp_path / "straight", 3, full=False)
+    stats = kill_loop(
         forked,
         pipe_dir,
         tmp_path / "killed",
@@ -56,12 +68,12 @@ def test_sigterm_saves_at_a_step_boundary_and_the_resume_is_bit_exact(pipe_dir, 
 
     from wadi_cli.distill import list_checkpoints
 
-    reference, _ = crash.straight_run(forked, pipe_dir, tmp_path / "straight", 4, full=False)
+    reference, _ = straight_run(forked, pipe_dir, tmp_path / "straight", 4, full=False)
     run = tmp_path / "term"
-    args = [*crash.distill_args(pipe_dir, run, 4, full=False), "--checkpoint-every", "100"]
+    args = [*distill_args(pipe_dir, run, 4, full=False), "--checkpoint-every", "100"]
     proc = forked.start(args, {})
     deadline = time.monotonic() + 300
-    while not crash._metric_steps(run / "metrics.csv"):  # the first step is logged
+    while not _metric_steps(run / "metrics.csv"):  # the first step is logged
         assert proc.poll() is None and time.monotonic() < deadline, proc.output()[-2000:]
         time.sleep(0.005)
     os.kill(proc.pid, signal.SIGTERM)
@@ -70,12 +82,12 @@ def test_sigterm_saves_at_a_step_boundary_and_the_resume_is_bit_exact(pipe_dir, 
     assert len(ckpts) == 1, proc.output()[-2000:]
     step = int(ckpts[0].name.split("-")[1])
     assert 1 <= step < 4 and f"stopped (SIGTERM) at step {step}" in " ".join(proc.output().split())
-    assert crash.leftovers(run) == []
-    crash.run_to_end(forked, [*args, "--resume", "latest"])
+    assert leftovers(run) == []
+    run_to_end(forked, [*args, "--resume", "latest"])
     last = list_checkpoints(run)[-1]
     assert last.name == "step-00000004"
-    assert crash.checkpoint_differences(last, reference / "checkpoints" / last.name) == []
-    assert crash._metric_steps(run / "metrics.csv") == [1, 2, 3, 4]
+    assert checkpoint_differences(last, reference / "checkpoints" / last.name) == []
+    assert _metric_steps(run / "metrics.csv") == [1, 2, 3, 4]
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +99,7 @@ def outputs(tmp_path_factory, pipe_dir):
     root = tmp_path_factory.mktemp("outputs")
     over = dict(model=str(pipe_dir), batch_size=2, max_steps=2, checkpoint_every=1, device="cpu")
     over.update(regression_weight=0.0, validate_every=0, tensorboard=False)
-    with helpers.one_torch_thread():
+    with one_torch_thread():
         distill(resolve_config(overrides=over), root / "run")
         export_run(root / "run", "adapter", root / "adapter.safetensors")
         export_run(root / "run", "merged", root / "merged.safetensors")
@@ -105,7 +117,7 @@ def outputs(tmp_path_factory, pipe_dir):
 def _file_restorer(target, old_file):
     def restore():
         target.write_bytes(old_file.read_bytes())
-        return crash.tree(target)
+        return tree(target)
 
     return restore
 
@@ -116,7 +128,7 @@ def _folder_restorer(target, old_folder):
     def restore():
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(old_folder, target)
-        return crash.tree(target)
+        return tree(target)
 
     return restore
 
@@ -139,7 +151,7 @@ def writer_cases(o, tmp):
 
 def test_export_merge_swap_killed_inside_the_write_leave_old_or_new(outputs, forked, tmp_path):
     for name, args, target, restore in writer_cases(outputs, tmp_path):
-        stats = crash.kill_writer(forked, args, target, restore, kills=1, pause=0.3)
+        stats = kill_writer(forked, args, target, restore, kills=1, pause=0.3)
         assert stats.kills == 1 and stats.inside_write == 1, (name, stats)
         assert stats.old == 1, (name, stats)  # killed before the rename: the old content, whole
 
@@ -150,12 +162,12 @@ def test_distill_kill_loop_in_fresh_interpreters(pipe_dir, tmp_path):
     checkpoint writes, in training, anywhere), each time resumed with --resume latest, over
     as many 12-step runs as it takes to reach 24 kills; every finished run is checked bit
     for bit against a straight run."""
-    launcher = crash.SubprocessLauncher(tmp_path / "logs")
-    reference, seconds = crash.straight_run(launcher, pipe_dir, tmp_path / "straight", 12, tensorboard=True)
+    launcher = SubprocessLauncher(tmp_path / "logs")
+    reference, seconds = straight_run(launcher, pipe_dir, tmp_path / "straight", 12, tensorboard=True)
     total = []
     while sum(s.kills for s in total) < 24 and len(total) < 8:
         seed = len(total)
-        stats = crash.kill_loop(
+        stats = kill_loop(
             launcher, pipe_dir, tmp_path / f"killed-{seed}", reference, 12,
             kills=12, seed=seed, est_seconds=seconds, pause=0.05, tensorboard=True,
         )  # fmt: skip
@@ -168,10 +180,10 @@ def test_distill_kill_loop_in_fresh_interpreters(pipe_dir, tmp_path):
 
 @pytest.mark.slow
 def test_export_merge_swap_kill_loop_in_fresh_interpreters(outputs, tmp_path):
-    launcher = crash.SubprocessLauncher(tmp_path / "logs")
+    launcher = SubprocessLauncher(tmp_path / "logs")
     found = {}
     for name, args, target, restore in writer_cases(outputs, tmp_path):
-        stats = crash.kill_writer(launcher, args, target, restore, kills=6, est_seconds=12.0, pause=0.5)
+        stats = kill_writer(launcher, args, target, restore, kills=6, est_seconds=12.0, pause=0.5)
         print(f"{name}: {stats}")
         found[name] = asdict(stats)
         assert stats.kills >= 4 and stats.inside_write >= 3, (name, stats)

@@ -9,9 +9,9 @@ import signal
 import socket
 import time
 
-import _helpers_crash as crash
-import _helpers_sample as helpers
 import pytest
+from _helpers_crash import PAUSE_ENV, ForkLauncher, distill_args
+from _helpers_sample import tiny_sampler
 from typer.testing import CliRunner
 
 from wadi_cli.cli.main import app
@@ -97,13 +97,13 @@ def test_without_flock_the_recorded_holder_decides(tmp_path, monkeypatch, holder
 def test_a_second_wadi_distill_on_a_live_run_is_refused(pipe_dir, tmp_path):
     """A live `wadi distill` (held inside a write by the test pause) owns RUN: a second one,
     fresh or --resume, gets one line and exit 2; after a kill -9, --resume takes over."""
-    helpers.tiny_sampler()
+    tiny_sampler()
     run = tmp_path / "run"
-    launcher = crash.ForkLauncher(tmp_path / "logs")
-    args = crash.distill_args(pipe_dir, run, 2, full=False)
+    launcher = ForkLauncher(tmp_path / "logs")
+    args = distill_args(pipe_dir, run, 2, full=False)
     first = launcher.start([*args, "--max-steps", "1"], {})
     assert first.wait() == 0, first.output()
-    live = launcher.start([*args, "--resume", "latest"], {crash.PAUSE_ENV: "60"})
+    live = launcher.start([*args, "--resume", "latest"], {PAUSE_ENV: "60"})
     lock = run / LOCK_NAME
     try:
         deadline = time.monotonic() + 60

@@ -17,10 +17,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-import _helpers_hub as hubh
 import numpy as np
 import pytest
 import torch
+from _helpers_hub import (
+    COMMIT,
+    PIXART_256,
+    PIXART_512,
+    SD15,
+    SD21,
+    SD21_BASE,
+    shared_hub_cache,
+    use_hub_cache,
+)
 from _helpers_sample import one_torch_thread
 from PIL import Image
 from typer.testing import CliRunner
@@ -32,10 +41,10 @@ from wadi_cli.io import open_checkpoint
 FAMILIES = {
     "sd15": ("sd15", [], 16, "epsilon"),
     "sd21": ("sd21", [], 16, "epsilon"),
-    "sd21-768": ("sd21", ["--model", hubh.SD21], 24, "v_prediction"),
+    "sd21-768": ("sd21", ["--model", SD21], 24, "v_prediction"),
     "pixart": ("pixart", [], 16, "epsilon"),
 }
-BASE_REPO = {"sd15": hubh.SD15, "sd21": hubh.SD21_BASE, "sd21-768": hubh.SD21, "pixart": hubh.PIXART_256}
+BASE_REPO = {"sd15": SD15, "sd21": SD21_BASE, "sd21-768": SD21, "pixart": PIXART_256}
 ALPHA = 0.005  # a non-default ᾱ_T: every export must carry it to sampling
 PROMPT = "a cat"
 
@@ -46,8 +55,8 @@ def hub_cache():
     small to gain from two, and on a busy 2-core machine two threads wait at every op's
     barrier: a 3-step distill took 17.6 s of CPU with 2 threads, 6.8 s with 1)."""
     with one_torch_thread(), pytest.MonkeyPatch.context() as mp:
-        cache = hubh.shared_hub_cache()
-        hubh.use_hub_cache(mp, cache)
+        cache = shared_hub_cache()
+        use_hub_cache(mp, cache)
         yield cache
 
 
@@ -251,7 +260,7 @@ def test_single_file_converts_back_through_diffusers(hub_cache, work, family):
     from diffusers import StableDiffusionPipeline
 
     paths = exported(family, work)
-    snap = hub_cache / f"models--{BASE_REPO[family].replace('/', '--')}" / "snapshots" / hubh.COMMIT
+    snap = hub_cache / f"models--{BASE_REPO[family].replace('/', '--')}" / "snapshots" / COMMIT
     merged_single = work / f"{family}-merge-single.safetensors"
     wadi("merge", BASE_REPO[family], paths["adapter"], "--format", "single-file", "--out", merged_single)
     for single in (paths["single-file"], merged_single):
@@ -294,4 +303,4 @@ def test_pixart_teacher_resolves_its_repos_in_a_fresh_process(hub_cache, tmp_pat
     assert proc.returncode == 0, proc.stderr
     assert _image_side(out) == 16
     record = json.loads((out / "samples.json").read_text())
-    assert record["model"].startswith(hubh.PIXART_256) and hubh.PIXART_512 in record["model"]
+    assert record["model"].startswith(PIXART_256) and PIXART_512 in record["model"]

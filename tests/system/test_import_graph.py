@@ -8,7 +8,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "wadi_cli"
+PACKAGE = Path(__file__).resolve().parents[2] / "wadi_cli"
 
 
 def _modules(package: Path) -> dict[str, Path]:
