@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers_lorad import CountMatmuls, f64, reference_rotate
 from torch import nn
 from torch.func import functional_call
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from wadi_cli.errors import BadInputError
 from wadi_cli.lorad import LoRaDConfig, LoRaDLinear, load_adapter, lorad_theta, rotate_weight, save_adapter
@@ -23,23 +23,6 @@ SHAPES = [(6, 8), (5, 2), (16, 34)]  # (out m, in n)
 RANKS = [1, 4]
 # Relative tolerance of one rounding to the base dtype.
 EPS = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float64: 1e-12}
-
-
-def reference_rotate(weight: np.ndarray, theta: np.ndarray) -> np.ndarray:
-    """Float64 W' with row i = R_i W_i, R_i the explicit block-diagonal rotation matrix."""
-    m, n = weight.shape
-    out = np.empty((m, n), dtype=np.float64)
-    for i in range(m):
-        rot = np.zeros((n, n))
-        for k in range(n // 2):
-            c, s = np.cos(theta[i, k]), np.sin(theta[i, k])
-            rot[2 * k : 2 * k + 2, 2 * k : 2 * k + 2] = [[c, -s], [s, c]]
-        out[i] = rot @ weight[i]
-    return out
-
-
-def f64(t: torch.Tensor) -> np.ndarray:
-    return t.detach().to(torch.float64).numpy()
 
 
 def make_layer(
@@ -207,20 +190,6 @@ def test_bad_rank_and_theta_shape_refused():
         rotate_weight(torch.zeros(3, 4), torch.zeros(3, 4))
 
 
-class _CountMatmuls(TorchDispatchMode):
-    MATMULS = ("aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm", "aten.matmul", "aten.linear")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[str, list[tuple[int, ...]]]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func.overloadpacket)
-        if name in self.MATMULS:
-            self.calls.append((name, [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_one_matmul_with_the_input_per_forward(dtype, monkeypatch):
     layer = make_layer(12, 16, 4, dtype)
@@ -230,14 +199,14 @@ def test_one_matmul_with_the_input_per_forward(dtype, monkeypatch):
 
     monkeypatch.setattr(layer.base_layer, "forward", forbidden)
     x = torch.randn(2, 5, 16).to(dtype)
-    with _CountMatmuls() as counter:
+    with CountMatmuls() as counter:
         layer(x)
     # exactly two matmuls: Θ = A B ([12,4]@[4,8]) and x W'ᵀ; only the latter touches x
     assert len(counter.calls) == 2, counter.calls
     with_x = [c for c in counter.calls if any(s[-1] == 16 and len(s) and s[0] == 10 for s in c[1])]
     assert len(with_x) == 1, counter.calls
     layer.merge()
-    with _CountMatmuls() as counter:
+    with CountMatmuls() as counter:
         layer(x)
     assert len(counter.calls) == 1, counter.calls
 

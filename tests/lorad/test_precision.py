@@ -10,7 +10,7 @@ output space on random inputs:
 
     share = ⟨y − y₀, δ⟩ / ‖δ‖²,   y₀ = x Wᵀ + b,  δ = x (R(Θ)W − W)ᵀ   (float64, numpy)
 
-with ``R(Θ)W`` from the explicit block-diagonal rotation matrices of test_lorad_layer.py's
+with ``R(Θ)W`` from the explicit block-diagonal rotation matrices of _helpers_lorad.py's
 reference. ``y`` is rounded to the low precision once per entry: an unbiased error of at
 most half a step of ``y_i``, independent of ``δ``, so ``share − 1`` has standard deviation
 ``σ ≤ sqrt(Σ δ_i² u_i² / 3) / ‖δ‖²`` with ``u_i`` half the dtype's step at ``|y_i|`` (the
@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_lorad_layer import _CountMatmuls, f64, reference_rotate
+from _helpers_lorad import CountMatmuls, f64, reference_rotate
 from torch import nn
 
 from wadi_cli.errors import BadInputError
@@ -162,7 +162,7 @@ def test_identity_at_init_is_bit_exact_on_an_sd_sized_layer(dtype):
 def test_exact_path_is_still_one_matmul_of_twice_the_inner_size(dtype):
     layer, _, _, _ = make(dtype, 1e-3)
     x = torch.randn(10, N).to(dtype)
-    with torch.no_grad(), _CountMatmuls() as counter:
+    with torch.no_grad(), CountMatmuls() as counter:
         layer(x)
     inner = N if dtype == torch.float32 else 2 * N  # fp32 keeps the plain single matmul
     with_x = [c for c in counter.calls if any(s == (10, inner) for s in c[1])]
