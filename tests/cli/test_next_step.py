@@ -40,7 +40,7 @@ CASES = [
     (["sample", PROMPT, "-b", "sd21", "-w", "{weights}"], 3, "with --model DIR"),
     (["sample", PROMPT], 3, "with --model DIR --weights rotated_unet-sdv2-1.safetensors"),
     (["sample", PROMPT, "-b", "pixart", "--teacher"], 3, "with --model DIR --components DIR"),
-    # eval: the classifier (the student has its own test in test_tiny_student.py)
+    # eval: the classifier (the student has its own test in tests/tiny/test_student.py)
     (["eval", "--model", TINY_BASE, "--classifier", "none.safetensors", "-n", "4"], 2, "--classifier FILE"),
     # distill: the base model; the run to resume
     (["distill", "-b", "sd15"], 3, "with --model DIR"),

@@ -94,7 +94,7 @@ def test_sample_writes_pngs_grid_and_json(base_dir, tmp_path):
     assert r2.exit_code == 0, r2.stderr
     assert "wrote 4 images" in r2.stdout
     p2 = _pngs(out2)
-    for k in pngs:  # equal up to the rounding of batched kernels (see test_sample_generate)
+    for k in pngs:  # equal up to the rounding of batched kernels (see pipeline/test_generation)
         diff = np.abs(pngs[k].astype(int) - p2[k].astype(int))
         assert diff.max() <= 1 and (diff == 0).mean() >= 0.999
 

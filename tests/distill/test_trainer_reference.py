@@ -12,9 +12,9 @@ loss, gradient accumulation, clipping, AdamW, the EMA and extra fake updates on 
 student samples.
 
 What the reference takes from the package: the prompt order (``PromptStream``, tested in
-test_distill_data), the text encoder's output, the adapters' initial values and the
+distill/test_data), the text encoder's output, the adapters' initial values and the
 regression pairs (teacher samples, tested against diffusers' pipeline in
-test_sample_generate / test_distill_train). The settings are asymmetric on purpose
+pipeline/test_generation / distill/test_trainer). The settings are asymmetric on purpose
 (EMA 0.9, regression weight 0.3, guidance 3 vs 1.5, betas 0.8/0.95, a warm-up, clipping on
 for the student and off for the fake score) so that swapped arguments cannot agree.
 """

@@ -3,7 +3,7 @@ full-size SD1.5 U-Net checkpoints tensor by tensor, as ``wadi analyze`` does, ag
 safetensors' mmap, with ``analysis/bench_streaming.py`` (whose committed results the README
 quotes).
 
-Run:  python -m pytest tests/test_io_bench.py -m slow -s
+Run:  python -m pytest tests/studies/test_io_bench.py -m slow -s
 Size: WADI_BENCH_DTYPE=F32 (default; 3.44 GB per file) or F16 (1.72 GB).
 """
 

@@ -3,7 +3,7 @@ clean logs; export / merge / swap leave their target old or new, never half-writ
 
 The harness is ``_helpers_crash.py``. The default suite runs short variants (a few kills,
 forked processes); the ``slow`` loops run ``python -m wadi_cli`` in fresh interpreters and
-kill it dozens of times (``python -m pytest -m slow tests/test_crash_kill.py -s`` prints
+kill it dozens of times (``python -m pytest -m slow tests/system/test_crash_kill.py -s`` prints
 the counts).
 """
 
