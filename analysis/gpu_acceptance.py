@@ -22,7 +22,7 @@ the others, and the exit code is non-zero when any step failed):
 
 Resume and accelerate tolerance. On the CPU every kernel is deterministic and the check
 is bit-identity of the final adapters and of every logged loss (what
-tests/test_distill_train.py asserts). On CUDA the restored state and the step's random
+tests/distill/test_trainer.py asserts). On CUDA the restored state and the step's random
 draws are bit-identical too (the checkpoint holds the adapters, AdamW and GradScaler
 states; the draws come from the run's CPU generator), and forward kernels are
 deterministic for identical inputs on one GPU, so the first step after the checkpoint

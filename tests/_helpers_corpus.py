@@ -10,7 +10,7 @@ file executed: the malicious pickles and the YAML payload would create
 ``wadi swap``, which by design (like ``wadi analyze``) leaves such rows as the student's and
 counts them.
 
-Used by ``tests/test_bad_input_corpus.py`` (one parametrised test per case) and by
+Used by ``tests/system/test_bad_input_corpus.py`` (one parametrised test per case) and by
 ``analysis/bad_input/table.py`` (the committed table).
 """
 

@@ -3,9 +3,9 @@ live in ``tests/_helpers_*.py``."""
 
 import os
 
-import _helpers_sample as helpers
 import pytest
 import torch
+from _helpers_sample import one_torch_thread, tiny_pipeline_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -17,11 +17,11 @@ def one_thread():
     """The test runs on one intra-op thread (see ``_helpers_sample.one_torch_thread``);
     modules of tiny-model tests use it for every test with
     ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
-    with helpers.one_torch_thread():
+    with one_torch_thread():
         yield
 
 
 @pytest.fixture(scope="session")
 def pipe_dir():
     """The random tiny pipeline folder (``_helpers_sample.tiny_pipeline_dir``, built once)."""
-    return helpers.tiny_pipeline_dir()
+    return tiny_pipeline_dir()

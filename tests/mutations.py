@@ -31,9 +31,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-REF = "tests/test_distill_reference.py::test_two_steps_match_the_float64_reference_update_for_update"
-FP16 = "tests/test_distill_reference.py::test_mixed_precision_gradients_match_the_reference_within_rounding[fp16]"  # noqa: E501
-QUALITY = "tests/test_distill_quality.py::test_a_short_distillation_beats_the_undistilled_one_step_base"
+REF = "tests/distill/test_trainer_reference.py::test_two_steps_match_the_float64_reference_update_for_update"
+FP16 = "tests/distill/test_trainer_reference.py::test_mixed_precision_gradients_match_the_reference_within_rounding[fp16]"  # noqa: E501
+QUALITY = (
+    "tests/system/test_distill_quality.py::test_a_short_distillation_beats_the_undistilled_one_step_base"  # noqa: E501
+)
 
 
 @dataclass(frozen=True)
@@ -94,65 +96,66 @@ MUTATIONS: tuple[Mutation, ...] = (
     # ---- losses --------------------------------------------------------------------------
     M("fake-loss-weight", "fake-score loss weighted by ᾱ² instead of ᾱ", LOSSES,
       "w = _bcast(alpha_bar_t, eps_pred).sqrt()", "w = _bcast(alpha_bar_t, eps_pred)",
-      ("tests/test_distill_losses.py",)),
+      ("tests/distill/test_losses.py",)),
     M("vsd-weight", "VSD gradient weighted by ᾱ_t instead of 1 − ᾱ_t", LOSSES,
       "g = (1 - _bcast(alpha_bar_t, eps_real)) * (", "g = (_bcast(alpha_bar_t, eps_real)) * (",
-      ("tests/test_distill_losses.py",)),
+      ("tests/distill/test_losses.py",)),
     M("cfg-formula", "guidance added to the conditional prediction", LOSSES,
       "return eps_uncond + scale * (eps_cond - eps_uncond)",
       "return eps_cond + scale * (eps_cond - eps_uncond)",
-      ("tests/test_distill_losses.py",)),
+      ("tests/distill/test_losses.py",)),
     # ---- sampler formula, LoRaD, export, swap ----------------------------------------------
     M("sampler-x0-sign", "x0 = (z + sqrt(1−ᾱ)·ε)/sqrt(ᾱ)", "wadi_cli/diffusion/schedule.py",
       "return ((x_t.to(dt) - s * eps.to(dt)) / a).to(x_t.dtype)",
-      "return ((x_t.to(dt) + s * eps.to(dt)) / a).to(x_t.dtype)", ("tests/test_diffusion_schedule.py",)),
+      "return ((x_t.to(dt) + s * eps.to(dt)) / a).to(x_t.dtype)", ("tests/diffusion/test_schedule.py",)),
     M("sampler-x0-divisor", "x0 = (z − sqrt(1−ᾱ)·ε)/sqrt(1−ᾱ)", "wadi_cli/diffusion/schedule.py",
       "return ((x_t.to(dt) - s * eps.to(dt)) / a).to(x_t.dtype)",
-      "return ((x_t.to(dt) - s * eps.to(dt)) / s).to(x_t.dtype)", ("tests/test_diffusion_schedule.py",)),
+      "return ((x_t.to(dt) - s * eps.to(dt)) / s).to(x_t.dtype)", ("tests/diffusion/test_schedule.py",)),
     M("lorad-rotation-sign", "LoRaD rotates each pair by −θ", "wadi_cli/lorad/layer.py",
       "return torch.stack((cos * w0 - sin * w1, sin * w0 + cos * w1), dim=-1).reshape(m, n)",
       "return torch.stack((cos * w0 + sin * w1, -sin * w0 + cos * w1), dim=-1).reshape(m, n)",
-      ("tests/test_lorad_layer.py",)),
+      ("tests/lorad/test_layer.py",)),
     M("export-raw-not-ema", "export takes the raw student even when the run kept an EMA",
       "wadi_cli/distill/export.py", "if not (ema and file.is_file()):", "if True:",
-      ("tests/test_export.py::test_adapter_export_is_the_ema_by_default",)),
+      ("tests/distill/test_export.py::test_adapter_export_is_the_ema_by_default",)),
     M("onestep-scheduler-base-alpha", "the diffusers export keeps the schedule's ᾱ_999, not the recorded ᾱ_T",
       "wadi_cli/distill/export_diffusers.py", "out[-1] = 1.0 - alpha_bar_T / float(ac[-2])", "pass",
-      ("tests/test_export.py::test_diffusers_plain_one_step_call_is_wadi_sample",)),
+      ("tests/distill/test_export.py::test_diffusers_plain_one_step_call_is_wadi_sample",)),
     M("onestep-scheduler-leading", "the diffusers export's one step lands on t = 1 (leading spacing)",
       "wadi_cli/distill/export_diffusers.py", 'spacing": "trailing",', 'spacing": "leading",',
-      ("tests/test_export.py::test_diffusers_plain_one_step_call_is_wadi_sample",)),
+      ("tests/distill/test_export.py::test_diffusers_plain_one_step_call_is_wadi_sample",)),
     M("lora-kohya-scale", "kohya LoRA factors lose their sqrt(r) (effective ΔW_r / r)",
       "wadi_cli/distill/export_lora.py", "down * math.sqrt(r / KOHYA_ALPHA)", "down",
-      ("tests/test_export.py::test_lora_export_loads_in_diffusers_as_base_plus_truncated_change",)),
+      ("tests/distill/test_export.py::test_lora_export_loads_in_diffusers_as_base_plus_truncated_change",)),
     M("lora-energy-off-by-one", "the energy rule keeps one singular value too few",
       "wadi_cli/distill/export_lora.py", "return min(max(r + 1, 1), len(s))", "return min(max(r, 1), len(s))",
-      ("tests/test_export.py::test_lora_of_planted_changes_covers_convs_and_the_energy_rule",)),
+      ("tests/distill/test_export.py::test_lora_of_planted_changes_covers_convs_and_the_energy_rule",)),
     M("merge-any-backbone", "merge no longer checks the adapter's backbone", "wadi_cli/lorad/adapter_io.py",
       "check_base_backbone(src, tensors, config, prefix)", "pass",
-      ("tests/test_cli_info_merge.py::test_merge_refuses_an_adapter_of_another_backbone",)),
+      ("tests/cli/test_info_merge.py::test_merge_refuses_an_adapter_of_another_backbone",)),
     M("swap-norm-interpolation", "--alpha interpolates the norms the wrong way round", SWAP,
       "g = (1.0 - alpha) * g_s + alpha * g_t", "g = alpha * g_s + (1.0 - alpha) * g_t",
-      ("tests/test_swap.py",)),
+      ("tests/swap/test_core.py",)),
     M("swap-keeps-student-directions", "--keep norm keeps the student's directions", SWAP,
-      "d = d_t  # exactly the teacher's directions", "d = s / g_s.unsqueeze(1)", ("tests/test_swap.py",)),
+      "d = d_t  # exactly the teacher's directions", "d = s / g_s.unsqueeze(1)",
+      ("tests/swap/test_core.py",)),
     # ---- evaluation and IO (the tests that replaced same-path references) ---------------------
     M("eval-accuracy-any-attribute", "accuracy counts an image when ANY attribute matches",
       "wadi_cli/tiny/metrics.py", "all_ok = np.logical_and.reduce(list(match.values()))",
       "all_ok = np.logical_or.reduce(list(match.values()))",
-      ("tests/test_cli_eval.py::test_eval_scores_planted_images",)),
+      ("tests/cli/test_eval.py::test_eval_scores_planted_images",)),
     M("writability-probe-elsewhere", "the writability probe writes in the temp folder, not the destination",
       "wadi_cli/io/writers.py", 'fd, probe = tempfile.mkstemp(prefix=".wadi-probe.", dir=probe_dir)',
       'fd, probe = tempfile.mkstemp(prefix=".wadi-probe.")',
-      ("tests/test_io_write.py::test_check_writable_folder_on_a_read_only_file_system",)),
+      ("tests/io/test_writers.py::test_check_writable_folder_on_a_read_only_file_system",)),
     # ---- what the outputs say -------------------------------------------------------------------
     M("analyze-ratio-over-rounding", "wadi analyze prints a direction/norm ratio over unchanged norms",
       "wadi_cli/analysis/report.py",
       "return norm_rel_change_mean is not None and 0.0 <= norm_rel_change_mean < NORM_FLOOR", "return False",
-      ("tests/test_cli_analyze.py::test_unchanged_norms_are_said_not_divided",)),
+      ("tests/cli/test_analyze.py::test_unchanged_norms_are_said_not_divided",)),
     M("demo-prompt-twice-in-grid", "the swap grid's rows repeat a prompt", "wadi_cli/demo/figures.py",
       "        seen.setdefault(p, i)", "        seen[f'{p}{i}'] = i",
-      ("tests/test_demo.py::test_grid_rows_show_each_prompt_once_and_colours_are_fixed_per_kind",)),
+      ("tests/demo/test_demo.py::test_grid_rows_show_each_prompt_once_and_colours_are_fixed_per_kind",)),
 )  # fmt: skip
 
 
@@ -172,10 +175,12 @@ def environment(tree: Path) -> dict[str, str]:
 
 
 def _test_id(classname: str, name: str) -> str:
-    """``tests.test_x.TestY`` + ``test_z`` → ``test_x.py::TestY::test_z``."""
+    """``tests.pkg.test_x.TestY`` + ``test_z`` → ``pkg/test_x.py::TestY::test_z`` (path under tests/)."""
     parts = classname.split(".")
     i = next((j for j, p in enumerate(parts) if p.startswith("test_")), len(parts) - 1)
-    return "::".join([f"{parts[i]}.py", *parts[i + 1 :], name])
+    start = parts.index("tests") + 1 if "tests" in parts[:i] else 0
+    path = "/".join([*parts[start:i], f"{parts[i]}.py"])
+    return "::".join([path, *parts[i + 1 :], name])
 
 
 def run_tests(tree: Path, tests: tuple[str, ...], tag: str) -> tuple[int, list[str], float]:

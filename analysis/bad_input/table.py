@@ -3,7 +3,7 @@ command), run in-process like the test suite does, with its exit code and messag
 
     python analysis/bad_input/table.py            # writes results/cases.md and results/cases.json
 
-The same cases are the parametrised test ``tests/test_bad_input_corpus.py``.
+The same cases are the parametrised test ``tests/system/test_bad_input_corpus.py``.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ seconds; ``wadi info`` should answer at once. So the package ships those facts a
 (``configs/skeletons.json``), one entry per backbone, keyed by a hash of the architecture
 config it was computed from. :func:`skeleton` uses an entry only when that hash matches the
 config in hand, and otherwise builds the network on the meta device (always correct, only
-slower). ``tests/test_skeletons.py`` rebuilds every entry and compares, so a diffusers
+slower). ``tests/backbones/test_skeletons.py`` rebuilds every entry and compares, so a diffusers
 release that adds or reshapes a layer fails the tests instead of skewing a count.
 
 Regenerate the table after changing a shipped config (or diffusers):

@@ -22,7 +22,7 @@ Crash safety (``kill -9``, preemption, a full or read-only disk):
 Test hook, off by default: with ``WADI_TEST_WRITE_PAUSE=SECONDS`` in the environment every
 atomic write waits that long with its temporary copy complete, just before the rename, so
 a crash test can SIGKILL a process inside a checkpoint write deterministically
-(``tests/test_crash_kill.py``).
+(``tests/system/test_crash_kill.py``).
 """
 
 from __future__ import annotations

@@ -1,0 +1,92 @@
+"""Prompt encoding: CLIP (no mask to the denoiser) and T5 (mask to encoder and denoiser),
+
+with exactly the same rule for prompts and for the empty prompt ∅."""
+
+from __future__ import annotations
+
+import _helpers_sample
+import pytest
+import torch
+
+from wadi_cli.diffusion import PromptEncoder, TextCondition
+from wadi_cli.errors import BadInputError
+
+
+@pytest.fixture(scope="module")
+def tiny_components():
+    return _helpers_sample.tiny_components()
+
+
+PROMPTS = ["a red circle at the top left", "a blue square"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tiny = pytest.importorskip("wadi_cli.tiny", reason="wadi_cli.tiny is not there yet")
+    return tiny.build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def t5(tokenizer):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    cfg = T5Config(
+        vocab_size=len(tokenizer.get_vocab()), d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2
+    )
+    return T5EncoderModel(cfg).eval()
+
+
+@torch.no_grad()
+def test_clip_encoding_matches_reference(tiny_components):
+    tok, te = tiny_components["tokenizer"], tiny_components["text_encoder"]
+    enc = PromptEncoder(tok, te, "clip")
+    cond = enc(PROMPTS)
+    ids = tok(
+        PROMPTS, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+    )
+    ref = te(ids.input_ids)[0]
+    assert cond.mask is None
+    torch.testing.assert_close(cond.embeds, ref)
+    # ∅ goes through the very same path
+    empty = enc.empty(3)
+    ref_empty = te(
+        tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    )[0]
+    assert empty.embeds.shape[0] == 3 and empty.mask is None
+    torch.testing.assert_close(empty.embeds, ref_empty.expand(3, -1, -1))
+
+
+@torch.no_grad()
+def test_t5_mask_used_for_prompts_and_empty(tokenizer, t5):
+    enc = PromptEncoder(tokenizer, t5, "t5", max_length=12)
+    cond = enc(PROMPTS)
+    toks = tokenizer(PROMPTS, padding="max_length", max_length=12, truncation=True, return_tensors="pt")
+    torch.testing.assert_close(cond.mask, toks.attention_mask)
+    torch.testing.assert_close(cond.embeds, t5(toks.input_ids, attention_mask=toks.attention_mask)[0])
+    unmasked = t5(toks.input_ids)[0]
+    assert not torch.allclose(cond.embeds, unmasked)  # the mask matters, so the test can fail
+    empty = enc.empty(2)
+    etoks = tokenizer([""], padding="max_length", max_length=12, return_tensors="pt")
+    assert empty.mask is not None and int(empty.mask[0].sum()) == int(etoks.attention_mask.sum()) < 12
+    torch.testing.assert_close(
+        empty.embeds[0], t5(etoks.input_ids, attention_mask=etoks.attention_mask)[0][0]
+    )
+
+
+def test_condition_cat_and_index():
+    a = TextCondition(torch.zeros(2, 3, 4), torch.ones(2, 3, dtype=torch.long))
+    b = TextCondition(torch.ones(1, 3, 4), torch.zeros(1, 3, dtype=torch.long))
+    c = TextCondition.cat([a, b])
+    assert len(c) == 3 and c.mask.tolist()[2] == [0, 0, 0]
+    assert torch.equal(c.index([2]).embeds, b.embeds)
+    with pytest.raises(ValueError):
+        TextCondition.cat([a, TextCondition(torch.zeros(1, 3, 4))])
+
+
+def test_bad_inputs(tiny_components):
+    with pytest.raises(BadInputError):
+        PromptEncoder(tiny_components["tokenizer"], tiny_components["text_encoder"], "bert")
+    enc = PromptEncoder(tiny_components["tokenizer"], tiny_components["text_encoder"], "clip")
+    with pytest.raises(BadInputError):
+        enc([])
