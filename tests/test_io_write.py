@@ -21,7 +21,7 @@ from wadi_cli.io import (
     save_safetensors,
     write_text_atomic,
 )
-from wadi_cli.io import writers as writers_mod
+from wadi_cli.io import safetensors_writer
 
 
 def _leftovers(folder):
@@ -59,7 +59,7 @@ def test_save_failure_leaves_old_file_and_no_temp(tmp_path, monkeypatch, error):
             fh.write(b"partial")
         raise error
 
-    monkeypatch.setattr(writers_mod, "save_file", crash)
+    monkeypatch.setattr(safetensors_writer, "save_file", crash)
     with pytest.raises(WriteError, match="cannot write .*w.safetensors: No space left on device$"):
         save_safetensors({"a": torch.zeros(2)}, dest)
     assert torch.equal(load_state_dict(dest)["a"], torch.ones(2))
@@ -141,7 +141,7 @@ def test_check_writable_read_only_folder(tmp_path):
     ro.mkdir()
     ro.chmod(0o500)
     try:
-        with pytest.raises(BadInputError, match="not writable"):
+        with pytest.raises(WriteError, match="not writable"):
             check_writable(ro / "w.safetensors")
     finally:
         ro.chmod(0o700)
@@ -184,7 +184,7 @@ def test_check_writable_folder_on_a_read_only_file_system(tmp_path, monkeypatch)
     monkeypatch.setattr(os, "open", refusing_open)
     monkeypatch.setattr(os, "mkdir", refusing_mkdir)
     monkeypatch.setattr(os, "replace", refusing_replace)
-    with pytest.raises(BadInputError, match="not writable .*Read-only file system") as info:
+    with pytest.raises(WriteError, match="not writable .*Read-only file system") as info:
         check_writable(ro / "w.safetensors")
     assert "\n" not in str(info.value)
     with pytest.raises(WriteError, match="Read-only file system") as info:

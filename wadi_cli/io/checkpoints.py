@@ -29,9 +29,9 @@ import torch
 
 from wadi_cli.errors import CheckpointError
 from wadi_cli.io.hub import looks_like_repo_id, resolve_model
+from wadi_cli.io.metadata import ALPHA_BAR_T_METADATA
 from wadi_cli.io.sd_single_file import is_ldm_checkpoint, ldm_unet_table
 from wadi_cli.io.sources import DictStore, SafetensorsStore, Store, TensorSource, require_tensors
-from wadi_cli.io.writers import ALPHA_BAR_T_METADATA
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 DENOISERS = ("unet", "transformer")

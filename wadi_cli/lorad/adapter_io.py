@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from wadi_cli.errors import BadInputError, MismatchError
 from wadi_cli.io import open_checkpoint, provenance_metadata, require_finite, save_safetensors
+from wadi_cli.io.metadata import ALPHA_BAR_T_METADATA
 from wadi_cli.io.tensor_map import Tensors, as_tensor_map, preview
-from wadi_cli.io.writers import ALPHA_BAR_T_METADATA
 from wadi_cli.lorad.config import LoRaDConfig
 from wadi_cli.lorad.layer import lorad_theta, rotate_weight
 from wadi_cli.lorad.model import A_SUFFIX, B_SUFFIX, inject_lorad, load_adapter_state_dict, remove_lorad
