@@ -18,10 +18,10 @@ from wadi_cli.io import (
     check_writable,
     load_state_dict,
     provenance_metadata,
+    safetensors_writer,
     save_safetensors,
     write_text_atomic,
 )
-from wadi_cli.io import safetensors_writer
 
 
 def _leftovers(folder):
@@ -227,3 +227,27 @@ def test_write_text_atomic_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
         write_text_atomic(target, "third\n")
     monkeypatch.undo()
     assert target.read_text() == "second\n" and _leftovers(tmp_path) == []
+
+
+def test_safetensors_metadata_is_written_sorted_so_reruns_are_byte_identical(tmp_path):
+    """safetensors orders ``__metadata__`` by a per-process hash map; wadi rewrites the
+    header sorted, so the same tensors and metadata give the same bytes whatever the order
+    the keys were given in (the two-process check is ``test_reproducible_outputs.py``)."""
+    import struct
+
+    from safetensors.torch import load_file
+
+    tensors = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3, dtype=torch.float16)}
+    keys = [f"k{i:02d}" for i in range(40)]
+    meta = {k: f"value é {k}" for k in keys}
+    a = save_safetensors(tensors, tmp_path / "a.safetensors", meta)
+    b = save_safetensors(tensors, tmp_path / "b.safetensors", dict(reversed(list(meta.items()))))
+    assert a.read_bytes() == b.read_bytes()
+    raw = a.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    assert list(json.loads(raw[8 : 8 + n])["__metadata__"]) == keys
+    assert (8 + n) % 8 == 0
+    got = load_file(a)
+    assert all(torch.equal(got[k], v) for k, v in tensors.items())
+    with safe_open(str(a), framework="pt") as f:
+        assert f.metadata() == meta
