@@ -225,6 +225,8 @@ def test_quantised_weights_are_analysed_with_one_warning_saying_what_the_numbers
         result = analyze_sources(DictSource(teacher), DictSource(codes))
         analyze_sources(DictSource(teacher), DictSource(teacher))
     said = [str(w.message) for w in caught if issubclass(w.category, WadiWarning)]
-    assert len(said) == 1 and said[0].startswith("2 of the 3 paired student matrices are stored quantised (int8)")
+    assert len(said) == 1 and said[0].startswith(
+        "2 of the 3 paired student matrices are stored quantised (int8)"
+    )
     assert "not the weights" in said[0]
     assert len(result.layers) == 3

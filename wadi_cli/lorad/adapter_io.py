@@ -261,6 +261,9 @@ def merge_adapter_file(
     tensors, config = load_adapter(adapter)
     with open_checkpoint(adapter) as src:
         alpha = src.metadata().get(ALPHA_BAR_T_METADATA)
+    from wadi_cli.lorad.merge_checks import warn_if_absurd
+
+    warn_if_absurd(tensors, str(adapter))
     base_path = Path(base)
     if base_path.exists() and out_path.exists() and out_path.resolve() == base_path.resolve():
         raise BadInputError("--out must differ from the base checkpoint it is read from")
