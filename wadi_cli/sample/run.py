@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from wadi_cli.errors import BadInputError
+from wadi_cli.io.paths import input_path_problem
 from wadi_cli.machine import resolve_device
 from wadi_cli.sample.config import SampleConfig, alpha_bar_T_warning, read_prompts, resolve_dtype
 from wadi_cli.sample.generate import generate
@@ -50,8 +51,8 @@ def sample_to_folder(
     if num_images < 1:
         raise BadInputError(f"--num-images must be at least 1, got {num_images}")
     out_path = check_output_dir(out)
-    if weights is not None and not Path(weights).expanduser().exists():
-        raise BadInputError(f"--weights {weights}: no such file or directory")
+    if weights is not None and input_path_problem(Path(weights).expanduser()):
+        raise BadInputError(f"--weights {weights}: {input_path_problem(Path(weights).expanduser())}")
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev, spec.family)
     pipe = load_pipeline(
