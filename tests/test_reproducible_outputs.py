@@ -3,8 +3,9 @@ each output format is written twice, by two fresh interpreters (their hash seeds
 the order of any hash map, differ), and the sha256 of every file compared.
 
 Formats: ``export`` merged, adapter, diffusers and single-file; ``merge`` (merged and
-single-file); ``swap``; ``sample`` (PNGs and ``samples.json``; the time it took goes to
-``timings.json``, the one file allowed to differ). Slow: two interpreters, ~1 min.
+single-file); ``swap``; ``sample`` (PNGs and ``samples.json``) and ``analyze --out`` (tables,
+``spectra.npz``, plots); the time a command took goes to ``timings.json``, the one file
+allowed to differ. Slow: two interpreters, ~1 min.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def commands(i: dict, out: Path) -> dict[str, tuple[list[str], Path]]:
     """format -> (wadi arguments, what it writes) with every output under ``out``."""
     tiny_run, sd15_run, root = i["root"] / "tiny-run", i["root"] / "sd15-run", i["root"]
     base = i["pipe"] / "unet" / "diffusion_pytorch_model.safetensors"
-    o = {k: out / k for k in ("merged", "adapter", "diffusers", "single-file", "swap", "merge")}
+    o = {k: out / k for k in ("merged", "adapter", "diffusers", "single-file", "swap", "merge", "analyze")}
     o.update({"merge single-file": out / "merge-single", "sample": out / "sample"})
     cases = {
         "merged": ["export", tiny_run, "-f", "merged", "--out", o["merged"]],
@@ -97,6 +98,7 @@ def commands(i: dict, out: Path) -> dict[str, tuple[list[str], Path]]:
         "merge single-file": ["merge", hubh.SD15, root / "sd15-adapter.safetensors", "-f", "single-file",
                               "--out", o["merge single-file"]],
         "swap": ["swap", base, root / "merged.safetensors", "--keep", "direction", "--out", o["swap"]],
+        "analyze": ["analyze", base, root / "merged.safetensors", "--out", o["analyze"]],
         "sample": ["sample", "a red circle", "-b", "tiny", "--model", i["pipe"], "--weights",
                    root / "adapter.safetensors", "-n", "3", "--device", "cpu", "--out", o["sample"]],
     }  # fmt: skip
