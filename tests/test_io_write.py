@@ -251,3 +251,39 @@ def test_safetensors_metadata_is_written_sorted_so_reruns_are_byte_identical(tmp
     assert all(torch.equal(got[k], v) for k, v in tensors.items())
     with safe_open(str(a), framework="pt") as f:
         assert f.metadata() == meta
+
+
+def test_any_writer_clears_every_stale_temporary_in_its_folder_and_says_so(tmp_path):
+    """A killed writer's temporary of ``a.safetensors`` is removed by a write of
+    ``b.txt`` in the same folder (one note naming it); a live writer's temporary, and a
+    young one from another host, stay; another host's day-old one goes."""
+    import subprocess
+    import sys
+    import time
+    import warnings
+
+    from wadi_cli.errors import WadiNote
+    from wadi_cli.io.stale_temps import FOREIGN_STALE_AGE_S, host_name
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = host_name()
+    gone = tmp_path / f".a.safetensors.wadi-{host}-{dead.pid}.k3j4h5g6.tmp"
+    gone.mkdir()
+    (gone / "a.safetensors").write_bytes(b"x" * 1000)
+    live = tmp_path / f".c.safetensors.wadi-{host}-{os.getpid()}.aaaaaaaa.tmp"
+    live.mkdir()
+    young = tmp_path / ".d.txt.wadi-otherhost-1.bbbbbbbb.tmp"
+    old = tmp_path / ".e.txt.wadi-otherhost-1.cccccccc.tmp"
+    young.write_text("y")
+    old.write_text("o")
+    past = time.time() - FOREIGN_STALE_AGE_S - 60
+    os.utime(old, (past, past))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        write_text_atomic(tmp_path / "b.txt", "hello")
+        write_text_atomic(tmp_path / "b2.txt", "again")  # nothing left to say
+    notes = [str(w.message) for w in caught if issubclass(w.category, WadiNote)]
+    assert len(notes) == 1 and gone.name in notes[0] and old.name in notes[0], notes
+    assert "2 temporaries" in notes[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["b.txt", "b2.txt", live.name, young.name])
