@@ -77,8 +77,8 @@ SLOTS: dict[tuple[str, str], tuple[str, list[str]]] = {
                                     *OUT]),
     ("distill", "--model"): ("model", ["distill", "--model", "{bad}", *ONE_STEP]),
     ("info", "--backbone"): ("flags", ["info", "--backbone", "{bad}"]),
-    ("analyze", "TEACHER"): ("weights", ["analyze", "{bad}", "{merged}"]),
-    ("analyze", "STUDENT"): ("weights", ["analyze", "{base}", "{bad}"]),
+    ("analyze", "TEACHER"): ("analyze-weights", ["analyze", "{bad}", "{merged}"]),
+    ("analyze", "STUDENT"): ("analyze-weights", ["analyze", "{base}", "{bad}"]),
     ("analyze", "STUDENT quantised"): ("quantised", ["analyze", "{base}", "{bad}"]),
     ("merge", "ADAPTER mis-scaled"): ("mis-scaled", ["merge", "{base}", "{bad}", *OUT]),
 }  # fmt: skip
@@ -113,13 +113,13 @@ KINDS: dict[str, list[str]] = {
         "pipeline with a truncated U-Net", "symlink loop",
     ],
     "flags": ["unknown backbone"],
+    "analyze-weights": ["unreadable", "FIFO", "symlink loop"],  # the others: analysis/bad_input
     "quantised": ["int8 weights"],
     "mis-scaled": ["B scaled by 1e30"],
 }  # fmt: skip
 
 #: (command, slot, kind) accepted by design (see the module docstring)
 ACCEPTED = {("swap", s, k) for s in ("TEACHER", "STUDENT") for k in ("NaN weights", "Inf weights")}
-ACCEPTED |= {("analyze", s, k) for s in ("TEACHER", "STUDENT") for k in ("NaN weights", "Inf weights")}
 ACCEPTED |= {
     ("analyze", "STUDENT quantised", "int8 weights"),
     ("merge", "ADAPTER mis-scaled", "B scaled by 1e30"),
@@ -436,6 +436,8 @@ def build_corpus(root: Path, pipe: Path) -> Corpus:
         for kind, path in make(c, folder).items():
             c.files[(family, kind)] = path
     c.files[("flags", "unknown backbone")] = Path("sd99")
+    for kind in KINDS["analyze-weights"]:
+        c.files[("analyze-weights", kind)] = c.files[("weights", kind)]
     if not ROOT_SIMULATES_UNREADABLE:
         for path in c.unreadable:
             path.chmod(0)
