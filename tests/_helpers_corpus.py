@@ -556,17 +556,19 @@ def run_case(c: Corpus, case: Case, workdir: Path) -> Result:
     try:
         with unreadable(c.unreadable):
             result = CliRunner().invoke(app, args)
+            exit_code, stderr_text, stdout = result.exit_code, result.stderr, result.stdout
+            del result  # its exception chain holds the objects the command left behind
             gc.collect()  # a half-built reader's __del__ runs here, as it would at exit
     finally:
         sys.unraisablehook = hook
-    stderr = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    stderr = [ln for ln in stderr_text.splitlines() if ln.strip()]
     written = sorted(p.name for p in workdir.iterdir()) if workdir.is_dir() else []
     return Result(
         case=case,
         args=args,
-        exit_code=result.exit_code,
+        exit_code=exit_code,
         stderr_lines=stderr,
-        stdout=result.stdout,
+        stdout=stdout,
         out_written=written,
         input_changed=before is not None and _snapshot(bad) != before,
         payload_ran=c.marker.exists(),
