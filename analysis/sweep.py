@@ -334,7 +334,7 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 def append_rows(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
     """Add ``rows`` to the CSV at ``path`` (rewritten atomically, header first)."""
-    from wadi_cli.io.writers import write_text_atomic
+    from wadi_cli.io.atomic import write_text_atomic
 
     old = read_rows(path)
     if old and list(old[0]) != columns:
@@ -422,7 +422,7 @@ def markdown(sweep: Sweep) -> str:
 
 def write_table(sweep: Sweep) -> None:
     """Rewrite the sweep's Markdown table from its CSVs."""
-    from wadi_cli.io.writers import write_text_atomic
+    from wadi_cli.io.atomic import write_text_atomic
 
     write_text_atomic(sweep.table, markdown(sweep))
 

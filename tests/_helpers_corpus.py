@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import gc
 import io
 import json
 import os
@@ -25,6 +26,7 @@ import pickle
 import random
 import shutil
 import struct
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +77,10 @@ SLOTS: dict[tuple[str, str], tuple[str, list[str]]] = {
                                     *OUT]),
     ("distill", "--model"): ("model", ["distill", "--model", "{bad}", *ONE_STEP]),
     ("info", "--backbone"): ("flags", ["info", "--backbone", "{bad}"]),
+    ("analyze", "TEACHER"): ("analyze-weights", ["analyze", "{bad}", "{merged}"]),
+    ("analyze", "STUDENT"): ("analyze-weights", ["analyze", "{base}", "{bad}"]),
+    ("analyze", "STUDENT quantised"): ("quantised", ["analyze", "{base}", "{bad}"]),
+    ("merge", "ADAPTER mis-scaled"): ("mis-scaled", ["merge", "{base}", "{bad}", *OUT]),
 }  # fmt: skip
 
 
@@ -85,6 +91,7 @@ KINDS: dict[str, list[str]] = {
         "huge header length", "random bytes", "pickle renamed .safetensors", "malicious .ckpt",
         "malicious .bin", "adapter shapes do not fit", "adapter rank mismatch", "adapter for sd15",
         "NaN adapter", "NaN weights", "Inf weights", "directory", "does not exist", "unreadable",
+        "FIFO", "symlink loop",
     ],
     "run": [
         "run without checkpoints", "checkpoint truncated", "checkpoint state corrupt",
@@ -94,7 +101,7 @@ KINDS: dict[str, list[str]] = {
     "prompts": [
         "empty file", "whitespace only", "latin-1 .txt", "UTF-16 .csv", "csv without the column",
         "jsonl without the key", "jsonl not JSON", "jsonl nested 100k deep", "junk .parquet",
-        "unsupported suffix", "directory", "does not exist", "unreadable",
+        "unsupported suffix", "directory", "does not exist", "unreadable", "FIFO", "symlink loop",
     ],
     "config": [
         "unknown key", "wrong type", "boolean for an integer", "value out of range", "YAML syntax error",
@@ -103,13 +110,31 @@ KINDS: dict[str, list[str]] = {
     ],
     "model": [
         "does not exist", "a file", "folder without model_index.json", "pipeline with a malicious .bin",
-        "pipeline with a truncated U-Net",
+        "pipeline with a truncated U-Net", "symlink loop",
     ],
     "flags": ["unknown backbone"],
+    "analyze-weights": ["unreadable", "FIFO", "symlink loop"],  # the others: analysis/bad_input
+    "quantised": ["int8 weights"],
+    "mis-scaled": ["B scaled by 1e30"],
 }  # fmt: skip
 
 #: (command, slot, kind) accepted by design (see the module docstring)
 ACCEPTED = {("swap", s, k) for s in ("TEACHER", "STUDENT") for k in ("NaN weights", "Inf weights")}
+ACCEPTED |= {
+    ("analyze", "STUDENT quantised", "int8 weights"),
+    ("merge", "ADAPTER mis-scaled", "B scaled by 1e30"),
+}
+
+#: kind -> what its one stderr line must say (an accepted kind: its one ``warning:`` line)
+SAYS: dict[str, str] = {
+    "FIFO": "is a FIFO (named pipe)",
+    "symlink loop": "symbolic link loop",
+    "malicious .ckpt": "holds pickled Python code",
+    "malicious .bin": "holds pickled Python code",
+    "unreadable": "Permission denied",
+    "int8 weights": "are stored quantised (int8)",
+    "B scaled by 1e30": "warning: ",
+}
 
 
 @dataclass(frozen=True)
@@ -229,7 +254,36 @@ def _weights_files(c: Corpus, d: Path) -> dict[str, Path]:
     f["does not exist"] = d / "missing.safetensors"
     put("unreadable", "unreadable.safetensors", adapter)
     c.unreadable.add(f["unreadable"])
+    f.update(_special_files(d, ".safetensors"))
     return f
+
+
+def _special_files(d: Path, suffix: str) -> dict[str, Path]:
+    """A FIFO (opening it for reading would wait for a writer forever) and two symbolic
+    links pointing at each other."""
+    fifo, a, b = d / f"fifo{suffix}", d / f"loop-a{suffix}", d / f"loop-b{suffix}"
+    os.mkfifo(fifo)
+    a.symlink_to(b.name)
+    b.symlink_to(a.name)
+    return {"FIFO": fifo, "symlink loop": a}
+
+
+def _quantised_files(c: Corpus, d: Path) -> dict[str, Path]:
+    """The base U-Net with its weight matrices stored as int8 codes (per-tensor absmax)."""
+    tensors, meta = _tensors(c.base)
+    for k, v in tensors.items():
+        if k.endswith(".weight") and v.dim() >= 2:
+            tensors[k] = (v / v.abs().max().clamp_min(1e-12) * 127).round().to(torch.int8)
+    save_file(tensors, str(d / "int8.safetensors"), metadata=meta)
+    return {"int8 weights": d / "int8.safetensors"}
+
+
+def _mis_scaled_files(c: Corpus, d: Path) -> dict[str, Path]:
+    """The adapter with every B factor multiplied by 1e30 (finite, absurd)."""
+    tensors, meta = _tensors(c.adapter)
+    tensors = {k: v * 1e30 if k.endswith(".lorad_B") else v for k, v in tensors.items()}
+    save_file(tensors, str(d / "mis-scaled.safetensors"), metadata=meta)
+    return {"B scaled by 1e30": d / "mis-scaled.safetensors"}
 
 
 def _run_copy(c: Corpus, d: Path, name: str) -> tuple[Path, Path]:
@@ -292,6 +346,7 @@ def _prompt_files(c: Corpus, d: Path) -> dict[str, Path]:
     f["does not exist"] = d / "missing.txt"
     put("unreadable", "unreadable.txt", b"a red circle at the top left\n")
     c.unreadable.add(f["unreadable"])
+    f.update(_special_files(d, ".txt"))
     return f
 
 
@@ -338,6 +393,10 @@ def _model_files(c: Corpus, d: Path) -> dict[str, Path]:
     raw = weights.read_bytes()
     weights.write_bytes(raw[: len(raw) // 2])
     f["pipeline with a truncated U-Net"] = cut
+    loop_a, loop_b = d / "loop-a-pipeline", d / "loop-b-pipeline"
+    loop_a.symlink_to(loop_b.name)
+    loop_b.symlink_to(loop_a.name)
+    f["symlink loop"] = loop_a
     return f
 
 
@@ -369,13 +428,16 @@ def build_corpus(root: Path, pipe: Path) -> Corpus:
         marker=root / "PAYLOAD-RAN",
     )
     makers = {"weights": _weights_files, "run": _run_files, "prompts": _prompt_files}
-    makers.update(config=_config_files, model=_model_files)
+    makers.update(config=_config_files, model=_model_files, quantised=_quantised_files)
+    makers["mis-scaled"] = _mis_scaled_files
     for family, make in makers.items():
         folder = root / f"bad-{family}"
         folder.mkdir()
         for kind, path in make(c, folder).items():
             c.files[(family, kind)] = path
     c.files[("flags", "unknown backbone")] = Path("sd99")
+    for kind in KINDS["analyze-weights"]:
+        c.files[("analyze-weights", kind)] = c.files[("weights", kind)]
     if not ROOT_SIMULATES_UNREADABLE:
         for path in c.unreadable:
             path.chmod(0)
@@ -405,11 +467,18 @@ def unreadable(paths: set[Path]) -> Iterator[None]:
         check(path)
         return real_os_open(path, *args, **kwargs)
 
-    builtins.open, io.open, os.open = guarded_open, guarded_open, guarded_os_open
+    real_access = os.access
+
+    def guarded_access(path, mode, *args, **kwargs):  # what Click's readability check asks
+        if isinstance(path, str | os.PathLike) and os.path.abspath(os.fspath(path)) in denied:
+            return not mode & (os.R_OK | os.W_OK)
+        return real_access(path, mode, *args, **kwargs)
+
+    builtins.open, io.open, os.open, os.access = guarded_open, guarded_open, guarded_os_open, guarded_access
     try:
         yield
     finally:
-        builtins.open, io.open, os.open = real_open, real_open, real_os_open
+        builtins.open, io.open, os.open, os.access = real_open, real_open, real_os_open, real_access
 
 
 @dataclass
@@ -422,6 +491,7 @@ class Result:
     out_written: list[str]
     input_changed: bool
     payload_ran: bool
+    unraisable: list[str] = field(default_factory=list)  # what Python would print as "Exception ignored"
 
     @property
     def message(self) -> str:
@@ -432,6 +502,11 @@ class Result:
         bad = []
         if self.payload_ran:
             bad.append("code from the file ran")
+        if self.unraisable:
+            bad.append(f"'Exception ignored' on stderr: {self.unraisable}")
+        says = SAYS.get(self.case.kind)
+        if says and (len(self.stderr_lines) != 1 or says not in self.message):
+            bad.append(f"stderr is not one line saying {says!r}: {self.stderr_lines!r}")
         if self.case.accepted:
             if self.exit_code != 0:
                 bad.append(f"exit {self.exit_code} for an accepted input")
@@ -473,17 +548,29 @@ def run_case(c: Corpus, case: Case, workdir: Path) -> Result:
         inner = sorted((bad / "checkpoints").iterdir()) if (bad / "checkpoints").is_dir() else []
         args[args.index(str(bad))] = str(inner[-1] if inner else bad)
     before = _snapshot(bad) if family == "run" else None
-    with unreadable(c.unreadable):
-        result = CliRunner().invoke(app, args)
-    stderr = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    ignored: list[str] = []
+    hook, sys.unraisablehook = (
+        sys.unraisablehook,
+        lambda u: ignored.append(f"{u.exc_type.__name__}: {u.exc_value}"),
+    )
+    try:
+        with unreadable(c.unreadable):
+            result = CliRunner().invoke(app, args)
+            exit_code, stderr_text, stdout = result.exit_code, result.stderr, result.stdout
+            del result  # its exception chain holds the objects the command left behind
+            gc.collect()  # a half-built reader's __del__ runs here, as it would at exit
+    finally:
+        sys.unraisablehook = hook
+    stderr = [ln for ln in stderr_text.splitlines() if ln.strip()]
     written = sorted(p.name for p in workdir.iterdir()) if workdir.is_dir() else []
     return Result(
         case=case,
         args=args,
-        exit_code=result.exit_code,
+        exit_code=exit_code,
         stderr_lines=stderr,
-        stdout=result.stdout,
+        stdout=stdout,
         out_written=written,
         input_changed=before is not None and _snapshot(bad) != before,
         payload_ran=c.marker.exists(),
+        unraisable=ignored,
     )

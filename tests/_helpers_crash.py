@@ -426,12 +426,18 @@ def _content(path: Path) -> object:
         return data
 
 
+#: files whose content differs from run to run by design (wall-clock time)
+TIMINGS = "timings.json"
+
+
 def tree(path: Path) -> dict[str, object] | object | None:
-    """A file's content, a folder's {relative path: content}, or None if absent."""
+    """A file's content, a folder's {relative path: content} (without its ``timings.json``),
+    or None if absent."""
     if path.is_file():
         return _content(path)
     if path.is_dir():
-        return {str(p.relative_to(path)): _content(p) for p in sorted(path.rglob("*")) if p.is_file()}
+        files = [p for p in sorted(path.rglob("*")) if p.is_file() and p.name != TIMINGS]
+        return {str(p.relative_to(path)): _content(p) for p in files}
     return None
 
 
@@ -446,6 +452,8 @@ class WriterStats:
     old: int = 0  # the target held its previous content after the kill
     new: int = 0  # the target held the complete new content
     inside_write: int = 0  # kills while the temporary copy existed
+    swept: int = 0  # kills whose leftovers the next writer in the folder removed (and said so)
+    left_after_sweep: int = 0  # files left in the folder after that writer ran (must stay 0)
 
 
 def kill_writer(
@@ -458,12 +466,17 @@ def kill_writer(
     seed: int = 0,
     est_seconds: float = 2.0,
     pause: float = 0.3,
+    sweeper: list[str] | None = None,
 ) -> WriterStats:
     """Kill a command that writes ``target`` ``kills`` times (even kills inside the write:
     its complete temporary copy exists, not yet renamed; odd kills at a random moment),
     ``restore()`` putting the previous content back before each start; then run it to the
     end. After every kill the target must be exactly the previous content or exactly what
-    the finished command writes, and nothing temporary may be left."""
+    the finished command writes, and nothing temporary may be left.
+
+    ``sweeper``: another writer's command line with its output in the same folder, run to
+    the end after every kill: it must remove what the killed writer left (and say so in a
+    ``note:`` line), leaving no hidden file in the folder."""
     rng = random.Random(seed)
     stats = WriterStats()
     env = {PAUSE_ENV: str(pause)}
@@ -487,6 +500,14 @@ def kill_writer(
         stats.kills += killed
         stats.inside_write += killed and bool(temp_siblings(target))
         seen.append(tree(target))
+        if sweeper is not None and killed:
+            left = temp_siblings(target)
+            said = run_to_end(launcher, sweeper)
+            after = leftovers(target.parent)
+            stats.left_after_sweep += len(after)
+            if left:
+                assert "removed" in said and all(n in " ".join(said.split()) for n in left), said[-2000:]
+                stats.swept += 1
     old = restore()
     run_to_end(launcher, args)
     new = tree(target)

@@ -145,7 +145,7 @@ MUTATIONS: tuple[Mutation, ...] = (
       "all_ok = np.logical_or.reduce(list(match.values()))",
       ("tests/cli/test_eval.py::test_eval_scores_planted_images",)),
     M("writability-probe-elsewhere", "the writability probe writes in the temp folder, not the destination",
-      "wadi_cli/io/writers.py", 'fd, probe = tempfile.mkstemp(prefix=".wadi-probe.", dir=probe_dir)',
+      "wadi_cli/io/output_dirs.py", 'fd, probe = tempfile.mkstemp(prefix=".wadi-probe.", dir=probe_dir)',
       'fd, probe = tempfile.mkstemp(prefix=".wadi-probe.")',
       ("tests/io/test_writers.py::test_check_writable_folder_on_a_read_only_file_system",)),
     # ---- what the outputs say -------------------------------------------------------------------

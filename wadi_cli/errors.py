@@ -35,3 +35,21 @@ class HubError(WadiError):
     """A model could not be fetched from the Hugging Face hub (offline, missing repo)."""
 
     exit_code = 3
+
+
+class WadiWarning(UserWarning):
+    """Something a user should know although the command goes on (a quantised checkpoint,
+    a truncated prompt, an absurd adapter scale). The library emits it with
+    :func:`warnings.warn`; the CLI prints it as one yellow ``warning:`` line on stderr."""
+
+
+class WadiNote(WadiWarning):
+    """A line of information about what wadi did on its own (e.g. which temporaries of a
+    killed wadi process it removed); the CLI prints it as one ``note:`` line."""
+
+
+def warn(message: str, category: type[WadiWarning] = WadiWarning) -> None:
+    """Emit ``message`` as a :class:`WadiWarning` (or ``category``) from the caller's line."""
+    import warnings
+
+    warnings.warn(message, category, stacklevel=3)

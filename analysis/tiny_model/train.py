@@ -462,7 +462,7 @@ def stage_vae(images, work: Path, force: bool) -> dict:
 def drop_source_paths(pipeline: Path) -> None:
     """Remove ``_name_or_path`` (the folder a component was loaded from on the training machine)
     from the saved configs: the shipped files hold no machine paths, and diffusers sets it on load."""
-    from wadi_cli.io.writers import write_text_atomic
+    from wadi_cli.io import write_text_atomic
 
     for cfg in sorted(Path(pipeline).glob("*/config.json")):
         data = json.loads(cfg.read_text())

@@ -205,3 +205,28 @@ def test_write_report(tmp_path):
     spectra = np.load(out / "spectra.npz", allow_pickle=False)
     assert sorted(spectra.files) == sorted(x.layer for x in res.layers)
     assert (out / "norm_vs_direction.png").stat().st_size > 10_000
+
+
+def test_quantised_weights_are_analysed_with_one_warning_saying_what_the_numbers_mean():
+    """int8 codes against float weights: the norm change is that of the codes (~100x here),
+    so the analysis runs and says, once, that the file is quantised and what that means."""
+    import warnings
+
+    from wadi_cli.analysis import analyze_sources
+    from wadi_cli.errors import WadiWarning
+    from wadi_cli.io.tensor_map import DictSource
+
+    g = torch.Generator().manual_seed(3)
+    teacher = {f"l{i}.weight": torch.randn(8, 6, generator=g) * 0.02 for i in range(3)}
+    codes = {k: (v / v.abs().max() * 127).round().to(torch.int8) for k, v in teacher.items()}
+    codes["l2.weight"] = teacher["l2.weight"].clone()  # one layer left in float
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = analyze_sources(DictSource(teacher), DictSource(codes))
+        analyze_sources(DictSource(teacher), DictSource(teacher))
+    said = [str(w.message) for w in caught if issubclass(w.category, WadiWarning)]
+    assert len(said) == 1 and said[0].startswith(
+        "2 of the 3 paired student matrices are stored quantised (int8)"
+    )
+    assert "not the weights" in said[0]
+    assert len(result.layers) == 3

@@ -90,3 +90,33 @@ def test_bad_inputs(tiny_components):
     enc = PromptEncoder(tiny_components["tokenizer"], tiny_components["text_encoder"], "clip")
     with pytest.raises(BadInputError):
         enc([])
+
+
+def test_a_prompt_over_the_token_limit_warns_once_with_its_count_and_encodes_as_the_whole(tiny_components):
+    """The encoder reads ``max_length`` tokens; a longer prompt says so once (with the count),
+    and a huge one is cut before tokenizing without changing what the encoder gets (the
+    reference: the tokenizer's own truncation of the whole text)."""
+    import warnings
+
+    from wadi_cli.errors import WadiWarning
+
+    tok, te = tiny_components["tokenizer"], tiny_components["text_encoder"]
+    enc = PromptEncoder(tok, te, "clip")
+    words = "a red circle at the top left and a blue square "
+    long, huge = words * 3, words * 20_000  # over the limit; ~1 MB
+    n_long = len(tok(long, truncation=False)["input_ids"])
+    assert n_long > enc.max_length
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        short = enc(["a red circle"])
+        got = enc([long, huge])
+        enc([long])
+    said = [str(w.message) for w in caught if issubclass(w.category, WadiWarning)]
+    assert said == [f"a prompt is {n_long} tokens; the text encoder reads only the first {enc.max_length} "
+                    "(the rest is ignored)"]  # fmt: skip
+    ids = tok([long, huge], padding="max_length", max_length=enc.max_length, truncation=True,
+              return_tensors="pt").input_ids  # fmt: skip
+    with torch.no_grad():
+        want = te(ids)[0]
+    assert torch.equal(got.embeds, want)
+    assert short.embeds.shape[0] == 1

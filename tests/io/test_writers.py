@@ -18,10 +18,10 @@ from wadi_cli.io import (
     check_writable,
     load_state_dict,
     provenance_metadata,
+    safetensors_writer,
     save_safetensors,
     write_text_atomic,
 )
-from wadi_cli.io import writers as writers_mod
 
 
 def _leftovers(folder):
@@ -59,7 +59,7 @@ def test_save_failure_leaves_old_file_and_no_temp(tmp_path, monkeypatch, error):
             fh.write(b"partial")
         raise error
 
-    monkeypatch.setattr(writers_mod, "save_file", crash)
+    monkeypatch.setattr(safetensors_writer, "save_file", crash)
     with pytest.raises(WriteError, match="cannot write .*w.safetensors: No space left on device$"):
         save_safetensors({"a": torch.zeros(2)}, dest)
     assert torch.equal(load_state_dict(dest)["a"], torch.ones(2))
@@ -141,7 +141,7 @@ def test_check_writable_read_only_folder(tmp_path):
     ro.mkdir()
     ro.chmod(0o500)
     try:
-        with pytest.raises(BadInputError, match="not writable"):
+        with pytest.raises(WriteError, match="not writable"):
             check_writable(ro / "w.safetensors")
     finally:
         ro.chmod(0o700)
@@ -184,7 +184,7 @@ def test_check_writable_folder_on_a_read_only_file_system(tmp_path, monkeypatch)
     monkeypatch.setattr(os, "open", refusing_open)
     monkeypatch.setattr(os, "mkdir", refusing_mkdir)
     monkeypatch.setattr(os, "replace", refusing_replace)
-    with pytest.raises(BadInputError, match="not writable .*Read-only file system") as info:
+    with pytest.raises(WriteError, match="not writable .*Read-only file system") as info:
         check_writable(ro / "w.safetensors")
     assert "\n" not in str(info.value)
     with pytest.raises(WriteError, match="Read-only file system") as info:
@@ -227,3 +227,63 @@ def test_write_text_atomic_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
         write_text_atomic(target, "third\n")
     monkeypatch.undo()
     assert target.read_text() == "second\n" and _leftovers(tmp_path) == []
+
+
+def test_safetensors_metadata_is_written_sorted_so_reruns_are_byte_identical(tmp_path):
+    """safetensors orders ``__metadata__`` by a per-process hash map; wadi rewrites the
+    header sorted, so the same tensors and metadata give the same bytes whatever the order
+    the keys were given in (the two-process check is ``test_reproducible_outputs.py``)."""
+    import struct
+
+    from safetensors.torch import load_file
+
+    tensors = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3, dtype=torch.float16)}
+    keys = [f"k{i:02d}" for i in range(40)]
+    meta = {k: f"value é {k}" for k in keys}
+    a = save_safetensors(tensors, tmp_path / "a.safetensors", meta)
+    b = save_safetensors(tensors, tmp_path / "b.safetensors", dict(reversed(list(meta.items()))))
+    assert a.read_bytes() == b.read_bytes()
+    raw = a.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    assert list(json.loads(raw[8 : 8 + n])["__metadata__"]) == keys
+    assert (8 + n) % 8 == 0
+    got = load_file(a)
+    assert all(torch.equal(got[k], v) for k, v in tensors.items())
+    with safe_open(str(a), framework="pt") as f:
+        assert f.metadata() == meta
+
+
+def test_any_writer_clears_every_stale_temporary_in_its_folder_and_says_so(tmp_path):
+    """A killed writer's temporary of ``a.safetensors`` is removed by a write of
+    ``b.txt`` in the same folder (one note naming it); a live writer's temporary, and a
+    young one from another host, stay; another host's day-old one goes."""
+    import subprocess
+    import sys
+    import time
+    import warnings
+
+    from wadi_cli.errors import WadiNote
+    from wadi_cli.io.stale_temps import FOREIGN_STALE_AGE_S, host_name
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = host_name()
+    gone = tmp_path / f".a.safetensors.wadi-{host}-{dead.pid}.k3j4h5g6.tmp"
+    gone.mkdir()
+    (gone / "a.safetensors").write_bytes(b"x" * 1000)
+    live = tmp_path / f".c.safetensors.wadi-{host}-{os.getpid()}.aaaaaaaa.tmp"
+    live.mkdir()
+    young = tmp_path / ".d.txt.wadi-otherhost-1.bbbbbbbb.tmp"
+    old = tmp_path / ".e.txt.wadi-otherhost-1.cccccccc.tmp"
+    young.write_text("y")
+    old.write_text("o")
+    past = time.time() - FOREIGN_STALE_AGE_S - 60
+    os.utime(old, (past, past))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        write_text_atomic(tmp_path / "b.txt", "hello")
+        write_text_atomic(tmp_path / "b2.txt", "again")  # nothing left to say
+    notes = [str(w.message) for w in caught if issubclass(w.category, WadiNote)]
+    assert len(notes) == 1 and gone.name in notes[0] and old.name in notes[0], notes
+    assert "2 temporaries" in notes[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["b.txt", "b2.txt", live.name, young.name])

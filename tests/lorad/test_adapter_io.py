@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -237,3 +238,41 @@ def test_apply_adapter_wraps_loads_and_merges():
     with pytest.raises(MismatchError):
         apply_adapter(wrong, tensors)
     assert type(wrong[2]) is nn.Linear  # rolled back
+
+
+def test_merge_warns_once_about_an_absurd_adapter_and_still_merges(tmp_path):
+    """B scaled by 1e30: finite angles of ~1e32 degrees, a finite merge (rotations keep
+    norms), one warning naming the threshold; the shipped student (largest angle 256°,
+    checked against the float64 angles A@B computed here) merges silently."""
+    import math
+    import warnings
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from wadi_cli.errors import WadiWarning
+    from wadi_cli.lorad import merge_adapter_file
+    from wadi_cli.lorad.merge_checks import ABSURD_ANGLE_DEG, largest_angles
+    from wadi_cli.tiny import TINY_PIPELINE_DIR
+    from wadi_cli.tiny import TINY_STUDENT_PATH as TINY_STUDENT
+
+    base = Path(TINY_PIPELINE_DIR) / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(TINY_STUDENT))
+    with safe_open(str(TINY_STUDENT), "pt") as f:
+        meta = f.metadata()
+    ref = max(
+        math.degrees(float((t.double() @ tensors[k[:-1] + "B"].double()).abs().max()))
+        for k, t in tensors.items()
+        if k.endswith(".lorad_A")
+    )
+    assert max(largest_angles(tensors).values()) == pytest.approx(ref, rel=1e-5)
+    assert ref < ABSURD_ANGLE_DEG
+    absurd = {k: v * 1e30 if k.endswith(".lorad_B") else v for k, v in tensors.items()}
+    save_file(absurd, str(tmp_path / "absurd.safetensors"), metadata=meta)
+    for adapter, expected in ((TINY_STUDENT, 0), (tmp_path / "absurd.safetensors", 1)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            merge_adapter_file(base, adapter, tmp_path / "m.safetensors", overwrite=True)
+        said = [str(w.message) for w in caught if issubclass(w.category, WadiWarning)]
+        assert len(said) == expected, said
+    assert "rotates weights by up to" in said[0] and "3600 degrees" in said[0]

@@ -37,7 +37,7 @@ def test_the_corpus_is_what_the_issue_asks_for():
     ]  # fmt: skip
     assert set(needed) <= kinds
     commands = {c.command for c in cases()}
-    assert commands == {"sample", "eval", "swap", "merge", "export", "distill", "info"}
+    assert commands == {"sample", "eval", "swap", "merge", "export", "distill", "info", "analyze"}
     assert {c.slot for c in cases() if c.command == "distill"} == {
         "--prompts", "--config", "--resume", "--model"
     }  # fmt: skip

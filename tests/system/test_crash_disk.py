@@ -27,7 +27,7 @@ from wadi_cli.cli.main import app
 from wadi_cli.distill import distill, list_checkpoints, load_checkpoint, resolve_config
 from wadi_cli.distill.run import config_for_run
 from wadi_cli.errors import WriteError
-from wadi_cli.io import writers
+from wadi_cli.io import atomic, safetensors_writer
 
 runner = CliRunner()
 ENOSPC = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
@@ -43,8 +43,9 @@ def _cfg(pipe_dir, **kw):
 
 
 def _fail_in(monkeypatch, name, predicate, error):
-    """Make ``writers.<name>`` raise ``error`` on calls whose first argument matches."""
-    real = getattr(writers if name == "save_file" else writers.tempfile, name)
+    """Make ``safetensors_writer.save_file`` or ``tempfile.<name>`` raise ``error`` on calls
+    whose first argument matches."""
+    real = getattr(safetensors_writer if name == "save_file" else atomic.tempfile, name)
 
     def failing(*args, **kwargs):
         target = kwargs.get("dir") if name == "mkdtemp" else args[1]
@@ -53,9 +54,9 @@ def _fail_in(monkeypatch, name, predicate, error):
         return real(*args, **kwargs)
 
     if name == "save_file":
-        monkeypatch.setattr(writers, "save_file", failing)
+        monkeypatch.setattr(safetensors_writer, "save_file", failing)
     else:
-        monkeypatch.setattr(writers.tempfile, name, failing)
+        monkeypatch.setattr(atomic.tempfile, name, failing)
 
 
 @pytest.mark.parametrize(
@@ -75,9 +76,9 @@ def test_a_checkpoint_that_cannot_be_written_stops_training_at_the_last_good_one
     else:  # the folder of the third checkpoint cannot even be created
         err = OSError(errno.EROFS, "Read-only file system")
         monkeypatch.setattr(
-            writers.tempfile,
+            atomic.tempfile,
             "mkdtemp",
-            _raising_for(writers.tempfile.mkdtemp, lambda kw: ".step-00000003." in kw.get("prefix", ""), err),
+            _raising_for(atomic.tempfile.mkdtemp, lambda kw: ".step-00000003." in kw.get("prefix", ""), err),
         )
     good = None
 
@@ -204,7 +205,7 @@ def test_exports_that_cannot_be_written_leave_the_old_output(
         _fail_in(monkeypatch, "save_file", lambda t, kw: True, ENOSPC)
         reason = "No space left on device"
     else:  # read-only at the final rename
-        real = writers.os.replace
+        real = atomic.os.replace
         err = OSError(errno.EROFS, "Read-only file system")
 
         def replace(src, dst, *a, **k):
@@ -212,8 +213,8 @@ def test_exports_that_cannot_be_written_leave_the_old_output(
                 raise err
             return real(src, dst, *a, **k)
 
-        monkeypatch.setattr(writers.os, "replace", replace)
-        monkeypatch.setattr(writers, "exchange_paths", lambda a, b: (_ for _ in ()).throw(err))
+        monkeypatch.setattr(atomic.os, "replace", replace)
+        monkeypatch.setattr(atomic, "exchange_paths", lambda a, b: (_ for _ in ()).throw(err))
         reason = "Read-only file system"
     result = runner.invoke(app, args)
     assert result.exit_code == 4, result.output
@@ -229,6 +230,6 @@ def test_torch_tensors_still_round_trip(tmp_path):
     from safetensors.torch import load_file
 
     t = {"a": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.int16), "c": torch.zeros(0)}
-    writers.save_safetensors(t, tmp_path / "x.safetensors")
+    safetensors_writer.save_safetensors(t, tmp_path / "x.safetensors")
     got = load_file(tmp_path / "x.safetensors")
     assert all(torch.equal(got[k], v) for k, v in t.items())

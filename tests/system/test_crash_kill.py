@@ -93,24 +93,38 @@ def test_sigterm_saves_at_a_step_boundary_and_the_resume_is_bit_exact(pipe_dir, 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory, pipe_dir):
     """A two-checkpoint run, its adapter and merged student, and the base U-Net file."""
+    from typer.testing import CliRunner
+
+    from wadi_cli.cli.main import app
     from wadi_cli.distill import distill, resolve_config
     from wadi_cli.distill.export import export_run
 
     root = tmp_path_factory.mktemp("outputs")
     over = dict(model=str(pipe_dir), batch_size=2, max_steps=2, checkpoint_every=1, device="cpu")
     over.update(regression_weight=0.0, validate_every=0, tensorboard=False)
+    base = pipe_dir / "unet" / "diffusion_pytorch_model.safetensors"
     with one_torch_thread():
         distill(resolve_config(overrides=over), root / "run")
         export_run(root / "run", "adapter", root / "adapter.safetensors")
         export_run(root / "run", "merged", root / "merged.safetensors")
         first = str(root / "run" / "checkpoints" / "step-00000001")
         export_run(root / "run", "diffusers", root / "old-pipeline", checkpoint=first)
+        for args in (  # earlier outputs of the folder writers (other inputs)
+            ["sample", "a blue square", "-b", "tiny", "--model", str(pipe_dir), "--teacher", "--steps", "1",
+             "--device", "cpu", "--out", str(root / "old-sample")],
+            ["analyze", str(base), str(root / "merged.safetensors"), "--filter", "attn1", "--out",
+             str(root / "old-analysis")],
+        ):  # fmt: skip
+            assert CliRunner().invoke(app, args).exit_code == 0, args
     return {
         "run": root / "run",
         "adapter": root / "adapter.safetensors",
         "merged": root / "merged.safetensors",
-        "base": pipe_dir / "unet" / "diffusion_pytorch_model.safetensors",
+        "base": base,
+        "pipe": pipe_dir,
         "old_pipeline": root / "old-pipeline",
+        "old_sample": root / "old-sample",
+        "old_analysis": root / "old-analysis",
     }
 
 
@@ -134,26 +148,47 @@ def _folder_restorer(target, old_folder):
 
 
 def writer_cases(o, tmp):
-    """(name, args, target, restore) of every command that writes a model file or folder."""
-    t = {k: tmp / f"{k}.safetensors" for k in ("export", "merge", "swap")}
-    folder = tmp / "pipeline"
+    """(name, args, target, restore) of every command that writes a model file or an output
+    folder, all writing into the one folder ``tmp``."""
+    t = {k: tmp / f"{k}.safetensors" for k in ("export", "adapter", "merge", "swap")}
+    folder, sample, analysis = tmp / "pipeline", tmp / "sample", tmp / "analysis"
+    tiny = ["-b", "tiny", "--model", str(o["pipe"]), "--device", "cpu"]
     return [
         ("export merged", ["export", str(o["run"]), "-f", "merged", "--out", str(t["export"]), "--overwrite"],
          t["export"], _file_restorer(t["export"], o["adapter"])),
+        ("export adapter", ["export", str(o["run"]), "-f", "adapter", "--out", str(t["adapter"]),
+                            "--overwrite"], t["adapter"], _file_restorer(t["adapter"], o["merged"])),
         ("export diffusers", ["export", str(o["run"]), "-f", "diffusers", "--out", str(folder)],
          folder, _folder_restorer(folder, o["old_pipeline"])),
         ("merge", ["merge", str(o["base"]), str(o["adapter"]), "--out", str(t["merge"]), "--overwrite"],
          t["merge"], _file_restorer(t["merge"], o["adapter"])),
         ("swap", ["swap", str(o["base"]), str(o["merged"]), "--keep", "direction", "--out", str(t["swap"]),
                   "--overwrite"], t["swap"], _file_restorer(t["swap"], o["adapter"])),
+        ("sample", ["sample", "a red circle", *tiny, "--weights", str(o["adapter"]), "-n", "2", "--out",
+                    str(sample)], sample, _folder_restorer(sample, o["old_sample"])),
+        ("analyze", ["analyze", str(o["base"]), str(o["merged"]), "--out", str(analysis)],
+         analysis, _folder_restorer(analysis, o["old_analysis"])),
     ]  # fmt: skip
 
 
+def sweepers(cases):
+    """For each writer, the next one (cyclically), writing an output of its own name
+    (``sweep-NAME``) in the same folder: it must clear what the killed writer left there."""
+    out = []
+    for i in range(len(cases)):
+        _, args, target, _ = cases[(i + 1) % len(cases)]
+        own = str(target.with_name(f"sweep-{target.name}"))
+        out.append([own if a == str(target) else a for a in args])
+    return out
+
+
 def test_export_merge_swap_killed_inside_the_write_leave_old_or_new(outputs, forked, tmp_path):
-    for name, args, target, restore in writer_cases(outputs, tmp_path):
-        stats = kill_writer(forked, args, target, restore, kills=1, pause=0.3)
+    cases = writer_cases(outputs, tmp_path)
+    for (name, args, target, restore), sweeper in zip(cases, sweepers(cases), strict=True):
+        stats = kill_writer(forked, args, target, restore, kills=1, pause=0.3, sweeper=sweeper)
         assert stats.kills == 1 and stats.inside_write == 1, (name, stats)
         assert stats.old == 1, (name, stats)  # killed before the rename: the old content, whole
+        assert stats.swept == 1 and stats.left_after_sweep == 0, (name, stats)  # another writer cleared it
 
 
 @pytest.mark.slow
@@ -180,13 +215,20 @@ def test_distill_kill_loop_in_fresh_interpreters(pipe_dir, tmp_path):
 
 @pytest.mark.slow
 def test_export_merge_swap_kill_loop_in_fresh_interpreters(outputs, tmp_path):
+    """Every writer killed 10 times (even kills inside its write window, odd ones at random
+    moments); after each kill the next writer in the folder runs and must leave no file of
+    the killed one behind."""
     launcher = SubprocessLauncher(tmp_path / "logs")
     found = {}
-    for name, args, target, restore in writer_cases(outputs, tmp_path):
-        stats = kill_writer(launcher, args, target, restore, kills=6, est_seconds=12.0, pause=0.5)
+    cases = writer_cases(outputs, tmp_path)
+    for (name, args, target, restore), sweeper in zip(cases, sweepers(cases), strict=True):
+        stats = kill_writer(
+            launcher, args, target, restore, kills=10, est_seconds=12.0, pause=0.5, sweeper=sweeper
+        )
         print(f"{name}: {stats}")
         found[name] = asdict(stats)
-        assert stats.kills >= 4 and stats.inside_write >= 3, (name, stats)
+        assert stats.kills >= 8 and stats.inside_write >= 5, (name, stats)
+        assert stats.swept >= 5 and stats.left_after_sweep == 0, (name, stats)
     _record("writers", found)
 
 

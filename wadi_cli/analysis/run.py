@@ -37,7 +37,7 @@ from wadi_cli.analysis.spectrum import (
     gram_of_smaller_side,
     spectrum_stats,
 )
-from wadi_cli.errors import BadInputError, MismatchError
+from wadi_cli.errors import BadInputError, MismatchError, warn
 from wadi_cli.io import open_checkpoint
 from wadi_cli.io.tensor_map import KeyDiff, TensorMap
 from wadi_cli.machine import resolve_device
@@ -185,6 +185,34 @@ def _spectrum_job(residual: torch.Tensor, method: str, defer_gram: bool = False)
     return lambda: eigvals_desc(g)
 
 
+#: storage dtypes that hold quantised integers (or 8-bit floats), not the weights' values
+QUANTISED_DTYPES = frozenset(
+    {torch.int8, torch.uint8}
+    | {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+       if hasattr(torch, n)}
+)  # fmt: skip
+
+
+def _warn_quantised(teacher: TensorMap, student: TensorMap, names: list[str]) -> None:
+    """One warning when paired weights are stored quantised: their norms and angles are those
+    of the stored codes (a scale kept elsewhere turns them into weights), so a norm change of
+    100x between an int8 and a float file says nothing about the model."""
+    for side, src in (("teacher", teacher), ("student", student)):
+        found = sorted({str(src.dtype(n)).replace("torch.", "") for n in names} & _names(QUANTISED_DTYPES))
+        if found:
+            hit = sum(str(src.dtype(n)).replace("torch.", "") in found for n in names)
+            kinds = ", ".join(found)
+            warn(
+                f"{hit} of the {len(names)} paired {side} matrices are stored quantised ({kinds}): "
+                "the numbers describe the stored integer codes, not the weights (their scales are kept "
+                "elsewhere); dequantise both checkpoints to float for a meaningful comparison"
+            )
+
+
+def _names(dtypes: frozenset[torch.dtype]) -> set[str]:
+    return {str(d).replace("torch.", "") for d in dtypes}
+
+
 def analyze_sources(
     teacher: TensorMap,
     student: TensorMap,
@@ -203,6 +231,7 @@ def analyze_sources(
     start = time.perf_counter()
     pairing = pair_tensors(teacher, student, opts.filter)
     names = pairing.paired
+    _warn_quantised(teacher, student, names)
     layers: list[LayerResult] = []
     spectra: dict[str, np.ndarray] = {}
 

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -14,7 +15,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
-from wadi_cli.errors import BadInputError, WadiError
+from wadi_cli.errors import BadInputError, WadiError, WadiNote, WadiWarning
 
 console = Console()  # stdout: tables, summaries
 err_console = Console(stderr=True)  # stderr: progress bars, errors
@@ -37,40 +38,68 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def print_warning(message: str, note: bool = False) -> None:
+    """One ``warning:`` (yellow) or ``note:`` (dim) line on stderr, printed as plain text."""
+    from rich.markup import escape
+
+    head = "[dim]note:[/]" if note else "[bold yellow]warning:[/]"
+    err_console.print(f"{head} {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """``warnings.showwarning`` while a command runs: wadi's own warnings are one line each."""
+    if issubclass(category, WadiWarning):
+        print_warning(str(message), note=issubclass(category, WadiNote))
+    else:
+        _SHOW_WARNING(message, category, *args, **kwargs)
+
+
+_SHOW_WARNING = warnings.showwarning
+
+
 def handle_errors(fn: F) -> F:
-    """Decorator for command callbacks: ``WadiError`` -> one red line + its exit code;
-    Ctrl-C -> exit 130; any other exception -> one line + exit 1 (traceback only under
-    ``WADI_DEBUG=1``)."""
+    """Decorator for command callbacks: ``WadiError`` -> one red line + its exit code
+    (the table is ``docs/errors.md``); Ctrl-C -> exit 130; any other exception -> one line +
+    exit 1 (traceback only under ``WADI_DEBUG=1``). Every :class:`WadiWarning` the library
+    emits meanwhile is printed as one ``warning:`` / ``note:`` line."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except typer.Exit:
-            raise
-        except WadiError as exc:
-            if debug_enabled():
-                raise
-            fail(str(exc), exc.exit_code)
-        except BrokenPipeError:
-            # `wadi analyze --json | head`: the reader went away; not an error of ours.
-            with contextlib.suppress(Exception):
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, sys.stdout.fileno())
-            raise typer.Exit(0) from None
-        except KeyboardInterrupt:
-            if debug_enabled():
-                raise
-            fail("interrupted", 130)
-        except Exception as exc:  # noqa: BLE001 - last line of defence for users
-            if debug_enabled():
-                raise
-            fail(
-                f"internal error: {type(exc).__name__}: {exc} (set WADI_DEBUG=1 for the traceback)",
-                1,
-            )
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", WadiWarning)
+            warnings.showwarning = _show_warning
+            return _run(fn, args, kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Call ``fn``; turn what it raises into one line and an exit code."""
+    try:
+        return fn(*args, **kwargs)
+    except typer.Exit:
+        raise
+    except WadiError as exc:
+        if debug_enabled():
+            raise
+        fail(str(exc), exc.exit_code)
+    except BrokenPipeError:
+        # `wadi analyze --json | head`: the reader went away; not an error of ours.
+        with contextlib.suppress(Exception):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        raise typer.Exit(0) from None
+    except KeyboardInterrupt:
+        if debug_enabled():
+            raise
+        fail("interrupted", 130)
+    except Exception as exc:  # noqa: BLE001 - last line of defence for users
+        if debug_enabled():
+            raise
+        fail(
+            f"internal error: {type(exc).__name__}: {exc} (set WADI_DEBUG=1 for the traceback)",
+            1,
+        )
 
 
 def require(value: T | None, message: str) -> T:

@@ -52,6 +52,28 @@ def _root(
     """Weight-direction-aware one-step distillation of diffusion models."""
 
 
+def _paths_read_by_wadi(command: typer.models.CommandInfo) -> None:
+    """Turn off Click's own readability check of every path parameter of ``command``: an
+    unreadable input then reaches wadi, which refuses it in one line (exit 2) like any other
+    bad input, instead of Click's usage box. Declarations stay as they are (applies to
+    options written by hand and to those generated from config dataclasses alike)."""
+    import inspect
+    from typing import get_args
+
+    from typer.models import ParameterInfo
+
+    if command.callback is None:
+        return
+    # the annotations are strings (``from __future__ import annotations``), evaluated anew on
+    # every read: evaluate them once, switch the check off, and pin that signature
+    signature = inspect.signature(command.callback, eval_str=True)
+    for param in signature.parameters.values():
+        for info in [param.default, *get_args(param.annotation)[1:]]:
+            if isinstance(info, ParameterInfo):
+                info.readable = False
+    command.callback.__signature__ = signature  # type: ignore[attr-defined]
+
+
 def _register() -> None:
     # Each command module exposes ``register(app)``. Imported lazily so ``wadi --help``
     # stays fast and one broken optional dependency does not take down every command.
@@ -64,6 +86,7 @@ def _register() -> None:
     for command in app.registered_commands:
         if command.help:  # examples as a code block that breaks with `\` before 80 columns
             command.help = format_examples(command.help)
+        _paths_read_by_wadi(command)
         doc = command.help or (command.callback.__doc__ if command.callback else None)
         if command.short_help is None and doc:
             first = " ".join(doc.strip().split("\n\n")[0].split())

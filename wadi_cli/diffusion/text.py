@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 
-from wadi_cli.errors import BadInputError
+from wadi_cli.errors import BadInputError, warn
 
 TextEncoderKind = Literal["clip", "t5"]
 
@@ -61,6 +61,12 @@ class TextCondition:
         return TextCondition(embeds, mask)
 
 
+#: no tokenizer wadi uses makes a token of fewer than one character of text, so the first
+#: ``max_length * 32`` characters of a prompt that tokenize to more than ``max_length``
+#: tokens give the encoder exactly what the whole prompt would
+CHARS_PER_TOKEN_BOUND = 32
+
+
 class PromptEncoder:
     """Callable ``prompts -> TextCondition`` with the masking rule of the module docstring.
 
@@ -81,6 +87,7 @@ class PromptEncoder:
         self.kind = kind
         self.max_length = int(max_length or tokenizer.model_max_length)  # type: ignore[attr-defined]
         self._empty: TextCondition | None = None
+        self._warned = False  # truncation is said once per encoder
 
     @property
     def device(self) -> torch.device:
@@ -99,7 +106,7 @@ class PromptEncoder:
         if len(prompts) == 0:
             raise BadInputError("no prompts to encode")
         tokens = self.tokenizer(  # type: ignore[operator]
-            list(prompts),
+            [self._within_limit(p) for p in prompts],
             padding="max_length",
             max_length=self.max_length,
             truncation=True,
@@ -111,6 +118,24 @@ class PromptEncoder:
         encoder_mask = mask if self._encoder_wants_mask() else None
         embeds = self.text_encoder(ids, attention_mask=encoder_mask)[0]
         return TextCondition(embeds, mask if self.kind == "t5" else None)
+
+    def _within_limit(self, prompt: str) -> str:
+        """``prompt``, or the start of it that holds more tokens than the encoder reads (the
+        tokens it keeps are the same: tokenizing megabytes only to drop them took minutes);
+        warns once per encoder, with the token count, when a prompt is truncated."""
+        cut = prompt[: self.max_length * CHARS_PER_TOKEN_BOUND]
+        n = len(self.tokenizer(cut, truncation=False)["input_ids"])  # type: ignore[operator]
+        if n <= self.max_length:  # (a short prompt, or a long run of whitespace: keep it all)
+            return prompt
+        if not self._warned:
+            self._warned = True
+            whole = len(cut) == len(prompt)
+            count = f"{n} tokens" if whole else f"over {n} tokens ({len(prompt):,} characters)"
+            warn(
+                f"a prompt is {count}; the text encoder reads only the first {self.max_length} "
+                "(the rest is ignored)"
+            )
+        return cut
 
     def empty(self, n: int) -> TextCondition:
         """∅ (the empty prompt) repeated ``n`` times, encoded by exactly the same rule."""

@@ -45,7 +45,7 @@ from wadi_cli.io import (
     save_safetensors,
     write_text_atomic,
 )
-from wadi_cli.io.writers import ALPHA_BAR_T_METADATA
+from wadi_cli.io.metadata import ALPHA_BAR_T_METADATA
 from wadi_cli.lorad import LoRaDConfig, load_adapter, save_adapter
 
 CHECKPOINTS = "checkpoints"

@@ -33,7 +33,7 @@ from wadi_cli.io import (
     provenance_metadata,
     save_safetensors,
 )
-from wadi_cli.io.writers import ALPHA_BAR_T_METADATA
+from wadi_cli.io.metadata import ALPHA_BAR_T_METADATA
 from wadi_cli.lorad import load_adapter, merge_adapter_into_state_dict, save_adapter
 from wadi_cli.pipeline.base import PipelineSource
 

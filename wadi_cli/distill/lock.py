@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from wadi_cli.errors import BadInputError
-from wadi_cli.io.writers import pid_alive, write_error
+from wadi_cli.io.atomic import write_error
+from wadi_cli.io.stale_temps import pid_alive
 
 LOCK_NAME = ".lock"
 HEARTBEAT_S = 60.0

@@ -17,9 +17,9 @@ Accepted inputs, in the order they are recognised:
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import pickle
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,15 +29,16 @@ import torch
 
 from wadi_cli.errors import CheckpointError
 from wadi_cli.io.hub import looks_like_repo_id, resolve_model
+from wadi_cli.io.metadata import ALPHA_BAR_T_METADATA
+from wadi_cli.io.paths import input_path_problem
 from wadi_cli.io.sd_single_file import is_ldm_checkpoint, ldm_unet_table
 from wadi_cli.io.sources import DictStore, SafetensorsStore, Store, TensorSource, require_tensors
-from wadi_cli.io.writers import ALPHA_BAR_T_METADATA
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 DENOISERS = ("unet", "transformer")
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")  # diffusers, then transformers
 CONVERT_HINT = (
-    'convert it in an environment you trust, e.g. python -c "import torch; '
+    'convert it to safetensors once, in an environment you trust: python -c "import torch; '
     "from safetensors.torch import save_file; sd = torch.load('IN', weights_only=False); "
     "save_file(sd.get('state_dict', sd), 'OUT.safetensors')\""
 )
@@ -65,13 +66,64 @@ def _ldm_source(path: Path, store: Store, config: Mapping[str, Any] | None, ema:
 
 
 def _unpickler_reason(exc: BaseException) -> str:
-    """The one informative line of torch's long weights-only error."""
+    """The one informative line of torch's long weights-only error (for files that are not
+    pickled code, only broken: wadi's own words say what a refusal of code means)."""
     text = str(exc)
     at = text.find("WeightsUnpickler error:")
     if at >= 0:
         text = text[at + len("WeightsUnpickler error:") :]
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return (lines[0] if lines else type(exc).__name__)[:200]
+
+
+#: what torch's safe loader itself needs: tensors rebuilt from storages, plain containers
+_TENSOR_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode", "builtins.set")
+
+
+def _pickled_globals(path: Path) -> list[str]:
+    """The Python callables and classes ``path``'s pickles name (``module.name``), beyond
+    what a file of plain tensors needs, found by reading the pickle opcodes (nothing is
+    executed, and torch's error text is not needed): a pickle can only run code by naming
+    one. A zip checkpoint's ``data.pkl`` and every pickle of a legacy file are read."""
+    import pickletools
+    import zipfile
+
+    streams: list[bytes] = []
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                streams = [z.read(n) for n in z.namelist() if n.endswith(".pkl")]
+        else:
+            streams = [path.read_bytes()]
+    except (OSError, zipfile.BadZipFile, RuntimeError):
+        return []
+    found: list[str] = []
+    for data in streams:
+        pos, strings = 0, []
+        while pos < len(data):
+            try:
+                for op, arg, at in pickletools.genops(io.BytesIO(data[pos:])):
+                    if op.name in ("GLOBAL", "INST"):
+                        found.append(str(arg).replace(" ", "."))
+                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        found.append(f"{strings[-2]}.{strings[-1]}")
+                    elif isinstance(arg, str):
+                        strings.append(arg)
+                    end = at
+                pos += end + 1  # legacy files hold several pickles back to back
+            except Exception:  # noqa: BLE001 - junk after (or instead of) a pickle
+                break
+    unsafe = [g for g in dict.fromkeys(found) if not g.startswith(_TENSOR_GLOBALS)]
+    return unsafe
+
+
+def pickled_code_error(path: Path, names: list[str]) -> CheckpointError:
+    """The refusal of a file that holds pickled code, in wadi's words."""
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return CheckpointError(
+        f"{path}: holds pickled Python code ({shown}), not just tensors; wadi will not run it, "
+        f"since loading it could execute anything. If you trust the file, {CONVERT_HINT}"
+    )
 
 
 def load_pickle_checkpoint(path: Path) -> dict[str, torch.Tensor]:
@@ -87,15 +139,10 @@ def load_pickle_checkpoint(path: Path) -> dict[str, torch.Tensor]:
                 if "mmap" not in str(exc):
                     raise
                 obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except pickle.UnpicklingError as exc:
-        reason = _unpickler_reason(exc)
-        if "global" in reason.lower():
-            raise CheckpointError(
-                f"{path}: needs full unpickling ({reason.split(' was not')[0]}), which wadi refuses "
-                f"because unpickling can run arbitrary code; {CONVERT_HINT}"
-            ) from None
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
     except Exception as exc:  # noqa: BLE001 - on junk, torch's loader raises anything (KeyError, ...)
+        names = _pickled_globals(path)
+        if names:
+            raise pickled_code_error(path, names) from None
         raise CheckpointError(
             f"{path}: not a readable PyTorch checkpoint ({_unpickler_reason(exc)})"
         ) from None
@@ -219,8 +266,9 @@ def open_checkpoint(
     p = Path(path).expanduser()
     if not p.exists() and _is_hub_model_id(str(path)):
         p = resolve_model(str(path), variant=variant)  # the denoiser folder of a hub pipeline
-    if not p.exists():
-        raise CheckpointError(f"{p}: no such file or directory")
+    problem = input_path_problem(p)
+    if problem:
+        raise CheckpointError(f"{p}: {problem}")
     if p.is_file():
         if component is not None:
             raise CheckpointError(f"{p}: component={component!r} needs a pipeline folder, not a file")

@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 
 from wadi_cli.errors import CheckpointError, HubError
 from wadi_cli.io.hub_files import FetchPlan, MissingFiles, download_command, select_files
+from wadi_cli.io.paths import input_path_problem
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _OFFLINE_ERRORS = ("LocalEntryNotFoundError", "IncompleteSnapshotError", "OfflineModeIsEnabled")
@@ -182,12 +183,15 @@ def resolve_model(
     """
     local = Path(path_or_id).expanduser()
     if local.exists():
+        problem = input_path_problem(local)
+        if problem:
+            raise CheckpointError(f"{local}: {problem}")
         if subfolder and (local / subfolder).exists():
             return local / subfolder
         return local
     text = str(path_or_id)
     if not looks_like_repo_id(text):
-        raise CheckpointError(f"{local}: no such file or directory")
+        raise CheckpointError(f"{local}: {input_path_problem(local) or 'no such file or directory'}")
     folder = subfolder
     if folder is None:
         listing = repo_files(text, revision, cache_dir)

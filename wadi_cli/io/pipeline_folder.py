@@ -22,7 +22,7 @@ import torch
 
 from wadi_cli.errors import CheckpointError
 from wadi_cli.io.hub_files import CONFIG_SUFFIXES, folder_weights
-from wadi_cli.io.writers import save_safetensors
+from wadi_cli.io.safetensors_writer import save_safetensors
 
 #: Pipeline class per denoiser family, used when the source has no ``model_index.json``.
 PIPELINE_CLASSES = {"unet": "StableDiffusionPipeline", "dit": "PixArtAlphaPipeline"}

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from wadi_cli.errors import BadInputError
+from wadi_cli.io.paths import input_path_problem
 
 PROMPT_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl", ".csv", ".parquet")
 
@@ -60,10 +61,11 @@ def read_prompt_file(
     :class:`BadInputError` if unreadable or empty; messages name ``flag`` / ``column_flag``."""
     p = Path(path).expanduser()
     where = f"{flag} {p}"
+    problem = input_path_problem(p)
+    if problem:
+        raise BadInputError(f"{where}: {problem}")
     if p.is_dir():
         raise BadInputError(f"{where}: is a folder, not a prompt file")
-    if not p.is_file():
-        raise BadInputError(f"{where}: no such file")
     suffix = p.suffix.lower()
     if suffix not in PROMPT_SUFFIXES:
         raise BadInputError(f"{where}: unsupported type; use one of {', '.join(PROMPT_SUFFIXES)}")

@@ -229,9 +229,10 @@ class SafetensorsFile:
             done += got
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
+        fd = getattr(self, "_fd", None)  # absent when the constructor failed to open the file
+        if fd is not None:
             self._fd = None
+            os.close(fd)
 
     def __enter__(self) -> SafetensorsFile:
         return self

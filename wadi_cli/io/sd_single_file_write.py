@@ -25,8 +25,8 @@ import torch
 
 from wadi_cli.errors import BadInputError, CheckpointError
 from wadi_cli.io.checkpoints import open_checkpoint
+from wadi_cli.io.safetensors_writer import save_safetensors
 from wadi_cli.io.sd_single_file import LDM_UNET_PREFIX, ldm_unet_table
-from wadi_cli.io.writers import save_safetensors
 
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."  # SD 1.x

@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from wadi_cli.errors import BadInputError, MismatchError
 from wadi_cli.io import open_checkpoint, provenance_metadata, require_finite, save_safetensors
+from wadi_cli.io.metadata import ALPHA_BAR_T_METADATA
 from wadi_cli.io.tensor_map import Tensors, as_tensor_map, preview
-from wadi_cli.io.writers import ALPHA_BAR_T_METADATA
 from wadi_cli.lorad.config import LoRaDConfig
 from wadi_cli.lorad.layer import lorad_theta, rotate_weight
 from wadi_cli.lorad.model import A_SUFFIX, B_SUFFIX, inject_lorad, load_adapter_state_dict, remove_lorad
@@ -265,6 +265,9 @@ def merge_adapter_file(
     tensors, config = load_adapter(adapter)
     with open_checkpoint(adapter) as src:
         alpha = src.metadata().get(ALPHA_BAR_T_METADATA)
+    from wadi_cli.lorad.merge_checks import warn_if_absurd
+
+    warn_if_absurd(tensors, str(adapter))
     base_path = Path(base)
     if base_path.exists() and out_path.exists() and out_path.resolve() == base_path.resolve():
         raise BadInputError("--out must differ from the base checkpoint it is read from")

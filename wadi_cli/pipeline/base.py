@@ -31,6 +31,7 @@ from wadi_cli.backbones.registry import PIPELINE_COMPONENTS, WEIGHTED_COMPONENTS
 from wadi_cli.errors import BadInputError, CheckpointError
 from wadi_cli.io.hub import looks_like_repo_id, repo_files, resolve_repo, snapshot_files
 from wadi_cli.io.hub_files import FetchPlan, MissingFiles, folder_weights, select_files
+from wadi_cli.io.paths import input_path_problem
 from wadi_cli.tiny import TINY_PIPELINE_DIR, tiny_pipeline_available
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ def _open_root(ref: str, plan: FetchPlan, flag: str) -> Path:
             raise CheckpointError(f"{flag} {local}: {exc.folder}/: {exc.detail}") from None
         return local
     if not looks_like_repo_id(ref):
-        raise CheckpointError(f"{flag} {local}: no such file or directory")
+        raise CheckpointError(f"{flag} {local}: {input_path_problem(local) or 'no such file or directory'}")
     return resolve_repo(ref, plan)
 
 

@@ -30,6 +30,7 @@ from wadi_cli.backbones import Backbone, get_backbone
 from wadi_cli.diffusion import PromptEncoder, alphas_cumprod_of, wrap_denoiser
 from wadi_cli.errors import CheckpointError, HubError, MismatchError
 from wadi_cli.io import fetch_file, open_checkpoint, require_finite
+from wadi_cli.io.paths import input_path_problem
 from wadi_cli.io.tensor_map import KeyDiff, Tensors, as_tensor_map
 from wadi_cli.lorad import is_adapter, load_adapter, merge_adapter_into_state_dict
 from wadi_cli.pipeline.base import (
@@ -117,8 +118,8 @@ def detect_weights_kind(path: str | os.PathLike[str]) -> WeightsKind:
     """``folder`` for a directory, ``adapter`` for a file with ``*.lorad_A/B`` tensors,
     ``merged`` for any other weights file (a full denoiser state dict)."""
     p = Path(path).expanduser()
-    if not p.exists():
-        raise CheckpointError(f"--weights {p}: no such file or directory")
+    if input_path_problem(p):
+        raise CheckpointError(f"--weights {p}: {input_path_problem(p)}")
     if p.is_dir():
         return "folder"
     with open_checkpoint(p) as src:
@@ -200,7 +201,7 @@ def default_weights(backbone: Backbone, source: str | os.PathLike[str] | None = 
 
 
 def _shipped_tiny_student(source: str | os.PathLike[str] | None) -> Path | None:
-    if source is not None and Path(source).resolve() != Path(tiny.TINY_PIPELINE_DIR).resolve():
+    if source is not None and Path(os.path.realpath(source)) != Path(tiny.TINY_PIPELINE_DIR).resolve():
         return None
     if not tiny.TINY_STUDENT_PATH.is_file():
         raise CheckpointError(

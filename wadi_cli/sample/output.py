@@ -18,6 +18,10 @@ from wadi_cli.errors import BadInputError
 from wadi_cli.io import atomic_output_dir, check_writable, unused_path
 
 SAMPLES_JSON = "samples.json"
+#: how long it took (differs from run to run) goes here, so samples.json and the PNGs of
+#: two runs with the same inputs are byte-identical
+TIMINGS_JSON = "timings.json"
+TIMING_KEYS = ("seconds",)
 GRID_PNG = "grid.png"
 #: Parent folder of ``wadi sample``'s default output folders (relative to the working directory).
 SAMPLES_ROOT = Path("wadi-samples")
@@ -78,7 +82,8 @@ def save_samples(
     grid_cols: int | None = None,
 ) -> Path:
     """Write ``0000.png``, ``0001.png``, … , ``grid.png`` and ``samples.json`` (prompts,
-    seeds, files, ``metadata``) into ``out``, atomically."""
+    seeds, files, ``metadata``) into ``out``, atomically; the :data:`TIMING_KEYS` of
+    ``metadata`` go to ``timings.json`` instead."""
 
     if not (len(images) == len(prompts) == len(seeds)):
         raise ValueError("images, prompts and seeds must have the same length")
@@ -86,8 +91,9 @@ def save_samples(
         raise BadInputError("no images to save")
     width = max(4, len(str(len(images) - 1)))
     files = [f"{i:0{width}d}.png" for i in range(len(images))]
+    timings = {k: v for k, v in (metadata or {}).items() if k in TIMING_KEYS}
     record = {
-        **dict(metadata or {}),
+        **{k: v for k, v in (metadata or {}).items() if k not in TIMING_KEYS},
         "grid": GRID_PNG,
         "images": [
             {"file": f, "prompt": p, "seed": int(s)} for f, p, s in zip(files, prompts, seeds, strict=True)
@@ -101,6 +107,8 @@ def save_samples(
             (tmp / SAMPLES_JSON).write_text(
                 json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8"
             )
+            if timings:
+                (tmp / TIMINGS_JSON).write_text(json.dumps(timings) + "\n", encoding="utf-8")
     except OSError as exc:
         raise BadInputError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
     return Path(out)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from wadi_cli.errors import BadInputError
+from wadi_cli.io.paths import input_path_problem
 from wadi_cli.io.prompts import read_prompt_file
 from wadi_cli.machine import resolve_device
 from wadi_cli.pipeline import LoadedPipeline, generate, get_backbone_spec, load_pipeline, resolve_dtype
@@ -59,8 +60,9 @@ def sample_to_folder(
     spec = get_backbone_spec(options.backbone)
     all_prompts = read_prompts(prompts, prompts_file)
     out_path = check_output_dir(out)
-    if options.weights is not None and not Path(options.weights).expanduser().exists():
-        raise BadInputError(f"--weights {options.weights}: no such file or directory")
+    problem = input_path_problem(Path(options.weights).expanduser()) if options.weights is not None else None
+    if problem:
+        raise BadInputError(f"--weights {options.weights}: {problem}")
     dev = resolve_device(options.device)
     torch_dtype = resolve_dtype(options.dtype, dev, spec.family)
     pipe = load_pipeline(

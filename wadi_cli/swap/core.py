@@ -36,8 +36,8 @@ from wadi_cli.analysis.decompose import as_matrix, layer_kind
 from wadi_cli.errors import BadInputError, MismatchError
 from wadi_cli.io import check_writable, open_checkpoint, provenance_metadata, save_safetensors
 from wadi_cli.io.checkpoints import recorded_alpha_bar_T
+from wadi_cli.io.metadata import ALPHA_BAR_T_METADATA
 from wadi_cli.io.tensor_map import KeyDiff, Tensors, as_tensor_map, preview
-from wadi_cli.io.writers import ALPHA_BAR_T_METADATA
 from wadi_cli.lorad import is_adapter, load_adapter, merge_adapter_into_state_dict
 
 #: The two hybrids, named for what the student receives from the teacher.

@@ -68,6 +68,11 @@ def load_classifier(path: str | os.PathLike[str] | None = None) -> TinyClassifie
     from wadi_cli.io import load_state_dict, require_finite
 
     p = Path(path) if path is not None else TINY_CLASSIFIER_PATH
+    from wadi_cli.io.paths import input_path_problem
+
+    problem = input_path_problem(p)
+    if problem and "no such file" not in problem:
+        raise CheckpointError(f"{p}: {problem}")
     if not p.is_file():
         what = "is a folder, not" if p.is_dir() else "not found: no"
         raise CheckpointError(f"{p}: {what} tiny classifier weights file; pass one with --classifier FILE")
