@@ -189,3 +189,9 @@ def test_sd21_offline_says_what_to_download(tmp_path, monkeypatch):
 def test_help_has_examples():
     r = CliRunner().invoke(app, ["sample", "--help"])
     assert r.exit_code == 0 and "Examples" in r.stdout and "wadi sample" in r.stdout
+
+
+def test_one_image_is_said_in_the_singular(base_dir, tmp_path):
+    r = run(PROMPT, "-b", "tiny", "--model", base_dir, "-n", "1", "-o", str(tmp_path / "one"))
+    assert r.exit_code == 0, r.output + r.stderr
+    assert "wrote 1 image " in r.stdout and "wrote 1 images" not in r.stdout

@@ -162,6 +162,29 @@ def test_save_samples_writes_everything_atomically(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_grid_png_enlarges_small_images_by_whole_pixel_blocks(tmp_path):
+    """32-px images (the tiny model's) appear in grid.png as k x k blocks per pixel, k the
+    smallest whole factor reaching 128 px (here 4); the single PNGs keep their own size."""
+    from PIL import Image
+
+    imgs = np.random.default_rng(2).integers(0, 255, size=(2, 32, 30, 3), dtype=np.uint8)
+    out = save_samples(tmp_path / "out", imgs, ["a", "b"], [0, 1], {})
+    grid = np.asarray(Image.open(out / "grid.png"))
+    k = 5  # ceil(128 / 30): the shorter side decides
+    assert grid.shape == (32 * k, 2 * 30 * k + 2, 3)
+    for y, x in [(0, 0), (31, 29), (7, 13)]:  # each source pixel is a k x k block, by hand
+        assert (grid[y * k : (y + 1) * k, x * k : (x + 1) * k] == imgs[0, y, x]).all()
+        left = 30 * k + 2
+        assert (grid[y * k : (y + 1) * k, left + x * k : left + (x + 1) * k] == imgs[1, y, x]).all()
+    assert np.asarray(Image.open(out / "0000.png")).shape == (32, 30, 3)
+    big = np.zeros((1, 256, 256, 3), np.uint8)
+    assert np.asarray(Image.open(save_samples(tmp_path / "big", big, ["c"], [0], {}) / "grid.png")).shape == (
+        256,
+        256,
+        3,
+    )
+
+
 def test_read_prompts(tmp_path):
     f = tmp_path / "p.txt"
     f.write_text("# comment\n\na cat\n  a dog  \n", encoding="utf-8")

@@ -19,6 +19,7 @@ from wadi_cli.cli.common import (
     weights_for_sampling,
 )
 from wadi_cli.cli.sampling_flags import sampling_flags
+from wadi_cli.words import plural
 
 if TYPE_CHECKING:  # the CLI imports the library inside command bodies (start-up time)
     from wadi_cli.pipeline import LoadedPipeline
@@ -114,7 +115,7 @@ def register(app: typer.Typer) -> None:
         mode = f"teacher, {summary['steps']} steps, cfg {summary['cfg']}" if sampling.teacher else "one step"
         per = summary["seconds"] / max(1, summary["num_images"])
         console.print(
-            f"wrote {summary['num_images']} images ({mode}, {summary['backbone']}) "
+            f"wrote {plural(summary['num_images'], 'image')} ({mode}, {summary['backbone']}) "
             f"to [bold]{summary['out']}[/] in {summary['seconds']:.2f} s ({per:.3f} s/image)",
             highlight=False,
         )

@@ -23,6 +23,9 @@ SAMPLES_JSON = "samples.json"
 TIMINGS_JSON = "timings.json"
 TIMING_KEYS = ("seconds",)
 GRID_PNG = "grid.png"
+#: grid.png shows images of a smaller side enlarged to at least this many pixels (nearest
+#: neighbour: every pixel a block, nothing invented), so a grid of 32-px tiny images is legible
+GRID_MIN_SIDE = 128
 #: Parent folder of ``wadi sample``'s default output folders (relative to the working directory).
 SAMPLES_ROOT = Path("wadi-samples")
 
@@ -40,6 +43,13 @@ def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np
         r, q = divmod(i, ncols)
         grid[r * (h + pad) : r * (h + pad) + h, q * (w + pad) : q * (w + pad) + w] = img
     return grid
+
+
+def enlarged(images: np.ndarray, min_side: int) -> np.ndarray:
+    """(N, H, W, C) images repeated ``k`` times along each side (nearest neighbour), with the
+    smallest whole ``k`` that makes the shorter side at least ``min_side`` (1: unchanged)."""
+    k = max(1, math.ceil(min_side / min(images.shape[1:3])))
+    return images if k == 1 else images.repeat(k, axis=1).repeat(k, axis=2)
 
 
 def prompt_slug(text: str, max_len: int = 60) -> str:
@@ -103,7 +113,7 @@ def save_samples(
         with atomic_output_dir(out) as tmp:
             for f, img in zip(files, images, strict=True):
                 Image.fromarray(img).save(tmp / f)
-            Image.fromarray(image_grid(images, grid_cols)).save(tmp / GRID_PNG)
+            Image.fromarray(image_grid(enlarged(images, GRID_MIN_SIDE), grid_cols)).save(tmp / GRID_PNG)
             (tmp / SAMPLES_JSON).write_text(
                 json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8"
             )
