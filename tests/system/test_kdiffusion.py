@@ -58,6 +58,7 @@ def _student(family, tmp_path):
         "cpu",
     ]
     small += ["--no-tensorboard", "--max-steps", "1", "--mixed-precision", "no", "--alpha-bar-t", ALPHA]
+    small += ["--prompts", "smoke"]  # the real backbones have no default prompt set
     wadi("distill", "-b", backbone, *flags, "--out", run, *small)
     single, merged = tmp_path / "single.safetensors", tmp_path / "merged.safetensors"
     wadi("export", run, "-f", "single-file", "-o", single)
