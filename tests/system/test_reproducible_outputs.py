@@ -76,7 +76,8 @@ def inputs(tmp_path_factory, pipe_dir):
         cache = shared_hub_cache()
         use_hub_cache(mp, cache)
         _wadi("distill", "-b", "tiny", "--model", pipe_dir, "--out", root / "tiny-run", *small)
-        _wadi("distill", "-b", "sd15", "--rank", "4", "--fake-rank", "2", "--out", root / "sd15-run", *small)
+        _wadi("distill", "-b", "sd15", "--rank", "4", "--fake-rank", "2", "--prompts", "smoke", "--out",
+              root / "sd15-run", *small)  # fmt: skip
         _wadi("export", root / "tiny-run", "-f", "adapter", "--out", root / "adapter.safetensors")
         _wadi("export", root / "tiny-run", "-f", "merged", "--out", root / "merged.safetensors")
         _wadi("export", root / "sd15-run", "-f", "adapter", "--out", root / "sd15-adapter.safetensors")
