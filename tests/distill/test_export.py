@@ -90,6 +90,36 @@ def test_diffusers_folder_loads_and_is_accepted_by_sample(run_dir, tmp_path):
     assert torch.equal(unet.state_dict()["conv_in.weight"], merged["conv_in.weight"])
 
 
+def test_diffusers_folder_follows_the_overwrite_rule_of_files(run_dir, tmp_path):
+    """An existing export folder is kept unless --overwrite; an empty folder made beforehand is
+    filled; the CLI says it in one line."""
+    from typer.testing import CliRunner
+
+    from wadi_cli.cli.main import app
+
+    run, _ = run_dir
+    empty = tmp_path / "made-first"
+    empty.mkdir()
+    export_run(run, "diffusers", empty)
+    assert (empty / "model_index.json").is_file()
+    out = tmp_path / "pipe"
+    export_run(run, "diffusers", out, ema=False)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(BadInputError, match="already exists"):
+        export_run(run, "diffusers", out)
+    r = CliRunner().invoke(app, ["export", str(run), "-f", "diffusers", "-o", str(out)])
+    assert r.exit_code == 2 and "--overwrite" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    export_run(run, "diffusers", out, overwrite=True)  # now the EMA student
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after.keys() == before.keys() and after != before
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(BadInputError, match="not written by wadi"):
+        export_run(run, "diffusers", foreign, overwrite=True)
+
+
 def test_bad_export_input(run_dir, tmp_path):
     run, _ = run_dir
     with pytest.raises(BadInputError, match="--format"):

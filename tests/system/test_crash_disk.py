@@ -198,7 +198,7 @@ def test_exports_that_cannot_be_written_leave_the_old_output(
     before = tree(out)
     args = {
         "export": ["export", str(run_dir), "-f", "merged", "--out", str(out), "--overwrite"],
-        "export-diffusers": ["export", str(run_dir), "-f", "diffusers", "--out", str(out)],
+        "export-diffusers": ["export", str(run_dir), "-f", "diffusers", "--out", str(out), "--overwrite"],
         "merge": ["merge", str(base), str(adapter), "--out", str(out), "--overwrite"],
         "swap": ["swap", str(base), str(adapter), "--keep", "direction", "--out", str(out), "--overwrite"],
     }[command]

@@ -158,7 +158,7 @@ def writer_cases(o, tmp):
          t["export"], _file_restorer(t["export"], o["adapter"])),
         ("export adapter", ["export", str(o["run"]), "-f", "adapter", "--out", str(t["adapter"]),
                             "--overwrite"], t["adapter"], _file_restorer(t["adapter"], o["merged"])),
-        ("export diffusers", ["export", str(o["run"]), "-f", "diffusers", "--out", str(folder)],
+        ("export diffusers", ["export", str(o["run"]), "-f", "diffusers", "--out", str(folder), "--overwrite"],
          folder, _folder_restorer(folder, o["old_pipeline"])),
         ("merge", ["merge", str(o["base"]), str(o["adapter"]), "--out", str(t["merge"]), "--overwrite"],
          t["merge"], _file_restorer(t["merge"], o["adapter"])),

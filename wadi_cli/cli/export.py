@@ -69,7 +69,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
         raw: Annotated[bool, typer.Option("--raw", help="Export the raw student, not its EMA.")] = False,
         overwrite: Annotated[
-            bool, typer.Option("--overwrite", help="Replace an existing output file.")
+            bool, typer.Option("--overwrite", help="Replace an existing output file or folder.")
         ] = False,
         lora_rank: Annotated[
             int | None,

@@ -182,12 +182,13 @@ def export_run(
     if fmt == "lora" and lora_keys not in LORA_KEYS:
         raise BadInputError(f"--lora-keys must be one of {', '.join(LORA_KEYS)}; got {lora_keys!r}")
     out_path = Path(out).expanduser()
-    if fmt in ("merged", "adapter", "single-file", "lora"):
-        check_writable(out_path)
-        if out_path.exists() and not overwrite:
-            raise BadInputError(f"{out_path} already exists (pass --overwrite to replace it)")
-    else:
-        check_writable(out_path, directory=True)
+    folder = fmt == "diffusers"
+    check_writable(out_path, directory=folder)
+    # one rule for files and folders: an existing output is replaced only with --overwrite
+    # (an empty folder made beforehand is not an output)
+    occupied = out_path.exists() and not (folder and out_path.is_dir() and not any(out_path.iterdir()))
+    if occupied and not overwrite:
+        raise BadInputError(f"{out_path} already exists (pass --overwrite to replace it)")
     adapter_file, config = run_student_file(run, checkpoint, ema)
     if fmt == "single-file":
         from wadi_cli.io.sd_single_file_write import check_single_file_backbone
