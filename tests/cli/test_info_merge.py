@@ -48,7 +48,7 @@ def test_info_table_and_listing():
     listing = runner.invoke(app, ["info"])
     assert listing.exit_code == 0 and all(n in listing.stdout for n in ("sd15", "sd21", "pixart", "tiny"))
     rows = json.loads(runner.invoke(app, ["info", "--json"]).stdout)
-    assert [r["backbone"] for r in rows] == ["sd15", "sd21", "pixart", "tiny"]
+    assert [r["backbone"] for r in rows] == ["sd15", "sd21", "pixart", "sdxl", "tiny"]
 
 
 def test_info_bad_input_is_one_line_exit_2():

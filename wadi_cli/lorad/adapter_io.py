@@ -331,8 +331,13 @@ def check_base_backbone(
     keys = list(base.keys())
     paths, _ = adapter_paths(adapter)
     pre = _resolve_prefix(set(keys), paths, prefix)
-    bad = [f"{pre}{p}.weight is a conv {tuple(base.shape(f'{pre}{p}.weight'))}" for p in paths]
-    bad = [b for b, p in zip(bad, paths, strict=True) if len(base.shape(f"{pre}{p}.weight")) == 4]
+    present = set(keys)
+    weights = [f"{pre}{p}.weight" for p in paths if f"{pre}{p}.weight" in present]
+    bad = [f"{w} is a conv {tuple(base.shape(w))}" for w in weights if len(base.shape(w)) == 4]
+    missing = len(paths) - len(weights)
+    if missing and not bad:  # another architecture (an SDXL adapter on SD1.5): say so, not a KeyError
+        absent = next(f"{pre}{p}.weight" for p in paths if f"{pre}{p}.weight" not in present)
+        bad = [f"{absent} is not in the base"] * missing
     if backbone.family == "unet" and not bad:
         linear = bool(backbone.denoiser_config().get("use_linear_projection", False))
         proj = [k for k in keys if k.startswith(pre) and _PROJ.search(k)]
