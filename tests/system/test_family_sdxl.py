@@ -87,9 +87,10 @@ def test_conditioning_equals_diffusers_sdxl_pipeline(hub_cache):
     torch.testing.assert_close(cond.pooled, pooled, rtol=0, atol=0)
     torch.testing.assert_close(empty.embeds, npe, rtol=0, atol=0)
     torch.testing.assert_close(empty.pooled, npooled, rtol=0, atol=0)
-    time_ids = ref._get_add_time_ids((SIDE, SIDE), (0, 0), (SIDE, SIDE), torch.float32, 24).repeat(2, 1)
+    # a non-square image (16 × 12 px: latents 8 × 6), so height and width cannot be mixed up
+    time_ids = ref._get_add_time_ids((SIDE, 12), (0, 0), (SIDE, 12), torch.float32, 24).repeat(2, 1)
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 4, 8, 8, generator=g)
+    x = torch.randn(2, 4, 8, 6, generator=g)
     t = torch.tensor([999, 421])
     with torch.no_grad():
         mine = pipe.denoiser.eps(x, t, cond)
@@ -151,6 +152,26 @@ def test_distill_two_steps_and_resume(hub_cache, work):
     assert config["guidance"] == 8.0 and config["fake_guidance"] == 1.0
 
 
+def test_bf16_and_resume_is_bit_identical(hub_cache, work):
+    """A straight 3-step run holds the very adapters of the 2-step run resumed to 3; a bf16
+    run gives finite losses."""
+    from safetensors.torch import load_file
+
+    straight = work / "straight"
+    wadi(
+        "distill", "-b", "sdxl", "--out", straight, *SMALL_RUN, "--max-steps", "3", "--mixed-precision", "no"
+    )
+    resumed = distilled(work)
+    for name in ("student", "fake"):
+        a = load_file(str(straight / "checkpoints" / "step-00000003" / f"{name}.safetensors"))
+        b = load_file(str(resumed / "checkpoints" / "step-00000003" / f"{name}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    bf16 = work / "bf16"
+    wadi("distill", "-b", "sdxl", "--out", bf16, *SMALL_RUN, "--max-steps", "2", "--mixed-precision", "bf16")
+    losses = [float(r.split(",")[1]) for r in (bf16 / "metrics.csv").read_text().strip().splitlines()[1:]]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+
+
 _EXPORTS: dict[str, Path] = {}
 
 
@@ -197,12 +218,58 @@ def test_export_diffusers_is_an_sdxl_pipeline(hub_cache, work):
         assert all(torch.equal(merged.get(k), unet.get(k)) for k in merged)
 
 
-def test_single_file_export_is_refused_in_one_line(hub_cache, work):
-    """SDXL's original layout (conditioner.embedders.0/1) is not written yet: one line, exit 2,
-    no file."""
-    bad = work / "single.safetensors"
-    r = wadi("export", distilled(work), "--format", "single-file", "--out", bad, code=2)
-    assert "sdxl" in r.stderr and len(r.stderr.strip().splitlines()) == 1 and not bad.exists()
+def test_single_file_in_sdxls_original_layout_reads_back_through_diffusers(hub_cache, work):
+    """``--format single-file`` (export, and merge with the hub id) holds SDXL's original
+    names (model.diffusion_model with label_emb, conditioner.embedders.0 / .1, first_stage_model)
+    and diffusers' own ``StableDiffusionXLPipeline.from_single_file`` (configs from the local
+    base, offline) gives back every tensor of the U-Net, VAE and both text encoders."""
+    from diffusers import StableDiffusionXLPipeline
+
+    paths = exported(work)
+    snap = snapshot(hub_cache, SDXL)
+    single, merged_single = work / "single.safetensors", work / "merge-single.safetensors"
+    wadi("export", distilled(work), "--format", "single-file", "--out", single)
+    wadi("merge", SDXL, paths["adapter"], "--format", "single-file", "--out", merged_single)
+    for path in (single, merged_single):
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as src:
+            keys = list(src.keys())
+            assert src.metadata()["alpha_bar_T"] == str(get_backbone("sdxl").alpha_bar_T)
+        for prefix in (
+            "model.diffusion_model.label_emb.0.0.",
+            "first_stage_model.",
+            "conditioner.embedders.0.transformer.text_model.",
+            "conditioner.embedders.1.model.text_projection",
+        ):  # noqa: E501
+            assert any(k.startswith(prefix) for k in keys), prefix
+        pipe = StableDiffusionXLPipeline.from_single_file(str(path), config=str(snap), local_files_only=True)
+        refs = {
+            "unet": paths["merged"],
+            "vae": snap / "vae",
+            "text_encoder": snap / "text_encoder",
+            "text_encoder_2": snap / "text_encoder_2",
+        }
+        for part, ref_path in refs.items():
+            got = getattr(pipe, part).state_dict()
+            with open_checkpoint(ref_path) as ref:
+                names = [k for k in ref if not k.endswith("position_ids")]
+                assert set(names) <= set(got), (part, sorted(set(names) - set(got))[:3])
+                unequal = [k for k in names if not torch.equal(got[k], ref.get(k))]
+                assert not unequal, (part, unequal[:3])
+
+
+def test_single_file_without_the_second_text_encoder_is_refused(hub_cache, work, tmp_path):
+    """A base folder without text_encoder_2/: one line, exit 2, no file."""
+    import shutil
+
+    base = tmp_path / "base"
+    snap = snapshot(hub_cache, SDXL)
+    for folder in ("unet", "vae", "text_encoder"):
+        shutil.copytree(snap / folder, base / folder)
+    out = tmp_path / "single.safetensors"
+    r = wadi("merge", base, exported(work)["adapter"], "--format", "single-file", "--out", out, code=2)
+    assert "text_encoder_2/" in r.stderr and len(r.stderr.strip().splitlines()) == 1 and not out.exists()
 
 
 def test_sample_from_everything_and_the_teacher(hub_cache, work):

@@ -236,7 +236,9 @@ def export_run(
         from wadi_cli.io.sd_single_file_write import save_single_file
 
         unet_config = json.loads((source.denoiser_root / "unet" / "config.json").read_text(encoding="utf-8"))
-        count = save_single_file(out_path, merged, unet_config, source.components_root, backbone.name, meta)
+        count = save_single_file(
+            out_path, merged, unet_config, source.components_root, backbone.name, meta, source.vae_root
+        )
         return {**summary, "tensors": count}
     from wadi_cli.io.pipeline_folder import write_pipeline_folder
 

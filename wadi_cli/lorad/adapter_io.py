@@ -360,14 +360,13 @@ def _single_file_base(base: str | os.PathLike[str], config: LoRaDConfig) -> Path
     from wadi_cli.io.hub_files import FetchPlan
     from wadi_cli.io.sd_single_file_write import check_single_file_backbone
 
-    check_single_file_backbone(str(config.backbone))
+    layout = check_single_file_backbone(str(config.backbone))
     path = Path(base).expanduser()
-    folders = ("unet", "vae", "text_encoder")
+    folders = ("unet", "vae", "text_encoder") + (("text_encoder_2",) if layout == "sdxl" else ())
     if path.exists():
         if not all((path / f).is_dir() for f in folders):
-            raise BadInputError(
-                f"{path}: --format single-file needs a pipeline folder (with unet/, vae/, text_encoder/)"
-            )
+            need = ", ".join(f"{f}/" for f in folders)
+            raise BadInputError(f"{path}: --format single-file needs a pipeline folder (with {need})")
         return path
     if looks_like_repo_id(str(base)):
         return resolve_repo(str(base), FetchPlan(folders=folders, weights=folders))
