@@ -1,9 +1,9 @@
 """Miniature hub repositories, laid out file for file as the real ones (no network).
 
 For every repository wadi reads (SD1.5, SD2.1-base, SD2.1 768 v-prediction, PixArt-α 256
-(transformer only), PixArt-α 512 (the pipeline its VAE/T5/tokenizer/scheduler come from)
-and the authors' release ``gudaochangsheng/WaDi``), :func:`build_hub_cache` writes a
-local Hugging Face hub cache (``models--org--name/refs/main`` +
+(transformer only), PixArt-α 512 (the pipeline its VAE/T5/tokenizer/scheduler come from),
+SDXL base 1.0 with its fp16-safe VAE, and the authors' release ``gudaochangsheng/WaDi``),
+:func:`build_hub_cache` writes a local Hugging Face hub cache (``models--org--name/refs/main`` +
 ``snapshots/<commit>/...``) whose file NAMES are exactly those recorded in
 ``wadi_cli/configs/hub_files.json``. The model files are built from the real
 diffusers/transformers classes with tiny configs and random weights (seconds on CPU):
@@ -43,6 +43,7 @@ SD15, SD21_BASE, SD21 = (
     "stabilityai/stable-diffusion-2-1-base",
     "stabilityai/stable-diffusion-2-1",
 )
+SDXL, SDXL_VAE_FP16 = "stabilityai/stable-diffusion-xl-base-1.0", "madebyollin/sdxl-vae-fp16-fix"
 PIXART_256, PIXART_512, RELEASE = (
     "PixArt-alpha/PixArt-XL-2-256x256",
     "PixArt-alpha/PixArt-XL-2-512x512",
@@ -295,6 +296,106 @@ def _t5_tokenizer(folder: Path) -> int:
     return pieces + 100
 
 
+#: the miniature SDXL's two text encoders: hidden sizes that differ (the U-Net reads their
+#: concatenation, 32 + 48 = 80) and the second's projection (its pooled ``text_embeds``)
+SDXL_TEXT_DIMS, SDXL_POOLED_DIM, SDXL_TIME_DIM = (32, 48), 24, 8
+
+
+def sdxl_unet_config() -> dict[str, Any]:
+    """SDXL's structural switches, miniature: no attention in the first level, linear
+    projections, more transformer layers deeper, ``text_time`` added conditions."""
+    return {
+        "sample_size": 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "layers_per_block": 1,
+        "block_out_channels": [32, 64],
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+        "transformer_layers_per_block": [1, 2],
+        "cross_attention_dim": sum(SDXL_TEXT_DIMS),
+        "attention_head_dim": [2, 4],
+        "use_linear_projection": True,
+        "norm_num_groups": 32,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": SDXL_TIME_DIM,
+        "projection_class_embeddings_input_dim": 6 * SDXL_TIME_DIM + SDXL_POOLED_DIM,
+    }
+
+
+SDXL_VAE_CONFIG = {**VAE_CONFIG, "scaling_factor": 0.13025, "force_upcast": True}
+
+
+def _sdxl_repo(snap: Path, seed: int) -> dict[str, torch.Tensor]:
+    """The SDXL base pipeline: model_index.json as the hub's, both CLIPs (the second with
+    its projection), both tokenizers (the second pads with another token, as the real
+    ``tokenizer_2`` pads with "!"), Euler scheduler, fp32 + fp16 copies of every model."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    _json(
+        snap / "model_index.json",
+        {
+            "_class_name": "StableDiffusionXLPipeline",
+            "_diffusers_version": "0.19.0.dev0",
+            "force_zeros_for_empty_prompt": True,
+            "add_watermarker": None,
+            "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        },
+    )
+    _json(
+        snap / "scheduler" / "scheduler_config.json",
+        {
+            "_class_name": "EulerDiscreteScheduler",
+            **SD_SCHEDULE,
+            "clip_sample": False,
+            "interpolation_type": "linear",
+            "prediction_type": "epsilon",
+            "sample_max_value": 1.0,
+            "set_alpha_to_one": False,
+            "skip_prk_steps": True,
+            "steps_offset": 1,
+            "timestep_spacing": "leading",
+            "trained_betas": None,
+            "use_karras_sigmas": False,
+        },
+    )
+    both = {"": "real", "fp16": "real"}
+    torch.manual_seed(seed)
+    state = _model_folder(
+        snap / "unet", UNet2DConditionModel(**sdxl_unet_config()), seed, "diffusion_pytorch_model", both
+    )
+    _model_folder(snap / "vae", AutoencoderKL(**SDXL_VAE_CONFIG), seed + 1, "diffusion_pytorch_model", both)
+    for i, (folder, cls) in enumerate((("text_encoder", CLIPTextModel), ("text_encoder_2", None))):
+        cfg = {**clip_config("sdxl"), "hidden_size": SDXL_TEXT_DIMS[i]}
+        if cls is None:
+            cls = CLIPTextModelWithProjection
+            cfg.update(projection_dim=SDXL_POOLED_DIM, num_hidden_layers=3)
+        else:
+            cfg["hidden_act"] = "quick_gelu"
+        _model_folder(snap / folder, cls(CLIPTextConfig(**cfg)), seed + 2 + i, "model", both)
+    _clip_tokenizer(snap / "tokenizer")
+    _clip_tokenizer(snap / "tokenizer_2")
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = snap / "tokenizer_2" / name
+        _json(path, {**json.loads(path.read_text()), "pad_token": "a"})
+    return state
+
+
+def _sdxl_vae_fp16(snap: Path, seed: int) -> None:
+    """madebyollin/sdxl-vae-fp16-fix: one AutoencoderKL at the repository root (other values
+    than the pipeline's own VAE, so a test can tell which one decoded)."""
+    from diffusers import AutoencoderKL
+
+    _model_folder(snap, AutoencoderKL(**SDXL_VAE_CONFIG), seed, "diffusion_pytorch_model", {"": "real"})
+
+
 # ---- repositories ---------------------------------------------------------------------------
 def _fill_decoys(snap: Path, repo: str) -> None:
     """Every recorded file not written yet: a decoy (README.md and the like get text)."""
@@ -486,6 +587,8 @@ def build_hub_cache(cache: Path) -> dict[str, Path]:
             lambda s: states.__setitem__("pixart", _pixart_transformer(s / "transformer", 8, 40)),
         ),
         PIXART_512: _write_repo(cache, PIXART_512, lambda s: _pixart_512(s, 50)),
+        SDXL: _write_repo(cache, SDXL, lambda s: states.__setitem__("sdxl", _sdxl_repo(s, 70))),
+        SDXL_VAE_FP16: _write_repo(cache, SDXL_VAE_FP16, lambda s: _sdxl_vae_fp16(s, 80)),
     }
 
     def release(snap: Path) -> None:

@@ -50,6 +50,7 @@ class Mutation:
 
 M = Mutation
 TRAINER = "wadi_cli/distill/trainer.py"
+SDXL = "tests/system/test_family_sdxl.py::test_conditioning_equals_diffusers_sdxl_pipeline"
 RECIPE = "wadi_cli/distill/recipe.py"
 LOSSES = "wadi_cli/distill/losses.py"
 SWAP = "wadi_cli/swap/core.py"
@@ -86,6 +87,15 @@ MUTATIONS: tuple[Mutation, ...] = (
       'x_tf = add_noise(x0, d["eps_fake"], ab_f)', 'x_tf = add_noise(x0, d["eps"], ab_f)', (REF,)),
     M("prompt-dropout-inverted", "prompt dropout keeps the dropped rows", TRAINER,
       "keep = ~drop.reshape(-1, 1, 1)", "keep = drop.reshape(-1, 1, 1)", (REF,)),
+    M("sdxl-last-hidden-state", "SDXL prompts from the last hidden states, not the penultimate",
+      "wadi_cli/diffusion/text.py", "hidden.append(out.hidden_states[-2])",
+      "hidden.append(out.hidden_states[-1])", (SDXL,)),
+    M("sdxl-empty-not-zero", "SDXL's ∅ encodes \"\" despite force_zeros_for_empty_prompt",
+      "wadi_cli/diffusion/text.py", "            if self.zero_empty:", "            if False:", (SDXL,)),
+    M("sdxl-time-ids-order", "SDXL time ids (W, H, ...) instead of (H, W, ...)",
+      "wadi_cli/diffusion/denoisers.py",
+      "row = torch.tensor([height, width, 0, 0, height, width]",
+      "row = torch.tensor([width, height, 0, 0, height, width]", (SDXL,)),
     M("adam-betas-swapped", "AdamW betas (β2, β1)", "wadi_cli/distill/optimizers.py",
       "lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2)",
       "lr=lr, betas=(cfg.adam_beta2, cfg.adam_beta1)", (REF,)),

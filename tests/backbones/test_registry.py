@@ -21,11 +21,13 @@ EXPECTED = {
     },
     "sd21": {("student", 256): (214, 94_429_184), ("fake", 32): (160, 9_509_888)},
     "pixart": {("student", 128): (283, 81_219_584), ("fake", 32): (280, 20_127_744)},
+    # SDXL: counted on the meta-built U-Net by test_targets_on_built_skeleton
+    "sdxl": {("student", 128): (739, 265_297_920), ("fake", 32): (700, 64_491_520)},
 }
-BASE_PARAMS = {"sd15": 859_520_964, "sd21": 865_910_724, "pixart": 610_856_096}
+BASE_PARAMS = {"sd15": 859_520_964, "sd21": 865_910_724, "pixart": 610_856_096, "sdxl": 2_567_463_684}
 
 
-@pytest.mark.parametrize("name", ["sd15", "sd21", "pixart"])
+@pytest.mark.parametrize("name", ["sd15", "sd21", "pixart", "sdxl"])
 def test_adapter_plan_matches_method_counts(name):
     b = get_backbone(name)
     default = b.adapter_plan()
@@ -36,7 +38,7 @@ def test_adapter_plan_matches_method_counts(name):
     assert default["student"]["rank"] == b.student_rank and default["fake"]["rank"] == b.fake_rank
 
 
-@pytest.mark.parametrize("name", ["sd15", "pixart"])
+@pytest.mark.parametrize("name", ["sd15", "pixart", "sdxl"])
 def test_targets_on_built_skeleton(name):
     b = get_backbone(name)
     model = b.build_denoiser("meta")
@@ -71,7 +73,7 @@ def test_target_rule_matching():
 
 
 def test_registry_facts():
-    assert set(BACKBONES) == {"sd15", "sd21", "pixart", "tiny"}
+    assert set(BACKBONES) == {"sd15", "sd21", "pixart", "sdxl", "tiny"}
     sd15, sd21, pixart = get_backbone("sd15"), get_backbone("SD21"), get_backbone("pixart")
     assert sd15.hub_id == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert sd21.hub_id == "stabilityai/stable-diffusion-2-1-base"
@@ -84,7 +86,8 @@ def test_registry_facts():
     assert {b.release_repo for b in (sd15, sd21, pixart)} == {"gudaochangsheng/WaDi"}
     assert (sd15.resolution, sd21.resolution, pixart.resolution) == (512, 512, 256)
     assert (pixart.text_encoder, pixart.text_max_length, sd15.text_max_length) == ("t5", 120, 77)
-    assert ALPHA_BAR_T == 0.0047 and all(b.alpha_bar_T == ALPHA_BAR_T for b in BACKBONES.values())
+    assert ALPHA_BAR_T == 0.0047
+    assert all(b.alpha_bar_T == ALPHA_BAR_T for b in BACKBONES.values() if b.name != "sdxl")
     assert all(b.prediction_type == "epsilon" and b.latent_channels == 4 for b in BACKBONES.values())
     assert (sd15.mixed_precision, pixart.mixed_precision, pixart.default_dtype) == (
         "fp16",
@@ -99,8 +102,8 @@ def test_registry_facts():
 
 
 def test_errors():
-    with pytest.raises(BadInputError, match="sd15, sd21, pixart, tiny"):
-        get_backbone("sdxl")
+    with pytest.raises(BadInputError, match="sd15, sd21, pixart, sdxl, tiny"):
+        get_backbone("sd3")
     b = get_backbone("sd15")
     with pytest.raises(BadInputError, match="role"):
         b.target_modules(None, "teacher")
@@ -134,3 +137,39 @@ def test_lorad_config_from_backbone():
     assert (cfg.rank, cfg.role, cfg.backbone, cfg.base_model) == (32, "fake", "sd15", b.hub_id)
     assert list(cfg.targets) == b.target_modules(None, "fake") and len(cfg.targets) == 160
     assert b.lorad_config("student", rank=64, model="/local/sd").base_model == "/local/sd"
+
+
+def test_sdxl_entry():
+    """SDXL: its hub layout (two text encoders), 1024 px, the fp16-safe VAE, no release, and
+    the recipe's rank giving a student of about 10 % of the U-Net."""
+    b = get_backbone("sdxl")
+    assert b.hub_id == "stabilityai/stable-diffusion-xl-base-1.0" and b.resolution == 1024
+    assert b.latent_size == 128 and b.prediction_type == "epsilon" and b.mixed_precision == "fp16"
+    assert b.components[-2:] == ("text_encoder_2", "tokenizer_2")
+    assert b.weighted_components == ("vae", "text_encoder", "text_encoder_2")
+    assert b.fp16_vae_repo == "madebyollin/sdxl-vae-fp16-fix"
+    assert b.release_repo is None and "not validated at full scale" in b.recipe_note
+    plan = b.adapter_plan()
+    share = plan["student"]["trainable_params"] / plan["base_params"]
+    assert 0.09 < share < 0.11, share
+    assert plan["student"] == {"rank": 128, "layers": 739, "trainable_params": 265_297_920}
+
+
+def test_sdxl_alpha_bar_T_is_its_schedules_last_step():
+    """ᾱ_T of SDXL: the last ``alphas_cumprod`` of diffusers' scheduler built from the real
+    SDXL scheduler config (independent reference, float32 there), not the SD constant."""
+    from diffusers import EulerDiscreteScheduler
+
+    from wadi_cli.backbones.registry import scaled_linear_alpha_bar_last
+
+    sched = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
+    )
+    reference = float(sched.alphas_cumprod[-1])
+    value = get_backbone("sdxl").alpha_bar_T
+    assert value == pytest.approx(reference, rel=1e-5) and value != ALPHA_BAR_T
+    # another schedule gives another value (the function reads its arguments)
+    other = EulerDiscreteScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear")
+    assert scaled_linear_alpha_bar_last(0.0001, 0.02, 1000) == pytest.approx(
+        float(other.alphas_cumprod[-1]), rel=1e-5
+    )

@@ -31,7 +31,7 @@ from wadi_cli.pipeline.options import SamplingOptions
 
 PACKAGE = Path(__file__).resolve().parents[2] / "wadi_cli"
 RECIPES = PACKAGE / "configs" / "distill"
-BACKBONES = ("sd15", "sd21", "pixart", "tiny")
+BACKBONES = ("sd15", "sd21", "pixart", "sdxl", "tiny")
 runner = CliRunner()
 
 

@@ -46,15 +46,16 @@ def test_info_table_and_listing():
     assert result.exit_code == 0, result.output
     assert "83,795,968" in result.stdout and "rank 16" in result.stdout and "0.0047" in result.stdout
     listing = runner.invoke(app, ["info"])
-    assert listing.exit_code == 0 and all(n in listing.stdout for n in ("sd15", "sd21", "pixart", "tiny"))
+    names = ("sd15", "sd21", "pixart", "sdxl", "tiny")
+    assert listing.exit_code == 0 and all(n in listing.stdout for n in names)
     rows = json.loads(runner.invoke(app, ["info", "--json"]).stdout)
-    assert [r["backbone"] for r in rows] == ["sd15", "sd21", "pixart", "tiny"]
+    assert [r["backbone"] for r in rows] == ["sd15", "sd21", "pixart", "sdxl", "tiny"]
 
 
 def test_info_bad_input_is_one_line_exit_2():
-    result = runner.invoke(app, ["info", "--backbone", "sdxl"])
+    result = runner.invoke(app, ["info", "--backbone", "sd3"])
     assert result.exit_code == 2
-    assert "unknown backbone 'sdxl'" in result.stderr and "Traceback" not in result.output
+    assert "unknown backbone 'sd3'" in result.stderr and "Traceback" not in result.output
     assert len(result.stderr.strip().splitlines()) == 1
     bad_rank = runner.invoke(app, ["info", "--backbone", "sd15", "--rank", "0"])
     assert bad_rank.exit_code == 2 and "positive" in bad_rank.stderr

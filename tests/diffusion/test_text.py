@@ -84,6 +84,20 @@ def test_condition_cat_and_index():
         TextCondition.cat([a, TextCondition(torch.zeros(1, 3, 4))])
 
 
+def test_condition_carries_sdxls_pooled_embedding():
+    """cat / index / to / expand keep the pooled rows with their prompts; mixing pooled and
+    unpooled conditions is refused."""
+    a = TextCondition(torch.zeros(2, 3, 4), None, torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    b = TextCondition(torch.ones(1, 3, 4), None, torch.tensor([[5.0, 6.0]]))
+    c = TextCondition.cat([a, b])
+    assert c.pooled.tolist() == [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]
+    assert c.index([2, 0]).pooled.tolist() == [[5.0, 6.0], [1.0, 2.0]]
+    assert c.to(dtype=torch.float64).pooled.dtype == torch.float64
+    assert b.expand(3).pooled.tolist() == [[5.0, 6.0]] * 3
+    with pytest.raises(ValueError, match="pooled"):
+        TextCondition.cat([a, TextCondition(torch.zeros(1, 3, 4))])
+
+
 def test_bad_inputs(tiny_components):
     with pytest.raises(BadInputError):
         PromptEncoder(tiny_components["tokenizer"], tiny_components["text_encoder"], "bert")

@@ -94,7 +94,7 @@ def test_unknown_keys_and_bad_values_are_refused(tmp_path):
     with pytest.raises(BadInputError, match="t-min"):
         resolve_config(overrides={"t_min": 900, "t_max": 100})
     with pytest.raises(BadInputError, match="backbone"):
-        resolve_config(overrides={"backbone": "sdxl"})
+        resolve_config(overrides={"backbone": "sd3"})
     with pytest.raises(BadInputError, match="--adapter must be one of"):
         resolve_config(overrides={"adapter": "ful"})
 

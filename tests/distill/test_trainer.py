@@ -220,6 +220,11 @@ def test_prompt_dropout_replaces_rows_with_the_empty_prompt():
     empty = TextCondition(torch.zeros(3, 2, 4), torch.zeros(3, 2, dtype=torch.long))
     out = _drop_prompts(cond, empty, torch.tensor([False, True, False]))
     assert out.embeds[:, 0, 0].tolist() == [1.0, 0.0, 1.0] and out.mask[:, 0].tolist() == [1, 0, 1]
+    # SDXL: the pooled embedding of a dropped row is ∅'s too
+    pooled = TextCondition(torch.ones(3, 2, 4), None, torch.full((3, 5), 2.0))
+    blank = TextCondition(torch.zeros(3, 2, 4), None, torch.full((3, 5), -1.0))
+    out = _drop_prompts(pooled, blank, torch.tensor([True, False, True]))
+    assert out.pooled[:, 0].tolist() == [-1.0, 2.0, -1.0] and out.embeds[:, 0, 0].tolist() == [0.0, 1.0, 0.0]
 
 
 def test_gradient_checkpointing_gives_the_same_updates(pipe_dir):

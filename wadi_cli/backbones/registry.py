@@ -13,6 +13,7 @@ plans come from the shape tables of :mod:`wadi_cli.backbones.skeletons`.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,22 @@ ALPHA_BAR_T: float = 0.0047
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
 CONFIGS_DIR: Path = _PACKAGE_DIR / "configs"
+
+
+def scaled_linear_alpha_bar_last(
+    beta_start: float = 0.00085, beta_end: float = 0.012, steps: int = 1000
+) -> float:
+    """ᾱ at the last training step of a "scaled_linear" schedule (SD, SDXL):
+    ``β_t = (√β_start + t/(steps−1) · (√β_end − √β_start))²`` and ``ᾱ_T = Π_t (1 − β_t)``,
+    in float64 without torch (``wadi info`` imports none). SD1.5/2.1 and SDXL share
+    0.00085–0.012 over 1000 steps: ᾱ_999 ≈ 0.004661."""
+    lo, hi = math.sqrt(beta_start), math.sqrt(beta_end)
+    prod = 1.0
+    for t in range(steps):
+        prod *= 1.0 - (lo + (hi - lo) * t / (steps - 1)) ** 2
+    return prod
+
+
 #: Where the tiny model's diffusers pipeline folder is shipped (see ``wadi_cli.tiny``).
 TINY_PIPELINE_DIR: Path = _PACKAGE_DIR / "assets" / "tiny" / "pipeline"
 
@@ -125,6 +142,15 @@ class Backbone:
     # Where the VAE, text encoder, tokenizer and scheduler come from when ``hub_id`` holds
     # only the denoiser (PixArt-α 256's repo holds only transformer/); None: ``hub_id``.
     components_repo: str | None = None
+    # Pipeline folders beyond PIPELINE_COMPONENTS (SDXL: its second text encoder and tokenizer)
+    # and the weighted ones among them.
+    extra_components: tuple[str, ...] = ()
+    extra_weighted: tuple[str, ...] = ()
+    # A VAE repository (a diffusers model folder at its root) that replaces the pipeline's
+    # VAE when the frozen weights run in float16 (SDXL's VAE overflows in fp16); None: none.
+    fp16_vae_repo: str | None = None
+    # Shown by `wadi info` beside the recipe ("" for the paper's recipes).
+    recipe_note: str = ""
     # Other base models of the same family, as (hub id, what it is): shown by `wadi info`.
     alternatives: tuple[tuple[str, str], ...] = ()
     default_dtype_name: str = "float16"  # dtype of frozen weights on a GPU (see default_dtype)
@@ -143,6 +169,16 @@ class Backbone:
 
         return getattr(torch, self.default_dtype_name)
 
+    @property
+    def components(self) -> tuple[str, ...]:
+        """Pipeline folders besides the denoiser that sampling and training load."""
+        return PIPELINE_COMPONENTS + self.extra_components
+
+    @property
+    def weighted_components(self) -> tuple[str, ...]:
+        """Those of :attr:`components` that hold weights."""
+        return WEIGHTED_COMPONENTS + self.extra_weighted
+
     def model_id(self, override: str | None = None) -> str:
         """The base model to load: ``override`` (``--model PATH_OR_ID``) or the hub id."""
         return override if override else self.hub_id
@@ -155,7 +191,7 @@ class Backbone:
             "denoiser": {"repo": self.hub_id, "folder": subfolder, "flag": "--model"},
             "components": {
                 "repo": self.components_repo or self.hub_id,
-                "folders": list(PIPELINE_COMPONENTS),
+                "folders": list(self.components),
                 "flag": "--components",
             },
             "alternatives": [{"repo": h, "what": w, "flag": f"--model {h}"} for h, w in self.alternatives],
@@ -272,7 +308,12 @@ class Backbone:
             text_max_length=self.text_max_length,
             prediction_type=self.prediction_type,
             mixed_precision=self.mixed_precision,
-            recipe={"file": str(self.recipe_path), "values": backbone_recipe(self.name)},
+            fp16_vae=self.fp16_vae_repo,
+            recipe={
+                "file": str(self.recipe_path),
+                "values": backbone_recipe(self.name),
+                "note": self.recipe_note,
+            },
         )
         return plan
 
@@ -371,6 +412,31 @@ def _make_registry() -> dict[str, Backbone]:
             default_dtype_name="bfloat16",
             mixed_precision="bf16",
             description="PixArt-α 256 px DiT (T5-XXL, ε-prediction, learned variance)",
+        ),
+        Backbone(
+            name="sdxl",
+            hub_id="stabilityai/stable-diffusion-xl-base-1.0",
+            config_path=CONFIGS_DIR / "sdxl" / "unet" / "config.json",
+            extra_components=("text_encoder_2", "tokenizer_2"),
+            extra_weighted=("text_encoder_2",),
+            # SDXL's own scheduler: scaled_linear 0.00085-0.012 over 1000 steps, as SD's
+            alpha_bar_T=scaled_linear_alpha_bar_last(0.00085, 0.012, 1000),
+            # the SDXL VAE's activations overflow fp16 (NaN images); this fine-tune keeps
+            # its outputs and scales its inner activations down (its model card)
+            fp16_vae_repo="madebyollin/sdxl-vae-fp16-fix",
+            **_recipe_ranks("sdxl"),
+            recipe_note=(
+                "not validated at full scale: the paper's SD recipe with the SDXL distillers' "
+                "teacher CFG and timesteps (wadi_cli/configs/distill/sdxl.toml); no release exists"
+            ),
+            description="Stable Diffusion XL base 1.0 (1024 px, CLIP ViT-L + OpenCLIP bigG, ε-prediction)",
+            **{
+                **sd_common,
+                "resolution": 1024,
+                "latent_size": 128,
+                "text_encoder": "clip-l+clip-g",
+                "release_repo": None,  # no one-step SDXL release: `wadi sample -b sdxl` needs -w
+            },
         ),
         Backbone(
             name="tiny",

@@ -22,7 +22,7 @@ scheduler makes diffusers' plain one-step call `pipe(prompt, num_inference_steps
 guidance_scale=0)` sample t = 999 with the run's ᾱ_T, and a model card README.md
 (--eval EVAL adds the metrics of a `wadi eval --out EVAL` folder);
 single-file = the original Stable Diffusion checkpoint layout (U-Net + VAE + text encoder)
-that ComfyUI and AUTOMATIC1111 load (sd15, sd21); lora = a LoRA of the student's weight
+that ComfyUI and AUTOMATIC1111 load (sd15, sd21, sdxl); lora = a LoRA of the student's weight
 change (truncated SVD per layer, --lora-rank R or --lora-energy E; kohya keys for
 ComfyUI / AUTOMATIC1111 / diffusers' load_lora_weights, --lora-keys diffusers for PEFT
 names) that applies the student to other checkpoints of the family. Every format records the run's ᾱ_T.

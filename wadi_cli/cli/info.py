@@ -65,6 +65,8 @@ def _plan_table(plan: dict) -> Table:
     table.add_row("ᾱ_T", f"{plan['alpha_bar_T']} (unless the weights record theirs; --alpha-bar-t)")
     table.add_row("prediction", f"{plan['prediction_type']} (the scheduler config of the model decides)")
     table.add_row("mixed precision", plan["mixed_precision"])
+    if plan.get("fp16_vae"):
+        table.add_row("VAE in fp16", f"{plan['fp16_vae']} (the base VAE overflows fp16; fp32/bf16 keep it)")
     r = plan["recipe"]["values"]
     table.add_row(
         "distill recipe",
@@ -73,6 +75,8 @@ def _plan_table(plan: dict) -> Table:
         f"batch {r['batch_size']}, {r['max_steps']} steps "
         f"(all of it: wadi distill -b {plan['backbone']} --dry-run)",
     )
+    if plan["recipe"].get("note"):
+        table.add_row("recipe status", plan["recipe"]["note"])
     t = plan["sampling"]["values"]["teacher"]
     table.add_row(
         "sampling recipe",

@@ -18,12 +18,13 @@ from wadi_cli.diffusion.schedule import (
     x0_from_eps,
     x0_from_v,
 )
-from wadi_cli.diffusion.text import PromptEncoder, TextCondition
+from wadi_cli.diffusion.text import DualCLIPPromptEncoder, PromptEncoder, TextCondition
 
 __all__ = [
     "PREDICTION_TYPES",
     "DiTDenoiser",
     "Denoiser",
+    "DualCLIPPromptEncoder",
     "PromptEncoder",
     "TextCondition",
     "UNetDenoiser",

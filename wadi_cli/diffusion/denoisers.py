@@ -1,8 +1,12 @@
 """One denoiser wrapper per backbone family, hiding each family's quirks behind the same
 call ``denoiser(x_t, t, cond) -> raw prediction`` and ``denoiser.eps(x_t, t, cond) -> ε``:
 
-- :class:`UNetDenoiser` (SD 1.5 / 2.1 / tiny): ``UNet2DConditionModel``; no mask unless
-  the text condition carries one.
+- :class:`UNetDenoiser` (SD 1.5 / 2.1 / SDXL / tiny): ``UNet2DConditionModel``; no mask
+  unless the text condition carries one. A U-Net with ``addition_embed_type="text_time"``
+  (SDXL) gets ``added_cond_kwargs``: ``text_embeds`` = the pooled text embedding of the
+  condition and ``time_ids`` = (original size, crop top-left, target size) =
+  (H, W, 0, 0, H, W) in pixels, H × W being the latent side times the VAE's scale factor
+  (diffusers' ``StableDiffusionXLPipeline`` defaults: no crop, original = target size).
 - :class:`DiTDenoiser` (PixArt-α): ``PixArtTransformer2DModel``; learned variance means 8
   output channels of which the first 4 are ε; the T5 attention mask goes to
   ``encoder_attention_mask``; ``added_cond_kwargs`` is ``{"resolution": None,
@@ -65,15 +69,52 @@ class Denoiser(nn.Module):
         return to_eps(pred, x_t, alpha_bar_at(self.alphas_cumprod, tt.long()), self.prediction_type)
 
 
+def sdxl_time_ids(
+    height: int, width: int, batch: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """SDXL's micro-conditioning (B, 6): original size (H, W), crop top-left (0, 0), target
+    size (H, W), in pixels."""
+    row = torch.tensor([height, width, 0, 0, height, width], device=device, dtype=dtype)
+    return row.expand(batch, 6)
+
+
 class UNetDenoiser(Denoiser):
-    """SD-style ``UNet2DConditionModel``."""
+    """SD-style ``UNet2DConditionModel`` (with SDXL's added conditions when its config asks)."""
 
     family = "unet"
 
+    def __init__(
+        self,
+        model: nn.Module,
+        prediction_type: str = "epsilon",
+        alphas_cumprod: torch.Tensor | None = None,
+        vae_scale_factor: int = 8,
+    ) -> None:
+        super().__init__(model, prediction_type, alphas_cumprod)
+        self.vae_scale_factor = vae_scale_factor
+
+    def _added_cond_kwargs(self, x: torch.Tensor, cond: TextCondition) -> dict[str, torch.Tensor] | None:
+        config = getattr(self.model, "config", None)
+        if getattr(config, "addition_embed_type", None) != "text_time":
+            return None
+        if cond.pooled is None:
+            raise BadInputError(
+                "this U-Net (SDXL) needs the pooled text embedding of its second text encoder"
+            )
+        dtype = self.model.dtype  # type: ignore[attr-defined]
+        h, w = x.shape[-2] * self.vae_scale_factor, x.shape[-1] * self.vae_scale_factor
+        return {
+            "text_embeds": cond.pooled.to(device=x.device, dtype=dtype),
+            "time_ids": sdxl_time_ids(h, w, x.shape[0], x.device, dtype),
+        }
+
     def forward(self, x_t: torch.Tensor, t: int | torch.Tensor, cond: TextCondition) -> torch.Tensor:
-        kwargs = {}
+        kwargs: dict[str, object] = {}
         if cond.mask is not None:
             kwargs["encoder_attention_mask"] = cond.mask
+        added = self._added_cond_kwargs(x_t, cond)
+        if added is not None:
+            kwargs["added_cond_kwargs"] = added
         dtype = self.model.dtype  # type: ignore[attr-defined]
         out = self.model(
             x_t.to(dtype),
@@ -131,9 +172,12 @@ def wrap_denoiser(
     prediction_type: str = "epsilon",
     alphas_cumprod: torch.Tensor | None = None,
     family: str | None = None,
+    vae_scale_factor: int = 8,
 ) -> Denoiser:
     """Wrap a diffusers U-Net or PixArt transformer. ``family`` ("unet" | "dit") defaults
-    to the model's class: anything named ``*Transformer*`` is a DiT, ``*UNet*`` a U-Net."""
+    to the model's class: anything named ``*Transformer*`` is a DiT, ``*UNet*`` a U-Net.
+    ``vae_scale_factor`` (pixels per latent) turns latent sides into the pixel sizes of the
+    added conditions (SDXL's time ids, PixArt's resolution)."""
     if family is None:
         # torch.compile wraps modules; look through to the original class.
         name = type(getattr(model, "_orig_mod", model)).__name__
@@ -144,7 +188,7 @@ def wrap_denoiser(
         else:
             raise BadInputError(f"cannot tell the denoiser family of {name}; pass family='unet' or 'dit'")
     if family == "unet":
-        return UNetDenoiser(model, prediction_type, alphas_cumprod)
+        return UNetDenoiser(model, prediction_type, alphas_cumprod, vae_scale_factor)
     if family == "dit":
-        return DiTDenoiser(model, prediction_type, alphas_cumprod)
+        return DiTDenoiser(model, prediction_type, alphas_cumprod, vae_scale_factor)
     raise BadInputError(f"unknown denoiser family {family!r}; expected 'unet' or 'dit'")

@@ -10,6 +10,13 @@ repeat that):
   sequence).
 - T5 (PixArt): tokens padded to ``max_length`` (120); the attention mask goes to the
   encoder and, through :class:`TextCondition.mask`, to the transformer's cross-attention.
+- Two CLIPs (SDXL, :class:`DualCLIPPromptEncoder`): as diffusers'
+  ``StableDiffusionXLPipeline.encode_prompt``, each encoder reads its own tokens (padded to
+  77, no mask) and gives its penultimate hidden states; the two are concatenated along the
+  features (768 + 1280 = 2048), and the second encoder's projected pooled output
+  (``text_embeds``) is :class:`TextCondition.pooled`. ∅ is all zeros when the pipeline's
+  ``force_zeros_for_empty_prompt`` is set (SDXL base: it was trained with zeroed text
+  conditions), else the encoded empty prompt.
 """
 
 from __future__ import annotations
@@ -28,10 +35,12 @@ TextEncoderKind = Literal["clip", "t5"]
 @dataclass
 class TextCondition:
     """Encoded prompts: ``embeds`` (B, L, D) and an optional cross-attention mask (B, L),
-    1 = attend, 0 = padding. ``mask is None`` means "attend to every token"."""
+    1 = attend, 0 = padding. ``mask is None`` means "attend to every token". ``pooled``
+    (B, P): SDXL's pooled text embedding (the U-Net's ``text_embeds``), else ``None``."""
 
     embeds: torch.Tensor
     mask: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.embeds.shape[0])
@@ -40,13 +49,18 @@ class TextCondition:
         """Move to ``device``; cast the embeddings (never the mask) to ``dtype``."""
         embeds = self.embeds.to(device=device, dtype=dtype)
         mask = None if self.mask is None else self.mask.to(device=device)
-        return TextCondition(embeds, mask)
+        pooled = None if self.pooled is None else self.pooled.to(device=device, dtype=dtype)
+        return TextCondition(embeds, mask, pooled)
 
     def index(self, idx: slice | Sequence[int] | torch.Tensor) -> TextCondition:
         """Rows ``idx`` of the batch."""
         if not isinstance(idx, slice):
             idx = torch.as_tensor(idx, dtype=torch.long, device=self.embeds.device)
-        return TextCondition(self.embeds[idx], None if self.mask is None else self.mask[idx])
+        return TextCondition(
+            self.embeds[idx],
+            None if self.mask is None else self.mask[idx],
+            None if self.pooled is None else self.pooled[idx],
+        )
 
     @staticmethod
     def cat(conditions: Sequence[TextCondition]) -> TextCondition:
@@ -56,9 +70,20 @@ class TextCondition:
         masks = [c.mask for c in conditions]
         if any(m is None for m in masks) and not all(m is None for m in masks):
             raise ValueError("cannot concatenate masked and unmasked text conditions")
+        pooled = [c.pooled for c in conditions]
+        if any(p is None for p in pooled) and not all(p is None for p in pooled):
+            raise ValueError("cannot concatenate text conditions with and without pooled embeddings")
         embeds = torch.cat([c.embeds for c in conditions])
         mask = None if masks[0] is None else torch.cat(masks)  # type: ignore[arg-type]
-        return TextCondition(embeds, mask)
+        return TextCondition(embeds, mask, None if pooled[0] is None else torch.cat(pooled))  # type: ignore[arg-type]
+
+    def expand(self, n: int) -> TextCondition:
+        """This one-row condition repeated ``n`` times (a view, no copy)."""
+        return TextCondition(
+            self.embeds.expand(n, *self.embeds.shape[1:]),
+            None if self.mask is None else self.mask.expand(n, *self.mask.shape[1:]),
+            None if self.pooled is None else self.pooled.expand(n, *self.pooled.shape[1:]),
+        )
 
 
 #: no tokenizer wadi uses makes a token of fewer than one character of text, so the first
@@ -101,6 +126,13 @@ class PromptEncoder:
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str]) -> TextCondition:
         """Encode a batch of prompts (strings, possibly empty)."""
+        ids, mask = self.tokens(prompts)
+        encoder_mask = mask if self._encoder_wants_mask() else None
+        embeds = self.text_encoder(ids, attention_mask=encoder_mask)[0]
+        return TextCondition(embeds, mask if self.kind == "t5" else None)
+
+    def tokens(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask (B, max_length) of ``prompts``, on the encoder's device."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if len(prompts) == 0:
@@ -113,11 +145,7 @@ class PromptEncoder:
             return_attention_mask=True,
             return_tensors="pt",
         )
-        ids = tokens.input_ids.to(self.device)
-        mask = tokens.attention_mask.to(self.device)
-        encoder_mask = mask if self._encoder_wants_mask() else None
-        embeds = self.text_encoder(ids, attention_mask=encoder_mask)[0]
-        return TextCondition(embeds, mask if self.kind == "t5" else None)
+        return tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
 
     def _within_limit(self, prompt: str) -> str:
         """``prompt``, or the start of it that holds more tokens than the encoder reads (the
@@ -141,8 +169,62 @@ class PromptEncoder:
         """∅ (the empty prompt) repeated ``n`` times, encoded by exactly the same rule."""
         if self._empty is None or self._empty.embeds.device != self.device:
             self._empty = self([""])
-        e = self._empty
-        return TextCondition(
-            e.embeds.expand(n, *e.embeds.shape[1:]),
-            None if e.mask is None else e.mask.expand(n, *e.mask.shape[1:]),
-        )
+        return self._empty.expand(n)
+
+
+class DualCLIPPromptEncoder:
+    """SDXL's prompt encoding (the module docstring): callable ``prompts -> TextCondition``
+    with ``pooled`` set; ``encoder.empty(n)`` gives ∅ (zeros when ``zero_empty``)."""
+
+    kind = "clip-l+clip-g"
+
+    def __init__(
+        self,
+        tokenizers: Sequence[object],
+        text_encoders: Sequence[torch.nn.Module],
+        max_length: int | None = None,
+        zero_empty: bool = True,
+    ) -> None:
+        if len(tokenizers) != 2 or len(text_encoders) != 2:
+            raise BadInputError("SDXL prompt encoding needs two tokenizers and two text encoders")
+        self.parts = [
+            PromptEncoder(t, e, "clip", max_length) for t, e in zip(tokenizers, text_encoders, strict=True)
+        ]
+        self.max_length = self.parts[0].max_length
+        self.zero_empty = zero_empty
+        self._empty: TextCondition | None = None
+
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        """The first text encoder (its device and dtype are the pair's)."""
+        return self.parts[0].text_encoder
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts[0].device
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str]) -> TextCondition:
+        """Encode a batch of prompts: penultimate hidden states of both encoders,
+        concatenated, and the second encoder's projected pooled output."""
+        hidden, pooled = [], None
+        for part in self.parts:
+            ids, _ = part.tokens(prompts)
+            out = part.text_encoder(ids.to(part.device), output_hidden_states=True)
+            if out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds (B, projection_dim)
+                pooled = out[0]
+            hidden.append(out.hidden_states[-2])
+        if pooled is None:
+            raise BadInputError("SDXL's second text encoder must be a CLIPTextModelWithProjection")
+        embeds = torch.cat([h.to(hidden[0].device) for h in hidden], dim=-1)
+        return TextCondition(embeds, None, pooled.to(embeds.device))
+
+    def empty(self, n: int) -> TextCondition:
+        """∅ repeated ``n`` times: zeros of the prompts' shapes when ``zero_empty`` (as
+        diffusers' SDXL pipeline with ``force_zeros_for_empty_prompt``), else ``""`` encoded."""
+        if self._empty is None or self._empty.embeds.device != self.device:
+            e = self([""])
+            if self.zero_empty:
+                e = TextCondition(torch.zeros_like(e.embeds), None, torch.zeros_like(e.pooled))
+            self._empty = e
+        return self._empty.expand(n)

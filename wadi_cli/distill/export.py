@@ -237,9 +237,10 @@ def export_run(
         from wadi_cli.io.sd_single_file_write import save_single_file
 
         unet_config = json.loads((source.denoiser_root / "unet" / "config.json").read_text(encoding="utf-8"))
-        count = save_single_file(out_path, merged, unet_config, source.components_root, backbone.name, meta)
+        count = save_single_file(
+            out_path, merged, unet_config, source.components_root, backbone.name, meta, source.vae_root
+        )
         return {**summary, "tensors": count}
-    from wadi_cli.backbones.registry import PIPELINE_COMPONENTS
     from wadi_cli.io.pipeline_folder import write_pipeline_folder
 
     alpha_bar_T = float(config.get("alpha_bar_T") or backbone.alpha_bar_T)
@@ -251,10 +252,11 @@ def export_run(
             denoiser_class=backbone.denoiser_class,
             denoiser_state=merged,
             components_root=source.components_root,
-            components=PIPELINE_COMPONENTS,
+            components=backbone.components,
             family=backbone.family,
             variant=source.variant,
             metadata=meta,
+            component_roots={"vae": source.vae_root} if source.vae_root is not None else None,
         )
         write_one_step_scheduler(tmp, alpha_bar_T)
         index = json.loads((tmp / "model_index.json").read_text(encoding="utf-8"))

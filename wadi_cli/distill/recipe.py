@@ -142,6 +142,7 @@ class AdapterRecipe:
             self.denoiser.prediction_type,
             self.denoiser.alphas_cumprod,
             family=self.denoiser.family,
+            vae_scale_factor=getattr(self.denoiser, "vae_scale_factor", 8),
         )
         self.targets[name] = []
 

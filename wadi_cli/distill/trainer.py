@@ -305,4 +305,7 @@ def _drop_prompts(cond: TextCondition, empty: TextCondition, drop: Tensor) -> Te
     mask = None
     if cond.mask is not None and empty.mask is not None:
         mask = torch.where(keep[:, :, 0], cond.mask, empty.mask)
-    return TextCondition(embeds, mask)
+    pooled = None
+    if cond.pooled is not None and empty.pooled is not None:  # SDXL's pooled text embedding
+        pooled = torch.where(keep[:, :, 0], cond.pooled, empty.pooled.to(cond.pooled.dtype))
+    return TextCondition(embeds, mask, pooled)

@@ -31,6 +31,8 @@ _LIBRARIES = {
     "scheduler": "diffusers",
     "text_encoder": "transformers",
     "tokenizer": "transformers",
+    "text_encoder_2": "transformers",
+    "tokenizer_2": "transformers",
 }
 
 
@@ -103,6 +105,8 @@ def pipeline_index(
             continue
         if isinstance(value, list) and len(value) == 2:
             index[key] = [None, None]  # not copied (safety checker, feature extractor, ...)
+        elif not isinstance(value, list | dict):  # pipeline settings (SDXL's force_zeros_for_empty_prompt)
+            index[key] = value
     for name in components:
         entry = source.get(name)
         index[name] = list(entry) if isinstance(entry, list) and entry[0] else [_LIBRARIES[name], None]
@@ -125,11 +129,11 @@ def _default_classes(root: Path, names: Sequence[str]) -> dict[str, str]:
         cfg = {}
         if (root / name / cfg_file).is_file():
             cfg = json.loads((root / name / cfg_file).read_text(encoding="utf-8"))
-        if name == "tokenizer":
+        if name.startswith("tokenizer"):
             tok = root / name / "tokenizer_config.json"
             cfg = json.loads(tok.read_text(encoding="utf-8")) if tok.is_file() else {}
             out[name] = cfg.get("tokenizer_class") or "AutoTokenizer"
-        elif name == "text_encoder":
+        elif name.startswith("text_encoder"):
             out[name] = (cfg.get("architectures") or ["AutoModel"])[0]
         else:
             out[name] = cfg.get("_class_name") or ("AutoencoderKL" if name == "vae" else "DDPMScheduler")
@@ -148,12 +152,15 @@ def write_pipeline_folder(
     family: str,
     variant: str | None = None,
     metadata: Mapping[str, str] | None = None,
+    component_roots: Mapping[str, Path] | None = None,
 ) -> Path:
     """Write a complete pipeline into the (empty, temporary) folder ``dest``: the
     denoiser's config from ``denoiser_root/subfolder`` with ``denoiser_state`` as its
-    weights, and ``components`` copied from ``components_root``."""
+    weights, and ``components`` copied from ``components_root`` (or from the folder
+    ``component_roots`` names for one: SDXL's fp16-safe VAE)."""
+    roots = dict(component_roots or {})
     for name in components:
-        copy_component(components_root / name, dest / name, variant)
+        copy_component(roots.get(name, components_root / name), dest / name, variant)
     (dest / subfolder).mkdir(parents=True, exist_ok=True)
     config = denoiser_root / subfolder / "config.json"
     if not config.is_file():

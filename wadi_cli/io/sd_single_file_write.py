@@ -7,6 +7,12 @@ layout under ``cond_stage_model.model.``, with q/k/v joined into ``in_proj``). T
 are data tables applied per module; the U-Net mapping is checked by running it back
 through diffusers' own converter (:func:`wadi_cli.io.sd_single_file.ldm_unet_table`).
 
+SDXL (the layout of ``sd_xl_base_1.0.safetensors``): ``conditioner.embedders.0.transformer.``
+holds the CLIP ViT-L text model as transformers names it, ``conditioner.embedders.1.model.``
+the OpenCLIP ViT-bigG text tower in OpenCLIP's names with its ``text_projection`` (the
+transpose of transformers' ``text_projection.weight``: OpenCLIP multiplies ``x @ P``), and
+the U-Net's added-condition embedding is ``label_emb.0.{0,2}``.
+
 SD 2.x text encoders: diffusers keeps the 23 layers SD2 uses (it reads the penultimate
 layer of OpenCLIP ViT-H); the file holds those 23, without OpenCLIP's last layer and
 ``text_projection``, which SD2 never uses (loaders that build the full 24-layer model
@@ -31,8 +37,10 @@ from wadi_cli.io.sd_single_file import LDM_UNET_PREFIX, ldm_unet_table
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."  # SD 1.x
 OPENCLIP_PREFIX = "cond_stage_model.model."  # SD 2.x
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
 #: backbone -> text encoder layout of its original checkpoints
-TEXT_LAYOUTS = {"sd15": "clip", "sd21": "openclip"}
+TEXT_LAYOUTS = {"sd15": "clip", "sd21": "openclip", "sdxl": "sdxl"}
 
 # ---- data tables: diffusers module name -> original module name ---------------------------
 UNET_TOP = {
@@ -50,6 +58,7 @@ UNET_RESNET = {
     "conv2": "out_layers.3",
     "conv_shortcut": "skip_connection",
 }
+UNET_ADDED = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}  # SDXL
 UNET_MID = {"resnets.0": "middle_block.0", "attentions.0": "middle_block.1", "resnets.1": "middle_block.2"}
 VAE_TOP = {"conv_in": "conv_in", "conv_out": "conv_out", "conv_norm_out": "norm_out"}
 VAE_RESNET = {"conv_shortcut": "nin_shortcut"}  # norm1/conv1/norm2/conv2 keep their names
@@ -89,6 +98,8 @@ def unet_module_map(config: Mapping[str, Any]) -> dict[str, tuple[str, Mapping[s
     levels = len(config["block_out_channels"])
     down, up = config["down_block_types"], config["up_block_types"]
     out: dict[str, tuple[str, Mapping[str, str] | None]] = {k: (v, None) for k, v in UNET_TOP.items()}
+    if config.get("addition_embed_type") == "text_time":
+        out.update({k: (v, None) for k, v in UNET_ADDED.items()})
     for b in range(levels):
         for j in range(per):
             slot = 1 + b * (per + 1) + j
@@ -167,28 +178,33 @@ def vae_to_ldm(state: Mapping[str, torch.Tensor], levels: int) -> dict[str, torc
     return out
 
 
-def clip_to_ldm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """SD 1.x: the transformers CLIP text model as is, under ``cond_stage_model.transformer.``."""
+def clip_to_ldm(state: Mapping[str, torch.Tensor], prefix: str = CLIP_PREFIX) -> dict[str, torch.Tensor]:
+    """SD 1.x: the transformers CLIP text model as is, under ``cond_stage_model.transformer.``
+    (SDXL's first encoder: under ``prefix``)."""
     return {
-        CLIP_PREFIX + k.removeprefix("text_model."): v
-        for k, v in state.items()
-        if not k.endswith("position_ids")
+        prefix + k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")
     }
 
 
-def openclip_to_ldm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """SD 2.x: OpenCLIP's names; each layer's q/k/v projections joined into ``in_proj``."""
+def openclip_to_ldm(
+    state: Mapping[str, torch.Tensor], prefix: str = OPENCLIP_PREFIX
+) -> dict[str, torch.Tensor]:
+    """SD 2.x: OpenCLIP's names under ``prefix``; each layer's q/k/v projections joined into
+    ``in_proj``; a projection (SDXL's second encoder) becomes OpenCLIP's ``text_projection``."""
     plain = {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
     out: dict[str, torch.Tensor] = {}
     for name, tensor in plain.items():
         if name in OPENCLIP_TOP:
-            out[OPENCLIP_PREFIX + OPENCLIP_TOP[name]] = tensor
+            out[prefix + OPENCLIP_TOP[name]] = tensor
+            continue
+        if name == "text_projection.weight":  # nn.Linear (proj, width) -> OpenCLIP's (width, proj)
+            out[prefix + "text_projection"] = tensor.t().contiguous()
             continue
         parts = name.split(".")
         if parts[:2] != ["encoder", "layers"] or len(parts) < 5:
             raise CheckpointError(f"no OpenCLIP name for text encoder tensor {name!r}")
         layer, rest = parts[2], ".".join(parts[3:])
-        base = f"{OPENCLIP_PREFIX}transformer.resblocks.{layer}."
+        base = f"{prefix}transformer.resblocks.{layer}."
         if rest.startswith("self_attn.") and rest.split(".")[1] in OPENCLIP_QKV:
             kind = rest.rsplit(".", 1)[1]  # weight | bias
             if rest.startswith("self_attn.q_proj."):
@@ -202,8 +218,9 @@ def openclip_to_ldm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
 def check_single_file_backbone(backbone: str) -> str:
     """The text-encoder layout of ``backbone``'s original checkpoints, or one error line."""
     if backbone not in TEXT_LAYOUTS:
+        names = ", ".join(TEXT_LAYOUTS)
         raise BadInputError(
-            f"--format single-file writes the original Stable Diffusion layout (sd15, sd21), not {backbone!r}"
+            f"--format single-file writes the original Stable Diffusion layout ({names}), not {backbone!r}"
         )
     return TEXT_LAYOUTS[backbone]
 
@@ -213,21 +230,33 @@ def single_file_state(
     unet_config: Mapping[str, Any],
     components_root: str | os.PathLike[str],
     backbone: str,
+    vae_folder: str | os.PathLike[str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """U-Net tensors (diffusers names, of the architecture ``unet_config``) + the VAE and
-    text encoder of the base pipeline at ``components_root``, all under their original
-    Stable Diffusion names."""
+    """U-Net tensors (diffusers names, of the architecture ``unet_config``) + the VAE (from
+    ``vae_folder`` when given: SDXL's fp16-safe VAE) and text encoder(s) of the base
+    pipeline at ``components_root``, all under their original Stable Diffusion names."""
 
     layout = check_single_file_backbone(backbone)
     root = Path(components_root)
-    vae_cfg = json.loads((root / "vae" / "config.json").read_text(encoding="utf-8"))
-    with open_checkpoint(root / "vae") as src:
+    vae_dir = Path(vae_folder) if vae_folder is not None else root / "vae"
+    vae_cfg = json.loads((vae_dir / "config.json").read_text(encoding="utf-8"))
+    with open_checkpoint(vae_dir) as src:
         vae = dict(src.items())
     with open_checkpoint(root / "text_encoder") as src:
         text = dict(src.items())
     out = unet_to_ldm(unet, unet_config)
     out.update(vae_to_ldm(vae, len(vae_cfg["block_out_channels"])))
-    out.update(clip_to_ldm(text) if layout == "clip" else openclip_to_ldm(text))
+    if layout == "sdxl":
+        if not (root / "text_encoder_2").is_dir():
+            raise CheckpointError(
+                f"{root}: an SDXL single file needs text_encoder_2/ (its second text encoder)"
+            )
+        with open_checkpoint(root / "text_encoder_2") as src:
+            text_2 = dict(src.items())
+        out.update(clip_to_ldm(text, SDXL_CLIP_PREFIX))
+        out.update(openclip_to_ldm(text_2, SDXL_OPENCLIP_PREFIX))
+    else:
+        out.update(clip_to_ldm(text) if layout == "clip" else openclip_to_ldm(text))
     return out
 
 
@@ -238,11 +267,12 @@ def save_single_file(
     components_root: str | os.PathLike[str] | None,
     backbone: str,
     metadata: Mapping[str, str] | None = None,
+    vae_folder: str | os.PathLike[str] | None = None,
 ) -> int:
     """Write the single file atomically; returns its number of tensors."""
 
     if components_root is None:
         raise BadInputError("--format single-file needs the base pipeline's VAE and text encoder")
-    state = single_file_state(unet, unet_config, components_root, backbone)
+    state = single_file_state(unet, unet_config, components_root, backbone, vae_folder)
     save_safetensors(state, path, metadata)
     return len(state)

@@ -331,8 +331,13 @@ def check_base_backbone(
     keys = list(base.keys())
     paths, _ = adapter_paths(adapter)
     pre = _resolve_prefix(set(keys), paths, prefix)
-    bad = [f"{pre}{p}.weight is a conv {tuple(base.shape(f'{pre}{p}.weight'))}" for p in paths]
-    bad = [b for b, p in zip(bad, paths, strict=True) if len(base.shape(f"{pre}{p}.weight")) == 4]
+    present = set(keys)
+    weights = [f"{pre}{p}.weight" for p in paths if f"{pre}{p}.weight" in present]
+    bad = [f"{w} is a conv {tuple(base.shape(w))}" for w in weights if len(base.shape(w)) == 4]
+    missing = len(paths) - len(weights)
+    if missing and not bad:  # another architecture (an SDXL adapter on SD1.5): say so, not a KeyError
+        absent = next(f"{pre}{p}.weight" for p in paths if f"{pre}{p}.weight" not in present)
+        bad = [f"{absent} is not in the base"] * missing
     if backbone.family == "unet" and not bad:
         linear = bool(backbone.denoiser_config().get("use_linear_projection", False))
         proj = [k for k in keys if k.startswith(pre) and _PROJ.search(k)]
@@ -355,14 +360,13 @@ def _single_file_base(base: str | os.PathLike[str], config: LoRaDConfig) -> Path
     from wadi_cli.io.hub_files import FetchPlan
     from wadi_cli.io.sd_single_file_write import check_single_file_backbone
 
-    check_single_file_backbone(str(config.backbone))
+    layout = check_single_file_backbone(str(config.backbone))
     path = Path(base).expanduser()
-    folders = ("unet", "vae", "text_encoder")
+    folders = ("unet", "vae", "text_encoder") + (("text_encoder_2",) if layout == "sdxl" else ())
     if path.exists():
         if not all((path / f).is_dir() for f in folders):
-            raise BadInputError(
-                f"{path}: --format single-file needs a pipeline folder (with unet/, vae/, text_encoder/)"
-            )
+            need = ", ".join(f"{f}/" for f in folders)
+            raise BadInputError(f"{path}: --format single-file needs a pipeline folder (with {need})")
         return path
     if looks_like_repo_id(str(base)):
         return resolve_repo(str(base), FetchPlan(folders=folders, weights=folders))

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from wadi_cli.backbones.registry import PIPELINE_COMPONENTS, WEIGHTED_COMPONENTS, Backbone
+from wadi_cli.backbones.registry import PIPELINE_COMPONENTS, Backbone
 from wadi_cli.errors import BadInputError, CheckpointError
 from wadi_cli.io.hub import looks_like_repo_id, repo_files, resolve_repo, snapshot_files
 from wadi_cli.io.hub_files import FetchPlan, MissingFiles, folder_weights, select_files
@@ -37,7 +37,15 @@ from wadi_cli.tiny import TINY_PIPELINE_DIR, tiny_pipeline_available
 if TYPE_CHECKING:
     from diffusers import SchedulerMixin
 
-_TEXT_ENCODERS = {"clip": ("CLIPTextModel", "CLIPTokenizer"), "t5": ("T5EncoderModel", "T5Tokenizer")}
+_TEXT_ENCODERS = {
+    "clip": ("CLIPTextModel", "CLIPTokenizer"),
+    "t5": ("T5EncoderModel", "T5Tokenizer"),
+    "clip-l+clip-g": ("CLIPTextModel", "CLIPTokenizer"),
+}
+#: SDXL's second text encoder and tokenizer (folders text_encoder_2/, tokenizer_2/)
+_SECOND_TEXT_ENCODER = ("CLIPTextModelWithProjection", "CLIPTokenizer")
+#: the files of a VAE repository that holds one diffusers model at its root
+_VAE_REPO_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 
 
 def weights_variant(dtype: torch.dtype) -> str | None:
@@ -60,13 +68,16 @@ class PipelineSource:
     components_root: Path | None = None
     components_ref: str | None = None
     variant: str | None = None
+    vae_root: Path | None = None  # a VAE that replaces the components' (SDXL in fp16)
+    vae_ref: str | None = None
 
     def describe(self) -> str:
         """One line: where the denoiser and the other components come from."""
+        vae = f" + {self.vae_ref} (vae)" if self.vae_ref else ""
         if self.components_ref is None or self.components_ref == self.denoiser_ref:
-            return self.denoiser_ref
+            return self.denoiser_ref + vae
         parts = "vae, text encoder, tokenizer, scheduler"
-        return f"{self.denoiser_ref} ({self.subfolder}) + {self.components_ref} ({parts})"
+        return f"{self.denoiser_ref} ({self.subfolder}) + {self.components_ref} ({parts}){vae}"
 
 
 def _plan(folders: tuple[str, ...], weights: tuple[str, ...], variant: str | None) -> FetchPlan:
@@ -90,14 +101,24 @@ def _open_root(ref: str, plan: FetchPlan, flag: str) -> Path:
     return resolve_repo(ref, plan)
 
 
-def _holds_components(ref: str) -> bool:
+def _holds_components(ref: str, components: tuple[str, ...] = PIPELINE_COMPONENTS) -> bool:
     """Whether ``ref`` (a local folder or hub id) is a complete pipeline (not only a denoiser)."""
     local = Path(ref).expanduser()
     if local.exists():
-        return all((local / c).is_dir() for c in PIPELINE_COMPONENTS)
+        return all((local / c).is_dir() for c in components)
 
     folders = {f.split("/", 1)[0] for f in repo_files(ref, None, None) if "/" in f}
-    return all(c in folders for c in PIPELINE_COMPONENTS)
+    return all(c in folders for c in components)
+
+
+def _open_vae_repo(ref: str) -> Path:
+    """The folder of a one-model VAE repository (``config.json`` and its safetensors at the root)."""
+    plan = FetchPlan(folders=(), root=_VAE_REPO_FILES)
+    root = _open_root(ref, plan, "the fp16 VAE")
+    missing = [n for n in _VAE_REPO_FILES if not (root / n).is_file()]
+    if missing:
+        raise CheckpointError(f"the fp16 VAE {ref}: no {', '.join(missing)} in {root}")
+    return root
 
 
 def resolve_pipeline_source(
@@ -117,7 +138,9 @@ def resolve_pipeline_source(
     registry's ``components_repo``. ``denoiser_weights=False`` fetches only the
     denoiser's config (its weights are replaced, e.g. by merged one-step weights);
     ``with_components=False`` skips the other components (``export --format merged``).
-    Only the files needed are fetched, ``variant`` (``fp16``) preferred.
+    Only the files needed are fetched, ``variant`` (``fp16``) preferred. A backbone with an
+    ``fp16_vae_repo`` (SDXL) takes its VAE from there when ``variant`` is ``fp16`` (the
+    components' own VAE is then neither fetched nor loaded).
     """
     sub = backbone.denoiser_subfolder
     if model is None and backbone.name == "tiny":
@@ -134,21 +157,24 @@ def resolve_pipeline_source(
             comp_ref = str(components)
         elif model is None:
             comp_ref = backbone.components_repo or backbone.hub_id
-        elif backbone.components_repo is None or _holds_components(den_ref):
+        elif backbone.components_repo is None or _holds_components(den_ref, backbone.components):
             comp_ref = den_ref
         else:
             comp_ref = backbone.components_repo
     den_weights = (sub,) if denoiser_weights else ()
+    vae_ref = backbone.fp16_vae_repo if (variant == "fp16" and comp_ref is not None) else None
+    weighted = tuple(c for c in backbone.weighted_components if not (vae_ref and c == "vae"))
+    vae_root = _open_vae_repo(vae_ref) if vae_ref else None
     if comp_ref == den_ref:  # one repository: one plan, one snapshot
-        plan = _plan((sub, *PIPELINE_COMPONENTS), den_weights + WEIGHTED_COMPONENTS, variant)
+        plan = _plan((sub, *backbone.components), den_weights + weighted, variant)
         root = _open_root(den_ref, plan, "--model")
-        return PipelineSource(root, den_ref, sub, root, den_ref, variant)
+        return PipelineSource(root, den_ref, sub, root, den_ref, variant, vae_root, vae_ref)
     den_root = _open_root(den_ref, _plan((sub,), den_weights, variant), "--model")
     comp_root = None
     if comp_ref is not None:
-        comp_plan = _plan(PIPELINE_COMPONENTS, WEIGHTED_COMPONENTS, variant)
+        comp_plan = _plan(backbone.components, weighted, variant)
         comp_root = _open_root(comp_ref, comp_plan, "--components")
-    return PipelineSource(den_root, den_ref, sub, comp_root, comp_ref, variant)
+    return PipelineSource(den_root, den_ref, sub, comp_root, comp_ref, variant, vae_root, vae_ref)
 
 
 # ---- loading ------------------------------------------------------------------------------
@@ -162,6 +188,9 @@ class BasePipeline:
     tokenizer: Any
     scheduler: SchedulerMixin
     source: PipelineSource
+    text_encoder_2: nn.Module | None = None  # SDXL's second text encoder and tokenizer
+    tokenizer_2: Any = None
+    force_zeros_for_empty_prompt: bool = False  # model_index.json's (SDXL: True)
 
 
 @contextmanager
@@ -266,51 +295,92 @@ def load_denoiser(
     return net.eval().requires_grad_(False)
 
 
+def _text_parts(
+    root: Path,
+    classes: dict[str, str],
+    folders: tuple[str, str],
+    names: tuple[str, str],
+    dtype: torch.dtype,
+    variant: str | None,
+) -> tuple[nn.Module, Any]:
+    """(text encoder, tokenizer) from ``folders`` of ``root``, by the classes ``model_index.json``
+    names, else ``names``."""
+    import transformers
+
+    enc_folder, tok_folder = folders
+    enc_cls = getattr(transformers, classes.get(enc_folder, names[0]), None) or getattr(
+        transformers, names[0]
+    )
+    tok_cls = getattr(transformers, classes.get(tok_folder, names[1]), None) or getattr(
+        transformers, names[1]
+    )
+    encoder = _load(
+        f"{enc_folder}/",
+        root,
+        lambda: enc_cls.from_pretrained(
+            str(root), subfolder=enc_folder, torch_dtype=dtype, local_files_only=True,
+            **_variant_kwargs(root / enc_folder, variant),
+        ),
+    )  # fmt: skip
+    require_tokenizer_packages(root / tok_folder)
+    tokenizer = _load(
+        f"{tok_folder}/",
+        root,
+        lambda: tok_cls.from_pretrained(str(root), subfolder=tok_folder, local_files_only=True),
+    )
+    return encoder.eval().requires_grad_(False), tokenizer
+
+
+def _index_flag(root: Path, key: str) -> bool:
+    """A boolean of ``model_index.json`` (``False`` when absent)."""
+    try:
+        return bool(json.loads((root / "model_index.json").read_text(encoding="utf-8")).get(key, False))
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
 def load_base_pipeline(
     backbone: Backbone, source: PipelineSource, dtype: torch.dtype, *, denoiser_weights: bool = True
 ) -> BasePipeline:
     """Load every part of the base pipeline in ``dtype`` (the scheduler has no dtype)."""
     import diffusers
-    import transformers
 
     if source.components_root is None:
         raise BadInputError("this command needs the whole base pipeline, not only its denoiser")
     root = source.components_root
     classes = _index_classes(root)
-    enc_name, tok_name = _TEXT_ENCODERS[backbone.text_encoder]
-    enc_cls = getattr(transformers, classes.get("text_encoder", enc_name), None) or getattr(
-        transformers, enc_name
-    )
-    tok_cls = getattr(transformers, classes.get("tokenizer", tok_name), None) or getattr(
-        transformers, tok_name
-    )
+    vae_root, vae_sub = (source.vae_root, None) if source.vae_root is not None else (root, "vae")
     vae = _load(
-        "vae/",
-        root,
+        "vae/" if vae_sub else "VAE",
+        vae_root,
         lambda: diffusers.AutoencoderKL.from_pretrained(
-            str(root), subfolder="vae", torch_dtype=dtype, local_files_only=True,
-            **_variant_kwargs(root / "vae", source.variant),
+            str(vae_root), subfolder=vae_sub, torch_dtype=dtype, local_files_only=True,
+            **_variant_kwargs(vae_root / (vae_sub or ""), source.variant),
         ),
     )  # fmt: skip
-    text_encoder = _load(
-        "text_encoder/",
-        root,
-        lambda: enc_cls.from_pretrained(
-            str(root), subfolder="text_encoder", torch_dtype=dtype, local_files_only=True,
-            **_variant_kwargs(root / "text_encoder", source.variant),
-        ),
-    )  # fmt: skip
-    require_tokenizer_packages(root / "tokenizer")
-    tokenizer = _load(
-        "tokenizer/",
-        root,
-        lambda: tok_cls.from_pretrained(str(root), subfolder="tokenizer", local_files_only=True),
+    names = _TEXT_ENCODERS[backbone.text_encoder]
+    text_encoder, tokenizer = _text_parts(
+        root, classes, ("text_encoder", "tokenizer"), names, dtype, source.variant
     )
+    second: tuple[nn.Module | None, Any] = (None, None)
+    if "text_encoder_2" in backbone.components:
+        second = _text_parts(
+            root, classes, ("text_encoder_2", "tokenizer_2"), _SECOND_TEXT_ENCODER, dtype, source.variant
+        )
     scheduler = _load("scheduler/", root, lambda: _scheduler(root))
     denoiser = load_denoiser(backbone, source, dtype, denoiser_weights)
-    for m in (vae, text_encoder):
-        m.eval().requires_grad_(False)
-    return BasePipeline(denoiser, vae, text_encoder, tokenizer, scheduler, source)
+    vae.eval().requires_grad_(False)
+    return BasePipeline(
+        denoiser,
+        vae,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        source,
+        text_encoder_2=second[0],
+        tokenizer_2=second[1],
+        force_zeros_for_empty_prompt=_index_flag(root, "force_zeros_for_empty_prompt"),
+    )
 
 
 def _scheduler(root: Path) -> Any:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from wadi_cli.backbones import Backbone
-from wadi_cli.diffusion import Denoiser, PromptEncoder
+from wadi_cli.diffusion import Denoiser, DualCLIPPromptEncoder, PromptEncoder
 from wadi_cli.errors import BadInputError
 from wadi_cli.pipeline.alpha_bar import AlphaBarT, decide_alpha_bar_T
 
@@ -47,7 +47,7 @@ class LoadedPipeline:
     backbone: Backbone
     denoiser: Denoiser
     vae: nn.Module
-    prompt_encoder: PromptEncoder
+    prompt_encoder: PromptEncoder | DualCLIPPromptEncoder
     scheduler: SchedulerMixin
     device: torch.device
     dtype: torch.dtype

@@ -27,13 +27,14 @@ from torch import nn
 import wadi_cli.pipeline.base as base_files
 from wadi_cli import tiny  # module, not names: tests point tiny.TINY_STUDENT_PATH elsewhere
 from wadi_cli.backbones import Backbone, get_backbone
-from wadi_cli.diffusion import PromptEncoder, alphas_cumprod_of, wrap_denoiser
-from wadi_cli.errors import CheckpointError, HubError, MismatchError
+from wadi_cli.diffusion import DualCLIPPromptEncoder, PromptEncoder, alphas_cumprod_of, wrap_denoiser
+from wadi_cli.errors import BadInputError, CheckpointError, HubError, MismatchError
 from wadi_cli.io import fetch_file, open_checkpoint, require_finite
 from wadi_cli.io.paths import input_path_problem
 from wadi_cli.io.tensor_map import KeyDiff, Tensors, as_tensor_map
 from wadi_cli.lorad import is_adapter, load_adapter, merge_adapter_into_state_dict
 from wadi_cli.pipeline.base import (
+    BasePipeline,
     PipelineSource,
     latent_size,
     load_base_pipeline,
@@ -228,6 +229,16 @@ def _default_weights(backbone: Backbone, source: str | os.PathLike[str] | None =
         ) from None
 
 
+def no_release_message(backbone: Backbone) -> None:
+    """Raise :class:`BadInputError` for a backbone with no one-step release (SDXL): its
+    student needs ``--weights``."""
+    if backbone.name != "tiny" and not backbone.release_repo:
+        raise BadInputError(
+            f"no one-step {backbone.name} release exists: pass --weights (a `wadi distill` adapter "
+            "or `wadi export` output), or --teacher / --base for the undistilled model"
+        )
+
+
 def resolve_sources(
     backbone: Backbone,
     model: str | os.PathLike[str] | None,
@@ -247,6 +258,7 @@ def resolve_sources(
     missing: list[_MissingDownload] = []
     wpath = None if weights is None else Path(weights).expanduser()
     if wpath is None and not teacher and not base:
+        no_release_message(backbone)
         try:
             wpath = _default_weights(backbone, model)
         except _MissingDownload as exc:
@@ -266,6 +278,18 @@ def resolve_sources(
 
 
 # ---- the loaded pipeline --------------------------------------------------------------
+def prompt_encoder(spec: Backbone, pipe: BasePipeline) -> PromptEncoder | DualCLIPPromptEncoder:
+    """The prompt encoder of a loaded base pipeline (SDXL: both CLIPs, pooled output)."""
+    if pipe.text_encoder_2 is not None:
+        return DualCLIPPromptEncoder(
+            (pipe.tokenizer, pipe.tokenizer_2),
+            (pipe.text_encoder, pipe.text_encoder_2),
+            spec.text_max_length,
+            zero_empty=pipe.force_zeros_for_empty_prompt,
+        )
+    return PromptEncoder(pipe.tokenizer, pipe.text_encoder, spec.text_encoder, spec.text_max_length)
+
+
 def load_pipeline(
     backbone: str | Backbone,
     *,
@@ -309,16 +333,23 @@ def load_pipeline(
         apply_weights(net, weights, spec)
     if channels_last is None:
         channels_last = dev.type == "cuda"
-    for m in (net, pipe.vae, pipe.text_encoder):
-        m.to(dev).eval().requires_grad_(False)
+    for m in (net, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        if m is not None:
+            m.to(dev).eval().requires_grad_(False)
     if channels_last and spec.family == "unet":
         net.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
     prediction_type = str(pipe.scheduler.config.get("prediction_type", "epsilon"))
-    denoiser = wrap_denoiser(net, prediction_type, alphas_cumprod_of(pipe.scheduler), family=spec.family)
+    denoiser = wrap_denoiser(
+        net,
+        prediction_type,
+        alphas_cumprod_of(pipe.scheduler),
+        family=spec.family,
+        vae_scale_factor=vae_scale_factor(pipe.vae),
+    )
     if compile:
         net.compile()  # in place: parameter names and the wrapper stay as they are
-    encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, spec.text_encoder, spec.text_max_length)
+    encoder = prompt_encoder(spec, pipe)
     return LoadedPipeline(
         backbone=spec,
         denoiser=denoiser,
