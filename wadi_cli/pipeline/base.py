@@ -32,6 +32,7 @@ from wadi_cli.errors import BadInputError, CheckpointError
 from wadi_cli.io.hub import looks_like_repo_id, repo_files, resolve_repo, snapshot_files
 from wadi_cli.io.hub_files import FetchPlan, MissingFiles, folder_weights, select_files
 from wadi_cli.io.paths import input_path_problem
+from wadi_cli.io.sd_single_file_read import SINGLE_FILE_SUFFIX, file_fingerprint, is_single_file_model
 from wadi_cli.tiny import TINY_PIPELINE_DIR, tiny_pipeline_available
 
 if TYPE_CHECKING:
@@ -60,9 +61,20 @@ class PipelineSource:
     components_root: Path | None = None
     components_ref: str | None = None
     variant: str | None = None
+    #: ``--model FILE``: an original-layout single file whose weights replace the base's
+    #: U-Net, VAE and text encoder (the folders then give configs, tokenizer, scheduler)
+    single_file: Path | None = None
+    #: what a run records of ``single_file`` (name, bytes, sha256; see ``file_fingerprint``)
+    single_file_record: dict[str, Any] | None = None
 
     def describe(self) -> str:
         """One line: where the denoiser and the other components come from."""
+        if self.single_file is not None:
+            sha = (self.single_file_record or {}).get("sha256", "")[:12]
+            return (
+                f"{self.single_file} (single file, sha256 {sha}…) on the architecture, tokenizer "
+                f"and scheduler of {self.components_ref}"
+            )
         if self.components_ref is None or self.components_ref == self.denoiser_ref:
             return self.denoiser_ref
         parts = "vae, text encoder, tokenizer, scheduler"
@@ -120,6 +132,8 @@ def resolve_pipeline_source(
     Only the files needed are fetched, ``variant`` (``fp16``) preferred.
     """
     sub = backbone.denoiser_subfolder
+    if is_single_file_model(model):
+        return _single_file_source(backbone, Path(str(model)).expanduser(), components, variant)
     if model is None and backbone.name == "tiny":
         if not tiny_pipeline_available():
             raise CheckpointError(
@@ -149,6 +163,25 @@ def resolve_pipeline_source(
         comp_plan = _plan(PIPELINE_COMPONENTS, WEIGHTED_COMPONENTS, variant)
         comp_root = _open_root(comp_ref, comp_plan, "--components")
     return PipelineSource(den_root, den_ref, sub, comp_root, comp_ref, variant)
+
+
+def _single_file_source(
+    backbone: Backbone, path: Path, components: str | os.PathLike[str] | None, variant: str | None
+) -> PipelineSource:
+    """``--model FILE``: the backbone's pipeline (or ``--components``) gives the configs,
+    tokenizer and scheduler (no weights are fetched); the file gives every weight."""
+    if not path.name.lower().endswith(SINGLE_FILE_SUFFIX):
+        raise CheckpointError(
+            f"--model {path}: expected an original-layout .safetensors single file, a pipeline folder "
+            "or a hub id"
+        )
+    ref = str(components) if components is not None else backbone.components_repo or backbone.hub_id
+    if components is None and backbone.name == "tiny":
+        ref = str(TINY_PIPELINE_DIR)
+    sub = backbone.denoiser_subfolder
+    root = _open_root(ref, _plan((sub, *PIPELINE_COMPONENTS), (), variant), "--components")
+    record = file_fingerprint(path)
+    return PipelineSource(root, ref, sub, root, ref, variant, single_file=path, single_file_record=record)
 
 
 # ---- loading ------------------------------------------------------------------------------
@@ -284,22 +317,35 @@ def load_base_pipeline(
     tok_cls = getattr(transformers, classes.get("tokenizer", tok_name), None) or getattr(
         transformers, tok_name
     )
-    vae = _load(
-        "vae/",
-        root,
-        lambda: diffusers.AutoencoderKL.from_pretrained(
-            str(root), subfolder="vae", torch_dtype=dtype, local_files_only=True,
-            **_variant_kwargs(root / "vae", source.variant),
-        ),
-    )  # fmt: skip
-    text_encoder = _load(
-        "text_encoder/",
-        root,
-        lambda: enc_cls.from_pretrained(
-            str(root), subfolder="text_encoder", torch_dtype=dtype, local_files_only=True,
-            **_variant_kwargs(root / "text_encoder", source.variant),
-        ),
-    )  # fmt: skip
+    if source.single_file is not None:  # architectures only: the file gives the weights
+        vae_cls = diffusers.AutoencoderKL
+        vae = _load(
+            "vae/ config", root, lambda: vae_cls.from_config(vae_cls.load_config(str(root / "vae"))).to(dtype)
+        )
+        text_encoder = _load(
+            "text_encoder/ config",
+            root,
+            lambda: enc_cls._from_config(enc_cls.config_class.from_pretrained(str(root / "text_encoder"))).to(
+                dtype
+            ),
+        )
+    else:
+        vae = _load(
+            "vae/",
+            root,
+            lambda: diffusers.AutoencoderKL.from_pretrained(
+                str(root), subfolder="vae", torch_dtype=dtype, local_files_only=True,
+                **_variant_kwargs(root / "vae", source.variant),
+            ),
+        )  # fmt: skip
+        text_encoder = _load(
+            "text_encoder/",
+            root,
+            lambda: enc_cls.from_pretrained(
+                str(root), subfolder="text_encoder", torch_dtype=dtype, local_files_only=True,
+                **_variant_kwargs(root / "text_encoder", source.variant),
+            ),
+        )  # fmt: skip
     require_tokenizer_packages(root / "tokenizer")
     tokenizer = _load(
         "tokenizer/",
@@ -307,10 +353,27 @@ def load_base_pipeline(
         lambda: tok_cls.from_pretrained(str(root), subfolder="tokenizer", local_files_only=True),
     )
     scheduler = _load("scheduler/", root, lambda: _scheduler(root))
-    denoiser = load_denoiser(backbone, source, dtype, denoiser_weights)
+    denoiser = load_denoiser(backbone, source, dtype, denoiser_weights and source.single_file is None)
+    if source.single_file is not None:
+        _load_single_file(backbone, source.single_file, denoiser, vae, text_encoder)
     for m in (vae, text_encoder):
         m.eval().requires_grad_(False)
     return BasePipeline(denoiser, vae, text_encoder, tokenizer, scheduler, source)
+
+
+def _load_single_file(
+    backbone: Backbone, path: Path, unet: nn.Module, vae: nn.Module, text: nn.Module
+) -> None:
+    """Read ``--model FILE`` against the architectures built from the backbone's configs and
+    copy its weights in (strict: every tensor of the three models, shapes checked first)."""
+    from wadi_cli.io.sd_single_file_read import read_single_file
+    from wadi_cli.pipeline.loading import load_state_strict
+
+    models = {"unet": unet, "vae": vae, "text_encoder": text}
+    shapes = {name: {k: tuple(v.shape) for k, v in m.state_dict().items()} for name, m in models.items()}
+    states = read_single_file(path, backbone.name, shapes, dict(unet.config), dict(vae.config))
+    for name, model in models.items():
+        load_state_strict(model, states[name], f"--model {path} ({name})")
 
 
 def _scheduler(root: Path) -> Any:

@@ -31,6 +31,7 @@ from wadi_cli.diffusion import PromptEncoder, alphas_cumprod_of, wrap_denoiser
 from wadi_cli.errors import CheckpointError, HubError, MismatchError
 from wadi_cli.io import fetch_file, open_checkpoint, require_finite
 from wadi_cli.io.paths import input_path_problem
+from wadi_cli.io.sd_single_file_read import is_single_file_model
 from wadi_cli.io.tensor_map import KeyDiff, Tensors, as_tensor_map
 from wadi_cli.lorad import is_adapter, load_adapter, merge_adapter_into_state_dict
 from wadi_cli.pipeline.base import (
@@ -98,14 +99,17 @@ def _pipeline_source(
     try:
         return base_files.resolve_pipeline_source(backbone, model, components, **kwargs)
     except HubError as exc:
-        repo = str(model if model is not None else backbone.hub_id)
+        single = is_single_file_model(model)  # --model FILE: the backbone's folders give the configs
+        repo = str(model if model is not None and not single else backbone.hub_id)
         comp = str(components or backbone.components_repo or repo)
         detail = str(exc).split(";", 1)[0]  # which folder or file is missing, without its hint
         command = getattr(exc, "command", None)  # hf download of exactly the planned files
         if comp == repo:
-            raise _MissingDownload(
-                f"the base pipeline {repo} ({detail})", command or f"hf download {repo}", "--model DIR"
-            ) from None
+            what = (
+                f"the configs, tokenizer and scheduler of {repo}" if single else f"the base pipeline {repo}"
+            )
+            flag = "--components DIR" if single else "--model DIR"
+            raise _MissingDownload(f"{what} ({detail})", command or f"hf download {repo}", flag) from None
         raise _MissingDownload(
             f"the base pipeline {repo} with the components of {comp} ({detail})",
             command or f"hf download {repo}; hf download {comp}",
@@ -212,6 +216,8 @@ def _shipped_tiny_student(source: str | os.PathLike[str] | None) -> Path | None:
 
 
 def _default_weights(backbone: Backbone, source: str | os.PathLike[str] | None = None) -> Path | None:
+    if is_single_file_model(source):  # a fine-tune: no released student was trained on it
+        return None
     if backbone.name == "tiny":
         return _shipped_tiny_student(source)
     repo, name = getattr(backbone, "release_repo", None), getattr(backbone, "release_file", None)
@@ -328,6 +334,7 @@ def load_pipeline(
         device=dev,
         dtype=dtype,
         model_source=source.describe(),
+        model_file=source.single_file_record,
         weights=None if weights is None else str(weights),
         weights_kind=kind,
         note_lines=tuple(notes),
