@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import json
-
-from _helpers_scripts import ANALYSIS, load_analysis_script
+from _helpers_scripts import load_analysis_script
 
 transfer = load_analysis_script("transfer_study/transfer.py")
 
