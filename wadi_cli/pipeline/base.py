@@ -28,11 +28,13 @@ import torch
 from torch import nn
 
 from wadi_cli.backbones.registry import PIPELINE_COMPONENTS, WEIGHTED_COMPONENTS, Backbone
-from wadi_cli.errors import BadInputError, CheckpointError
+from wadi_cli.errors import BadInputError, CheckpointError, MismatchError
 from wadi_cli.io.hub import looks_like_repo_id, repo_files, resolve_repo, snapshot_files
 from wadi_cli.io.hub_files import FetchPlan, MissingFiles, folder_weights, select_files
 from wadi_cli.io.paths import input_path_problem
 from wadi_cli.io.sd_single_file_read import SINGLE_FILE_SUFFIX, file_fingerprint, is_single_file_model
+from wadi_cli.io.sources import require_finite
+from wadi_cli.io.tensor_map import KeyDiff, Tensors, as_tensor_map
 from wadi_cli.tiny import TINY_PIPELINE_DIR, tiny_pipeline_available
 
 if TYPE_CHECKING:
@@ -361,13 +363,31 @@ def load_base_pipeline(
     return BasePipeline(denoiser, vae, text_encoder, tokenizer, scheduler, source)
 
 
+def load_state_strict(model: nn.Module, source: Tensors, label: str) -> None:
+    """Copy a full state dict (a mapping or a lazy ``TensorSource``) into ``model``.
+
+    Names and shapes are checked before any tensor is read or copied; a mismatch raises
+    :class:`MismatchError` naming the first missing/unexpected keys and shape mismatches.
+    """
+    expected = model.state_dict()
+    diff = KeyDiff.between(expected, source)
+    if diff:
+        what = diff.describe("missing key(s)", "unexpected key(s)", "model", "file")
+        raise MismatchError(f"{label} does not fit the base model: {what}")
+    src = as_tensor_map(source)
+    with torch.no_grad():
+        for k, param in expected.items():
+            tensor = src.get(k)
+            require_finite(label, k, tensor)
+            param.copy_(tensor.to(dtype=param.dtype))
+
+
 def _load_single_file(
     backbone: Backbone, path: Path, unet: nn.Module, vae: nn.Module, text: nn.Module
 ) -> None:
     """Read ``--model FILE`` against the architectures built from the backbone's configs and
     copy its weights in (strict: every tensor of the three models, shapes checked first)."""
     from wadi_cli.io.sd_single_file_read import read_single_file
-    from wadi_cli.pipeline.loading import load_state_strict
 
     models = {"unet": unet, "vae": vae, "text_encoder": text}
     shapes = {name: {k: tuple(v.shape) for k, v in m.state_dict().items()} for name, m in models.items()}

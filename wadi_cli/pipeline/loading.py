@@ -29,15 +29,15 @@ from wadi_cli import tiny  # module, not names: tests point tiny.TINY_STUDENT_PA
 from wadi_cli.backbones import Backbone, get_backbone
 from wadi_cli.diffusion import PromptEncoder, alphas_cumprod_of, wrap_denoiser
 from wadi_cli.errors import CheckpointError, HubError, MismatchError
-from wadi_cli.io import fetch_file, open_checkpoint, require_finite
+from wadi_cli.io import fetch_file, open_checkpoint
 from wadi_cli.io.paths import input_path_problem
 from wadi_cli.io.sd_single_file_read import is_single_file_model
-from wadi_cli.io.tensor_map import KeyDiff, Tensors, as_tensor_map
 from wadi_cli.lorad import is_adapter, load_adapter, merge_adapter_into_state_dict
 from wadi_cli.pipeline.base import (
     PipelineSource,
     latent_size,
     load_base_pipeline,
+    load_state_strict,
     vae_scale_factor,
     weights_variant,
 )
@@ -130,25 +130,6 @@ def detect_weights_kind(path: str | os.PathLike[str]) -> WeightsKind:
         if is_adapter(src.keys()):
             return "adapter"
     return "merged"
-
-
-def load_state_strict(model: nn.Module, source: Tensors, label: str) -> None:
-    """Copy a full state dict (a mapping or a lazy ``TensorSource``) into ``model``.
-
-    Names and shapes are checked before any tensor is read or copied; a mismatch raises
-    :class:`MismatchError` naming the first missing/unexpected keys and shape mismatches.
-    """
-    expected = model.state_dict()
-    diff = KeyDiff.between(expected, source)
-    if diff:
-        what = diff.describe("missing key(s)", "unexpected key(s)", "model", "file")
-        raise MismatchError(f"{label} does not fit the base model: {what}")
-    src = as_tensor_map(source)
-    with torch.no_grad():
-        for k, param in expected.items():
-            tensor = src.get(k)
-            require_finite(label, k, tensor)
-            param.copy_(tensor.to(dtype=param.dtype))
 
 
 def _read_adapter(path: Path, backbone: Backbone) -> tuple[dict[str, torch.Tensor], Any]:
