@@ -170,6 +170,15 @@ def test_distill_records_the_file_and_refuses_a_resume_from_another(hub_cache, w
     finally:
         single.write_bytes(kept)
     wadi("distill", "--out", run, "--resume", "latest", "--max-steps", "3")
+    # export: the student merged into the FILE's U-Net (the fine-tune's), not the backbone's
+    merged = work / "sd15-ft-merged.safetensors"
+    wadi("export", run, "-f", "merged", "-o", merged)
+    got, ft_unet = load_file(str(merged)), load_state_dict(work / "sd15-ft" / "unet")
+    base_unet = load_state_dict(_snapshot(hub_cache, SD15) / "unet")
+    assert torch.equal(got["conv_in.weight"], ft_unet["conv_in.weight"])  # not adapted: the fine-tune's
+    assert not torch.equal(got["conv_in.weight"], base_unet["conv_in.weight"])
+    r = wadi("export", run, "-f", "diffusers", "-o", work / "sd15-ft-diffusers", code=2)
+    assert "single file" in r.stderr and not (work / "sd15-ft-diffusers").exists()
 
 
 def _one_line(r) -> str:

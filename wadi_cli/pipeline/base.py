@@ -29,11 +29,12 @@ from torch import nn
 
 from wadi_cli.backbones.registry import PIPELINE_COMPONENTS, WEIGHTED_COMPONENTS, Backbone
 from wadi_cli.errors import BadInputError, CheckpointError, MismatchError
+from wadi_cli.io.checkpoints import open_checkpoint
 from wadi_cli.io.hub import looks_like_repo_id, repo_files, resolve_repo, snapshot_files
 from wadi_cli.io.hub_files import FetchPlan, MissingFiles, folder_weights, select_files
 from wadi_cli.io.paths import input_path_problem
 from wadi_cli.io.sd_single_file_read import SINGLE_FILE_SUFFIX, file_fingerprint, is_single_file_model
-from wadi_cli.io.sources import require_finite
+from wadi_cli.io.sources import TensorSource, require_finite
 from wadi_cli.io.tensor_map import KeyDiff, Tensors, as_tensor_map
 from wadi_cli.tiny import TINY_PIPELINE_DIR, tiny_pipeline_available
 
@@ -184,6 +185,15 @@ def _single_file_source(
     root = _open_root(ref, _plan((sub, *PIPELINE_COMPONENTS), (), variant), "--components")
     record = file_fingerprint(path)
     return PipelineSource(root, ref, sub, root, ref, variant, single_file=path, single_file_record=record)
+
+
+def open_base_denoiser(source: PipelineSource) -> TensorSource:
+    """The base denoiser's tensors (lazy, diffusers names): the U-Net of a ``--model`` single
+    file (mapped with the architecture's config), else the denoiser folder's weights."""
+    if source.single_file is not None:
+        config = json.loads((source.denoiser_root / source.subfolder / "config.json").read_text("utf-8"))
+        return open_checkpoint(source.single_file, ldm_config=config)
+    return open_checkpoint(source.denoiser_root, source.subfolder)
 
 
 # ---- loading ------------------------------------------------------------------------------
