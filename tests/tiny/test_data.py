@@ -102,3 +102,16 @@ def test_shapes_differ_in_fill_ratio():
     assert ratios["square"] > 0.9
     assert 0.65 < ratios["circle"] < 0.9
     assert 0.35 < ratios["triangle"] < 0.65
+
+
+def test_background_factor_tints_only_the_background():
+    """A shifted background (the transfer study's) multiplies the plain background by the
+    factor and leaves the random draws, hence the shape, as they were."""
+    from wadi_cli.tiny.data import render_batch
+
+    attrs = [{"color": "red", "shape": "square", "position": "top left"}]
+    plain = render_batch(attrs, 5).astype(np.float64)
+    shifted = render_batch(attrs, 5, background=(0.3, 0.35, 0.45)).astype(np.float64)
+    # the square sits near (8, 8): its centre keeps its colour; the far corner is background
+    np.testing.assert_array_equal(shifted[0, 8, 8], plain[0, 8, 8])
+    np.testing.assert_allclose(shifted[0, 28, 28], plain[0, 28, 28] * np.array([0.3, 0.35, 0.45]), atol=1.0)

@@ -10,12 +10,16 @@ from typing import Annotated
 import typer
 
 from wadi_cli.cli.common import JsonFlag, console, handle_errors, require
+from wadi_cli.errors import BadInputError
 
-HELP = """Merge a LoRaD adapter into a base checkpoint and write one .safetensors file
-(atomically, with provenance metadata). Every adapted weight W becomes R(AB)·W; every
-other tensor is copied unchanged. Adapter modules without a matching '<path>.weight'
-in BASE are an error and nothing is written, and so is a BASE whose architecture is not
-the adapter's recorded backbone (--any-backbone merges it anyway).
+HELP = """Merge a LoRaD adapter or a LoRA into a base checkpoint and write one .safetensors
+file (atomically, with provenance metadata). With an adapter every adapted weight W becomes
+R(AB)·W; with a LoRA (kohya/AUTOMATIC1111 or PEFT/diffusers keys, as `wadi export --format
+lora` writes) W + (alpha/rank)·up·down; every other tensor is copied unchanged. A LoRA
+layer that matches no weight of BASE, or whose shape does not fit, is an error, and so
+are adapter modules without a matching '<path>.weight' in BASE: nothing is written. A BASE
+whose architecture is not the adapter's recorded backbone is refused (--any-backbone
+merges it anyway).
 
 Examples:
 
@@ -41,7 +45,8 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         adapter: Annotated[
-            Path | None, typer.Argument(help="LoRaD adapter .safetensors file; required.", show_default=False)
+            Path | None,
+            typer.Argument(help="LoRaD adapter or LoRA .safetensors file; required.", show_default=False),
         ] = None,
         out: Annotated[
             Path | None,
@@ -80,6 +85,17 @@ def register(app: typer.Typer) -> None:
         base = require(base, "no checkpoints given: `wadi merge BASE ADAPTER --out merged.safetensors`")
         adapter = require(adapter, f"no adapter given: `wadi merge {base} ADAPTER --out merged.safetensors`")
         out = require(out, "--out is missing: name the merged checkpoint with --out FILE.safetensors")
+        if _is_lora_file(adapter):
+            if fmt != "merged":
+                raise BadInputError(f"--format {fmt}: a LoRA file is merged with --format merged only")
+            from wadi_cli.distill.merge_lora import merge_lora_file
+            from wadi_cli.lorad.adapter_io import parse_dtype
+
+            summary = merge_lora_file(
+                base, adapter, out, dtype=parse_dtype(dtype), prefix=prefix, overwrite=overwrite
+            )
+            _report(summary, json_out)
+            return
         summary = merge_adapter_file(
             base,
             adapter,
@@ -90,10 +106,26 @@ def register(app: typer.Typer) -> None:
             fmt=fmt,
             any_backbone=any_backbone,
         )
-        if json_out:
-            typer.echo(json.dumps(summary, indent=2))
-        else:
-            console.print(
-                f"merged {summary['merged_layers']} layers (rank {summary['rank']}, {summary['role']}) "
-                f"into {summary['tensors']} tensors -> [bold]{summary['out']}[/] (dtype: {summary['dtype']})"
-            )
+        _report(summary, json_out)
+
+
+def _is_lora_file(path: Path) -> bool:
+    """Whether ``path`` is a plain LoRA (kohya / PEFT names) rather than a LoRaD adapter."""
+    from wadi_cli.distill.merge_lora import is_lora
+    from wadi_cli.io import open_checkpoint
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        return False  # the adapter loader says what is wrong
+    with open_checkpoint(p) as src:
+        return is_lora(src.keys())
+
+
+def _report(summary: dict, json_out: bool) -> None:
+    if json_out:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        console.print(
+            f"merged {summary['merged_layers']} layers (rank {summary['rank']}, {summary['role']}) "
+            f"into {summary['tensors']} tensors -> [bold]{summary['out']}[/] (dtype: {summary['dtype']})"
+        )

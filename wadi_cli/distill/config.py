@@ -64,7 +64,11 @@ class DistillConfig:
     """
 
     backbone: str = knob("Base model: sd15, sd21, pixart or tiny.", short="-b")
-    model: str | None = knob("Base pipeline folder or hub id (default: the backbone's).", default=None)
+    model: str | None = knob(
+        "Base pipeline folder or hub id, or an original-layout .safetensors single file of a "
+        "sd15/sd21 fine-tune (the teacher; default: the backbone's).",
+        default=None,
+    )
     components: str | None = knob(
         "VAE / text encoder / tokenizer / scheduler source, folder or hub id (default: the "
         "--model pipeline, else the backbone's; see `wadi info -b NAME`).",

@@ -35,7 +35,7 @@ from wadi_cli.io import (
 )
 from wadi_cli.io.metadata import ALPHA_BAR_T_METADATA
 from wadi_cli.lorad import load_adapter, merge_adapter_into_state_dict, save_adapter
-from wadi_cli.pipeline.base import PipelineSource
+from wadi_cli.pipeline.base import PipelineSource, open_base_denoiser
 
 FORMATS: tuple[str, ...] = ("merged", "adapter", "diffusers", "single-file", "lora")
 
@@ -119,6 +119,12 @@ def _merged_state(
 ) -> tuple[dict[str, Any], Backbone, PipelineSource]:
     backbone, source = _base_source(config, with_components)
     kind = config.get("adapter", "lorad")
+    if source.single_file is not None and (with_components or kind not in ("lorad", "full")):
+        raise BadInputError(
+            f"this run was trained from the single file {source.single_file}: export it --format merged, "
+            "adapter or lora (a pipeline folder or single file of it, and LoRA/DoRA students, are not "
+            "written from a single-file base yet)"
+        )
     if kind == "full":  # the student IS a full state dict
         from wadi_cli.distill.checkpoint import read_adapter_tensors
 
@@ -126,7 +132,7 @@ def _merged_state(
     if kind != "lorad":
         return _merged_baseline(adapter_file, config, backbone, source), backbone, source
     tensors, _ = load_adapter(adapter_file)
-    with open_checkpoint(source.denoiser_root, backbone.denoiser_subfolder) as src:
+    with open_base_denoiser(source) as src:
         merged = merge_adapter_into_state_dict(src, tensors)
     return merged, backbone, source
 
@@ -226,7 +232,7 @@ def export_run(
         return {**summary, "tensors": len(merged)}
     if fmt == "lora":
         assert lora is not None
-        with open_checkpoint(source.denoiser_root, backbone.denoiser_subfolder) as base:
+        with open_base_denoiser(source) as base:
             tensors, report = extract_lora(base, merged, lora, keys=lora_keys, family=backbone.family)
         ranks = sorted({layer["rank"] for layer in report["layers"]})
         lora_meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(max(ranks))}

@@ -57,6 +57,7 @@ from wadi_cli.distill.topology import (
 from wadi_cli.distill.trainer import METRIC_FIELDS, Distiller, StepResult
 from wadi_cli.errors import CheckpointError, WriteError
 from wadi_cli.io import remove_stale_temps, write_text_atomic
+from wadi_cli.io.sd_single_file_read import model_file_record
 
 if TYPE_CHECKING:
     from wadi_cli.pipeline import LoadedPipeline
@@ -90,6 +91,8 @@ def weights_dtype(cfg: DistillConfig, device: torch.device) -> torch.dtype:
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mode]
 
 
+#: RUN/model_file.json: name, bytes and sha256 of a ``--model`` single file
+MODEL_FILE_RECORD = "model_file.json"
 _VALIDATION_PNG = re.compile(r"^step-(\d{8})\.png$")
 
 
@@ -124,7 +127,27 @@ def prepare(
             raise _naming_previous(path, exc) from None
         saved = resolve_config(base=ckpt.config)
         check_compatible(saved.fingerprint(), cfg.fingerprint())
+        check_model_file(run, cfg.model)
     return run, prompts, ckpt
+
+
+def check_model_file(run: Path, model: str | None) -> None:
+    """On resume: refuse a ``--model`` single file whose bytes differ from the one the run
+    started from (recorded in ``RUN/model_file.json``; same path, other content)."""
+    recorded = run / MODEL_FILE_RECORD
+    if not recorded.is_file():
+        return
+    try:
+        was = json.loads(recorded.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{recorded}: unreadable ({exc})") from None
+    now = model_file_record(model)
+    if now is None or now.get("sha256") != was.get("sha256"):
+        what = f"{model} (sha256 {now['sha256'][:12]}…)" if now else f"--model {model}"
+        raise CheckpointError(
+            f"this run was trained from the single file {was.get('file')} (sha256 "
+            f"{str(was.get('sha256'))[:12]}…, recorded in {recorded}); refusing to resume it from {what}"
+        )
 
 
 def _naming_previous(path: Path, exc: CheckpointError) -> CheckpointError:
@@ -208,6 +231,9 @@ def distill(
             create_run_dir(run)
             stack.enter_context(acquire_run_lock(run))
             clear_leftovers(run, distiller.step)
+            if pipe.model_file is not None:  # --model FILE: what a resume must start from again
+                text = json.dumps(pipe.model_file, indent=2, sort_keys=True) + "\n"
+                write_text_atomic(run / MODEL_FILE_RECORD, text)
         try:
             return _train(cfg, run, distiller, len(prompts), ckpt is not None, on_step, on_start, on_validate)
         except WriteError as exc:

@@ -32,6 +32,7 @@ from wadi_cli.evaluation.run import (
     write_tiny_reference,
 )
 from wadi_cli.io import check_writable
+from wadi_cli.io.sd_single_file_read import model_file_record
 from wadi_cli.pipeline import (
     SampleConfig,
     decide_alpha_bar_T,
@@ -149,6 +150,9 @@ def evaluate_model(
         "batch_size": request.batch_size,
         "dtype": str(dtype).replace("torch.", ""),
     }
+    record = model_file_record(request.model)
+    if record is not None:  # a single file: its sha256 (a resume with another file is refused)
+        settings["model_file"] = record
     rules = options.rules
     seed_batch = rules.seed_batch if rules.seeding == "per-batch" else None
     if seed_batch:  # only then do the images depend on the protocol (older folders resume)

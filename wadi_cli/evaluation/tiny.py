@@ -101,6 +101,7 @@ def evaluate_tiny(
         "seed": seed,
         "real_seed": rs,
         "model": pipe.model_source,
+        "model_file": pipe.model_file,
         "weights": pipe.weights,
         "weights_kind": pipe.weights_kind,
         "steps": resolved.steps if teacher else 1,

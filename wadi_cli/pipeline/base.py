@@ -28,10 +28,14 @@ import torch
 from torch import nn
 
 from wadi_cli.backbones.registry import PIPELINE_COMPONENTS, Backbone
-from wadi_cli.errors import BadInputError, CheckpointError
+from wadi_cli.errors import BadInputError, CheckpointError, MismatchError
+from wadi_cli.io.checkpoints import open_checkpoint
 from wadi_cli.io.hub import looks_like_repo_id, repo_files, resolve_repo, snapshot_files
 from wadi_cli.io.hub_files import FetchPlan, MissingFiles, folder_weights, select_files
 from wadi_cli.io.paths import input_path_problem
+from wadi_cli.io.sd_single_file_read import SINGLE_FILE_SUFFIX, file_fingerprint, is_single_file_model
+from wadi_cli.io.sources import TensorSource, require_finite
+from wadi_cli.io.tensor_map import KeyDiff, Tensors, as_tensor_map
 from wadi_cli.tiny import TINY_PIPELINE_DIR, tiny_pipeline_available
 
 if TYPE_CHECKING:
@@ -70,9 +74,20 @@ class PipelineSource:
     variant: str | None = None
     vae_root: Path | None = None  # a VAE that replaces the components' (SDXL in fp16)
     vae_ref: str | None = None
+    #: ``--model FILE``: an original-layout single file whose weights replace the base's
+    #: U-Net, VAE and text encoder (the folders then give configs, tokenizer, scheduler)
+    single_file: Path | None = None
+    #: what a run records of ``single_file`` (name, bytes, sha256; see ``file_fingerprint``)
+    single_file_record: dict[str, Any] | None = None
 
     def describe(self) -> str:
         """One line: where the denoiser and the other components come from."""
+        if self.single_file is not None:
+            sha = (self.single_file_record or {}).get("sha256", "")[:12]
+            return (
+                f"{self.single_file} (single file, sha256 {sha}…) on the architecture, tokenizer "
+                f"and scheduler of {self.components_ref}"
+            )
         vae = f" + {self.vae_ref} (vae)" if self.vae_ref else ""
         if self.components_ref is None or self.components_ref == self.denoiser_ref:
             return self.denoiser_ref + vae
@@ -143,6 +158,8 @@ def resolve_pipeline_source(
     components' own VAE is then neither fetched nor loaded).
     """
     sub = backbone.denoiser_subfolder
+    if is_single_file_model(model):
+        return _single_file_source(backbone, Path(str(model)).expanduser(), components, variant)
     if model is None and backbone.name == "tiny":
         if not tiny_pipeline_available():
             raise CheckpointError(
@@ -175,6 +192,34 @@ def resolve_pipeline_source(
         comp_plan = _plan(backbone.components, weighted, variant)
         comp_root = _open_root(comp_ref, comp_plan, "--components")
     return PipelineSource(den_root, den_ref, sub, comp_root, comp_ref, variant, vae_root, vae_ref)
+
+
+def _single_file_source(
+    backbone: Backbone, path: Path, components: str | os.PathLike[str] | None, variant: str | None
+) -> PipelineSource:
+    """``--model FILE``: the backbone's pipeline (or ``--components``) gives the configs,
+    tokenizer and scheduler (no weights are fetched); the file gives every weight."""
+    if not path.name.lower().endswith(SINGLE_FILE_SUFFIX):
+        raise CheckpointError(
+            f"--model {path}: expected an original-layout .safetensors single file, a pipeline folder "
+            "or a hub id"
+        )
+    ref = str(components) if components is not None else backbone.components_repo or backbone.hub_id
+    if components is None and backbone.name == "tiny":
+        ref = str(TINY_PIPELINE_DIR)
+    sub = backbone.denoiser_subfolder
+    root = _open_root(ref, _plan((sub, *PIPELINE_COMPONENTS), (), variant), "--components")
+    record = file_fingerprint(path)
+    return PipelineSource(root, ref, sub, root, ref, variant, single_file=path, single_file_record=record)
+
+
+def open_base_denoiser(source: PipelineSource) -> TensorSource:
+    """The base denoiser's tensors (lazy, diffusers names): the U-Net of a ``--model`` single
+    file (mapped with the architecture's config), else the denoiser folder's weights."""
+    if source.single_file is not None:
+        config = json.loads((source.denoiser_root / source.subfolder / "config.json").read_text("utf-8"))
+        return open_checkpoint(source.single_file, ldm_config=config)
+    return open_checkpoint(source.denoiser_root, source.subfolder)
 
 
 # ---- loading ------------------------------------------------------------------------------
@@ -302,9 +347,12 @@ def _text_parts(
     names: tuple[str, str],
     dtype: torch.dtype,
     variant: str | None,
+    *,
+    weights: bool = True,
 ) -> tuple[nn.Module, Any]:
     """(text encoder, tokenizer) from ``folders`` of ``root``, by the classes ``model_index.json``
-    names, else ``names``."""
+    names, else ``names``; ``weights=False`` builds the encoder from its config alone (its
+    weights come from a ``--model`` single file)."""
     import transformers
 
     enc_folder, tok_folder = folders
@@ -314,14 +362,23 @@ def _text_parts(
     tok_cls = getattr(transformers, classes.get(tok_folder, names[1]), None) or getattr(
         transformers, names[1]
     )
-    encoder = _load(
-        f"{enc_folder}/",
-        root,
-        lambda: enc_cls.from_pretrained(
-            str(root), subfolder=enc_folder, torch_dtype=dtype, local_files_only=True,
-            **_variant_kwargs(root / enc_folder, variant),
-        ),
-    )  # fmt: skip
+    if not weights:
+        encoder = _load(
+            f"{enc_folder}/ config",
+            root,
+            lambda: enc_cls._from_config(enc_cls.config_class.from_pretrained(str(root / enc_folder))).to(
+                dtype
+            ),
+        )
+    else:
+        encoder = _load(
+            f"{enc_folder}/",
+            root,
+            lambda: enc_cls.from_pretrained(
+                str(root), subfolder=enc_folder, torch_dtype=dtype, local_files_only=True,
+                **_variant_kwargs(root / enc_folder, variant),
+            ),
+        )  # fmt: skip
     require_tokenizer_packages(root / tok_folder)
     tokenizer = _load(
         f"{tok_folder}/",
@@ -350,17 +407,29 @@ def load_base_pipeline(
     root = source.components_root
     classes = _index_classes(root)
     vae_root, vae_sub = (source.vae_root, None) if source.vae_root is not None else (root, "vae")
-    vae = _load(
-        "vae/" if vae_sub else "VAE",
-        vae_root,
-        lambda: diffusers.AutoencoderKL.from_pretrained(
-            str(vae_root), subfolder=vae_sub, torch_dtype=dtype, local_files_only=True,
-            **_variant_kwargs(vae_root / (vae_sub or ""), source.variant),
-        ),
-    )  # fmt: skip
+    if source.single_file is not None:  # architectures only: the file gives the weights
+        vae_cls = diffusers.AutoencoderKL
+        vae = _load(
+            "vae/ config", root, lambda: vae_cls.from_config(vae_cls.load_config(str(root / "vae"))).to(dtype)
+        )
+    else:
+        vae = _load(
+            "vae/" if vae_sub else "VAE",
+            vae_root,
+            lambda: diffusers.AutoencoderKL.from_pretrained(
+                str(vae_root), subfolder=vae_sub, torch_dtype=dtype, local_files_only=True,
+                **_variant_kwargs(vae_root / (vae_sub or ""), source.variant),
+            ),
+        )  # fmt: skip
     names = _TEXT_ENCODERS[backbone.text_encoder]
     text_encoder, tokenizer = _text_parts(
-        root, classes, ("text_encoder", "tokenizer"), names, dtype, source.variant
+        root,
+        classes,
+        ("text_encoder", "tokenizer"),
+        names,
+        dtype,
+        source.variant,
+        weights=source.single_file is None,
     )
     second: tuple[nn.Module | None, Any] = (None, None)
     if "text_encoder_2" in backbone.components:
@@ -368,8 +437,11 @@ def load_base_pipeline(
             root, classes, ("text_encoder_2", "tokenizer_2"), _SECOND_TEXT_ENCODER, dtype, source.variant
         )
     scheduler = _load("scheduler/", root, lambda: _scheduler(root))
-    denoiser = load_denoiser(backbone, source, dtype, denoiser_weights)
-    vae.eval().requires_grad_(False)
+    denoiser = load_denoiser(backbone, source, dtype, denoiser_weights and source.single_file is None)
+    if source.single_file is not None:
+        _load_single_file(backbone, source.single_file, denoiser, vae, text_encoder)
+    for m in (vae, text_encoder):
+        m.eval().requires_grad_(False)
     return BasePipeline(
         denoiser,
         vae,
@@ -381,6 +453,39 @@ def load_base_pipeline(
         tokenizer_2=second[1],
         force_zeros_for_empty_prompt=_index_flag(root, "force_zeros_for_empty_prompt"),
     )
+
+
+def load_state_strict(model: nn.Module, source: Tensors, label: str) -> None:
+    """Copy a full state dict (a mapping or a lazy ``TensorSource``) into ``model``.
+
+    Names and shapes are checked before any tensor is read or copied; a mismatch raises
+    :class:`MismatchError` naming the first missing/unexpected keys and shape mismatches.
+    """
+    expected = model.state_dict()
+    diff = KeyDiff.between(expected, source)
+    if diff:
+        what = diff.describe("missing key(s)", "unexpected key(s)", "model", "file")
+        raise MismatchError(f"{label} does not fit the base model: {what}")
+    src = as_tensor_map(source)
+    with torch.no_grad():
+        for k, param in expected.items():
+            tensor = src.get(k)
+            require_finite(label, k, tensor)
+            param.copy_(tensor.to(dtype=param.dtype))
+
+
+def _load_single_file(
+    backbone: Backbone, path: Path, unet: nn.Module, vae: nn.Module, text: nn.Module
+) -> None:
+    """Read ``--model FILE`` against the architectures built from the backbone's configs and
+    copy its weights in (strict: every tensor of the three models, shapes checked first)."""
+    from wadi_cli.io.sd_single_file_read import read_single_file
+
+    models = {"unet": unet, "vae": vae, "text_encoder": text}
+    shapes = {name: {k: tuple(v.shape) for k, v in m.state_dict().items()} for name, m in models.items()}
+    states = read_single_file(path, backbone.name, shapes, dict(unet.config), dict(vae.config))
+    for name, model in models.items():
+        load_state_strict(model, states[name], f"--model {path} ({name})")
 
 
 def _scheduler(root: Path) -> Any:

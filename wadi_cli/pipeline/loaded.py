@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -52,6 +52,7 @@ class LoadedPipeline:
     device: torch.device
     dtype: torch.dtype
     model_source: str
+    model_file: dict[str, Any] | None = None  # --model FILE: its name, bytes, sha256
     weights: str | None = None
     weights_kind: str | None = None
     note_lines: tuple[str, ...] = ()

@@ -29,15 +29,16 @@ from wadi_cli import tiny  # module, not names: tests point tiny.TINY_STUDENT_PA
 from wadi_cli.backbones import Backbone, get_backbone
 from wadi_cli.diffusion import DualCLIPPromptEncoder, PromptEncoder, alphas_cumprod_of, wrap_denoiser
 from wadi_cli.errors import BadInputError, CheckpointError, HubError, MismatchError
-from wadi_cli.io import fetch_file, open_checkpoint, require_finite
+from wadi_cli.io import fetch_file, open_checkpoint
 from wadi_cli.io.paths import input_path_problem
-from wadi_cli.io.tensor_map import KeyDiff, Tensors, as_tensor_map
+from wadi_cli.io.sd_single_file_read import is_single_file_model
 from wadi_cli.lorad import is_adapter, load_adapter, merge_adapter_into_state_dict
 from wadi_cli.pipeline.base import (
     BasePipeline,
     PipelineSource,
     latent_size,
     load_base_pipeline,
+    load_state_strict,
     vae_scale_factor,
     weights_variant,
 )
@@ -99,14 +100,17 @@ def _pipeline_source(
     try:
         return base_files.resolve_pipeline_source(backbone, model, components, **kwargs)
     except HubError as exc:
-        repo = str(model if model is not None else backbone.hub_id)
+        single = is_single_file_model(model)  # --model FILE: the backbone's folders give the configs
+        repo = str(model if model is not None and not single else backbone.hub_id)
         comp = str(components or backbone.components_repo or repo)
         detail = str(exc).split(";", 1)[0]  # which folder or file is missing, without its hint
         command = getattr(exc, "command", None)  # hf download of exactly the planned files
         if comp == repo:
-            raise _MissingDownload(
-                f"the base pipeline {repo} ({detail})", command or f"hf download {repo}", "--model DIR"
-            ) from None
+            what = (
+                f"the configs, tokenizer and scheduler of {repo}" if single else f"the base pipeline {repo}"
+            )
+            flag = "--components DIR" if single else "--model DIR"
+            raise _MissingDownload(f"{what} ({detail})", command or f"hf download {repo}", flag) from None
         raise _MissingDownload(
             f"the base pipeline {repo} with the components of {comp} ({detail})",
             command or f"hf download {repo}; hf download {comp}",
@@ -127,25 +131,6 @@ def detect_weights_kind(path: str | os.PathLike[str]) -> WeightsKind:
         if is_adapter(src.keys()):
             return "adapter"
     return "merged"
-
-
-def load_state_strict(model: nn.Module, source: Tensors, label: str) -> None:
-    """Copy a full state dict (a mapping or a lazy ``TensorSource``) into ``model``.
-
-    Names and shapes are checked before any tensor is read or copied; a mismatch raises
-    :class:`MismatchError` naming the first missing/unexpected keys and shape mismatches.
-    """
-    expected = model.state_dict()
-    diff = KeyDiff.between(expected, source)
-    if diff:
-        what = diff.describe("missing key(s)", "unexpected key(s)", "model", "file")
-        raise MismatchError(f"{label} does not fit the base model: {what}")
-    src = as_tensor_map(source)
-    with torch.no_grad():
-        for k, param in expected.items():
-            tensor = src.get(k)
-            require_finite(label, k, tensor)
-            param.copy_(tensor.to(dtype=param.dtype))
 
 
 def _read_adapter(path: Path, backbone: Backbone) -> tuple[dict[str, torch.Tensor], Any]:
@@ -213,6 +198,8 @@ def _shipped_tiny_student(source: str | os.PathLike[str] | None) -> Path | None:
 
 
 def _default_weights(backbone: Backbone, source: str | os.PathLike[str] | None = None) -> Path | None:
+    if is_single_file_model(source):  # a fine-tune: no released student was trained on it
+        return None
     if backbone.name == "tiny":
         return _shipped_tiny_student(source)
     repo, name = getattr(backbone, "release_repo", None), getattr(backbone, "release_file", None)
@@ -359,6 +346,7 @@ def load_pipeline(
         device=dev,
         dtype=dtype,
         model_source=source.describe(),
+        model_file=source.single_file_record,
         weights=None if weights is None else str(weights),
         weights_kind=kind,
         note_lines=tuple(notes),

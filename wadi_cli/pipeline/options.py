@@ -73,8 +73,9 @@ class SamplingOptions:
         commands={"sample": {}, "eval": {}},
     )
     model: str | None = option(
-        "Base pipeline: a diffusers folder or hub id, or one holding only the denoiser "
-        "(default: the backbone's, see `wadi info -b NAME`).",
+        "Base pipeline: a diffusers folder or hub id, or one holding only the denoiser, or an "
+        "original-layout .safetensors single file of a sd15/sd21 fine-tune (A1111/ComfyUI) whose "
+        "weights replace the backbone's (default: the backbone's, see `wadi info -b NAME`).",
         default=None,
     )
     components: str | None = option(

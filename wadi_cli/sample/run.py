@@ -85,6 +85,7 @@ def sample_to_folder(
         "backbone": spec.name,
         "mode": "teacher" if resolved.teacher else "one-step",
         "model": pipe.model_source,
+        "model_file": pipe.model_file,
         "weights": pipe.weights,
         "weights_kind": pipe.weights_kind,
         "device": str(dev),

@@ -89,8 +89,10 @@ def _shape_mask(shape: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def render(attrs: Attrs, rng: np.random.Generator) -> np.ndarray:
-    """Render one ``(32, 32, 3)`` uint8 image of ``attrs``; jitter is drawn from ``rng``."""
+def render(attrs: Attrs, rng: np.random.Generator, background: Sequence[float] | None = None) -> np.ndarray:
+    """Render one ``(32, 32, 3)`` uint8 image of ``attrs``; jitter is drawn from ``rng``.
+    ``background`` (an RGB factor) tints the background, for a shifted distribution (the
+    random draws, hence everything else, are those of the plain image)."""
     s = IMAGE_SIZE * _SUPERSAMPLE
     coords = (np.arange(s, dtype=np.float64) + 0.5) / _SUPERSAMPLE
     yy, xx = np.meshgrid(coords, coords, indexing="ij")
@@ -103,6 +105,8 @@ def render(attrs: Attrs, rng: np.random.Generator) -> np.ndarray:
         + tint[None, None, :]
         + (grad[0] * (yy / IMAGE_SIZE - 0.5) + grad[1] * (xx / IMAGE_SIZE - 0.5))[..., None]
     )
+    if background is not None:
+        img = img * np.asarray(background, dtype=np.float64)[None, None, :]
     # shape: jittered centre, size and colour shade
     cy, cx = _CENTRES[attrs["position"]]
     cy += rng.uniform(-2.0, 2.0)
@@ -115,12 +119,13 @@ def render(attrs: Attrs, rng: np.random.Generator) -> np.ndarray:
     return np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
 
 
-def render_batch(attrs: Sequence[Attrs], seed: int) -> np.ndarray:
-    """Render ``(N, 32, 32, 3)`` uint8 images of ``attrs`` with jitter from ``seed``."""
+def render_batch(attrs: Sequence[Attrs], seed: int, background: Sequence[float] | None = None) -> np.ndarray:
+    """Render ``(N, 32, 32, 3)`` uint8 images of ``attrs`` with jitter from ``seed``
+    (``background``: see :func:`render`)."""
     rng = np.random.default_rng([seed, 1])
     out = np.empty((len(attrs), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     for i, a in enumerate(attrs):
-        out[i] = render(a, rng)
+        out[i] = render(a, rng, background)
     return out
 
 
