@@ -64,7 +64,9 @@ _ALIAS = "__alias"  # suffix of the parameter behind a field's hidden old spelli
 #: fields by what they set (every field in exactly one panel; a test keeps it so).
 COMMAND_PANEL = "Run folder and mode"
 PANELS: dict[str, tuple[str, ...]] = {
-    "Model and student": ("backbone", "model", "components", "adapter", "rank", "fake_rank", "init_seed"),
+    "Model and student": (
+        "backbone", "model", "components", "adapter", "orthogonal_map", "rank", "fake_rank", "init_seed",
+    ),
     "Data": ("prompts", "prompt_column", "text_cache"),
     "Length, checkpoints, validation": (
         "max_steps", "batch_size", "grad_accum", "seed", "checkpoint_every", "keep_last", "log_every",
