@@ -257,6 +257,14 @@ def _check_keys(where: str, data: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def check_config_values(where: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` (config field → value, ``-`` or ``_`` in names) checked like a config file's
+    keys: an unknown field or a value of the wrong type is a :class:`BadInputError` that
+    starts with ``where``. Returns the values under their field names (ints given for
+    floats stay ints)."""
+    return _check_keys(where, data)
+
+
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) config file, or a shipped recipe
     by name, into a dict (with a ``per_adapter`` table when the file has one).
