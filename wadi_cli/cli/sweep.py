@@ -50,6 +50,7 @@ def register(app: typer.Typer) -> None:
         report: Annotated[bool, typer.Option("--report", help="Only rewrite the tables and plots.")] = False,
     ) -> None:
         from wadi_cli.errors import BadInputError
+        from wadi_cli.io import check_writable
         from wadi_cli.sweep import check_cells, load_grid, run_sweep, subprocess_wadi, write_report
         from wadi_cli.sweep.grid import distill_args, eval_args
         from wadi_cli.sweep.runner import read_results
@@ -70,6 +71,8 @@ def register(app: typer.Typer) -> None:
                     typer.echo("  wadi " + " ".join(distill_args(grid, cell, seed, run)))
                     typer.echo("  wadi " + " ".join(eval_args(grid, run)))
             return
+        check_cells(grid)
+        check_writable(grid.out / "results.csv")  # an unwritable OUT fails now, in one line
         if not report:
 
             def show(row: dict) -> None:
