@@ -166,6 +166,25 @@ MUTATIONS: tuple[Mutation, ...] = (
     M("demo-prompt-twice-in-grid", "the swap grid's rows repeat a prompt", "wadi_cli/demo/figures.py",
       "        seen.setdefault(p, i)", "        seen[f'{p}{i}'] = i",
       ("tests/demo/test_demo.py::test_grid_rows_show_each_prompt_once_and_colours_are_fixed_per_kind",)),
+    # ---- the ablation kinds and sweeps ------------------------------------------------------------
+    M("orthogonal-q-transposed", "orthogonal adapter applies W·Qᵀ, not W·Q", "wadi_cli/lorad/orthogonal.py",
+      "rotated = x.to(q.dtype) @ q.T if x.dtype != torch.float64 else x @ q.T.to(x.dtype)",
+      "rotated = x.to(q.dtype) @ q if x.dtype != torch.float64 else x @ q.to(x.dtype)",
+      ("tests/lorad/test_orthogonal.py",)),
+    M("dora-frozen-norm-trains-magnitude", "dora-frozen-norm trains (and saves) its magnitude",
+      "wadi_cli/lorad/kinds.py", "layer.adapter_param_names = DORA_DIRECTION_PARAMS",
+      'layer.adapter_param_names = (*DORA_DIRECTION_PARAMS, "lora_magnitude_vector.default.weight")',
+      ("tests/lorad/test_orthogonal.py::test_dora_frozen_norm_keeps_its_magnitude_and_moves_directions",)),
+    M("sweep-t-quantile", "sweep interval uses the one-sided quantile", "wadi_cli/sweep/stats.py",
+      "half = t_quantile(0.5 + level / 2, n - 1) * math.sqrt(var / n)",
+      "half = t_quantile(level, n - 1) * math.sqrt(var / n)", ("tests/sweep/test_stats.py",)),
+    M("sweep-pairs-misaligned", "paired differences pair seed s with another seed", "wadi_cli/sweep/stats.py",
+      "return t_interval([cell[s] - baseline[s] for s in seeds], level)",
+      "return t_interval([cell[s] - baseline[seeds[-1 - i]] for i, s in enumerate(seeds)], level)",
+      ("tests/sweep/test_stats.py",)),
+    M("sweep-reruns-finished-cells", "a resumed sweep runs finished cells again", "wadi_cli/sweep/runner.py",
+      'done = {(r["cell"], int(r["seed"])) for r in rows if r.get("status") == "ok"}', "done = set()",
+      ("tests/sweep/test_runner.py",)),
 )  # fmt: skip
 
 

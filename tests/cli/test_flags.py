@@ -91,12 +91,20 @@ def test_info_dry_run_help_and_the_recipe_file_agree(backbone):
     assert info["recipe"]["values"] == recipe
     assert Path(info["recipe"]["file"]) == RECIPES / f"{backbone}.toml"
     assert (info["student"]["rank"], info["fake"]["rank"]) == (recipe["rank"], recipe["fake_rank"])
-    for adapter in ("lorad", "lora", "dora", "full"):
+    for adapter in ("lorad", "lora", "dora", "dora-frozen-norm", "orthogonal", "full"):
         result = runner.invoke(app, ["distill", "-b", backbone, "--adapter", adapter, "--dry-run", "--json"])
         assert result.exit_code == 0, result.output
         config = json.loads(result.stdout)["config"]
         expected = _values(recipe, adapter) | {"adapter": adapter}
         assert {k: config[k] for k in expected} == expected, adapter
+        # `wadi info --adapter` plans the student `wadi distill --adapter` trains
+        plan = json.loads(result.stdout)["plan"]["student"]
+        shown = json.loads(
+            runner.invoke(app, ["info", "-b", backbone, "--adapter", adapter, "--json"]).stdout
+        )
+        assert {k: shown["student"][k] for k in ("rank", "layers", "trainable_params")} == {
+            k: plan[k] for k in ("rank", "layers", "trainable_params")
+        }, adapter
     # every field a recipe does not hold means "the backbone's" / "built in"
     for f in dataclasses.fields(DistillConfig):
         if f.name not in recipe:

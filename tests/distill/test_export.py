@@ -128,7 +128,7 @@ def test_bad_export_input(run_dir, tmp_path):
         export_run(tmp_path, "adapter", tmp_path / "y.safetensors")
 
 
-@pytest.mark.parametrize("kind", ["lora", "dora", "full"])
+@pytest.mark.parametrize("kind", ["lora", "dora", "dora-frozen-norm", "orthogonal", "full"])
 def test_baseline_runs_resume_and_export_merged(tmp_path, kind):
     """--adapter lora|dora|full: same loop, checkpoints, export; the merged U-Net reproduces
     the trained student's forward."""

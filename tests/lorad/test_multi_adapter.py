@@ -209,6 +209,7 @@ def test_a_new_kind_is_one_entry_in_the_kind_table(monkeypatch):
     torch.testing.assert_close(got, want)
     assert not torch.allclose(got, teacher)
     with pytest.raises(
-        BadInputError, match="unknown adapter kind 'nope'; expected lorad, lora, dora or scale"
+        BadInputError,
+        match="unknown adapter kind .nope.; expected lorad, lora, dora, dora-frozen-norm, orthogonal or sc",
     ):
         add_switchable_adapter(net, "fake", ["a"], rank=1, kind="nope")

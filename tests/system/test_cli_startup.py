@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 HEAVY = ("torch", "diffusers", "transformers", "safetensors", "numpy")
-COMMANDS = ("analyze", "swap", "merge", "info", "sample", "eval", "distill", "export", "demo")
+COMMANDS = ("analyze", "swap", "merge", "info", "sample", "eval", "distill", "export", "demo", "sweep")
 
 PROBE = """
 import json, sys

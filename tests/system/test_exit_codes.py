@@ -25,7 +25,7 @@ from wadi_cli.cli.main import app
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-COMMANDS = ("analyze", "merge", "swap", "export", "sample", "eval", "distill", "info", "demo")
+COMMANDS = ("analyze", "merge", "swap", "export", "sample", "eval", "distill", "info", "demo", "sweep")
 BAD_INPUT, HUB, UNWRITABLE = 2, 3, 4
 MISSING_REPO = "wadi-test/no-such-model"
 
@@ -42,7 +42,9 @@ def files(tmp_path_factory, pipe_dir):
     distill(resolve_config(overrides=over), root / "run")
     export_run(root / "run", "adapter", root / "adapter.safetensors")
     export_run(root / "run", "merged", root / "merged.safetensors")
+    (root / "grid.toml").write_text('[fixed]\nmax_steps = 1\n[grid]\nadapter = ["lorad"]\n')
     return {
+        "grid": str(root / "grid.toml"),
         "pipe": str(pipe_dir),
         "base": str(pipe_dir / "unet" / "diffusion_pytorch_model.safetensors"),
         "run": str(root / "run"),
@@ -72,8 +74,9 @@ def args_for(kind: int, command: str, f: dict[str, str], out: str) -> list[str] 
         "distill": ["distill", *TINY, "--model", model, "--max-steps", "1", "--out", out],
         "info": ["info", "--backbone", "sd99"],
         "demo": ["demo", "--out", out if kind == UNWRITABLE else f["base"]],
+        "sweep": ["sweep", f["grid"] if kind == UNWRITABLE else f["missing"], "--out", out],
     }  # fmt: skip
-    if (command == "info" and kind != BAD_INPUT) or (command in ("export", "demo") and kind == HUB):
+    if (command == "info" and kind != BAD_INPUT) or (command in ("export", "demo", "sweep") and kind == HUB):
         return None
     return table[command]
 

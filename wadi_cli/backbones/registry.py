@@ -65,9 +65,12 @@ _FAKE_EXCLUDES = ("proj_in", "proj_out", "time_emb_proj")
 
 def adapter_params(kind: str, rank: int, out_features: int, in_features: int) -> int:
     """Trainable parameters of one adapted Linear: LoRaD ``r(m + n/2)``, LoRA ``r(m + n)``,
-    DoRA ``r(m + n) + m`` (the magnitude vector)."""
+    DoRA ``r(m + n) + m`` (the magnitude vector), DoRA with a frozen norm ``r(m + n)``,
+    orthogonal ``n²`` (torch's square ``original``, whatever the rank)."""
     if kind == "lorad":
         return rank * (out_features + in_features // 2)
+    if kind == "orthogonal":
+        return in_features * in_features
     return rank * (out_features + in_features) + (out_features if kind == "dora" else 0)
 
 
@@ -278,10 +281,14 @@ class Backbone:
             base_model=self.model_id(model),
         )
 
-    def adapter_plan(self, rank: int | None = None, fake_rank: int | None = None) -> dict[str, Any]:
-        """Layers and trainable parameters per role: ``r · (out + in/2)`` summed over the
-        targets of the shipped architecture. Ranks default to the recipe's; ``recipe`` holds
-        the recipe file and its values (every default of ``wadi distill -b NAME``)."""
+    def adapter_plan(
+        self, rank: int | None = None, fake_rank: int | None = None, adapter: str = "lorad"
+    ) -> dict[str, Any]:
+        """Layers and trainable parameters per role, summed over the targets of the shipped
+        architecture: the student's of kind ``adapter`` (:func:`adapter_params`; LoRaD's
+        ``r · (out + in/2)`` by default; ``full``: every weight), the fake score's LoRaD.
+        Ranks default to the recipe's; ``recipe`` holds the recipe file and its values
+        (every default of ``wadi distill -b NAME``)."""
         shapes, base_params = self._skeleton()
         plan: dict[str, Any] = {
             "backbone": self.name,
@@ -298,8 +305,14 @@ class Backbone:
             odd = [t for t in targets if shapes[t][1] % 2]
             if odd:
                 raise BadInputError(f"{self.name}: targets with odd in_features: {', '.join(odd[:5])}")
-            trainable = sum(adapter_params("lorad", r, *shapes[t]) for t in targets)
-            plan[role] = {"rank": r, "layers": len(targets), "trainable_params": trainable}
+            kind = adapter if role == "student" else "lorad"
+            if kind == "full":  # every weight of the denoiser
+                entry: dict[str, Any] = {"rank": None, "layers": len(shapes), "trainable_params": base_params}
+            else:
+                trainable = sum(adapter_params(kind, r, *shapes[t]) for t in targets)
+                entry = {"rank": None if kind == "orthogonal" else r, "layers": len(targets)}
+                entry["trainable_params"] = trainable
+            plan[role] = entry if adapter == "lorad" else {**entry, "adapter": kind}
         plan.update(
             alpha_bar_T=self.alpha_bar_T,
             resolution=self.resolution,

@@ -64,7 +64,9 @@ _ALIAS = "__alias"  # suffix of the parameter behind a field's hidden old spelli
 #: fields by what they set (every field in exactly one panel; a test keeps it so).
 COMMAND_PANEL = "Run folder and mode"
 PANELS: dict[str, tuple[str, ...]] = {
-    "Model and student": ("backbone", "model", "components", "adapter", "rank", "fake_rank", "init_seed"),
+    "Model and student": (
+        "backbone", "model", "components", "adapter", "orthogonal_map", "rank", "fake_rank", "init_seed",
+    ),
     "Data": ("prompts", "prompt_column", "text_cache"),
     "Length, checkpoints, validation": (
         "max_steps", "batch_size", "grad_accum", "seed", "checkpoint_every", "keep_last", "log_every",
@@ -298,7 +300,11 @@ def _print_plan(config: dict[str, Any], plan: dict[str, Any], as_json: bool) -> 
         plan_table.add_column(col)
     for role in ("student", "fake"):
         r = plan[role]
-        rank = "full (every weight)" if r["rank"] is None else str(r["rank"])
+        rank = str(r["rank"])
+        if r["rank"] is None:  # the kinds without a rank
+            rank = (
+                f"orthogonal, {r['orthogonal_map']} (n×n)" if "orthogonal_map" in r else "full (every weight)"
+            )
         plan_table.add_row(role, rank, str(r["layers"]), f"{r['trainable_params']:,}")
     console.print(plan_table)
     console.print(f"base parameters (frozen): {plan['base_params']:,}")

@@ -12,6 +12,7 @@ from rich.table import Table
 from wadi_cli.backbones import BACKBONES, get_backbone
 from wadi_cli.backbones.recipes import SAMPLING_DIR, sampling_recipe
 from wadi_cli.cli.common import JsonFlag, console, handle_errors
+from wadi_cli.distill.config import ADAPTERS
 from wadi_cli.distill.prompt_sets import prompt_source
 from wadi_cli.errors import BadInputError
 
@@ -28,12 +29,16 @@ Examples:
 
   wadi info --backbone pixart --fake-rank 16
 
+  wadi info --backbone sd15 --adapter dora-frozen-norm   (another student kind)
+
   wadi info            (one line per backbone)
 """
 
 
 def _plan_table(plan: dict) -> Table:
-    table = Table(title=f"LoRaD plan: {plan['backbone']}", show_header=False, title_justify="left")
+    kind = plan["student"].get("adapter", "lorad")
+    title = f"LoRaD plan: {plan['backbone']}" if kind == "lorad" else f"{kind} plan: {plan['backbone']}"
+    table = Table(title=title, show_header=False, title_justify="left")
     table.add_column("field", style="bold")
     table.add_column("value")
     src = plan["sources"]
@@ -52,9 +57,10 @@ def _plan_table(plan: dict) -> Table:
     for role, label in (("student", "student (generator)"), ("fake", "fake score")):
         r = plan[role]
         share = 100.0 * r["trainable_params"] / plan["base_params"]
+        what = f"rank {r['rank']}" if r["rank"] is not None else r.get("adapter", "")
         table.add_row(
             label,
-            f"rank {r['rank']}, {r['layers']} layers, {r['trainable_params']:,} trainable ({share:.2f}%)",
+            f"{what}, {r['layers']} layers, {r['trainable_params']:,} trainable ({share:.2f}%)",
         )
     table.add_row(
         "resolution",
@@ -111,6 +117,13 @@ def register(app: typer.Typer) -> None:
         fake_rank: Annotated[
             int | None, typer.Option("--fake-rank", help="Fake-score LoRaD rank (default: the recipe's).")
         ] = None,
+        adapter: Annotated[
+            str,
+            typer.Option(
+                "--adapter",
+                help=f"Student kind to plan: {', '.join(ADAPTERS)} (the counts of `wadi distill --adapter`).",
+            ),
+        ] = "lorad",
         json_out: JsonFlag = False,
     ) -> None:
         if backbone is None:
@@ -130,8 +143,10 @@ def register(app: typer.Typer) -> None:
             else:
                 console.print(_summary_table())
             return
+        if adapter not in ADAPTERS:
+            raise BadInputError(f"--adapter must be one of {', '.join(ADAPTERS)}; got {adapter!r}")
         spec = get_backbone(backbone)
-        plan = spec.adapter_plan(rank=rank, fake_rank=fake_rank)
+        plan = spec.adapter_plan(rank=rank, fake_rank=fake_rank, adapter=adapter)
         plan["sampling"] = {
             "file": str(SAMPLING_DIR / f"{spec.name}.toml"),
             "values": sampling_recipe(spec.name),

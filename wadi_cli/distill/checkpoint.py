@@ -198,6 +198,8 @@ def save_checkpoint(run: str | os.PathLike[str], ckpt: Checkpoint, keep_last: in
             extra = {"ema_decay": str(ckpt.config.get("ema_decay"))} if name == "ema" else {}
             if role == "student" and ckpt.config.get("alpha_bar_T") is not None:
                 extra[ALPHA_BAR_T_METADATA] = str(ckpt.config["alpha_bar_T"])
+            if role == "student" and kind == "orthogonal":  # an adapter file names its map
+                extra["orthogonal_map"] = str(ckpt.config["orthogonal_map"])
             if role == "student" and kind != "lorad":
                 save_baseline_adapter(tmp / f"{name}.safetensors", tensors, kind, cfg, extra)
             else:

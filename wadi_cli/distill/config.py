@@ -33,9 +33,10 @@ from wadi_cli.backbones.recipes import (
 )
 from wadi_cli.errors import BadInputError
 
-#: Student kinds: LoRaD (the method) and, for the paper's ablation, peft's LoRA / DoRA and a
-#: full fine-tune (every weight trainable, as in DMD2).
-ADAPTERS: tuple[str, ...] = ("lorad", "lora", "dora", "full")
+#: Student kinds: LoRaD (the method) and, for the paper's ablations, peft's LoRA / DoRA, DoRA
+#: with its magnitude frozen, a learned orthogonal matrix per layer (torch's maps, Table R4)
+#: and a full fine-tune (every weight trainable, as in DMD2).
+ADAPTERS: tuple[str, ...] = ("lorad", "lora", "dora", "dora-frozen-norm", "orthogonal", "full")
 MIXED_PRECISION: tuple[str, ...] = ("auto", "no", "fp16", "bf16")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw8bit")
 LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
@@ -74,7 +75,15 @@ class DistillConfig:
         "--model pipeline, else the backbone's; see `wadi info -b NAME`).",
         default=None,
     )
-    adapter: str = knob("Student: lorad (the method); lora, dora (peft) or full (baselines).")
+    adapter: str = knob(
+        "Student: lorad (the method); lora, dora, dora-frozen-norm (peft), orthogonal (torch's "
+        "maps, see --orthogonal-map) or full (baselines)."
+    )
+    orthogonal_map: str = knob(
+        "--adapter orthogonal: torch's map to O(n), matrix_exp, cayley or householder. Per adapted "
+        "Linear (n = in_features) it trains an n×n matrix (n² parameters, --rank unused) and adds "
+        "an O(n³) map plus an n×n matmul per token to every forward."
+    )
     rank: int | None = knob("Student adapter rank.")
     fake_rank: int | None = knob("Fake-score LoRaD rank.")
     init_seed: int = knob("Seed of the adapters' initialisation.")
@@ -142,7 +151,8 @@ class DistillConfig:
     def fingerprint(self) -> dict[str, Any]:
         """What a resumed run must share with the run it continues."""
         return {
-            k: getattr(self, k) for k in ("backbone", "model", "components", "adapter", "rank", "fake_rank")
+            k: getattr(self, k)
+            for k in ("backbone", "model", "components", "adapter", "orthogonal_map", "rank", "fake_rank")
         }
 
 
@@ -251,6 +261,14 @@ def _check_keys(where: str, data: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def check_config_values(where: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` (config field → value, ``-`` or ``_`` in names) checked like a config file's
+    keys: an unknown field or a value of the wrong type is a :class:`BadInputError` that
+    starts with ``where``. Returns the values under their field names (ints given for
+    floats stay ints)."""
+    return _check_keys(where, data)
+
+
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) config file, or a shipped recipe
     by name, into a dict (with a ``per_adapter`` table when the file has one).
@@ -305,11 +323,23 @@ def _coerce(name: str, value: Any) -> Any:
 
 
 def _validate(cfg: DistillConfig) -> None:
+    from wadi_cli.lorad.orthogonal import ORTHOGONAL_MAPS  # torch: not at `wadi distill --help`
+
     def need(ok: bool, msg: str) -> None:
         if not ok:
             raise BadInputError(msg)
 
     need(cfg.adapter in ADAPTERS, f"--adapter must be one of {', '.join(ADAPTERS)}; got {cfg.adapter!r}")
+    need(
+        cfg.orthogonal_map in ORTHOGONAL_MAPS,
+        f"--orthogonal-map must be one of {', '.join(ORTHOGONAL_MAPS)}; got {cfg.orthogonal_map!r}",
+    )
+    # torch's householder map reads fixed signs from the diagonal of the trained matrix
+    # (``.int()`` of −1); AdamW's decay would shrink them to −0.99 → 0 and zero the weight
+    need(
+        not (cfg.adapter == "orthogonal" and cfg.orthogonal_map == "householder" and cfg.weight_decay > 0),
+        "--orthogonal-map householder needs --weight-decay 0 (decay would erase the map's diagonal signs)",
+    )
     for name in (
         "rank", "fake_rank", "batch_size", "grad_accum", "fake_updates", "max_steps", "checkpoint_every",
         "log_every", "keep_last",
@@ -394,6 +424,15 @@ def resolve_config(
     cfg = DistillConfig(**values)
     _validate(cfg)
     return cfg
+
+
+def adapter_options(config: DistillConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword arguments the student's adapter kind takes from a run's config (a
+    :class:`DistillConfig` or its saved dict): ``orthogonal_map`` for ``orthogonal``."""
+    values = config.to_dict() if isinstance(config, DistillConfig) else config
+    if values.get("adapter") == "orthogonal":
+        return {"orthogonal_map": values["orthogonal_map"]}
+    return {}
 
 
 def config_from_json(text: str) -> DistillConfig:

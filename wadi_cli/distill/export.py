@@ -140,10 +140,12 @@ def _merged_state(
 def _merged_baseline(
     adapter_file: Path, config: dict[str, Any], backbone: Backbone, source: PipelineSource
 ) -> dict[str, Any]:
-    """LoRA / DoRA: build the base denoiser, attach the adapter, probe effective weights."""
+    """LoRA / DoRA / orthogonal: build the base denoiser, attach the adapter, probe effective
+    weights."""
     import diffusers
 
     from wadi_cli.distill.checkpoint import read_adapter_tensors
+    from wadi_cli.distill.config import adapter_options
     from wadi_cli.lorad.multi_adapter import add_switchable_adapter, load_adapter_tensors, merged_state_dict
 
     with open_checkpoint(adapter_file) as src:
@@ -152,7 +154,9 @@ def _merged_baseline(
     net = cls.from_pretrained(
         str(source.denoiser_root), subfolder=backbone.denoiser_subfolder, local_files_only=True
     ).eval()
-    add_switchable_adapter(net, "student", targets, int(config["rank"]), kind=config["adapter"])
+    add_switchable_adapter(
+        net, "student", targets, int(config["rank"]), kind=config["adapter"], options=adapter_options(config)
+    )
     load_adapter_tensors(net, "student", read_adapter_tensors(adapter_file))
     return merged_state_dict(net, "student")
 

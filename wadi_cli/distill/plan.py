@@ -48,6 +48,12 @@ def parameter_plan(cfg: DistillConfig) -> dict[str, Any]:
             plan[role] = {"rank": None, "layers": len(shapes), "trainable_params": plan["base_params"]}
             continue
         trainable = sum(adapter_params(kind, rank, *shapes[t]) for t in targets)
-        plan[role] = {"rank": rank, "layers": len(targets), "trainable_params": trainable}
+        plan[role] = {
+            "rank": None if kind == "orthogonal" else rank,
+            "layers": len(targets),
+            "trainable_params": trainable,
+        }
+        if kind == "orthogonal":
+            plan[role]["orthogonal_map"] = cfg.orthogonal_map
     plan["alpha_bar_T"] = cfg.alpha_bar_T
     return plan

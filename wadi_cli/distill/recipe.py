@@ -25,8 +25,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -64,7 +64,8 @@ class TrainingDiverged(WadiError):
 class Role:
     """One trained role: an adapter of ``kind`` and ``rank`` on the Linears ``targets``
     (``kind="full"``: every weight of a trainable copy, student only), its ``B`` matrices
-    drawn from ``init_seed``, trained at ``lr`` with gradients clipped to ``max_grad_norm``."""
+    drawn from ``init_seed``, trained at ``lr`` with gradients clipped to ``max_grad_norm``;
+    ``options`` are the kind's keyword arguments (``orthogonal_map``)."""
 
     name: str
     targets: list[str]
@@ -73,6 +74,7 @@ class Role:
     init_seed: int
     lr: float
     max_grad_norm: float
+    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 class AdapterRecipe:
@@ -114,7 +116,13 @@ class AdapterRecipe:
                 self._full_copy(name)
             else:
                 add_switchable_adapter(
-                    self.net, name, role.targets, role.rank, init_seed=role.init_seed, kind=role.kind
+                    self.net,
+                    name,
+                    role.targets,
+                    role.rank,
+                    init_seed=role.init_seed,
+                    kind=role.kind,
+                    options=role.options,
                 )
         for layer in lorad_layers(self.net).values():
             layer.exact_low_precision = cfg.lorad_exact_low_precision

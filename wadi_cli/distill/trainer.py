@@ -24,7 +24,7 @@ from wadi_cli.diffusion import (
     last_timestep,
     one_step_x0,
 )
-from wadi_cli.distill.config import DistillConfig
+from wadi_cli.distill.config import DistillConfig, adapter_options
 from wadi_cli.distill.data import PromptStream
 from wadi_cli.distill.losses import (
     fake_score_loss,
@@ -87,6 +87,7 @@ class Distiller(AdapterRecipe):
                 cfg.init_seed,
                 cfg.lr,
                 cfg.max_grad_norm,
+                adapter_options(cfg),
             ),
             Role(
                 "fake",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -43,21 +44,31 @@ class MultiAdapterLinear(nn.Module):
         self.active: str | None = None
 
     def add_adapter(
-        self, name: str, rank: int, *, label: str, generator: torch.Generator | None, kind: str = "lorad"
+        self,
+        name: str,
+        rank: int,
+        *,
+        label: str,
+        generator: torch.Generator | None,
+        kind: str = "lorad",
+        options: Mapping[str, Any] | None = None,
     ) -> None:
         """Add an adapter ``name`` of ``rank`` (identity at init) on the shared base: any kind
         of :data:`~wadi_cli.lorad.kinds.ADAPTER_KINDS` (LoRaD; peft's LoRA / DoRA, the
-        baselines of the paper's ablation)."""
+        baselines of the paper's ablation; DoRA with a frozen norm; torch's orthogonal maps) with
+        the kind's ``options``."""
         if name in self.adapters:
             raise BadInputError(f"{label}: adapter {name!r} already present")
-        self.adapters[name] = make_adapter(kind, self.base_layer, rank, label=label, generator=generator)
+        self.adapters[name] = make_adapter(
+            kind, self.base_layer, rank, label=label, generator=generator, options=options
+        )
 
     def adapter_tensors(self, name: str) -> dict[str, nn.Parameter]:
         """The trainable tensors of adapter ``name`` by their name inside the adapter."""
         sub = self.adapters[name]
-        names = getattr(sub, "adapter_param_names", None)  # LoRaD (and any kind that names its tensors)
+        names = getattr(sub, "adapter_param_names", None)  # any kind that names its trained tensors
         if names is not None:
-            return {p: getattr(sub, p) for p in names}
+            return {p: sub.get_parameter(p) for p in names}
         return {n: p for n, p in sub.named_parameters() if not n.startswith("base_layer.")}
 
     @torch.no_grad()
@@ -97,10 +108,12 @@ def add_switchable_adapter(
     *,
     init_seed: int | None = None,
     kind: str = "lorad",
+    options: Mapping[str, Any] | None = None,
 ) -> list[str]:
-    """Give the Linears ``targets`` of ``model`` a LoRaD adapter ``name`` of ``rank``,
-    wrapping each Linear in a :class:`MultiAdapterLinear` the first time. With
-    ``init_seed`` the ``B`` matrices come from one CPU generator in target order."""
+    """Give the Linears ``targets`` of ``model`` an adapter ``name`` of ``kind`` (LoRaD by
+    default; ``options``: the kind's keyword arguments) and ``rank``, wrapping each Linear in
+    a :class:`MultiAdapterLinear` the first time. With ``init_seed`` the ``B`` matrices come
+    from one CPU generator in target order."""
     names = list(dict.fromkeys(targets))
     if not names:
         raise BadInputError(f"adapter {name!r}: no target modules")
@@ -124,7 +137,7 @@ def add_switchable_adapter(
         if layer is None:
             layer = MultiAdapterLinear(model.get_submodule(path))
             set_submodule(model, path, layer)
-        layer.add_adapter(name, rank, label=path, generator=generator, kind=kind)
+        layer.add_adapter(name, rank, label=path, generator=generator, kind=kind, options=options)
     return names
 
 

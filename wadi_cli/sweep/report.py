@@ -1,0 +1,198 @@
+"""The tables and plots of a sweep, made from ``OUT/results.csv`` and each run's ``eval.csv``.
+
+- ``summary.csv`` / ``summary.md``: per cell the seeds scored, the mean of the grid's metric
+  with its 95 % t interval over seeds, and the paired difference to the baseline cell
+  (matched by seed, its own t interval; :mod:`wadi_cli.sweep.stats`); failed runs listed
+  with their error line.
+- ``bars.png``: mean ± interval per cell (the shape of WaDi's Table 2).
+- ``convergence.png``: the metric against the training step, mean over seeds, per cell
+  (every kept checkpoint, scored by ``wadi eval --watch``).
+- ``heatmap.png``: the mean over two axes (the shape of the paper's rank table, settings
+  A–F), when the grid has exactly two axes.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+from wadi_cli.sweep.grid import Cell, Grid
+from wadi_cli.sweep.runner import read_eval_csv, read_results
+from wadi_cli.sweep.stats import LEVEL, paired_difference, t_interval
+
+SUMMARY_COLUMNS = (
+    "cell", "seeds", "failed", "mean", "low", "high", "baseline", "diff_seeds", "diff_mean", "diff_low",
+    "diff_high",
+)  # fmt: skip
+
+
+def cell_values(grid: Grid, rows: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
+    """Cell name → {seed: metric} over the ``ok`` rows."""
+    out: dict[str, dict[int, float]] = {c.name: {} for c in grid.cells}
+    for r in rows:
+        if r.get("status") == "ok" and r["cell"] in out and r.get(grid.metric, "") != "":
+            out[r["cell"]][int(r["seed"])] = float(r[grid.metric])
+    return out
+
+
+def summarise(grid: Grid, rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """One summary row per cell (:data:`SUMMARY_COLUMNS`), in grid order."""
+    rows = read_results(grid) if rows is None else rows
+    values = cell_values(grid, rows)
+    failed: dict[str, int] = {}
+    for r in rows:
+        if r.get("status") != "ok":
+            failed[r["cell"]] = failed.get(r["cell"], 0) + 1
+    out = []
+    for cell in grid.cells:
+        mine = values[cell.name]
+        ci = t_interval([mine[s] for s in sorted(mine)])
+        row: dict[str, Any] = {"cell": cell.name, "seeds": ci.n, "failed": failed.get(cell.name, 0)}
+        row.update(mean=ci.mean, low=ci.low, high=ci.high)
+        base = grid.baseline_of(cell)
+        row["baseline"] = base.name if base is not None else ""
+        if base is not None and base != cell:
+            d = paired_difference(mine, values.get(base.name, {}))
+            row.update(diff_seeds=d.n, diff_mean=d.mean, diff_low=d.low, diff_high=d.high)
+        else:
+            row.update(diff_seeds="", diff_mean="", diff_low="", diff_high="")
+        out.append(row)
+    return out
+
+
+def _f(value: Any, fmt: str = ".3f") -> str:
+    if value == "" or value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return format(value, fmt)
+
+
+def markdown(grid: Grid, summary: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
+    """``summary.md``: the per-cell table and the failed runs."""
+    pct = f"{LEVEL:.0%}"
+    lines = [
+        f"# Sweep {grid.path.name}: {grid.metric}",
+        "",
+        f"`wadi sweep {grid.path}`: backbone {grid.backbone}, seeds {', '.join(map(str, grid.seeds))}, "
+        f"`wadi eval {' '.join(grid.eval)}`. Mean over seeds with its {pct} t interval; the paired "
+        f"difference is cell − baseline over the seeds both have (t interval of the per-seed differences; "
+        f"'covers 0' = not resolved).",
+        "",
+        f"| cell | seeds | {grid.metric} mean | {pct} interval | baseline | difference | {pct} interval | |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        covers = ""
+        if s["diff_mean"] != "" and not math.isnan(s["diff_low"]):
+            covers = "covers 0" if s["diff_low"] <= 0 <= s["diff_high"] else "resolved"
+        failed = f" ({s['failed']} failed)" if s["failed"] else ""
+        lines.append(
+            f"| {s['cell']} | {s['seeds']}{failed} | {_f(s['mean'])} | {_f(s['low'])} – {_f(s['high'])} | "
+            f"{s['baseline']} | {_f(s['diff_mean'], '+.3f')} | {_f(s['diff_low'], '+.3f')} – "
+            f"{_f(s['diff_high'], '+.3f')} | {covers} |"
+        )
+    bad = [r for r in rows if r.get("status") != "ok"]
+    if bad:
+        lines += ["", "## Failed runs", "", "| cell | seed | error |", "|---|---|---|"]
+        lines += [f"| {r['cell']} | {r['seed']} | {str(r.get('error', '')).replace('|', '/')} |" for r in bad]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(grid: Grid) -> list[Path]:
+    """Write ``summary.csv``, ``summary.md`` and the plots into ``OUT``; returns the paths."""
+    import csv
+
+    from wadi_cli.io.atomic import write_text_atomic
+
+    rows = read_results(grid)
+    summary = summarise(grid, rows)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, SUMMARY_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(summary)
+    grid.out.mkdir(parents=True, exist_ok=True)
+    paths = [write_text_atomic(grid.out / "summary.csv", buf.getvalue())]
+    paths.append(write_text_atomic(grid.out / "summary.md", markdown(grid, summary, rows)))
+    if any(s["seeds"] for s in summary):
+        paths += plot_bars(grid, summary), plot_convergence(grid)
+        if len(grid.axes) == 2:
+            paths.append(plot_heatmap(grid, summary))
+    return paths
+
+
+def _figure(width: float, height: float) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(width, height))
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    from wadi_cli.io.atomic import atomic_file
+
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_bars(grid: Grid, summary: list[dict[str, Any]]) -> Path:
+    """``bars.png``: the metric's mean per cell with its interval as error bars."""
+    fig, ax = _figure(max(4.0, 0.9 * len(summary) + 1), 3.6)
+    xs = range(len(summary))
+    means = [s["mean"] for s in summary]
+    errs = [[0.0 if math.isnan(s["low"]) else s["mean"] - s["low"] for s in summary],
+            [0.0 if math.isnan(s["high"]) else s["high"] - s["mean"] for s in summary]]  # fmt: skip
+    ax.bar(xs, means, yerr=errs, capsize=4, color="#4c72b0")
+    ax.set_xticks(list(xs), [s["cell"].replace(",", "\n") for s in summary], fontsize=7)
+    ax.set_ylabel(f"{grid.metric} (mean, {LEVEL:.0%} interval over seeds)")
+    ax.set_title(grid.path.name)
+    return _save(fig, grid.out / "bars.png")
+
+
+def convergence_curves(grid: Grid) -> dict[str, list[tuple[float, float]]]:
+    """Cell name → [(step, mean metric over the seeds scored at that step)]."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for cell in grid.cells:
+        by_step: dict[float, list[float]] = {}
+        for seed in grid.seeds:
+            for r in read_eval_csv(grid.run_dir(cell, seed)):
+                if grid.metric in r:
+                    by_step.setdefault(r["step"], []).append(r[grid.metric])
+        if by_step:
+            out[cell.name] = [(s, math.fsum(v) / len(v)) for s, v in sorted(by_step.items())]
+    return out
+
+
+def plot_convergence(grid: Grid) -> Path:
+    """``convergence.png``: the metric against the step, one line per cell."""
+    fig, ax = _figure(5.5, 3.6)
+    for name, points in convergence_curves(grid).items():
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"{grid.metric} (mean over seeds)")
+    ax.legend(fontsize=7)
+    return _save(fig, grid.out / "convergence.png")
+
+
+def plot_heatmap(grid: Grid, summary: list[dict[str, Any]]) -> Path:
+    """``heatmap.png``: the mean over the grid's two axes (rows: the first axis)."""
+    (ya, yv), (xa, xv) = grid.axes.items()
+    means = {s["cell"]: s["mean"] for s in summary}
+    data = [[means[Cell(((ya, y), (xa, x))).name] for x in xv] for y in yv]
+    fig, ax = _figure(1.2 * len(xv) + 2, 0.8 * len(yv) + 1.5)
+    im = ax.imshow(data, cmap="viridis_r")
+    ax.set_xticks(range(len(xv)), [str(x) for x in xv])
+    ax.set_yticks(range(len(yv)), [str(y) for y in yv])
+    ax.set_xlabel(xa)
+    ax.set_ylabel(ya)
+    for i, row in enumerate(data):
+        for j, v in enumerate(row):
+            ax.text(j, i, _f(v, ".2f"), ha="center", va="center", color="w", fontsize=8)
+    fig.colorbar(im, ax=ax, label=f"{grid.metric} (mean)")
+    return _save(fig, grid.out / "heatmap.png")

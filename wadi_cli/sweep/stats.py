@@ -1,0 +1,83 @@
+"""Means, 95 % intervals over seeds and paired differences: the statistics of a sweep table.
+
+With ``n`` seeds ``x_1 … x_n`` of one cell, the interval is Student's t interval
+
+    mean ± t_{1−α/2, n−1} · s / √n,     s² = Σ (x_i − mean)² / (n − 1)
+
+and a paired difference (cell − baseline, matched by seed) is the same interval over the
+per-seed differences ``d_i = x_i − b_i`` (seeds only one side has are left out). With one
+value there is no interval (``nan``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+#: The confidence level of every interval of a sweep.
+LEVEL = 0.95
+
+
+@dataclass(frozen=True)
+class Interval:
+    """``mean`` and its t interval ``[low, high]`` over ``n`` values (``nan`` bounds for n < 2)."""
+
+    n: int
+    mean: float
+    low: float
+    high: float
+
+    @property
+    def half_width(self) -> float:
+        """``(high − low) / 2``."""
+        return (self.high - self.low) / 2
+
+    def covers_zero(self) -> bool:
+        """Whether 0 lies in the interval (a difference the data cannot tell from none)."""
+        return self.low <= 0.0 <= self.high
+
+
+def t_quantile(p: float, dof: int) -> float:
+    """The ``p`` quantile of Student's t with ``dof`` degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(p, dof))
+
+
+def t_interval(values: Sequence[float], level: float = LEVEL) -> Interval:
+    """The mean of ``values`` and its two-sided t interval at ``level``."""
+    n = len(values)
+    if n == 0:
+        return Interval(0, math.nan, math.nan, math.nan)
+    mean = math.fsum(values) / n
+    if n < 2:
+        return Interval(1, mean, math.nan, math.nan)
+    var = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
+    half = t_quantile(0.5 + level / 2, n - 1) * math.sqrt(var / n)
+    return Interval(n, mean, mean - half, mean + half)
+
+
+def paired_difference(
+    cell: Mapping[int, float], baseline: Mapping[int, float], level: float = LEVEL
+) -> Interval:
+    """``cell − baseline`` over the seeds both have (seed → value), with its t interval."""
+    seeds = sorted(set(cell) & set(baseline))
+    return t_interval([cell[s] - baseline[s] for s in seeds], level)
+
+
+def seeds_needed(sd: float, delta: float, level: float = LEVEL, power: float = 0.8) -> int:
+    """The fewest seeds (paired differences with standard deviation ``sd``) for which a
+    two-sided t test at ``1 − level`` detects a true difference ``delta`` with probability
+    ``power``: the smallest n with P(|T| > t_crit) ≥ power, T noncentral t (n − 1 dof,
+    noncentrality ``delta·√n / sd``)."""
+    from scipy.stats import nct
+
+    if sd <= 0 or delta <= 0:
+        raise ValueError("sd and delta must be positive")
+    for n in range(2, 100_000):
+        crit = t_quantile(0.5 + level / 2, n - 1)
+        nc = delta * math.sqrt(n) / sd
+        if float(nct.sf(crit, n - 1, nc) + nct.cdf(-crit, n - 1, nc)) >= power:
+            return n
+    raise ValueError("more than 100,000 seeds")
