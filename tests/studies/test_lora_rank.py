@@ -26,7 +26,7 @@ def test_dry_run_prints_one_eval_per_rule_and_seed(capsys):
     evals = [line for line in lines if line.startswith("wadi eval -b tiny")]
     rules = len(study.RANKS) + len(study.ENERGIES)
     assert len(evals) == 2 * rules + 2 * 2  # every rule and the two references, per seed
-    assert all(line.endswith("-n 40 --seed 3 --json") or line.endswith("-n 40 --seed 7 --json") for line in evals)
+    assert all(line.endswith(("-n 40 --seed 3 --json", "-n 40 --seed 7 --json")) for line in evals)
     assert sum("--base" in line for line in evals) == 2
 
 
