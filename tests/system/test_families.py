@@ -35,7 +35,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from wadi_cli.cli.main import app
-from wadi_cli.io import open_checkpoint
+from wadi_cli.io import load_state_dict, open_checkpoint
 
 #: family -> (backbone, extra flags selecting the base, image side in px, prediction type)
 FAMILIES = {
@@ -92,6 +92,12 @@ def _image_side(folder: Path) -> int:
 
 
 _RUNS: dict[str, Path] = {}
+#: a student visibly apart from the base in its images (an export that silently wrote the
+#: base weights would pass every picture comparison): the miniature's VSD gradients are
+#: ~1e-10, so AdamW's ε 1e-8 would turn lr 1e-4 into steps of ~1e-10 (the recipes' 3-step
+#: export equals the base bit for bit); ε 1e-20 and lr 0.1 make each step ~0.1, the fake
+#: score's CFG 1 (teacher 1.5) a nonzero gradient from step 1, EMA 0.5 keeps the EMA in use
+STUDENT_DIFFERS = ["--lr", "0.1", "--adam-eps", "1e-20", "--fake-guidance", "1", "--ema-decay", "0.5"]
 #: a run small enough for a miniature: batch 1, ranks 4 / 2, no validation, CPU
 SMALL_RUN = [*("--batch-size", "1", "--rank", "4", "--fake-rank", "2"), "--validate-every", "0"]
 SMALL_RUN += ["--device", "cpu", "--no-tensorboard", "--prompts", "smoke"]  # a real family names its prompts
@@ -111,6 +117,7 @@ def distilled(family: str, work: Path) -> Path:
             "no",
             "--alpha-bar-t",
             ALPHA,
+            *STUDENT_DIFFERS,
         ]
         wadi("distill", "-b", backbone, *flags, "--out", run, *SMALL_RUN, *fp32)
         wadi("distill", "--out", run, "--resume", "latest", "--max-steps", "3")
@@ -292,8 +299,9 @@ def test_merge_refuses_an_sd21_adapter_on_an_sd15_base(hub_cache, work):
 def test_single_file_converts_back_through_diffusers(hub_cache, work, family):
     """``--format single-file`` (export and merge) read back with diffusers' own
     ``from_single_file`` (configs from the local base pipeline, offline): every tensor of
-    the U-Net, VAE and text encoder comes back equal."""
-    from diffusers import StableDiffusionPipeline
+    the U-Net, VAE and text encoder comes back equal; the U-Net alone
+    (``UNet2DConditionModel.from_single_file``) is the merged export tensor for tensor."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     paths = exported(family, work)
     snap = hub_cache / f"models--{BASE_REPO[family].replace('/', '--')}" / "snapshots" / COMMIT
@@ -307,6 +315,12 @@ def test_single_file_converts_back_through_diffusers(hub_cache, work, family):
         pipe = StableDiffusionPipeline.from_single_file(
             str(single), config=str(snap), local_files_only=True, safety_checker=None
         )
+        unet = UNet2DConditionModel.from_single_file(
+            str(single), config=str(snap), subfolder="unet", local_files_only=True
+        ).state_dict()
+        merged = load_state_dict(paths["merged"])
+        assert sorted(unet) == sorted(merged)
+        assert not [k for k in merged if not torch.equal(unet[k], merged[k])]
         refs = {"unet": paths["merged"], "vae": snap / "vae", "text_encoder": snap / "text_encoder"}
         for part, ref_path in refs.items():
             got = getattr(pipe, part).state_dict()
@@ -315,6 +329,154 @@ def test_single_file_converts_back_through_diffusers(hub_cache, work, family):
                 assert set(names) <= set(got), (part, sorted(set(names) - set(got))[:3])
                 unequal = [k for k in names if not torch.equal(got[k], ref.get(k))]
                 assert not unequal, (part, unequal[:3])
+
+
+def _snapshot(hub_cache: Path, repo: str) -> Path:
+    return hub_cache / f"models--{repo.replace('/', '--')}" / "snapshots" / COMMIT
+
+
+def _base_pipeline(family: str, hub_cache: Path):
+    """The family's base pipeline as a diffusers user loads it (its own class, from the hub
+    snapshots; PixArt-α 256's transformer in the 512 repo's pipeline, as wadi composes them)."""
+    from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel, StableDiffusionPipeline
+
+    kw = dict(local_files_only=True, use_safetensors=True)
+    if family == "pixart":
+        net = PixArtTransformer2DModel.from_pretrained(
+            str(_snapshot(hub_cache, PIXART_256)), subfolder="transformer", **kw
+        )
+        return PixArtAlphaPipeline.from_pretrained(
+            str(_snapshot(hub_cache, PIXART_512)), transformer=net, **kw
+        )
+    snap = _snapshot(hub_cache, BASE_REPO[family])
+    return StableDiffusionPipeline.from_pretrained(str(snap), safety_checker=None, **kw)
+
+
+def _denoiser(pipe):
+    return pipe.transformer if hasattr(pipe, "transformer") and pipe.transformer is not None else pipe.unet
+
+
+LORA_RANK = 2  # below every changed layer's rank, so the LoRA is a true truncation
+
+
+def _exported_lora(family: str, work: Path) -> Path:
+    """``--format lora --lora-rank 2`` of the family's run (PEFT names for PixArt, whose
+    layers the kohya layout cannot name)."""
+    out = work / f"{family}-lora.safetensors"
+    if not out.exists():
+        keys = ["--lora-keys", "diffusers"] if family == "pixart" else []
+        wadi(
+            "export",
+            distilled(family, work),
+            "--format",
+            "lora",
+            "--lora-rank",
+            LORA_RANK,
+            *keys,
+            "--out",
+            out,
+        )
+    return out
+
+
+def _fuse_lora(pipe, lora: Path) -> None:
+    """Apply a LoRA file with diffusers' ``load_lora_weights`` + ``fuse_lora``; PixArt's
+    pipeline has no LoRA loader in diffusers, so there peft's own injection and merge."""
+    if hasattr(pipe, "load_lora_weights"):
+        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+        return
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import load_file
+
+    state = {k.removeprefix("transformer."): v for k, v in load_file(str(lora)).items()}
+    targets = sorted({k.rsplit(".lora_", 1)[0] for k in state})
+    config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=targets)
+    net = inject_adapter_in_model(config, pipe.transformer)
+    assert not set_peft_model_state_dict(net, state).unexpected_keys
+    layers = [m for m in net.modules() if isinstance(m, LoraLayer)]
+    assert len(layers) == len(targets)
+    for m in layers:
+        m.merge()
+
+
+def _low_rank(delta: torch.Tensor, rank: int) -> torch.Tensor:
+    """numpy's float64 rank-r truncation of ``delta`` (a conv as out × (in·kh·kw))."""
+    mat = delta.double().reshape(delta.shape[0], -1).numpy()
+    u, s, vh = np.linalg.svd(mat, full_matrices=False)
+    return torch.from_numpy((u[:, :rank] * s[:rank]) @ vh[:rank]).reshape(delta.shape)
+
+
+def _assert_same_image(ours, theirs, what):
+    """Latents within 1e-5 (|x0| ≤ ~50, where float32's spacing is 3.8e-6); images within 1
+    level of 255 (diffusers and wadi round [−1, 1] to bytes by different formulas)."""
+    (x0, images), (latents, pictures) = ours, theirs
+    torch.testing.assert_close(latents, x0, rtol=0, atol=1e-5, msg=lambda m: f"{what}: {m}")
+    assert np.abs(pictures.astype(int) - images.astype(int)).max() <= 1, what
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_export_gives_diffusers_own_one_step_image(hub_cache, work, family):
+    """For every export format, the one-step image (``wadi sample`` from the export) equals the
+    image diffusers' own pipeline class makes from the same weights and noise, with diffusers'
+    DDIM stepping once at t = 999 on a planted ᾱ_999 = ALPHA (:func:`one_step_scheduler`):
+    merged (the base pipeline with the merged U-Net/transformer loaded strictly), adapter (the
+    same picture), single-file (``from_single_file`` with the base's configs, offline) and
+    lora (rank 2: the base with diffusers' ``load_lora_weights`` + ``fuse_lora``, compared
+    with wadi's image of base + ΔW_2, ΔW_2 numpy's SVD of merged − base, not with the student).
+    The diffusers folder's plain call is ``test_diffusers_plain_one_step_call_is_wadi_sample``.
+    Tolerance: latents to 1e-5 absolute (measured: 0.0 for merged, adapter and single-file,
+    1.9e-6 for the LoRA, whose fused weights are float32 sums in another order than ΔW_r; the
+    student is 7e-3 (sd15) to 1.9 (pixart) from the base), images within 1 level of 255."""
+    from _helpers_onestep import one_step_scheduler, pipeline_one_step, wadi_one_step
+    from diffusers import StableDiffusionPipeline
+
+    from wadi_cli.io import save_safetensors
+
+    backbone, flags, _, _ = FAMILIES[family]
+    model = flags[1] if flags else None
+    paths = exported(family, work)
+    z, x0, images = wadi_one_step(backbone, paths["merged"], model=model)
+
+    def diffusers_image(pipe):
+        pipe.scheduler = one_step_scheduler(pipe.scheduler, ALPHA)
+        return pipeline_one_step(pipe, z)
+
+    pipe = _base_pipeline(family, hub_cache)
+    base_state = {k: v.clone() for k, v in _denoiser(pipe).state_dict().items()}
+    merged = load_state_dict(paths["merged"])
+    _denoiser(pipe).load_state_dict(merged, strict=True)
+    reference = diffusers_image(pipe)
+    _assert_same_image((x0, images), reference, f"{family} merged")
+    _, x0_adapter, images_adapter = wadi_one_step(backbone, paths["adapter"], model=model)
+    _assert_same_image((x0_adapter, images_adapter), reference, f"{family} adapter")
+    if "single-file" in paths:
+        single = StableDiffusionPipeline.from_single_file(
+            str(paths["single-file"]),
+            config=str(_snapshot(hub_cache, BASE_REPO[family])),
+            local_files_only=True,
+            safety_checker=None,
+        )
+        _assert_same_image((x0, images), diffusers_image(single), f"{family} single-file")
+    # lora: diffusers' loader on the base vs wadi's image of base + ΔW_r
+    pipe = _base_pipeline(family, hub_cache)
+    base_latents, _ = diffusers_image(pipe)
+    _fuse_lora(pipe, _exported_lora(family, work))
+    truncated = {}
+    for k, w in base_state.items():
+        delta = merged[k].double() - w.double()
+        truncated[k] = (w.double() + _low_rank(delta, LORA_RANK)).float() if delta.any() else w
+    changed = [k for k in base_state if not torch.equal(truncated[k], base_state[k])]
+    assert len(changed) > 4
+    reference_file = work / f"{family}-base-plus-lora.safetensors"
+    save_safetensors(truncated, reference_file, {"alpha_bar_T": str(ALPHA)})
+    _, x0_lora, images_lora = wadi_one_step(backbone, reference_file, model=model)
+    _assert_same_image((x0_lora, images_lora), diffusers_image(pipe), f"{family} lora")
+    # the comparisons can tell: base, rank-2 LoRA and student are 2e-3 to 2 apart in the latents
+    assert not torch.allclose(base_latents, x0, rtol=0, atol=1e-4), "the student is the base"
+    assert not torch.allclose(x0_lora, x0, rtol=0, atol=1e-4), "rank 2 reproduces the student"
 
 
 def test_pixart_teacher_resolves_its_repos_in_a_fresh_process(hub_cache, tmp_path):
