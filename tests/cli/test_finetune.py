@@ -128,3 +128,25 @@ def test_run_exports_and_samples_with_the_teacher(run, tmp_path):
     assert np.abs(img("from-run") - img("base")).max() > 1  # and they are not the base model's
     refused = wadi("sample", PROMPT, "-b", "tiny", "-w", run, "-o", tmp_path / "x", code=2)
     assert "add --teacher" in refused.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_on_cpu_hold_identical_adapters(inst, tmp_path):
+    """``wadi finetune --num-processes 2`` (accelerate launch, gloo on CPU), with prior
+    preservation: rank 0 generates the class images, both ranks train the same adapter."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "wadi_cli", "finetune", "-b", "tiny", "--instance-images", str(inst)]
+    cmd += ["--instance-prompt", PROMPT, "--class-prompt", "a green square at the top right"]
+    cmd += ["--num-class-images", "2", "--max-steps", "2", "--batch-size", "1", "--device", "cpu"]
+    cmd += ["--no-tensorboard", "--out", str(run), "--num-processes", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ranks = json.loads((run / "ranks.json").read_text())
+    assert ranks["world_size"] == 2 and len(set(ranks["checksums"])) == 1
+    assert len(list((run / "class_images").glob("*.png"))) == 2
