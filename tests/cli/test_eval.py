@@ -112,7 +112,7 @@ def test_eval_teacher(base_dir, classifier_file):
         (["-b", "sd15"], "--captions FILE is required"),
         (["-b", "nope"], "unknown backbone"),
         (["-n", "1"], "at least 2"),
-        (["--teacher", "-w", "x.safetensors"], "drop --weights"),
+        (["--base", "-w", "x.safetensors"], "--base"),
         (["--steps", "3"], "--teacher"),
     ],
 )

@@ -243,7 +243,6 @@ def test_teacher_defaults_come_from_the_sampling_recipe_and_help_quotes_none(bac
 
 def test_one_validator_refuses_bad_sampling_options_before_any_work():
     for kwargs, message in (
-        ({"teacher": True, "weights": "x.safetensors"}, "drop --weights"),
         ({"base": True, "teacher": True}, "--base"),
         ({"steps": 3}, "--teacher only"),
         ({"teacher": True, "steps": 0}, "--steps must be at least 1"),

@@ -25,7 +25,19 @@ from wadi_cli.cli.main import app
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-COMMANDS = ("analyze", "merge", "swap", "export", "sample", "eval", "distill", "info", "demo", "sweep")
+COMMANDS = (
+    "analyze",
+    "merge",
+    "swap",
+    "export",
+    "sample",
+    "eval",
+    "distill",
+    "finetune",
+    "info",
+    "demo",
+    "sweep",
+)
 BAD_INPUT, HUB, UNWRITABLE = 2, 3, 4
 MISSING_REPO = "wadi-test/no-such-model"
 
@@ -42,9 +54,15 @@ def files(tmp_path_factory, pipe_dir):
     distill(resolve_config(overrides=over), root / "run")
     export_run(root / "run", "adapter", root / "adapter.safetensors")
     export_run(root / "run", "merged", root / "merged.safetensors")
+    from PIL import Image
+
+    (root / "instance").mkdir()
+    for i in range(2):
+        Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(root / "instance" / f"{i}.png")
     (root / "grid.toml").write_text('[fixed]\nmax_steps = 1\n[grid]\nadapter = ["lorad"]\n')
     return {
         "grid": str(root / "grid.toml"),
+        "instance": str(root / "instance"),
         "pipe": str(pipe_dir),
         "base": str(pipe_dir / "unet" / "diffusion_pytorch_model.safetensors"),
         "run": str(root / "run"),
@@ -72,6 +90,8 @@ def args_for(kind: int, command: str, f: dict[str, str], out: str) -> list[str] 
                    "--out", out],
         "eval": ["eval", *TINY, "--model", model, "--teacher", "--steps", "1", "-n", "2", "--out", out],
         "distill": ["distill", *TINY, "--model", model, "--max-steps", "1", "--out", out],
+        "finetune": ["finetune", *TINY, "--model", model, "--instance-images", f["instance"],
+                     "--instance-prompt", "a sks circle", "--max-steps", "1", "--out", out],
         "info": ["info", "--backbone", "sd99"],
         "demo": ["demo", "--out", out if kind == UNWRITABLE else f["base"]],
         "sweep": ["sweep", f["grid"] if kind == UNWRITABLE else f["missing"], "--out", out],

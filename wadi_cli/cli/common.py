@@ -128,22 +128,34 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as JSON
 
 
 @contextlib.contextmanager
-def weights_for_sampling(weights: str | None) -> Iterator[tuple[str | None, str | None]]:
+def weights_for_sampling(
+    weights: str | None, teacher: bool = False
+) -> Iterator[tuple[str | None, str | None]]:
     """Yield ``(file, label)``: what ``--weights`` should mean to ``wadi sample`` / ``wadi
     eval``, and what to record as its source.
 
-    A distill run folder becomes its latest student (EMA when kept), as
+    A run folder becomes its latest student (EMA when kept), as
     :func:`wadi_cli.distill.export.run_weights` gives it; the label is then the
     checkpoint's student file (for LoRA / DoRA / full runs ``file`` is a temporary merge,
-    whose name changes from call to call). Anything else passes through unchanged.
+    whose name changes from call to call). A ``wadi distill`` run is a one-step student and a
+    ``wadi finetune`` run a fine-tuned base for the multi-step sampler: each is refused with
+    the other sampler (``teacher``). Anything else passes through unchanged.
     """
     from wadi_cli.distill.run_dirs import is_run_folder
 
     if not is_run_folder(weights):
         yield weights, weights
         return
-    from wadi_cli.distill.export import run_weights
+    from wadi_cli.distill.export import run_student_file, run_weights, trains_one_step
+    from wadi_cli.errors import BadInputError
 
+    one_step = trains_one_step(run_student_file(weights)[1])
+    if one_step and teacher:
+        raise BadInputError(f"{weights} is a one-step student (wadi distill): drop --teacher")
+    if not one_step and not teacher:
+        raise BadInputError(
+            f"{weights} is a fine-tuned base (wadi finetune), sampled with many steps: add --teacher"
+        )
     with run_weights(weights) as (file, student, config):
         if file == student:
             from wadi_cli.lorad import load_adapter

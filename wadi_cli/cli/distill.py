@@ -10,7 +10,14 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from wadi_cli.cli.common import console, err_console, handle_errors, use_backbone_cpu_threads
+from wadi_cli.cli.common import console, handle_errors, use_backbone_cpu_threads
+from wadi_cli.cli.run_command import (
+    config_parameters,
+    launch,
+    overrides_of,
+    report_summary,
+    run_with_progress,
+)
 
 if TYPE_CHECKING:  # the CLI imports the library inside command bodies (start-up time)
     from wadi_cli.distill import DistillConfig, RunSummary, StepResult
@@ -58,7 +65,6 @@ Examples:
 
 #: The options of the command itself; every other option is a field of the run's config.
 COMMAND_OPTIONS: tuple[str, ...] = ("--out", "--config", "--resume", "--dry-run", "--json", "--num-processes")
-_ALIAS = "__alias"  # suffix of the parameter behind a field's hidden old spelling
 
 #: ``wadi distill --help`` in panels: the command's own options first, then the config's
 #: fields by what they set (every field in exactly one panel; a test keeps it so).
@@ -104,37 +110,9 @@ def _opt(*names: str, help: str) -> Any:
 def _config_parameters() -> list[inspect.Parameter]:
     """One keyword parameter per :class:`~wadi_cli.distill.config.DistillConfig` field: its
     flag, help and type come from the field's declaration (``None``: not given)."""
-    from dataclasses import fields
+    from wadi_cli.distill.config import DistillConfig, field_kind, option_alias, option_help
 
-    from wadi_cli.distill.config import DistillConfig, field_kind, flag_name, option_alias, option_help
-
-    params = []
-    for f in fields(DistillConfig):
-        kind, flag = field_kind(f.name), flag_name(f.name)
-        short, alias = option_alias(f.name)
-        decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag, *([short] if short else [])]
-        option = typer.Option(
-            *decls, help=option_help(f.name), show_default=False, rich_help_panel=panel_of(f.name)
-        )
-        params.append(_keyword(f.name, kind, option))
-        if alias:
-            params.append(_keyword(f.name + _ALIAS, kind, typer.Option(alias, hidden=True)))
-    return params
-
-
-def _keyword(name: str, kind: type, option: Any) -> inspect.Parameter:
-    return inspect.Parameter(
-        name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind | None, option]
-    )
-
-
-def _overrides(values: dict[str, Any]) -> dict[str, Any]:
-    """The config values given as flags (a field's old spelling counts as the field)."""
-    out = {k: v for k, v in values.items() if not k.endswith(_ALIAS)}
-    for key, value in values.items():
-        if key.endswith(_ALIAS) and out.get(key.removesuffix(_ALIAS)) is None:
-            out[key.removesuffix(_ALIAS)] = value
-    return out
+    return config_parameters(DistillConfig, option_help, panel_of, option_alias, field_kind)
 
 
 def register(app: typer.Typer) -> None:
@@ -185,7 +163,7 @@ def register(app: typer.Typer) -> None:
         from wadi_cli.distill.plan import parameter_plan
         from wadi_cli.errors import BadInputError
 
-        overrides = _overrides(values)
+        overrides = overrides_of(values)
         backbone = overrides["backbone"]
         default_out = out is None
         if out is None and resume is not None:
@@ -213,36 +191,14 @@ def register(app: typer.Typer) -> None:
 
             out = new_run_dir(cfg.backbone)
         if num_processes is not None:
-            _launch(num_processes, out if default_out else None)
+            launch("distill", num_processes, out if default_out else None)
             return
         use_backbone_cpu_threads(cfg.backbone, cfg.device)
         again = f"wadi distill -b {cfg.backbone}" if default_out else f"wadi distill --out {out}"
         summary = _run_with_progress(cfg, out, resume, f"{again} --resume latest")
         if summary.rank != 0:
             return
-        info = {
-            "run": str(summary.run),
-            "steps": summary.step,
-            "from_step": summary.start_step,
-            "checkpoint": str(summary.checkpoint) if summary.checkpoint else None,
-            "interrupted": summary.interrupted,
-            "stopped_by": summary.stopped_by,
-            "seconds": round(summary.seconds, 2),
-            "prompts": summary.prompts,
-            "tensorboard": str(summary.tensorboard) if summary.tensorboard else None,
-        }
-        if json_out:
-            console.print_json(json.dumps(info))
-        else:
-            how = {"SIGINT": "Ctrl-C"}.get(summary.stopped_by or "", summary.stopped_by)
-            verb = f"stopped ({how}) at" if summary.interrupted else "reached"
-            console.print(f"{summary.run}: {verb} step {summary.step}; checkpoint {info['checkpoint']}")
-            if summary.tensorboard:
-                console.print(f"TensorBoard: tensorboard --logdir {summary.tensorboard}")
-            elif cfg.tensorboard:
-                console.print("TensorBoard logs skipped: pip install tensorboard to get them")
-        if summary.interrupted:  # the shell's code for the signal: 128 + its number
-            raise typer.Exit(143 if summary.stopped_by == "SIGTERM" else 130)
+        report_summary(summary, json_out, cfg.tensorboard, "prompts")
 
     command = handle_errors(distill_cmd)
     own = [
@@ -268,21 +224,6 @@ def _run_to_resume(resume: str, backbone: str | None) -> Path:
 
         return latest_run_dir(get_backbone(backbone).name)
     return find_checkpoint(".", resume).parent.parent
-
-
-def _launch(num_processes: int, out: Path | None) -> None:
-    """Re-run this command under `accelerate launch`; ``out``: the default run folder,
-    chosen here once so that every process writes to the same one."""
-    import sys
-
-    from wadi_cli.distill.launch import run_launched, strip_option
-
-    args = strip_option(sys.argv[sys.argv.index("distill") + 1 :], "--num-processes")
-    if out is not None:
-        args += ["--out", str(out)]
-    code = run_launched(num_processes, args)
-    if code:
-        raise typer.Exit(code)
 
 
 def _print_plan(config: dict[str, Any], plan: dict[str, Any], as_json: bool) -> None:
@@ -312,50 +253,20 @@ def _print_plan(config: dict[str, Any], plan: dict[str, Any], as_json: bool) -> 
 
 
 def _run_with_progress(cfg: DistillConfig, out: Path, resume: str | None, again: str) -> RunSummary:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    import functools
 
-    from wadi_cli.cli.progress import CountColumn, EtaColumn, PhaseDisplay
     from wadi_cli.distill import distill
 
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        CountColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        EtaColumn(),
-        console=err_console,
-        transient=False,
-    )
-    state: dict[str, Any] = {}
-
-    def on_run(run: Path) -> None:  # the run folder is known: say it before anything slow
-        state["announced"] = True
-        progress.console.print(
-            f"run folder: [bold]{out}[/] (continue it with: {again})", highlight=False, soft_wrap=True
-        )
-
-    def on_start(start: int, total: int) -> None:
-        if not state.get("announced"):
-            on_run(out)
-        state["task"] = progress.add_task(
-            "[bold]distill[/]", total=total, completed=start, info="", counted=True, eta=True
-        )
-
-    def on_step(result: StepResult, seconds: float) -> None:
-        info = (
+    def describe(result: StepResult, seconds: float) -> str:
+        return (
             f"L_G {result.loss_g:.3g}  L_fake {result.loss_fake:.3g}  {1.0 / max(seconds, 1e-9):.2f} step/s"
         )
-        progress.update(state["task"], completed=result.step, info=info)
 
-    def on_validate(row: dict[str, Any]) -> None:
+    def on_validate(progress: Any, row: dict[str, Any]) -> None:
         progress.console.print(
             f"step {row['step']}: tiny eval accuracy {row['accuracy']:.3f}, fd {row['fd']:.2f} "
             f"({'EMA' if row['student'] == 'ema' else 'raw'} student)"
         )
 
-    with progress:
-        return distill(
-            cfg, out, resume=resume, on_step=on_step, on_start=on_start, on_validate=on_validate,
-            on_phase=PhaseDisplay(progress), on_run=on_run,
-        )  # fmt: skip
+    start = functools.partial(distill, cfg, out, resume=resume)
+    return run_with_progress("distill", start, out, again, describe, on_validate)

@@ -188,7 +188,7 @@ def _tiny_classifier_eval(sampling: SamplingOptions, flags: EvalFlags) -> None:
     use_backbone_cpu_threads("tiny", sampling.device)
     if flags.out is not None:
         check_output_dir(flags.out)
-    with weights_for_sampling(sampling.weights) as (run_weights, _):
+    with weights_for_sampling(sampling.weights, sampling.teacher) as (run_weights, _):
         result, gen = evaluate_tiny(
             weights=run_weights,
             teacher=sampling.teacher,
@@ -376,7 +376,7 @@ def _evaluate_model(
 
     if flags.out is None:
         raise BadInputError("--out EVAL is required: the generated images and manifest.json go there")
-    with weights_for_sampling(sampling.weights) as (run_weights, label):
+    with weights_for_sampling(sampling.weights, sampling.teacher) as (run_weights, label):
         request = dataclasses.replace(
             _request(sampling, flags, name, texts, run_weights, flags.out), weights_label=label
         )

@@ -43,7 +43,9 @@ to last-bit rounding of batched kernels).
 rotated_unet-sdv2-1.safetensors), a LoRaD adapter file, or an exported
 diffusers folder. Without --weights, sd15 / sd21 / pixart use the authors'
 release from the hub repo gudaochangsheng/WaDi, and tiny the one-step
-student shipped with wadi; --base samples the undistilled base model in
+student shipped with wadi. With --teacher, --weights (a `wadi finetune`
+run folder, or its merged export) replace the base model in the
+multi-step sampler. --base samples the undistilled base model in
 one step instead (the "before" of distillation).
 
 Examples:
@@ -63,6 +65,8 @@ Examples:
   --dtype fp16 --device cuda --compile -o out/
 
   wadi sample "a corgi" -b sd21 --teacher --steps 25 --cfg 7.5 -o teacher/
+
+  wadi sample "a photo of sks dog in a bucket" -b sd15 --teacher -w runs/dog
 
   wadi sample "a blue circle at the top left" -b tiny -w student.safetensors
   -o tiny/ --json
@@ -101,7 +105,7 @@ def register(app: typer.Typer) -> None:
             for warning in pipe.warnings:
                 err_console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
 
-        with weights_for_sampling(sampling.weights) as (run_weights, _):
+        with weights_for_sampling(sampling.weights, sampling.teacher) as (run_weights, _):
             summary = sample_to_folder(
                 out,
                 prompts or [],

@@ -145,9 +145,9 @@ def check_run_dir(run: str | os.PathLike[str], resume: bool) -> Path:
     return path
 
 
-def create_run_dir(path: Path) -> Path:
-    """Create the run folder with its ``.wadi`` marker (after every check passed)."""
-    return create_output_dir(path, "distill-run")
+def create_run_dir(path: Path, kind: str = "distill-run") -> Path:
+    """Create the run folder with its ``.wadi`` marker (``kind``; after every check passed)."""
+    return create_output_dir(path, kind)
 
 
 def list_checkpoints(run: str | os.PathLike[str]) -> list[Path]:

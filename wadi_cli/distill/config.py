@@ -156,13 +156,43 @@ class DistillConfig:
         }
 
 
-_FIELDS = {f.name: f for f in fields(DistillConfig)}
-_BOOL_FIELDS = {n for n, f in _FIELDS.items() if str(f.type) == "bool"}
-_INT_FIELDS = {n for n, f in _FIELDS.items() if "int" in str(f.type)}
-_FLOAT_FIELDS = {n for n, f in _FIELDS.items() if "float" in str(f.type)}
-_NULLABLE = {n for n, f in _FIELDS.items() if "None" in str(f.type)}
+@dataclass(frozen=True)
+class Schema:
+    """The fields of a run config dataclass declared with :func:`knob`, by the type their
+    values and flags take (``DistillConfig`` here; ``FinetuneConfig`` of
+    :mod:`wadi_cli.finetune.config` shares the file reading and type checks through it)."""
+
+    fields: dict[str, Any]
+    bools: frozenset[str]
+    ints: frozenset[str]
+    floats: frozenset[str]
+    nullable: frozenset[str]
+    required: tuple[str, ...]  # fields a recipe must set (the others default to None)
+
+    @classmethod
+    def of(cls, config_class: type) -> Schema:
+        """The schema of a ``@dataclass`` whose fields are :func:`knob` s."""
+        found = {f.name: f for f in fields(config_class)}
+
+        def having(word: str) -> frozenset[str]:
+            return frozenset(n for n, f in found.items() if word in str(f.type))
+
+        return cls(
+            fields=found,
+            bools=frozenset(n for n, f in found.items() if str(f.type) == "bool"),
+            ints=having("int"),
+            floats=having("float"),
+            nullable=having("None"),
+            required=tuple(n for n, f in found.items() if f.default is MISSING),
+        )
+
+
+SCHEMA = Schema.of(DistillConfig)
+_FIELDS = SCHEMA.fields
+_BOOL_FIELDS, _INT_FIELDS, _FLOAT_FIELDS = SCHEMA.bools, SCHEMA.ints, SCHEMA.floats
+_NULLABLE = SCHEMA.nullable
 #: Fields a recipe must set (the others default to ``None``, which a TOML file cannot hold).
-REQUIRED_FIELDS: tuple[str, ...] = tuple(n for n, f in _FIELDS.items() if f.default is MISSING)
+REQUIRED_FIELDS: tuple[str, ...] = SCHEMA.required
 
 
 # ---- flags -----------------------------------------------------------------------------------
@@ -171,9 +201,9 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-").lower()
 
 
-def field_kind(name: str) -> type:
+def field_kind(name: str, schema: Schema = SCHEMA) -> type:
     """``bool``, ``int``, ``float`` or ``str``: what the flag of field ``name`` parses."""
-    for kind, names in ((bool, _BOOL_FIELDS), (int, _INT_FIELDS), (float, _FLOAT_FIELDS)):
+    for kind, names in ((bool, schema.bools), (int, schema.ints), (float, schema.floats)):
         if name in names:
             return kind
     return str
@@ -215,30 +245,32 @@ def option_help(name: str) -> str:
     return f"{text} ({default})" if default else text
 
 
-def option_alias(name: str) -> tuple[str | None, str | None]:
+def option_alias(name: str, schema: Schema = SCHEMA) -> tuple[str | None, str | None]:
     """``(short, hidden old spelling)`` of field ``name``'s flag (each may be ``None``)."""
-    meta = _FIELDS[name].metadata
+    meta = schema.fields[name].metadata
     return meta["short"], meta["alias"]
 
 
 # ---- config files ----------------------------------------------------------------------------
-def config_file_path(value: str | os.PathLike[str]) -> Path:
-    """The file ``--config VALUE`` names: a path, or the name of a shipped recipe
-    (``tiny_paper`` → ``wadi_cli/configs/distill/tiny_paper.toml``)."""
+def config_file_path(value: str | os.PathLike[str], shipped_names: bool = True) -> Path:
+    """The file ``--config VALUE`` names: a path, or (``shipped_names``) the name of a shipped
+    distillation recipe (``tiny_paper`` → ``wadi_cli/configs/distill/tiny_paper.toml``)."""
     p = Path(value).expanduser()
     if p.is_dir():
         raise BadInputError(f"--config {p}: is a folder, not a config file")
     if p.is_file():
         return p
-    shipped = shipped_recipe_path(str(value)) if not p.suffix else None
+    shipped = shipped_recipe_path(str(value)) if not p.suffix and shipped_names else None
     if shipped is not None:
         return shipped
+    if not shipped_names:
+        raise BadInputError(f"--config {p}: no such file")
     raise BadInputError(
         f"--config {p}: no such file (or pass a shipped recipe by name: {', '.join(shipped_recipes())})"
     )
 
 
-def _check_keys(where: str, data: Mapping[str, Any]) -> dict[str, Any]:
+def _check_keys(where: str, data: Mapping[str, Any], schema: Schema = SCHEMA) -> dict[str, Any]:
     """``data`` with ``-`` in keys made ``_``; unknown keys and ill-typed values refused."""
     out: dict[str, Any] = {}
     for key, value in data.items():
@@ -246,16 +278,16 @@ def _check_keys(where: str, data: Mapping[str, Any]) -> dict[str, Any]:
         if name == PER_ADAPTER:
             if not isinstance(value, Mapping) or not all(isinstance(v, Mapping) for v in value.values()):
                 raise BadInputError(f"{where}: [{PER_ADAPTER}.KIND] must be tables of option values")
-            out[name] = {str(kind): _check_keys(where, v) for kind, v in value.items()}
+            out[name] = {str(kind): _check_keys(where, v, schema) for kind, v in value.items()}
             continue
         out[name] = value
-    unknown = sorted(set(out) - set(_FIELDS) - {PER_ADAPTER})
+    unknown = sorted(set(out) - set(schema.fields) - {PER_ADAPTER})
     if unknown:
         raise BadInputError(f"{where}: unknown key(s) {', '.join(unknown)}")
     for name, value in out.items():  # every value, also those a flag will override
         if name != PER_ADAPTER:
             try:
-                _coerce(name, value)
+                coerce(name, value, schema)
             except BadInputError as exc:
                 raise BadInputError(f"{where}: {exc}") from None
     return out
@@ -269,13 +301,14 @@ def check_config_values(where: str, data: Mapping[str, Any]) -> dict[str, Any]:
     return _check_keys(where, data)
 
 
-def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+def read_config_file(path: str | os.PathLike[str], schema: Schema = SCHEMA) -> dict[str, Any]:
     """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) config file, or a shipped recipe
     by name, into a dict (with a ``per_adapter`` table when the file has one).
 
-    Keys may use ``-`` or ``_``; unknown keys raise :class:`BadInputError` naming them.
+    Keys may use ``-`` or ``_``; unknown keys (fields ``schema`` lacks) raise
+    :class:`BadInputError` naming them.
     """
-    p = config_file_path(path)
+    p = config_file_path(path, shipped_names=schema is SCHEMA)
     suffix = p.suffix.lower()
     if suffix == ".toml":
         data: Any = read_recipe(p, f"--config {p}")
@@ -285,7 +318,7 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise BadInputError(f"--config {p}: use a .yaml, .yml or .toml file")
     if not isinstance(data, Mapping):
         raise BadInputError(f"--config {p}: expected a mapping of option names to values")
-    return _check_keys(f"--config {p}", data)
+    return _check_keys(f"--config {p}", data, schema)
 
 
 def _read_yaml(p: Path) -> Any:
@@ -299,21 +332,21 @@ def _read_yaml(p: Path) -> Any:
         raise BadInputError(f"--config {p}: not valid YAML ({str(exc).splitlines()[0]})") from None
 
 
-def _coerce(name: str, value: Any) -> Any:
-    """Type-check one value (ints stay ints, ints are accepted for floats)."""
+def coerce(name: str, value: Any, schema: Schema = SCHEMA) -> Any:
+    """Type-check one value of field ``name`` (ints stay ints, ints are accepted for floats)."""
     if value is None:
-        if name in _NULLABLE:
+        if name in schema.nullable:
             return None
         raise BadInputError(f"config {name}: must not be empty")
-    if name in _BOOL_FIELDS:
+    if name in schema.bools:
         if not isinstance(value, bool):
             raise BadInputError(f"config {name}: expected true or false, got {value!r}")
         return value
-    if name in _INT_FIELDS:
+    if name in schema.ints:
         if isinstance(value, bool) or not isinstance(value, int):
             raise BadInputError(f"config {name}: expected an integer, got {value!r}")
         return value
-    if name in _FLOAT_FIELDS:
+    if name in schema.floats:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise BadInputError(f"config {name}: expected a number, got {value!r}")
         return float(value)
@@ -373,7 +406,7 @@ def _validate(cfg: DistillConfig) -> None:
     need(cfg.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}")
 
 
-def _last(key: str, layers: list[Mapping[str, Any]], fallback: Any) -> Any:
+def last_set(key: str, layers: list[Mapping[str, Any]], fallback: Any) -> Any:
     """The value of ``key`` in the last layer that sets it."""
     return next((layer[key] for layer in reversed(layers) if key in layer), fallback)
 
@@ -399,9 +432,9 @@ def resolve_config(
         if unknown:
             raise BadInputError(f"{where}: {', '.join(unknown)}")
     layers = [saved, layer, flags]
-    backbone = get_backbone(_coerce("backbone", _last("backbone", layers, DEFAULT_BACKBONE))).name
+    backbone = get_backbone(coerce("backbone", last_set("backbone", layers, DEFAULT_BACKBONE))).name
     recipe = backbone_recipe(backbone)
-    adapter = str(_last("adapter", layers, recipe.get("adapter")))
+    adapter = str(last_set("adapter", layers, recipe.get("adapter")))
     values = recipe_values(recipe, adapter)
     if base is None:  # the file's values for this student kind replace the recipe's
         values.update(recipe_values(layer, adapter))
@@ -413,7 +446,7 @@ def resolve_config(
     missing = sorted(set(REQUIRED_FIELDS) - set(values))
     if missing:
         raise BadInputError(f"the {backbone} recipe lacks key(s) {', '.join(missing)}")
-    values = {k: _coerce(k, v) for k, v in values.items()}
+    values = {k: coerce(k, v) for k, v in values.items()}
     spec = get_backbone(backbone)
     if values["rank"] is None:
         values["rank"] = spec.student_rank

@@ -6,8 +6,14 @@ ComfyUI / AUTOMATIC1111, sd15/sd21).
 
 Merging works on state dicts (no network is built): the base denoiser's tensors are read
 lazily from the run's base pipeline and rotated by :func:`wadi_cli.lorad.merge_adapter_into_state_dict`.
-Every exported file records the run's ᾱ_T (metadata ``alpha_bar_T``), which
-``wadi sample`` uses.
+Every exported file of a one-step run records the run's ᾱ_T (metadata ``alpha_bar_T``),
+which ``wadi sample`` uses.
+
+Runs of any recipe export alike: what is read of a run is its checkpoint's student file and
+config (``backbone``, ``model``, ``components``, ``adapter``, ``rank``, ``mixed_precision``
+and, for a one-step student, ``alpha_bar_T``). A run without a one-step ᾱ_T (a ``wadi
+finetune`` DreamBooth run: a fine-tuned base, sampled with many steps) keeps the base's own
+scheduler in a ``diffusers`` export (see :func:`trains_one_step`).
 """
 
 from __future__ import annotations
@@ -23,7 +29,12 @@ from typing import Any
 
 from wadi_cli.backbones import Backbone
 from wadi_cli.distill.checkpoint import find_checkpoint, read_state
-from wadi_cli.distill.export_diffusers import model_card, read_eval_metrics, write_one_step_scheduler
+from wadi_cli.distill.export_diffusers import (
+    finetune_model_card,
+    model_card,
+    read_eval_metrics,
+    write_one_step_scheduler,
+)
 from wadi_cli.distill.export_lora import KOHYA_ALPHA, LORA_KEYS, LoraRank, extract_lora
 from wadi_cli.errors import BadInputError, CheckpointError
 from wadi_cli.io import (
@@ -38,6 +49,12 @@ from wadi_cli.lorad import load_adapter, merge_adapter_into_state_dict, save_ada
 from wadi_cli.pipeline.base import PipelineSource, open_base_denoiser
 
 FORMATS: tuple[str, ...] = ("merged", "adapter", "diffusers", "single-file", "lora")
+
+
+def trains_one_step(config: dict[str, Any]) -> bool:
+    """Whether a run's config is that of a one-step student (``wadi distill``: it records the
+    one-step ᾱ_T) rather than of a fine-tuned base sampled with many steps (``wadi finetune``)."""
+    return config.get("alpha_bar_T") is not None
 
 
 def run_student_file(
@@ -210,7 +227,7 @@ def export_run(
         "format": fmt,
         "run": str(run),
         "ema": used_ema,
-        "distill_config": config,
+        "distill_config" if trains_one_step(config) else "run_config": config,
     }
     alpha = {ALPHA_BAR_T_METADATA: str(config["alpha_bar_T"])} if config.get("alpha_bar_T") else {}
     summary = {"out": str(out_path), "format": fmt, "checkpoint": str(adapter_file.parent), "ema": used_ema}
@@ -253,6 +270,7 @@ def export_run(
         return {**summary, "tensors": count}
     from wadi_cli.io.pipeline_folder import write_pipeline_folder
 
+    one_step = trains_one_step(config)
     alpha_bar_T = float(config.get("alpha_bar_T") or backbone.alpha_bar_T)
     with atomic_output_dir(out_path) as tmp:
         write_pipeline_folder(
@@ -268,8 +286,14 @@ def export_run(
             metadata=meta,
             component_roots={"vae": source.vae_root} if source.vae_root is not None else None,
         )
-        write_one_step_scheduler(tmp, alpha_bar_T)
         index = json.loads((tmp / "model_index.json").read_text(encoding="utf-8"))
+        if not one_step:  # a fine-tuned base keeps its scheduler and is sampled with many steps
+            card = finetune_model_card(
+                pipeline_class=index["_class_name"], base_ref=source.denoiser_ref, recipe=recipe
+            )
+            (tmp / "README.md").write_text(card, encoding="utf-8")
+            return {**summary, "tensors": len(merged)}
+        write_one_step_scheduler(tmp, alpha_bar_T)
         card = model_card(
             pipeline_class=index["_class_name"],
             base_ref=source.denoiser_ref,

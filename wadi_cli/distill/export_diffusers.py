@@ -112,6 +112,43 @@ def read_eval_metrics(folder: str | Path) -> dict[str, Any]:
     return {"metrics": metrics, "num_images": data.get("num_images")}
 
 
+def finetune_model_card(*, pipeline_class: str, base_ref: str, recipe: Mapping[str, Any]) -> str:
+    """The ``README.md`` of an exported ``wadi finetune`` run: a DreamBooth fine-tune of
+    ``base_ref``, sampled with the base's own scheduler and many steps."""
+    from wadi_cli import __version__
+
+    config = recipe.get("run_config", {})
+    head = ["---"] + ([f"base_model: {base_ref}"] if _is_hub_id(base_ref) else [])
+    head += ["library_name: diffusers", "pipeline_tag: text-to-image", "tags:", "- wadi", "- dreambooth"]
+    head.append("---")
+    prompt = config.get("instance_prompt") or "a photo of sks dog"
+    body = [
+        "",
+        "# DreamBooth fine-tune",
+        "",
+        f"`{base_ref}` fine-tuned with wadi {__version__} (DreamBooth, adapter {config.get('adapter')!r},",
+        f"rank {config.get('rank')}, merged), on images captioned `{prompt}`.",
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "import torch",
+        f"from diffusers import {pipeline_class}",
+        "",
+        f'pipe = {pipeline_class}.from_pretrained("PATH_OR_REPO", torch_dtype=torch.float16).to("cuda")',
+        f"image = pipe({json.dumps(prompt)}).images[0]",
+        "```",
+        "",
+        "## Recipe",
+        "",
+        "```json",
+        json.dumps(recipe, indent=2, sort_keys=True, default=str),
+        "```",
+        "",
+    ]
+    return "\n".join(head + body)
+
+
 def model_card(
     *,
     pipeline_class: str,

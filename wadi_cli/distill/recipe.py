@@ -84,7 +84,14 @@ class AdapterRecipe:
 
     ``cfg`` is a config with the fields used here (``seed``, ``init_seed``, ``optimizer``
     and AdamW's, ``warmup_steps``, ``lr_schedule``, ``max_steps``, ``ema_decay``,
-    ``gradient_checkpointing``, ``lorad_exact_low_precision``) and ``to_dict()``."""
+    ``gradient_checkpointing``, ``lorad_exact_low_precision``) and ``to_dict()``.
+
+    :func:`wadi_cli.distill.run.run_loop` drives it: ``train_step`` returns a result with
+    the attributes named by :attr:`metric_fields`, and :meth:`validate` may add validation
+    rows."""
+
+    #: The columns of ``metrics.csv``: attributes of ``train_step``'s result + ``seconds``.
+    metric_fields: tuple[str, ...] = ("step", "seconds")
 
     def __init__(self, cfg: Any, pipe: LoadedPipeline, topology: Topology | None = None) -> None:
         self.cfg = cfg
@@ -255,6 +262,11 @@ class AdapterRecipe:
         if ema and self.ema is not None:
             return self.ema.weights()
         return {k: v.clone() for k, v in self.student_state().items()}
+
+    def validate(self, run: Any) -> dict[str, Any] | None:
+        """Validation during training into the run folder ``run``: a row of metrics, or
+        ``None`` when the recipe writes none."""
+        return None
 
     # ---- checkpoints ----------------------------------------------------------------------
     def checkpoint(self) -> Checkpoint:

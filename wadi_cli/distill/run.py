@@ -1,6 +1,10 @@
-"""Driving a distillation run: checks before work, the loop, and when it checkpoints, logs,
+"""Driving a training run: checks before work, the loop, and when it checkpoints, logs,
 validates and stops (the logs are :mod:`wadi_cli.distill.logs`, the stop on Ctrl-C / SIGTERM
 :mod:`wadi_cli.distill.signals`, the ranks :mod:`wadi_cli.distill.topology`).
+
+The loop (:func:`run_loop`, in a folder that :func:`open_run` created and locked) drives any
+:class:`TrainingRecipe` under any :class:`LoopConfig`: the WaDi distiller of :func:`distill`
+and the DreamBooth fine-tune of :mod:`wadi_cli.finetune` share it.
 
 Everything that can be checked is checked before the model loads: the config, the prompt
 file, the ``--out`` folder (writable; no checkpoints unless resuming; no live process
@@ -22,15 +26,16 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from wadi_cli.distill.checkpoint import (
     CHECKPOINTS,
+    Checkpoint,
     check_compatible,
     check_run_dir,
     create_run_dir,
@@ -54,7 +59,7 @@ from wadi_cli.distill.topology import (
     rank_checksums,
     synced_stop,
 )
-from wadi_cli.distill.trainer import METRIC_FIELDS, Distiller, StepResult
+from wadi_cli.distill.trainer import Distiller, StepResult
 from wadi_cli.errors import CheckpointError, WriteError
 from wadi_cli.io import remove_stale_temps, write_text_atomic
 from wadi_cli.io.sd_single_file_read import model_file_record
@@ -63,9 +68,41 @@ if TYPE_CHECKING:
     from wadi_cli.pipeline import LoadedPipeline
 
 
+class LoopConfig(Protocol):
+    """What :func:`run_loop` reads of a run's config (``DistillConfig``, ``FinetuneConfig``)."""
+
+    max_steps: int
+    checkpoint_every: int
+    keep_last: int
+    log_every: int
+    validate_every: int
+    tensorboard: bool
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+class TrainingRecipe(Protocol):
+    """What :func:`run_loop` drives (an :class:`~wadi_cli.distill.recipe.AdapterRecipe`):
+    ``train_step()`` returns a result whose attributes named by ``metric_fields`` (``step``
+    first, ``seconds`` last, which the loop measures) are the rows of ``metrics.csv``;
+    ``validate(run)`` returns a row of validation metrics, or ``None``."""
+
+    step: int
+    topology: Topology
+    device: torch.device
+    metric_fields: tuple[str, ...]
+
+    def train_step(self) -> Any: ...
+    def checkpoint(self) -> Checkpoint: ...
+    def load(self, ckpt: Checkpoint) -> None: ...
+    def student_weights(self, ema: bool = False) -> dict[str, torch.Tensor]: ...
+    def validate(self, run: Path) -> dict[str, Any] | None: ...
+
+
 @dataclass
 class RunSummary:
-    """What a call to :func:`distill` did."""
+    """What a call to :func:`distill` (or another recipe's run) did; ``prompts``: the size
+    of its data (prompts, or instance images)."""
 
     run: Path
     start_step: int
@@ -81,7 +118,7 @@ class RunSummary:
     stopped_by: str | None = None
 
 
-def weights_dtype(cfg: DistillConfig, device: torch.device) -> torch.dtype:
+def weights_dtype(cfg: Any, device: torch.device) -> torch.dtype:
     """Storage dtype of the frozen base: ``auto`` = the backbone's on CUDA, fp32 on CPU."""
     from wadi_cli.backbones import get_backbone
 
@@ -124,7 +161,7 @@ def prepare(
         try:
             ckpt = load_checkpoint(path)
         except CheckpointError as exc:
-            raise _naming_previous(path, exc) from None
+            raise naming_previous(path, exc) from None
         saved = resolve_config(base=ckpt.config)
         check_compatible(saved.fingerprint(), cfg.fingerprint())
         check_model_file(run, cfg.model)
@@ -150,15 +187,17 @@ def check_model_file(run: Path, model: str | None) -> None:
         )
 
 
-def _naming_previous(path: Path, exc: CheckpointError) -> CheckpointError:
+def naming_previous(path: Path, exc: CheckpointError) -> CheckpointError:
     """``exc`` about the checkpoint ``path``, plus the older checkpoint to resume from instead."""
     older = [p for p in list_checkpoints(path.parent.parent) if p.name < path.name]
     hint = f"; the previous checkpoint is --resume {older[-1]}" if older else ""
     return CheckpointError(f"{exc}{hint}")
 
 
-def load_base(cfg: DistillConfig, phases: Phases | None = None) -> tuple[LoadedPipeline, Topology]:
-    """The base pipeline (frozen teacher) on this process's device, and the process topology."""
+def load_base(cfg: Any, phases: Phases | None = None) -> tuple[LoadedPipeline, Topology]:
+    """The base pipeline (frozen teacher) on this process's device, and the process topology
+    (``cfg``: any run config with ``backbone``, ``model``, ``components``, ``device`` and
+    ``mixed_precision``)."""
     from wadi_cli.pipeline import load_pipeline
 
     topology, device = process_topology(cfg.device)
@@ -182,21 +221,19 @@ def build_distiller(cfg: DistillConfig, prompts: list[str], phases: Phases | Non
 
 
 def _validate(
-    distiller: Distiller,
+    recipe: TrainingRecipe,
     run: Path,
     on_validate: Callable[[dict[str, Any]], None] | None,
     board: TensorBoardLog | None = None,
 ) -> None:
-    """Validation images (+ tiny metrics) on the main rank; the others wait."""
-    if distiller.topology.is_main:
-        from wadi_cli.distill.validate import validate
-
-        row = validate(distiller, run)
+    """Validation images (+ metrics) on the main rank; the others wait."""
+    if recipe.topology.is_main:
+        row = recipe.validate(run)
         if board is not None and row:
             board.write_validation(row)
         if on_validate is not None and row:
             on_validate(row)
-    barrier(distiller.topology)
+    barrier(recipe.topology)
 
 
 def distill(
@@ -226,40 +263,70 @@ def distill(
     distiller = Distiller(cfg, pipe, prompts, topology, phases=phases)
     if ckpt is not None:
         distiller.load(ckpt)
+    with open_run(run, distiller.topology.is_main, model_file=pipe.model_file):
+        return run_loop(cfg, run, distiller, len(prompts), ckpt is not None, on_step, on_start, on_validate)
+
+
+@contextlib.contextmanager
+def open_run(
+    run: Path, main: bool, kind: str = "distill-run", model_file: dict[str, Any] | None = None
+) -> Iterator[Path]:
+    """On the main process: create the run folder (marker ``kind``) and hold its lock for the
+    block, recording the ``--model`` single file (``model_file``, see
+    :func:`check_model_file`) when there is one; the other ranks only enter the block."""
     with contextlib.ExitStack() as stack:
-        if distiller.topology.is_main:
-            create_run_dir(run)
+        if main:
+            create_run_dir(run, kind)
             stack.enter_context(acquire_run_lock(run))
-            clear_leftovers(run, distiller.step)
-            if pipe.model_file is not None:  # --model FILE: what a resume must start from again
-                text = json.dumps(pipe.model_file, indent=2, sort_keys=True) + "\n"
+            if model_file is not None:  # --model FILE: what a resume must start from again
+                text = json.dumps(model_file, indent=2, sort_keys=True) + "\n"
                 write_text_atomic(run / MODEL_FILE_RECORD, text)
-        try:
-            return _train(cfg, run, distiller, len(prompts), ckpt is not None, on_step, on_start, on_validate)
-        except WriteError as exc:
-            found = list_checkpoints(run)
-            last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved"
-            raise WriteError(f"{exc}; training stopped at step {distiller.step}, {last}") from None
+        yield run
+
+
+def run_loop(
+    cfg: LoopConfig,
+    run: Path,
+    recipe: TrainingRecipe,
+    units: int,
+    resumed: bool,
+    on_step: Callable[[Any, float], None] | None = None,
+    on_start: Callable[[int, int], None] | None = None,
+    on_validate: Callable[[dict[str, Any]], None] | None = None,
+) -> RunSummary:
+    """Train ``recipe`` in the run folder ``run`` (created and locked: :func:`open_run`) from
+    its step to ``cfg.max_steps``, after clearing what a killed run left behind. A log or
+    checkpoint that cannot be written stops it with one line naming the last good
+    checkpoint. ``units``: the size of its data, for the summary."""
+    if recipe.topology.is_main:
+        clear_leftovers(run, recipe.step)
+    try:
+        return _train(cfg, run, recipe, units, resumed, on_step, on_start, on_validate)
+    except WriteError as exc:
+        found = list_checkpoints(run)
+        last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved"
+        raise WriteError(f"{exc}; training stopped at step {recipe.step}, {last}") from None
 
 
 def _train(
-    cfg: DistillConfig,
+    cfg: LoopConfig,
     run: Path,
-    distiller: Distiller,
+    distiller: TrainingRecipe,
     num_prompts: int,
     resumed: bool,
-    on_step: Callable[[StepResult, float], None] | None,
+    on_step: Callable[[Any, float], None] | None,
     on_start: Callable[[int, int], None] | None,
     on_validate: Callable[[dict[str, Any]], None] | None,
 ) -> RunSummary:
-    """The loop of :func:`distill`, in a run folder that is ready (and locked)."""
+    """The loop of :func:`run_loop`, in a run folder that is ready (and locked)."""
     topo = distiller.topology
     start = distiller.step
     metrics = board = None
     if topo.is_main:
         write_text_atomic(run / "config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
-        metrics = MetricsLog(run / "metrics.csv", start, METRIC_FIELDS)
-        board = TensorBoardLog.open(run, start, METRIC_FIELDS) if cfg.tensorboard else None
+        fields = distiller.metric_fields
+        metrics = MetricsLog(run / "metrics.csv", start, fields)
+        board = TensorBoardLog.open(run, start, fields) if cfg.tensorboard else None
     if on_start is not None and topo.is_main:
         on_start(start, cfg.max_steps)
     saved_at, last = (start if resumed else -1), None
@@ -335,5 +402,5 @@ def config_for_run(
     try:
         saved = read_state(ckpt_dir)["config"]
     except CheckpointError as exc:
-        raise _naming_previous(ckpt_dir, exc) from None
+        raise naming_previous(ckpt_dir, exc) from None
     return resolve_config(file, overrides, base=saved)

@@ -42,10 +42,12 @@ def _sort_key(path: Path) -> tuple[str, int]:
     return m["stamp"], int(m["n"] or 1)
 
 
-def latest_run_dir(backbone: str | None = None, root: str | os.PathLike[str] = RUNS_ROOT) -> Path:
+def latest_run_dir(
+    backbone: str | None = None, root: str | os.PathLike[str] = RUNS_ROOT, command: str = "wadi distill"
+) -> Path:
     """The newest default-named run folder under ``root`` that holds a checkpoint, of
     ``backbone`` (any backbone when ``None``). One-line :class:`BadInputError` naming the
-    command that starts a run when there is none."""
+    ``command`` that starts a run when there is none."""
 
     base = Path(root)
     runs = []
@@ -56,7 +58,7 @@ def latest_run_dir(backbone: str | None = None, root: str | os.PathLike[str] = R
                 runs.append(p)
     if not runs:
         which = f"{backbone} run" if backbone else "run"
-        start = f"wadi distill -b {backbone}" if backbone else "wadi distill -b NAME"
+        start = f"{command} -b {backbone}" if backbone else f"{command} -b NAME"
         raise BadInputError(
             f"--resume latest: no {which} with a checkpoint under {base}/ (runs are found there when "
             f"started without --out); start one with `{start}`, or name the run folder with --out RUN"

@@ -62,6 +62,8 @@ class Distiller(AdapterRecipe):
     """State and step of a WaDi run. ``pipe`` is a :class:`wadi_cli.pipeline.LoadedPipeline` of
     the base pipeline (teacher weights, frozen); its denoiser network gets both adapters."""
 
+    metric_fields = METRIC_FIELDS
+
     def __init__(
         self,
         cfg: DistillConfig,
@@ -112,6 +114,13 @@ class Distiller(AdapterRecipe):
         self.pairs: dict[str, Any] | None = None
         if cfg.regression_weight > 0:
             self.pairs = self._teacher_pairs(self.prompts)
+
+    def validate(self, run: Any) -> dict[str, Any] | None:
+        """One-step validation images (+ tiny metrics) of the student
+        (:func:`wadi_cli.distill.validate.validate`)."""
+        from wadi_cli.distill.validate import validate
+
+        return validate(self, run)
 
     # ---- pieces of a step ------------------------------------------------------------
     def _guided_eps(

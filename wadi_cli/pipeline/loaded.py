@@ -28,10 +28,10 @@ if TYPE_CHECKING:
 def check_weights_or_teacher(
     teacher: bool, weights: str | os.PathLike[str] | None, base: bool = False
 ) -> None:
-    """The one check of what is sampled: the teacher is the base model (no ``--weights``),
-    and ``--base`` is the undistilled base in one step (neither ``--weights`` nor ``--teacher``)."""
-    if teacher and weights is not None:
-        raise BadInputError("--teacher samples the base model: drop --weights (or drop --teacher)")
+    """The one check of what is sampled: ``--base`` is the undistilled base in one step
+    (neither ``--weights`` nor ``--teacher``). ``--teacher`` samples the base model with the
+    multi-step sampler, or, with ``--weights``, those weights in its place (a fine-tuned base:
+    a ``wadi finetune`` run)."""
     if base and (weights is not None or teacher):
         raise BadInputError("--base samples the undistilled model in one step: drop --weights and --teacher")
 
