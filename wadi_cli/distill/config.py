@@ -356,23 +356,12 @@ def coerce(name: str, value: Any, schema: Schema = SCHEMA) -> Any:
 
 
 def _validate(cfg: DistillConfig) -> None:
-    from wadi_cli.lorad.orthogonal import ORTHOGONAL_MAPS  # torch: not at `wadi distill --help`
 
     def need(ok: bool, msg: str) -> None:
         if not ok:
             raise BadInputError(msg)
 
-    need(cfg.adapter in ADAPTERS, f"--adapter must be one of {', '.join(ADAPTERS)}; got {cfg.adapter!r}")
-    need(
-        cfg.orthogonal_map in ORTHOGONAL_MAPS,
-        f"--orthogonal-map must be one of {', '.join(ORTHOGONAL_MAPS)}; got {cfg.orthogonal_map!r}",
-    )
-    # torch's householder map reads fixed signs from the diagonal of the trained matrix
-    # (``.int()`` of −1); AdamW's decay would shrink them to −0.99 → 0 and zero the weight
-    need(
-        not (cfg.adapter == "orthogonal" and cfg.orthogonal_map == "householder" and cfg.weight_decay > 0),
-        "--orthogonal-map householder needs --weight-decay 0 (decay would erase the map's diagonal signs)",
-    )
+    check_adapter_choice(cfg.adapter, cfg.orthogonal_map, cfg.weight_decay)
     for name in (
         "rank", "fake_rank", "batch_size", "grad_accum", "fake_updates", "max_steps", "checkpoint_every",
         "log_every", "keep_last",
@@ -459,10 +448,29 @@ def resolve_config(
     return cfg
 
 
-def adapter_options(config: DistillConfig | Mapping[str, Any]) -> dict[str, Any]:
+def check_adapter_choice(adapter: str, orthogonal_map: str, weight_decay: float) -> None:
+    """The trained adapter kind and its options, as every training command checks them
+    (:class:`BadInputError` with the flag's name)."""
+    from wadi_cli.lorad.orthogonal import ORTHOGONAL_MAPS  # torch: not at `--help`
+
+    if adapter not in ADAPTERS:
+        raise BadInputError(f"--adapter must be one of {', '.join(ADAPTERS)}; got {adapter!r}")
+    if orthogonal_map not in ORTHOGONAL_MAPS:
+        raise BadInputError(
+            f"--orthogonal-map must be one of {', '.join(ORTHOGONAL_MAPS)}; got {orthogonal_map!r}"
+        )
+    # torch's householder map reads fixed signs from the diagonal of the trained matrix
+    # (``.int()`` of −1); AdamW's decay would shrink them to −0.99 → 0 and zero the weight
+    if adapter == "orthogonal" and orthogonal_map == "householder" and weight_decay > 0:
+        raise BadInputError(
+            "--orthogonal-map householder needs --weight-decay 0 (decay would erase the map's diagonal signs)"
+        )
+
+
+def adapter_options(config: Any) -> dict[str, Any]:
     """The keyword arguments the student's adapter kind takes from a run's config (a
-    :class:`DistillConfig` or its saved dict): ``orthogonal_map`` for ``orthogonal``."""
-    values = config.to_dict() if isinstance(config, DistillConfig) else config
+    distill or finetune config, or its saved dict): ``orthogonal_map`` for ``orthogonal``."""
+    values = config.to_dict() if hasattr(config, "to_dict") else config
     if values.get("adapter") == "orthogonal":
         return {"orthogonal_map": values["orthogonal_map"]}
     return {}

@@ -22,11 +22,11 @@ from typing import Any
 from wadi_cli.backbones import get_backbone
 from wadi_cli.backbones.recipes import PER_ADAPTER, read_recipe, recipe_values
 from wadi_cli.distill.config import (
-    ADAPTERS,
     LR_SCHEDULES,
     MIXED_PRECISION,
     OPTIMIZERS,
     Schema,
+    check_adapter_choice,
     coerce,
     flag_name,
     knob,
@@ -55,7 +55,13 @@ class FinetuneConfig:
         "--model pipeline, else the backbone's).",
         default=None,
     )
-    adapter: str = knob("lorad (the method); lora, dora (peft) or full (every weight).")
+    adapter: str = knob(
+        "lorad (the method); lora, dora, dora-frozen-norm (peft), orthogonal (torch's maps, see "
+        "--orthogonal-map) or full (every weight)."
+    )
+    orthogonal_map: str = knob(
+        "--adapter orthogonal: torch's map to O(n), matrix_exp, cayley or householder."
+    )
     rank: int | None = knob("Adapter rank.")
     init_seed: int = knob("Seed of the adapter's initialisation.")
     # data
@@ -140,7 +146,7 @@ def _validate(cfg: FinetuneConfig) -> None:
         if not ok:
             raise BadInputError(msg)
 
-    need(cfg.adapter in ADAPTERS, f"--adapter must be one of {', '.join(ADAPTERS)}; got {cfg.adapter!r}")
+    check_adapter_choice(cfg.adapter, cfg.orthogonal_map, cfg.weight_decay)
     for name in (
         "rank",
         "batch_size",

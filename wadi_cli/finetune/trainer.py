@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from wadi_cli.diffusion import TextCondition, add_noise, alpha_bar_at, alphas_cumprod_of
+from wadi_cli.distill.config import adapter_options
 from wadi_cli.distill.data import PromptStream
 from wadi_cli.distill.recipe import STUDENT, AdapterRecipe, Role
 from wadi_cli.distill.topology import Topology
@@ -90,7 +91,10 @@ class FineTuner(AdapterRecipe):
         """One trained role, the student: ``cfg.adapter`` on the backbone's student targets."""
         cfg = self.cfg
         targets = self.pipe.backbone.target_modules(self.net, STUDENT)
-        return [Role(STUDENT, targets, cfg.adapter, cfg.rank, cfg.init_seed, cfg.lr, cfg.max_grad_norm)]
+        options = adapter_options(cfg)
+        return [
+            Role(STUDENT, targets, cfg.adapter, cfg.rank, cfg.init_seed, cfg.lr, cfg.max_grad_norm, options)
+        ]
 
     def setup(self) -> None:
         """The recipe's state, the schedule, the cached latents and text conditions, and the
