@@ -59,7 +59,9 @@ Examples:
 
 COMMAND_PANEL = "Run folder and mode"
 PANELS: dict[str, tuple[str, ...]] = {
-    "Model and adapter": ("backbone", "model", "components", "adapter", "rank", "init_seed"),
+    "Model and adapter": (
+        "backbone", "model", "components", "adapter", "orthogonal_map", "rank", "init_seed",
+    ),
     "Subject and prior preservation": (
         "instance_images", "instance_prompt", "class_prompt", "class_images", "num_class_images",
         "prior_loss_weight",
