@@ -43,6 +43,12 @@ def option(
 
 
 _RECIPE = "the backbone's sampling recipe, see `wadi info -b NAME`"
+#: ``--strength`` when ``--init-image`` is given without it: t = round(0.6 · 999) = 599.
+STRENGTH = 0.6
+#: ``--refine-strength`` when ``--upscale`` is given without it: the refining step starts at
+#: t = round(0.3 · 999) = 300, late enough to keep the native image's layout (docs/sampling.md,
+#: "High resolution"; analysis/downstream_tiny/).
+REFINE_STRENGTH = 0.3
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,8 +56,10 @@ class SamplingOptions:
     """Every option of sampling a backbone: what to load (``backbone``, ``weights``,
     ``model``, ``components``), how (``teacher`` / ``base``, ``steps``, ``cfg``,
     ``alpha_bar_T``), how many and where (``num_images``, ``batch_size``, ``seed``,
-    ``device``, ``dtype``, ``compile``). ``None`` means "the backbone's" or "the command's"
-    default. Validated when built (:meth:`__post_init__`)."""
+    ``device``, ``dtype``, ``compile``), and the downstream uses (``init_image`` /
+    ``strength``, ``height`` / ``width``, ``upscale`` / ``refine_strength``).
+    ``None`` means "the backbone's" or "the command's" default.
+    Validated when built (:meth:`__post_init__`)."""
 
     backbone: str = option(
         "Base model: sd15, sd21, pixart or tiny.",
@@ -123,6 +131,44 @@ class SamplingOptions:
     compile: bool = option(
         "torch.compile the denoiser (pays off on GPUs).", default=False, commands={"sample": {}}
     )
+    init_image: str | None = option(
+        "Image-to-image (SDEdit) from IMG, or from a folder of images paired with the prompts in "
+        "sorted order (each center-cropped to the output's aspect ratio and resized). One step: "
+        "t = round(s·999), x_t = sqrt(ᾱ_t)·x0_init + sqrt(1−ᾱ_t)·ε, x0 = (x_t − sqrt(1−ᾱ_t)·ε̂(x_t, t, c)) "
+        "/ sqrt(ᾱ_t) (v-prediction: x0 = sqrt(ᾱ_t)·x_t − sqrt(1−ᾱ_t)·v̂); with --teacher the last "
+        "int(steps·s) DDIM steps (as diffusers' img2img).",
+        default=None,
+        commands={"sample": {}},
+    )
+    strength: float | None = option(
+        "How much of the init image is replaced, s in (0, 1] (1: pure noise at t = 999; "
+        f"default {STRENGTH}).",
+        default=None,
+        commands={"sample": {}},
+    )
+    height: int | None = option(
+        "Image height in pixels: a multiple of the VAE factor × the denoiser's (sd: 64, pixart: 16, "
+        "tiny: 8); default the model's own.",
+        default=None,
+        commands={"sample": {}},
+    )
+    width: int | None = option(
+        "Image width in pixels (as --height).",
+        default=None,
+        commands={"sample": {}},
+    )
+    upscale: int | None = option(
+        "High resolution in two stages: sample at the native size, enlarge K× in pixel space (bicubic; "
+        "the VAE re-encodes it, so the refining step starts from a latent the denoiser knows), then "
+        "one image-to-image step at the K× size with --refine-strength.",
+        default=None,
+        commands={"sample": {}},
+    )
+    refine_strength: float | None = option(
+        f"Strength of --upscale's refining image-to-image step, in (0, 1] (default {REFINE_STRENGTH}).",
+        default=None,
+        commands={"sample": {}},
+    )
 
     def __post_init__(self) -> None:
         """The one validator of sampling options: value ranges (through
@@ -138,6 +184,12 @@ class SamplingOptions:
             raise BadInputError("--steps and --cfg apply to --teacher only")
         if self.num_images is not None and self.num_images < 1:
             raise BadInputError(f"--num-images must be at least 1, got {self.num_images}")
+        if self.strength is not None and self.init_image is None:
+            raise BadInputError("--strength applies to --init-image only")
+        if self.refine_strength is not None and self.upscale is None:
+            raise BadInputError("--refine-strength applies to --upscale only")
+        if self.upscale is not None and self.init_image is not None:
+            raise BadInputError("--upscale refines a generated image: drop --init-image (or --upscale)")
 
     def sample_config(self, batch_size: int = 4) -> SampleConfig:
         """The generation settings (``batch_size``: the command's default when these options
@@ -152,6 +204,11 @@ class SamplingOptions:
             alpha_bar_T=self.alpha_bar_T,
             seed=self.seed,
             batch_size=batch_size if self.batch_size is None else self.batch_size,
+            strength=self.strength,
+            height=self.height,
+            width=self.width,
+            upscale=self.upscale,
+            refine_strength=self.refine_strength,
         )
 
 

@@ -12,8 +12,16 @@ from wadi_cli.errors import BadInputError
 from wadi_cli.io.paths import input_path_problem
 from wadi_cli.io.prompts import read_prompt_file
 from wadi_cli.machine import resolve_device
-from wadi_cli.pipeline import LoadedPipeline, generate, get_backbone_spec, load_pipeline, resolve_dtype
-from wadi_cli.pipeline.options import SamplingOptions
+from wadi_cli.pipeline import (
+    LoadedPipeline,
+    SampleConfig,
+    generate,
+    get_backbone_spec,
+    load_pipeline,
+    resolve_dtype,
+)
+from wadi_cli.pipeline.images import image_files, paired_images
+from wadi_cli.pipeline.options import STRENGTH, SamplingOptions
 from wadi_cli.sample.output import check_output_dir, save_samples
 
 
@@ -63,6 +71,9 @@ def sample_to_folder(
     problem = input_path_problem(Path(options.weights).expanduser()) if options.weights is not None else None
     if problem:
         raise BadInputError(f"--weights {options.weights}: {problem}")
+    init_files = (
+        image_files(options.init_image, len(all_prompts), "--init-image") if options.init_image else None
+    )
     dev = resolve_device(options.device)
     torch_dtype = resolve_dtype(options.dtype, dev, spec.family)
     pipe = load_pipeline(
@@ -79,7 +90,12 @@ def sample_to_folder(
     )
     if on_loaded is not None:
         on_loaded(pipe)
-    gen = generate(pipe, all_prompts, options.sample_config(), options.num_images or 1, progress=progress)
+    config = options.sample_config()
+    _, lat_h, lat_w = pipe.latent_shape_for(config.height, config.width)  # a bad size fails here
+    height, width = lat_h * pipe.vae_scale, lat_w * pipe.vae_scale
+    init = paired_images(init_files, height, width, "--init-image") if init_files else None
+    n = options.num_images or 1
+    gen = generate(pipe, all_prompts, config, n, progress=progress, init_images=init)
     resolved = gen.config
     summary: dict[str, Any] = {
         "backbone": spec.name,
@@ -95,6 +111,9 @@ def sample_to_folder(
         "alpha_bar_T": None if resolved.teacher else resolved.alpha_bar_T,
         "alpha_bar_T_recorded": pipe.weights_alpha_bar_T,
         "resolution": pipe.resolution,
+        "height": height * (resolved.upscale or 1),
+        "width": width * (resolved.upscale or 1),
+        **downstream_record(resolved, pipe, init_files is not None),
         "prediction_type": pipe.denoiser.prediction_type,
         "seed": resolved.seed,
         "batch_size": resolved.batch_size,
@@ -102,6 +121,32 @@ def sample_to_folder(
         "notes": pipe.notes,
         "warnings": pipe.warnings,
     }
-    save_samples(out_path, gen.images, gen.prompts, gen.seeds, summary, grid_cols)
+    per_image = [{"init_image": str(f)} for f in init_files for _ in range(n)] if init_files else None
+    save_samples(out_path, gen.images, gen.prompts, gen.seeds, summary, grid_cols, per_image)
     summary["out"] = str(out_path)
     return summary
+
+
+def downstream_record(config: SampleConfig, pipe: LoadedPipeline, init: bool) -> dict[str, Any]:
+    """What samples.json records of image-to-image (strength, the timestep it starts at) and
+    of the two-stage high-resolution run (factor, refining strength and timestep)."""
+    from wadi_cli.diffusion import last_timestep
+    from wadi_cli.pipeline.img2img import strength_timestep, teacher_start
+    from wadi_cli.pipeline.teacher import teacher_scheduler
+
+    def start(strength: float) -> int:
+        if not config.teacher:
+            return strength_timestep(strength, last_timestep(pipe.scheduler) + 1)
+        scheduler = teacher_scheduler(pipe)
+        scheduler.set_timesteps(int(config.steps))  # type: ignore[attr-defined, arg-type]
+        return int(scheduler.timesteps[teacher_start(int(config.steps), strength)])  # type: ignore[attr-defined, arg-type]
+
+    out: dict[str, Any] = {}
+    if init:
+        strength = config.strength or STRENGTH
+        out.update(strength=strength, start_timestep=start(strength))
+    if config.upscale:
+        strength = float(config.refine_strength)  # type: ignore[arg-type]
+        out.update(upscale=config.upscale, upscale_in="pixels (bicubic)", refine_strength=strength)
+        out["refine_start_timestep"] = start(strength)
+    return out
