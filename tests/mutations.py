@@ -156,6 +156,12 @@ MUTATIONS: tuple[Mutation, ...] = (
     M("demo-prompt-twice-in-grid", "the swap grid's rows repeat a prompt", "wadi_cli/demo/figures.py",
       "        seen.setdefault(p, i)", "        seen[f'{p}{i}'] = i",
       ("tests/demo/test_demo.py::test_grid_rows_show_each_prompt_once_and_colours_are_fixed_per_kind",)),
+    M("img2img-alpha-bar-of-next-t", "one-step img2img uses ᾱ_{t+1}", "wadi_cli/pipeline/img2img.py",
+      "ab = float(alpha_bar_at(ac, t))", "ab = float(alpha_bar_at(ac, t + 1))",
+      ("tests/pipeline/test_img2img.py::test_one_step_img2img_matches_a_float64_reference",)),
+    M("img2img-teacher-noised-one-t-early", "the teacher noises the init to t−1", "wadi_cli/pipeline/teacher.py",
+      "int(timesteps[0])))", "int(timesteps[0]) - 1))",
+      ("tests/pipeline/test_img2img.py::test_teacher_img2img_matches_diffusers_img2img_pipeline",)),
 )  # fmt: skip
 
 
