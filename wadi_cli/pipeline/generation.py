@@ -122,13 +122,16 @@ def generate(
     num_images_per_prompt: int = 1,
     progress: Callable[[int, int], None] | None = None,
     init_images: np.ndarray | None = None,
+    control_images: np.ndarray | None = None,
 ) -> Generation:
     """Generate ``num_images_per_prompt`` images for each prompt (prompt-major order);
     image ``i`` uses seed ``config.seed + i``. ``progress(done, total)`` is called after
     every batch. The one-step ᾱ_T is ``config.alpha_bar_T`` when set, else the pipeline's
     (decided when it was loaded). ``init_images`` ((len(prompts), H, W, 3) uint8 at the
     run's size): image-to-image from the image of each prompt at ``config.strength``.
-    ``config.height`` / ``width`` set the size; ``config.upscale`` adds :func:`refined`."""
+    ``config.height`` / ``width`` set the size; ``config.upscale`` adds :func:`refined`.
+    ``control_images`` (the same shape): the control image of each prompt, for a pipeline
+    whose denoiser runs a ControlNet (:func:`~wadi_cli.pipeline.control.with_controlnet`)."""
     cfg = config.resolved(pipe.backbone, pipe.alpha_bar_T)
     shape = pipe.latent_shape_for(cfg.height, cfg.width)
     jobs = [
@@ -145,6 +148,10 @@ def generate(
         texts, seeds = [p for p, _, _ in batch], [s for _, s, _ in batch]
         t0 = time.perf_counter()
         z = initial_noise(seeds, shape, pipe.device)
+        if control_images is not None:
+            from wadi_cli.pipeline.control import control_tensor
+
+            pipe.denoiser.use(control_tensor(control_images[[k for _, _, k in batch]]))  # type: ignore[operator]
         init = None
         if init_images is not None:
             init = encode(pipe.vae, init_images[[k for _, _, k in batch]], pipe.device)

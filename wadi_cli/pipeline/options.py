@@ -49,6 +49,8 @@ STRENGTH = 0.6
 #: t = round(0.3 · 999) = 300, late enough to keep the native image's layout (docs/sampling.md,
 #: "High resolution"; analysis/downstream_tiny/).
 REFINE_STRENGTH = 0.3
+#: ``--control-scale`` when ``--controlnet`` is given without it (diffusers' default).
+CONTROL_SCALE = 1.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -164,6 +166,24 @@ class SamplingOptions:
         default=None,
         commands={"sample": {}},
     )
+    controlnet: str | None = option(
+        "ControlNet (diffusers ControlNetModel: folder or hub id, e.g. lllyasviel/control_v11p_sd15_canny) "
+        "for sd15/sd21: its residuals join every denoiser call (the student's one step at t = 999, each "
+        "teacher step). Needs --control-image.",
+        default=None,
+        commands={"sample": {}},
+    )
+    control_image: str | None = option(
+        "Control image IMG, or a folder of them paired with the prompts in sorted order (fitted to "
+        "the output size like --init-image).",
+        default=None,
+        commands={"sample": {}},
+    )
+    control_scale: float | None = option(
+        f"ControlNet conditioning scale (default {CONTROL_SCALE}).",
+        default=None,
+        commands={"sample": {}},
+    )
     refine_strength: float | None = option(
         f"Strength of --upscale's refining image-to-image step, in (0, 1] (default {REFINE_STRENGTH}).",
         default=None,
@@ -188,6 +208,12 @@ class SamplingOptions:
             raise BadInputError("--strength applies to --init-image only")
         if self.refine_strength is not None and self.upscale is None:
             raise BadInputError("--refine-strength applies to --upscale only")
+        if (self.controlnet is None) != (self.control_image is None):
+            raise BadInputError("--controlnet and --control-image go together: give both or neither")
+        if self.control_scale is not None and self.controlnet is None:
+            raise BadInputError("--control-scale applies to --controlnet only")
+        if self.controlnet is not None and self.upscale is not None:
+            raise BadInputError("--upscale with --controlnet is not supported: drop one of them")
         if self.upscale is not None and self.init_image is not None:
             raise BadInputError("--upscale refines a generated image: drop --init-image (or --upscale)")
 

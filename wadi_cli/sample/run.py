@@ -20,8 +20,9 @@ from wadi_cli.pipeline import (
     load_pipeline,
     resolve_dtype,
 )
+from wadi_cli.pipeline.base import weights_variant
 from wadi_cli.pipeline.images import image_files, paired_images
-from wadi_cli.pipeline.options import STRENGTH, SamplingOptions
+from wadi_cli.pipeline.options import CONTROL_SCALE, STRENGTH, SamplingOptions
 from wadi_cli.sample.output import check_output_dir, save_samples
 
 
@@ -74,6 +75,15 @@ def sample_to_folder(
     init_files = (
         image_files(options.init_image, len(all_prompts), "--init-image") if options.init_image else None
     )
+    if options.controlnet is not None and spec.family != "unet":
+        raise BadInputError(
+            f"--controlnet: not supported for {spec.name} (a DiT; diffusers has no ControlNet for it here)"
+        )
+    control_files = (
+        image_files(options.control_image, len(all_prompts), "--control-image")
+        if options.control_image
+        else None
+    )
     dev = resolve_device(options.device)
     torch_dtype = resolve_dtype(options.dtype, dev, spec.family)
     pipe = load_pipeline(
@@ -88,14 +98,22 @@ def sample_to_folder(
         base=options.base,
         alpha_bar_T=options.alpha_bar_T,
     )
+    scale = CONTROL_SCALE if options.control_scale is None else options.control_scale
+    if options.controlnet is not None:
+        from wadi_cli.pipeline.control import load_controlnet, with_controlnet
+
+        pipe = with_controlnet(
+            pipe, load_controlnet(options.controlnet, pipe, weights_variant(torch_dtype)), scale
+        )
     if on_loaded is not None:
         on_loaded(pipe)
     config = options.sample_config()
     _, lat_h, lat_w = pipe.latent_shape_for(config.height, config.width)  # a bad size fails here
     height, width = lat_h * pipe.vae_scale, lat_w * pipe.vae_scale
     init = paired_images(init_files, height, width, "--init-image") if init_files else None
+    control = paired_images(control_files, height, width, "--control-image") if control_files else None
     n = options.num_images or 1
-    gen = generate(pipe, all_prompts, config, n, progress=progress, init_images=init)
+    gen = generate(pipe, all_prompts, config, n, progress=progress, init_images=init, control_images=control)
     resolved = gen.config
     summary: dict[str, Any] = {
         "backbone": spec.name,
@@ -114,6 +132,7 @@ def sample_to_folder(
         "height": height * (resolved.upscale or 1),
         "width": width * (resolved.upscale or 1),
         **downstream_record(resolved, pipe, init_files is not None),
+        **({"controlnet": options.controlnet, "control_scale": scale} if control_files else {}),
         "prediction_type": pipe.denoiser.prediction_type,
         "seed": resolved.seed,
         "batch_size": resolved.batch_size,
@@ -121,7 +140,14 @@ def sample_to_folder(
         "notes": pipe.notes,
         "warnings": pipe.warnings,
     }
-    per_image = [{"init_image": str(f)} for f in init_files for _ in range(n)] if init_files else None
+    per_image = [
+        {
+            **({"init_image": str(init_files[k])} if init_files else {}),
+            **({"control_image": str(control_files[k])} if control_files else {}),
+        }
+        for k in range(len(all_prompts))
+        for _ in range(n)
+    ]
     save_samples(out_path, gen.images, gen.prompts, gen.seeds, summary, grid_cols, per_image)
     summary["out"] = str(out_path)
     return summary
