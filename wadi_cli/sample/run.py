@@ -13,6 +13,7 @@ from wadi_cli.io.paths import input_path_problem
 from wadi_cli.io.prompts import read_prompt_file
 from wadi_cli.machine import resolve_device
 from wadi_cli.pipeline import (
+    Generation,
     LoadedPipeline,
     SampleConfig,
     generate,
@@ -72,18 +73,7 @@ def sample_to_folder(
     problem = input_path_problem(Path(options.weights).expanduser()) if options.weights is not None else None
     if problem:
         raise BadInputError(f"--weights {options.weights}: {problem}")
-    init_files = (
-        image_files(options.init_image, len(all_prompts), "--init-image") if options.init_image else None
-    )
-    if options.controlnet is not None and spec.family != "unet":
-        raise BadInputError(
-            f"--controlnet: not supported for {spec.name} (a DiT; diffusers has no ControlNet for it here)"
-        )
-    control_files = (
-        image_files(options.control_image, len(all_prompts), "--control-image")
-        if options.control_image
-        else None
-    )
+    init_files, control_files = input_images(options, spec.family, len(all_prompts))
     dev = resolve_device(options.device)
     torch_dtype = resolve_dtype(options.dtype, dev, spec.family)
     pipe = load_pipeline(
@@ -98,13 +88,7 @@ def sample_to_folder(
         base=options.base,
         alpha_bar_T=options.alpha_bar_T,
     )
-    scale = CONTROL_SCALE if options.control_scale is None else options.control_scale
-    if options.controlnet is not None:
-        from wadi_cli.pipeline.control import load_controlnet, with_controlnet
-
-        pipe = with_controlnet(
-            pipe, load_controlnet(options.controlnet, pipe, weights_variant(torch_dtype)), scale
-        )
+    pipe = add_controlnet(pipe, options, torch_dtype)
     if on_loaded is not None:
         on_loaded(pipe)
     config = options.sample_config()
@@ -114,15 +98,35 @@ def sample_to_folder(
     control = paired_images(control_files, height, width, "--control-image") if control_files else None
     n = options.num_images or 1
     gen = generate(pipe, all_prompts, config, n, progress=progress, init_images=init, control_images=control)
+    summary = run_summary(pipe, gen, (height, width), dev, torch_dtype)
+    summary.update(downstream_record(gen.config, pipe, init_files is not None))
+    if control_files:
+        summary.update(controlnet=options.controlnet, control_scale=pipe.denoiser.scale)
+    named = {"init_image": init_files, "control_image": control_files}
+    per_image = [
+        {key: str(files[k]) for key, files in named.items() if files}
+        for k in range(len(all_prompts))
+        for _ in range(n)
+    ]
+    save_samples(out_path, gen.images, gen.prompts, gen.seeds, summary, grid_cols, per_image)
+    summary["out"] = str(out_path)
+    return summary
+
+
+def run_summary(
+    pipe: LoadedPipeline, gen: Generation, size: tuple[int, int], dev: Any, dtype: Any
+) -> dict[str, Any]:
+    """The settings samples.json records of a run (``size``: the first stage's pixels)."""
+    height, width = size
     resolved = gen.config
-    summary: dict[str, Any] = {
-        "backbone": spec.name,
+    return {
+        "backbone": pipe.backbone.name,
         "mode": "teacher" if resolved.teacher else "one-step",
         "model": pipe.model_source,
         "weights": pipe.weights,
         "weights_kind": pipe.weights_kind,
         "device": str(dev),
-        "dtype": str(torch_dtype).replace("torch.", ""),
+        "dtype": str(dtype).replace("torch.", ""),
         "num_images": len(gen.prompts),
         "steps": resolved.steps if resolved.teacher else 1,
         "cfg": resolved.cfg if resolved.teacher else None,
@@ -131,8 +135,6 @@ def sample_to_folder(
         "resolution": pipe.resolution,
         "height": height * (resolved.upscale or 1),
         "width": width * (resolved.upscale or 1),
-        **downstream_record(resolved, pipe, init_files is not None),
-        **({"controlnet": options.controlnet, "control_scale": scale} if control_files else {}),
         "prediction_type": pipe.denoiser.prediction_type,
         "seed": resolved.seed,
         "batch_size": resolved.batch_size,
@@ -140,17 +142,28 @@ def sample_to_folder(
         "notes": pipe.notes,
         "warnings": pipe.warnings,
     }
-    per_image = [
-        {
-            **({"init_image": str(init_files[k])} if init_files else {}),
-            **({"control_image": str(control_files[k])} if control_files else {}),
-        }
-        for k in range(len(all_prompts))
-        for _ in range(n)
-    ]
-    save_samples(out_path, gen.images, gen.prompts, gen.seeds, summary, grid_cols, per_image)
-    summary["out"] = str(out_path)
-    return summary
+
+
+def input_images(
+    options: SamplingOptions, family: str, count: int
+) -> tuple[list[Path] | None, list[Path] | None]:
+    """The ``--init-image`` and ``--control-image`` file of each of ``count`` prompts, checked
+    before any model loads (and ``--controlnet`` refused for a DiT backbone)."""
+    if options.controlnet is not None and family != "unet":
+        raise BadInputError(f"--controlnet: not supported for {options.backbone} (a DiT); use sd15 or sd21")
+    init = image_files(options.init_image, count, "--init-image") if options.init_image else None
+    control = image_files(options.control_image, count, "--control-image") if options.control_image else None
+    return init, control
+
+
+def add_controlnet(pipe: LoadedPipeline, options: SamplingOptions, dtype: Any) -> LoadedPipeline:
+    """``pipe`` with ``options.controlnet`` loaded into its denoiser (unchanged without one)."""
+    if options.controlnet is None:
+        return pipe
+    from wadi_cli.pipeline.control import load_controlnet, with_controlnet
+
+    scale = CONTROL_SCALE if options.control_scale is None else options.control_scale
+    return with_controlnet(pipe, load_controlnet(options.controlnet, pipe, weights_variant(dtype)), scale)
 
 
 def downstream_record(config: SampleConfig, pipe: LoadedPipeline, init: bool) -> dict[str, Any]:
