@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from wadi_cli.diffusion import TextCondition
+from wadi_cli.pipeline.defaults import STRENGTH
 from wadi_cli.pipeline.img2img import encode, one_step_img2img_latents, refine_noise, upscale_images
 from wadi_cli.pipeline.loaded import LoadedPipeline
 from wadi_cli.pipeline.one_step import one_step_latents
-from wadi_cli.pipeline.options import STRENGTH
 from wadi_cli.pipeline.settings import SampleConfig
 from wadi_cli.pipeline.teacher import teacher_latents
 

@@ -17,6 +17,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from wadi_cli.errors import BadInputError
+from wadi_cli.pipeline.defaults import CONTROL_SCALE, REFINE_STRENGTH, STRENGTH
 
 if TYPE_CHECKING:
     from wadi_cli.pipeline.settings import SampleConfig
@@ -43,14 +44,6 @@ def option(
 
 
 _RECIPE = "the backbone's sampling recipe, see `wadi info -b NAME`"
-#: ``--strength`` when ``--init-image`` is given without it: t = round(0.6 · 999) = 599.
-STRENGTH = 0.6
-#: ``--refine-strength`` when ``--upscale`` is given without it: the refining step starts at
-#: t = round(0.3 · 999) = 300, late enough to keep the native image's layout (docs/sampling.md,
-#: "High resolution"; analysis/downstream_tiny/).
-REFINE_STRENGTH = 0.3
-#: ``--control-scale`` when ``--controlnet`` is given without it (diffusers' default).
-CONTROL_SCALE = 1.0
 
 
 @dataclass(frozen=True, kw_only=True)

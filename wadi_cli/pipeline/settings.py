@@ -13,7 +13,7 @@ from wadi_cli.backbones import Backbone
 from wadi_cli.backbones.recipes import teacher_defaults
 from wadi_cli.errors import BadInputError
 from wadi_cli.pipeline.alpha_bar import resolve_alpha_bar_T
-from wadi_cli.pipeline.options import REFINE_STRENGTH
+from wadi_cli.pipeline.defaults import REFINE_STRENGTH
 
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,

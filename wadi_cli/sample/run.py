@@ -22,8 +22,9 @@ from wadi_cli.pipeline import (
     resolve_dtype,
 )
 from wadi_cli.pipeline.base import weights_variant
+from wadi_cli.pipeline.defaults import CONTROL_SCALE, STRENGTH
 from wadi_cli.pipeline.images import image_files, paired_images
-from wadi_cli.pipeline.options import CONTROL_SCALE, STRENGTH, SamplingOptions
+from wadi_cli.pipeline.options import SamplingOptions
 from wadi_cli.sample.output import check_output_dir, save_samples
 
 
