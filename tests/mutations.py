@@ -193,6 +193,16 @@ MUTATIONS: tuple[Mutation, ...] = (
     M("sweep-reruns-finished-cells", "a resumed sweep runs finished cells again", "wadi_cli/sweep/runner.py",
       'done = {(r["cell"], int(r["seed"])) for r in rows if r.get("status") == "ok"}', "done = set()",
       ("tests/sweep/test_runner.py",)),
+    # ---- downstream sampling: image-to-image, ControlNet ---------------------------------------
+    M("img2img-alpha-bar-of-next-t", "one-step img2img uses ᾱ_{t+1}", "wadi_cli/pipeline/img2img.py",
+      "ab = float(alpha_bar_at(ac, t))", "ab = float(alpha_bar_at(ac, t + 1))",
+      ("tests/pipeline/test_img2img.py::test_one_step_img2img_matches_a_float64_reference",)),
+    M("img2img-teacher-noised-one-t-early", "teacher noises the init to t−1", "wadi_cli/pipeline/teacher.py",
+      "int(timesteps[0])))", "int(timesteps[0]) - 1))",
+      ("tests/pipeline/test_img2img.py::test_teacher_img2img_matches_diffusers_img2img_pipeline",)),
+    M("controlnet-scale-ignored", "the ControlNet runs at scale 1", "wadi_cli/pipeline/control.py",
+      "conditioning_scale=self.scale,", "conditioning_scale=1.0,",
+      ("tests/pipeline/test_control.py::test_one_step_with_controlnet_is_the_residual_injection_by_hand",)),
 )  # fmt: skip
 
 

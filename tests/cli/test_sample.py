@@ -195,3 +195,69 @@ def test_one_image_is_said_in_the_singular(base_dir, tmp_path):
     r = run(PROMPT, "-b", "tiny", "--model", base_dir, "-n", "1", "-o", str(tmp_path / "one"))
     assert r.exit_code == 0, r.output + r.stderr
     assert "wrote 1 image " in r.stdout and "wrote 1 images" not in r.stdout
+
+
+# ---- image-to-image and high resolution ---------------------------------------------------
+def _init_folder(tmp_path, sizes):
+    folder = tmp_path / "init"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_init_image_folder_pairs_with_prompts_and_is_recorded(base_dir, tmp_path):
+    folder = _init_folder(tmp_path, [(40, 20), (32, 32)])
+    out = tmp_path / "o"
+    args = [PROMPT, "a blue square at the bottom right", "-b", "tiny", "--model", base_dir, "--base"]
+    r = run(*args, "--init-image", str(folder), "--strength", "0.4", "-n", "2", "-o", str(out))
+    assert r.exit_code == 0, r.output + r.stderr
+    record = json.loads((out / "samples.json").read_text())
+    assert record["strength"] == 0.4 and record["start_timestep"] == 400
+    files = [im["init_image"] for im in record["images"]]
+    assert files == [str(folder / "00.png")] * 2 + [str(folder / "01.png")] * 2
+    # one file for every prompt: the same as the folder's first image for the first prompt
+    one = tmp_path / "one"
+    r = run(*args[:1], *args[2:], "--init-image", str(folder / "00.png"), "--strength", "0.4", "-o", str(one))
+    assert r.exit_code == 0, r.output + r.stderr
+    assert np.array_equal(_pngs(one)["0000.png"], _pngs(out)["0000.png"])
+
+
+def test_init_image_bad_input_writes_nothing(base_dir, tmp_path):
+    folder = _init_folder(tmp_path, [(32, 32)])
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    base = [PROMPT, "-b", "tiny", "--model", base_dir, "--base", "-o", str(tmp_path / "o")]
+    cases = [
+        (["--init-image", str(broken)], 2, "cannot read it as an image"),
+        (["--init-image", str(tmp_path / "missing.png")], 2, "no such file"),
+        (["--init-image", str(folder), PROMPT], 2, "holds 1 images"),
+        (["--init-image", str(folder), "--strength", "1.2"], 2, "--strength must lie in (0, 1]"),
+        (["--strength", "0.5"], 2, "--strength applies to --init-image only"),
+        (["--refine-strength", "0.5"], 2, "--refine-strength applies to --upscale only"),
+        (["--upscale", "2", "--init-image", str(folder)], 2, "--upscale"),
+    ]
+    for extra, code, needle in cases:
+        line = _one_line_error(run(*base, *extra), code)
+        assert needle in line, (extra, line)
+        assert not (tmp_path / "o").exists()
+    # found once the denoiser is loaded (its config says what it takes), before anything is written
+    r = run(PROMPT, "-b", "tiny", "--height", "36", "-o", str(tmp_path / "o"))
+    line = _one_line_error(r, 2)
+    assert "--height 36: the tiny denoiser takes multiples of 8 pixels" in line and "32 or 40" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_height_width_and_upscale_through_the_cli(base_dir, tmp_path):
+    base = [PROMPT, "-b", "tiny", "--model", base_dir, "--base"]
+    r = run(*base, "--height", "48", "--width", "24", "-o", str(tmp_path / "hw"))
+    assert r.exit_code == 0, r.output + r.stderr
+    assert _pngs(tmp_path / "hw")["0000.png"].shape == (48, 24, 3)
+    r = run(*base, "--upscale", "2", "-o", str(tmp_path / "up"))
+    assert r.exit_code == 0, r.output + r.stderr
+    record = json.loads((tmp_path / "up" / "samples.json").read_text())
+    assert _pngs(tmp_path / "up")["0000.png"].shape == (64, 64, 3)
+    assert (record["upscale"], record["refine_strength"], record["refine_start_timestep"]) == (2, 0.3, 300)
+    assert (record["height"], record["width"]) == (64, 64)

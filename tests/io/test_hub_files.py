@@ -12,7 +12,14 @@ import pytest
 
 from wadi_cli.backbones import get_backbone
 from wadi_cli.io import hub
-from wadi_cli.io.hub_files import UNUSED_COMPONENTS, FetchPlan, folder_weights, recorded_repos, select_files
+from wadi_cli.io.hub_files import (
+    UNUSED_COMPONENTS,
+    FetchPlan,
+    folder_weights,
+    include_patterns,
+    recorded_repos,
+    select_files,
+)
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SD21_BASE = "stabilityai/stable-diffusion-2-1-base"
@@ -288,3 +295,30 @@ def test_include_patterns_of_an_unrecorded_repo_select_the_plan():
     patterns = include_patterns("someone/unrecorded", plan)
     chosen = sorted(f for f in files if any(fnmatch(f, p) for p in patterns))
     assert chosen == select_files(files, plan)
+
+
+def test_a_controlnet_repository_takes_its_config_and_one_weights_copy_at_the_root():
+    """lllyasviel/control_v11p_sd15_canny's layout: one model at the root, .bin and
+    safetensors copies in fp32 and fp16, example images."""
+    from wadi_cli.pipeline.control import controlnet_plan
+
+    files = [
+        "README.md",
+        "config.json",
+        "diffusion_pytorch_model.bin",
+        "diffusion_pytorch_model.fp16.bin",
+        "diffusion_pytorch_model.fp16.safetensors",
+        "diffusion_pytorch_model.safetensors",
+        "images/input.png",
+    ]
+    assert select_files(files, controlnet_plan("fp16")) == [
+        "config.json",
+        "diffusion_pytorch_model.fp16.safetensors",
+    ]
+    assert select_files(files, controlnet_plan(None)) == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+    ]
+    patterns = include_patterns("someone/some-controlnet", controlnet_plan(None))
+    assert "diffusion_pytorch_model.safetensors" in patterns and "*.json" in patterns
+    assert not any(p.startswith("/") for p in patterns)

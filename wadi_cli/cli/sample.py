@@ -70,6 +70,25 @@ Examples:
 
   wadi sample "a blue circle at the top left" -b tiny -w student.safetensors
   -o tiny/ --json
+
+Image-to-image (one step at t = round(s·999); a folder of init images
+pairs with the prompts in sorted order):
+
+  wadi sample "a blue square at the bottom right" -b tiny
+  --init-image red-circle.png --strength 0.8 -o edit/
+
+  wadi sample --prompts prompts.txt -b sd21 --init-image photos/
+  --strength 0.6 -o edits/
+
+High resolution (a size the denoiser takes, or one step at the native size,
+2× bicubic in pixels, then one refining img2img step):
+
+  wadi sample "a lighthouse at dusk" -b sd21 --height 768 --width 1024
+
+  wadi sample "a red circle at the top left" -b tiny --upscale 2
+
+  wadi sample "a lighthouse at dusk" -b sd21 --upscale 2
+  --refine-strength 0.3 -o big/
 """
 
 

@@ -47,7 +47,8 @@ class FetchPlan:
 
     Attributes:
         folders: component folders whose config files are needed (``unet``, ``vae``,
-            ``tokenizer``, ``scheduler``, ...).
+            ``tokenizer``, ``scheduler``, ...; ``""``: the root of a one-model repository,
+            such as a ControlNet's).
         weights: the subset of ``folders`` whose weights are needed.
         variant: preferred weights variant (``"fp16"``) or ``None`` for the plain files.
         root: files at the repository root to take when present (``model_index.json``).
@@ -117,14 +118,15 @@ def select_files(files: Iterable[str], plan: FetchPlan) -> list[str]:
         names = by_folder.get(folder)
         if not names:
             raise MissingFiles(folder, "no such folder")
-        out += [f"{folder}/{n}" for n in names if n.endswith(CONFIG_SUFFIXES) and not _is_weights_index(n)]
+        at = f"{folder}/" if folder else ""  # "": the repository's root (a single-model repo)
+        out += [f"{at}{n}" for n in names if n.endswith(CONFIG_SUFFIXES) and not _is_weights_index(n)]
         if folder in plan.weights:
             chosen, _ = folder_weights(names, plan.variant)
             if not chosen and plan.require_weights:
                 other = sorted(n for n in names if not n.endswith(CONFIG_SUFFIXES))
                 have = f"has only {', '.join(other[:4])}" if other else "has no weight files"
                 raise MissingFiles(folder, f"no safetensors weights ({have})")
-            out += [f"{folder}/{n}" for n in chosen]
+            out += [f"{at}{n}" for n in chosen]
     return sorted(set(out))
 
 
@@ -140,11 +142,12 @@ def _pattern_weights(folder: str, variant: str | None) -> list[str]:
     """Name patterns of one copy of a folder's safetensors weights, for each variant
     :func:`folder_weights` would try (the preferred one first)."""
     out = []
+    at = f"{folder}/" if folder else ""
     for v in [variant, None] if variant else [None, "fp16"]:
         tag = f".{v}" if v else ""
         for stem in WEIGHT_STEMS:
-            out += [f"{folder}/{stem}{tag}.safetensors", f"{folder}/{stem}.safetensors.index{tag}.json"]
-            out.append(f"{folder}/{stem}{tag}-*-of-*.safetensors")
+            out += [f"{at}{stem}{tag}.safetensors", f"{at}{stem}.safetensors.index{tag}.json"]
+            out.append(f"{at}{stem}{tag}-*-of-*.safetensors")
     return out
 
 
@@ -162,7 +165,7 @@ def include_patterns(repo: str, plan: FetchPlan) -> list[str]:
             pass  # the recorded list lacks a planned folder: fall back to patterns
     out = list(plan.root)
     for folder in plan.folders:
-        out += [f"{folder}/*{suffix}" for suffix in CONFIG_SUFFIXES]
+        out += [f"{folder}/*{suffix}" if folder else f"*{suffix}" for suffix in CONFIG_SUFFIXES]
         if folder in plan.weights:
             out += _pattern_weights(folder, plan.variant)
     return out

@@ -9,6 +9,7 @@ not depend on the batch size, nor on the device.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from wadi_cli.diffusion import TextCondition
+from wadi_cli.pipeline.defaults import STRENGTH
+from wadi_cli.pipeline.img2img import encode, one_step_img2img_latents, refine_noise, upscale_images
 from wadi_cli.pipeline.loaded import LoadedPipeline
 from wadi_cli.pipeline.one_step import one_step_latents
 from wadi_cli.pipeline.settings import SampleConfig
@@ -62,19 +66,53 @@ class Generation:
 
 @torch.no_grad()
 def images_from_noise(
-    pipe: LoadedPipeline, prompts: Sequence[str], config: SampleConfig, z: torch.Tensor
+    pipe: LoadedPipeline,
+    prompts: Sequence[str],
+    config: SampleConfig,
+    z: torch.Tensor,
+    init: torch.Tensor | None = None,
 ) -> np.ndarray:
     """uint8 images of ``prompts`` from the initial noise ``z`` (one latent per prompt): the
     one-step formula, or the teacher when ``config.teacher``; ``config`` as resolved by
-    :func:`generate` (its ᾱ_T, else the pipeline's)."""
+    :func:`generate` (its ᾱ_T, else the pipeline's). With ``init`` (clean latents, one per
+    prompt) it is image-to-image at ``config.strength`` (:mod:`~wadi_cli.pipeline.img2img`),
+    ``z`` the noise added to ``init``."""
     cfg = config.resolved(pipe.backbone, pipe.alpha_bar_T)
     cond = pipe.prompt_encoder(list(prompts))
     z = z.to(pipe.device)
+    return decode(pipe.vae, _latents(pipe, cond, cfg, z, init))
+
+
+def _latents(
+    pipe: LoadedPipeline, cond: TextCondition, cfg: SampleConfig, z: torch.Tensor, init: torch.Tensor | None
+) -> torch.Tensor:
+    """Clean latents by the sampler ``cfg`` names (resolved), from noise or from ``init``."""
+    strength = float(cfg.strength or STRENGTH)
     if cfg.teacher:
-        x0 = teacher_latents(pipe, cond, z, int(cfg.steps), float(cfg.cfg))  # type: ignore[arg-type]
-    else:
-        x0 = one_step_latents(pipe, cond, z, float(cfg.alpha_bar_T))  # type: ignore[arg-type]
-    return decode(pipe.vae, x0)
+        steps, guidance = int(cfg.steps), float(cfg.cfg)  # type: ignore[arg-type]
+        return teacher_latents(pipe, cond, z, steps, guidance, init, strength)
+    if init is not None:
+        return one_step_img2img_latents(pipe, cond, init.to(z.device), z, strength)
+    return one_step_latents(pipe, cond, z, float(cfg.alpha_bar_T))  # type: ignore[arg-type]
+
+
+def refined(
+    pipe: LoadedPipeline,
+    prompts: Sequence[str],
+    config: SampleConfig,
+    seeds: Sequence[int],
+    native: np.ndarray,
+) -> np.ndarray:
+    """The second stage of ``--upscale K``: the native images enlarged K× in pixel space
+    (PIL bicubic), encoded by the VAE, and refined by one image-to-image step (or the
+    teacher's last steps) at ``config.refine_strength``, with :func:`refine_noise`."""
+    k = int(config.upscale)  # type: ignore[arg-type]
+    c, h, w = pipe.latent_shape_for(native.shape[1], native.shape[2])
+    large = upscale_images(native, k)
+    init = encode(pipe.vae, large, pipe.device)
+    noise = refine_noise(seeds, (c, h, w), (c, h * k, w * k), pipe.device)
+    cfg = dataclasses.replace(config, strength=config.refine_strength, upscale=None)
+    return images_from_noise(pipe, prompts, cfg, noise, init)
 
 
 def generate(
@@ -83,28 +121,51 @@ def generate(
     config: SampleConfig,
     num_images_per_prompt: int = 1,
     progress: Callable[[int, int], None] | None = None,
+    init_images: np.ndarray | None = None,
+    control_images: np.ndarray | None = None,
 ) -> Generation:
     """Generate ``num_images_per_prompt`` images for each prompt (prompt-major order);
     image ``i`` uses seed ``config.seed + i``. ``progress(done, total)`` is called after
     every batch. The one-step ᾱ_T is ``config.alpha_bar_T`` when set, else the pipeline's
-    (decided when it was loaded)."""
+    (decided when it was loaded). ``init_images`` ((len(prompts), H, W, 3) uint8 at the
+    run's size): image-to-image from the image of each prompt at ``config.strength``.
+    ``config.height`` / ``width`` set the size; ``config.upscale`` adds :func:`refined`.
+    ``control_images`` (the same shape): the control image of each prompt, for a pipeline
+    whose denoiser runs a ControlNet (:func:`~wadi_cli.pipeline.control.with_controlnet`)."""
     cfg = config.resolved(pipe.backbone, pipe.alpha_bar_T)
-    jobs = [(p, cfg.seed + i) for i, p in enumerate(p for p in prompts for _ in range(num_images_per_prompt))]
+    shape = pipe.latent_shape_for(cfg.height, cfg.width)
+    jobs = [
+        (p, cfg.seed + i, k)
+        for i, (k, p) in enumerate(
+            (k, p) for k, p in enumerate(prompts) for _ in range(num_images_per_prompt)
+        )
+    ]
     images: list[np.ndarray] = []
     timings: list[float] = []
     start = time.perf_counter()
     for lo in range(0, len(jobs), cfg.batch_size):
         batch = jobs[lo : lo + cfg.batch_size]
+        texts, seeds = [p for p, _, _ in batch], [s for _, s, _ in batch]
         t0 = time.perf_counter()
-        z = initial_noise([s for _, s in batch], pipe.latent_shape, pipe.device)
-        images.append(images_from_noise(pipe, [p for p, _ in batch], cfg, z))
+        z = initial_noise(seeds, shape, pipe.device)
+        if control_images is not None:
+            from wadi_cli.pipeline.control import control_tensor
+
+            pipe.denoiser.use(control_tensor(control_images[[k for _, _, k in batch]]))  # type: ignore[operator]
+        init = None
+        if init_images is not None:
+            init = encode(pipe.vae, init_images[[k for _, _, k in batch]], pipe.device)
+        out = images_from_noise(pipe, texts, cfg, z, init)
+        if cfg.upscale:
+            out = refined(pipe, texts, cfg, seeds, out)
+        images.append(out)
         timings.append(time.perf_counter() - t0)
         if progress is not None:
             progress(lo + len(batch), len(jobs))
     return Generation(
         images=np.concatenate(images) if images else np.zeros((0, 0, 0, 3), np.uint8),
-        prompts=[p for p, _ in jobs],
-        seeds=[s for _, s in jobs],
+        prompts=[p for p, _, _ in jobs],
+        seeds=[s for _, s, _ in jobs],
         config=cfg,
         seconds=time.perf_counter() - start,
         timings=timings,

@@ -101,3 +101,28 @@ class LoadedPipeline:
     def resolution(self) -> int:
         """Image side in pixels."""
         return self.latent_shape[-1] * int(self.vae_scale)
+
+    @property
+    def size_multiple(self) -> int:
+        """Pixels an image side must be a multiple of: the VAE's factor times the
+        denoiser's own (a U-Net halves the latent once per down block after the first, so
+        2^(blocks − 1); a DiT cuts it into ``patch_size`` patches)."""
+        config = getattr(self.denoiser.model, "config", None)
+        patch = getattr(config, "patch_size", None)
+        blocks = getattr(config, "block_out_channels", None)
+        own = int(patch) if patch else 2 ** (len(blocks) - 1) if blocks else 1
+        return int(self.vae_scale) * own
+
+    def latent_shape_for(self, height: int | None, width: int | None) -> tuple[int, int, int]:
+        """(C, H, W) of latents for an image of ``height`` × ``width`` pixels (``None``: the
+        model's own side). Raises :class:`BadInputError` for a side the denoiser cannot take."""
+        c, h, w = self.latent_shape
+        m, scale = self.size_multiple, int(self.vae_scale)
+        for flag, value in (("--height", height), ("--width", width)):
+            if value is not None and value % m:
+                lo = max(m, value // m * m)
+                raise BadInputError(
+                    f"{flag} {value}: the {self.backbone.name} denoiser takes multiples of {m} pixels "
+                    f"(VAE ×{scale}, denoiser ×{m // scale}); try {lo} or {lo + m}"
+                )
+        return (c, h if height is None else height // scale, w if width is None else width // scale)

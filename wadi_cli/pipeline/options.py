@@ -17,6 +17,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from wadi_cli.errors import BadInputError
+from wadi_cli.pipeline.defaults import CONTROL_SCALE, REFINE_STRENGTH, STRENGTH
 
 if TYPE_CHECKING:
     from wadi_cli.pipeline.settings import SampleConfig
@@ -50,8 +51,10 @@ class SamplingOptions:
     """Every option of sampling a backbone: what to load (``backbone``, ``weights``,
     ``model``, ``components``), how (``teacher`` / ``base``, ``steps``, ``cfg``,
     ``alpha_bar_T``), how many and where (``num_images``, ``batch_size``, ``seed``,
-    ``device``, ``dtype``, ``compile``). ``None`` means "the backbone's" or "the command's"
-    default. Validated when built (:meth:`__post_init__`)."""
+    ``device``, ``dtype``, ``compile``), and the downstream uses (``init_image`` /
+    ``strength``, ``height`` / ``width``, ``upscale`` / ``refine_strength``).
+    ``None`` means "the backbone's" or "the command's" default.
+    Validated when built (:meth:`__post_init__`)."""
 
     backbone: str = option(
         "Base model: sd15, sd21, pixart or tiny.",
@@ -124,6 +127,62 @@ class SamplingOptions:
     compile: bool = option(
         "torch.compile the denoiser (pays off on GPUs).", default=False, commands={"sample": {}}
     )
+    init_image: str | None = option(
+        "Image-to-image (SDEdit) from IMG, or from a folder of images paired with the prompts in "
+        "sorted order (each center-cropped to the output's aspect ratio and resized). One step: "
+        "t = round(s·999), x_t = sqrt(ᾱ_t)·x0_init + sqrt(1−ᾱ_t)·ε, x0 = (x_t − sqrt(1−ᾱ_t)·ε̂(x_t, t, c)) "
+        "/ sqrt(ᾱ_t) (v-prediction: x0 = sqrt(ᾱ_t)·x_t − sqrt(1−ᾱ_t)·v̂); with --teacher the last "
+        "int(steps·s) DDIM steps (as diffusers' img2img).",
+        default=None,
+        commands={"sample": {}},
+    )
+    strength: float | None = option(
+        "How much of the init image is replaced, s in (0, 1] (1: pure noise at t = 999; "
+        f"default {STRENGTH}).",
+        default=None,
+        commands={"sample": {}},
+    )
+    height: int | None = option(
+        "Image height in pixels: a multiple of the VAE factor × the denoiser's (sd: 64, pixart: 16, "
+        "tiny: 8); default the model's own.",
+        default=None,
+        commands={"sample": {}},
+    )
+    width: int | None = option(
+        "Image width in pixels (as --height).",
+        default=None,
+        commands={"sample": {}},
+    )
+    upscale: int | None = option(
+        "High resolution in two stages: sample at the native size, enlarge K× in pixel space (bicubic; "
+        "the VAE re-encodes it, so the refining step starts from a latent the denoiser knows), then "
+        "one image-to-image step at the K× size with --refine-strength.",
+        default=None,
+        commands={"sample": {}},
+    )
+    controlnet: str | None = option(
+        "ControlNet (diffusers ControlNetModel: folder or hub id, e.g. lllyasviel/control_v11p_sd15_canny) "
+        "for sd15/sd21: its residuals join every denoiser call (the student's one step at t = 999, each "
+        "teacher step). Needs --control-image.",
+        default=None,
+        commands={"sample": {}},
+    )
+    control_image: str | None = option(
+        "Control image IMG, or a folder of them paired with the prompts in sorted order (fitted to "
+        "the output size like --init-image).",
+        default=None,
+        commands={"sample": {}},
+    )
+    control_scale: float | None = option(
+        f"ControlNet conditioning scale (default {CONTROL_SCALE}).",
+        default=None,
+        commands={"sample": {}},
+    )
+    refine_strength: float | None = option(
+        f"Strength of --upscale's refining image-to-image step, in (0, 1] (default {REFINE_STRENGTH}).",
+        default=None,
+        commands={"sample": {}},
+    )
 
     def __post_init__(self) -> None:
         """The one validator of sampling options: value ranges (through
@@ -139,6 +198,18 @@ class SamplingOptions:
             raise BadInputError("--steps and --cfg apply to --teacher only")
         if self.num_images is not None and self.num_images < 1:
             raise BadInputError(f"--num-images must be at least 1, got {self.num_images}")
+        if self.strength is not None and self.init_image is None:
+            raise BadInputError("--strength applies to --init-image only")
+        if self.refine_strength is not None and self.upscale is None:
+            raise BadInputError("--refine-strength applies to --upscale only")
+        if (self.controlnet is None) != (self.control_image is None):
+            raise BadInputError("--controlnet and --control-image go together: give both or neither")
+        if self.control_scale is not None and self.controlnet is None:
+            raise BadInputError("--control-scale applies to --controlnet only")
+        if self.controlnet is not None and self.upscale is not None:
+            raise BadInputError("--upscale with --controlnet is not supported: drop one of them")
+        if self.upscale is not None and self.init_image is not None:
+            raise BadInputError("--upscale refines a generated image: drop --init-image (or --upscale)")
 
     def sample_config(self, batch_size: int = 4) -> SampleConfig:
         """The generation settings (``batch_size``: the command's default when these options
@@ -153,6 +224,11 @@ class SamplingOptions:
             alpha_bar_T=self.alpha_bar_T,
             seed=self.seed,
             batch_size=batch_size if self.batch_size is None else self.batch_size,
+            strength=self.strength,
+            height=self.height,
+            width=self.width,
+            upscale=self.upscale,
+            refine_strength=self.refine_strength,
         )
 
 

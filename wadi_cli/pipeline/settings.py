@@ -13,6 +13,7 @@ from wadi_cli.backbones import Backbone
 from wadi_cli.backbones.recipes import teacher_defaults
 from wadi_cli.errors import BadInputError
 from wadi_cli.pipeline.alpha_bar import resolve_alpha_bar_T
+from wadi_cli.pipeline.defaults import REFINE_STRENGTH
 
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -29,9 +30,12 @@ class SampleConfig:
     """How to sample. ``teacher=False``: the one-step generator (WaDi §3) at t = T−1 with
     ``alpha_bar_T`` (``None`` = the registry's constant). ``teacher=True``: the base model
     with ``steps`` DDIM steps and guidance ``cfg`` (``None`` = the ``[teacher]`` table of the
-    backbone's sampling recipe). Image ``i`` of a run uses its own generator seeded
-    ``seed + i``. The command-line options behind it are declared in
-    :class:`wadi_cli.pipeline.options.SamplingOptions`."""
+    backbone's sampling recipe). ``strength``: image-to-image from init latents
+    (:mod:`~wadi_cli.pipeline.img2img`); ``height`` / ``width``: the image size in pixels
+    (``None``: the model's own); ``upscale`` K: the two-stage high-resolution run (native
+    size, then K× larger and refined by one image-to-image step at ``refine_strength``).
+    Image ``i`` of a run uses its own generator seeded ``seed + i``. The command-line
+    options behind it are declared in :class:`wadi_cli.pipeline.options.SamplingOptions`."""
 
     teacher: bool = False
     steps: int | None = None
@@ -39,6 +43,11 @@ class SampleConfig:
     alpha_bar_T: float | None = None
     seed: int = 0
     batch_size: int = 4
+    strength: float | None = None
+    height: int | None = None
+    width: int | None = None
+    upscale: int | None = None
+    refine_strength: float | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -51,6 +60,14 @@ class SampleConfig:
             raise BadInputError(f"--cfg must be non-negative, got {self.cfg}")
         if self.seed < 0:
             raise BadInputError(f"--seed must be non-negative, got {self.seed}")
+        for flag, value in (("--strength", self.strength), ("--refine-strength", self.refine_strength)):
+            if value is not None and not 0.0 < value <= 1.0:
+                raise BadInputError(f"{flag} must lie in (0, 1], got {value}")
+        for flag, value in (("--height", self.height), ("--width", self.width)):
+            if value is not None and value < 1:
+                raise BadInputError(f"{flag} must be a positive number of pixels, got {value}")
+        if self.upscale is not None and self.upscale < 2:
+            raise BadInputError(f"--upscale must be a whole factor of at least 2, got {self.upscale}")
 
     def resolved(self, backbone: Backbone, alpha_bar_T: float | None = None) -> SampleConfig:
         """Copy with every ``None`` replaced by its default: the teacher's steps and
@@ -64,6 +81,11 @@ class SampleConfig:
             alpha_bar_T=resolve_alpha_bar_T(self.alpha_bar_T, alpha_bar_T, backbone.alpha_bar_T),
             seed=self.seed,
             batch_size=self.batch_size,
+            strength=self.strength,
+            height=self.height,
+            width=self.width,
+            upscale=self.upscale,
+            refine_strength=(self.refine_strength or REFINE_STRENGTH) if self.upscale else None,
         )
 
     def to_dict(self) -> dict[str, object]:

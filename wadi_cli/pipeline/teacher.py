@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from wadi_cli.diffusion import TextCondition
+from wadi_cli.diffusion import TextCondition, add_noise, alpha_bar_at, alphas_cumprod_of
+from wadi_cli.pipeline.img2img import teacher_start
 from wadi_cli.pipeline.loaded import LoadedPipeline
 
 #: DDIM settings of every teacher, whatever scheduler the pipeline ships: no clipping of
@@ -38,16 +39,33 @@ def teacher_scheduler(pipe: LoadedPipeline) -> object:
 
 @torch.no_grad()
 def teacher_latents(
-    pipe: LoadedPipeline, cond: TextCondition, z: torch.Tensor, steps: int, cfg: float
+    pipe: LoadedPipeline,
+    cond: TextCondition,
+    z: torch.Tensor,
+    steps: int,
+    cfg: float,
+    init: torch.Tensor | None = None,
+    strength: float = 1.0,
 ) -> torch.Tensor:
     """Multi-step DDIM sampling with classifier-free guidance
-    ``ε = ε(∅) + w (ε(c) − ε(∅))``, conditional and unconditional halves in ONE forward."""
+    ``ε = ε(∅) + w (ε(c) − ε(∅))``, conditional and unconditional halves in ONE forward.
+
+    With ``init`` (clean latents; image-to-image at ``strength``, diffusers'
+    ``StableDiffusionImg2ImgPipeline``): only the last ``int(steps · strength)`` of the
+    ``steps`` timesteps run, from ``init`` noised by ``z`` to the first of them
+    (:func:`~wadi_cli.pipeline.img2img.teacher_start`)."""
     scheduler = teacher_scheduler(pipe)
     scheduler.set_timesteps(steps, device=z.device)  # type: ignore[attr-defined]
-    x = z * scheduler.init_noise_sigma  # type: ignore[attr-defined]
+    timesteps = scheduler.timesteps  # type: ignore[attr-defined]
+    if init is None:
+        x = z * scheduler.init_noise_sigma  # type: ignore[attr-defined]
+    else:
+        timesteps = timesteps[teacher_start(steps, strength) :]
+        ab = float(alpha_bar_at(alphas_cumprod_of(pipe.scheduler), int(timesteps[0])))
+        x = add_noise(init.to(z.dtype), z, ab)
     guided = cfg != 1.0
     both = TextCondition.cat([pipe.prompt_encoder.empty(len(cond)).to(z.device), cond]) if guided else cond
-    for t in scheduler.timesteps:  # type: ignore[attr-defined]
+    for t in timesteps:
         inp = torch.cat([x, x]) if guided else x
         inp = scheduler.scale_model_input(inp, t)  # type: ignore[attr-defined]
         eps = pipe.denoiser.eps(inp, t, both)

@@ -90,15 +90,20 @@ def save_samples(
     seeds: list[int],
     metadata: Mapping[str, object] | None = None,
     grid_cols: int | None = None,
+    per_image: list[dict[str, object]] | None = None,
 ) -> Path:
     """Write ``0000.png``, ``0001.png``, … , ``grid.png`` and ``samples.json`` (prompts,
     seeds, files, ``metadata``) into ``out``, atomically; the :data:`TIMING_KEYS` of
-    ``metadata`` go to ``timings.json`` instead."""
+    ``metadata`` go to ``timings.json`` instead. ``per_image``: more keys of each image's
+    record (e.g. its ``init_image``)."""
 
     if not (len(images) == len(prompts) == len(seeds)):
         raise ValueError("images, prompts and seeds must have the same length")
     if len(images) == 0:
         raise BadInputError("no images to save")
+    extra = per_image if per_image is not None else [{} for _ in prompts]
+    if len(extra) != len(prompts):
+        raise ValueError("per_image must have one record per image")
     width = max(4, len(str(len(images) - 1)))
     files = [f"{i:0{width}d}.png" for i in range(len(images))]
     timings = {k: v for k, v in (metadata or {}).items() if k in TIMING_KEYS}
@@ -106,7 +111,8 @@ def save_samples(
         **{k: v for k, v in (metadata or {}).items() if k not in TIMING_KEYS},
         "grid": GRID_PNG,
         "images": [
-            {"file": f, "prompt": p, "seed": int(s)} for f, p, s in zip(files, prompts, seeds, strict=True)
+            {"file": f, "prompt": p, "seed": int(s), **e}
+            for f, p, s, e in zip(files, prompts, seeds, extra, strict=True)
         ],
     }
     try:

@@ -12,7 +12,18 @@ from wadi_cli.errors import BadInputError
 from wadi_cli.io.paths import input_path_problem
 from wadi_cli.io.prompts import read_prompt_file
 from wadi_cli.machine import resolve_device
-from wadi_cli.pipeline import LoadedPipeline, generate, get_backbone_spec, load_pipeline, resolve_dtype
+from wadi_cli.pipeline import (
+    Generation,
+    LoadedPipeline,
+    SampleConfig,
+    generate,
+    get_backbone_spec,
+    load_pipeline,
+    resolve_dtype,
+)
+from wadi_cli.pipeline.base import weights_variant
+from wadi_cli.pipeline.defaults import CONTROL_SCALE, STRENGTH
+from wadi_cli.pipeline.images import image_files, paired_images
 from wadi_cli.pipeline.options import SamplingOptions
 from wadi_cli.sample.output import check_output_dir, save_samples
 
@@ -63,6 +74,7 @@ def sample_to_folder(
     problem = input_path_problem(Path(options.weights).expanduser()) if options.weights is not None else None
     if problem:
         raise BadInputError(f"--weights {options.weights}: {problem}")
+    init_files, control_files = input_images(options, spec.family, len(all_prompts))
     dev = resolve_device(options.device)
     torch_dtype = resolve_dtype(options.dtype, dev, spec.family)
     pipe = load_pipeline(
@@ -77,25 +89,54 @@ def sample_to_folder(
         base=options.base,
         alpha_bar_T=options.alpha_bar_T,
     )
+    pipe = add_controlnet(pipe, options, torch_dtype)
     if on_loaded is not None:
         on_loaded(pipe)
-    gen = generate(pipe, all_prompts, options.sample_config(), options.num_images or 1, progress=progress)
+    config = options.sample_config()
+    _, lat_h, lat_w = pipe.latent_shape_for(config.height, config.width)  # a bad size fails here
+    height, width = lat_h * pipe.vae_scale, lat_w * pipe.vae_scale
+    init = paired_images(init_files, height, width, "--init-image") if init_files else None
+    control = paired_images(control_files, height, width, "--control-image") if control_files else None
+    n = options.num_images or 1
+    gen = generate(pipe, all_prompts, config, n, progress=progress, init_images=init, control_images=control)
+    summary = run_summary(pipe, gen, (height, width), dev, torch_dtype)
+    summary.update(downstream_record(gen.config, pipe, init_files is not None))
+    if control_files:
+        summary.update(controlnet=options.controlnet, control_scale=pipe.denoiser.scale)
+    named = {"init_image": init_files, "control_image": control_files}
+    per_image = [
+        {key: str(files[k]) for key, files in named.items() if files}
+        for k in range(len(all_prompts))
+        for _ in range(n)
+    ]
+    save_samples(out_path, gen.images, gen.prompts, gen.seeds, summary, grid_cols, per_image)
+    summary["out"] = str(out_path)
+    return summary
+
+
+def run_summary(
+    pipe: LoadedPipeline, gen: Generation, size: tuple[int, int], dev: Any, dtype: Any
+) -> dict[str, Any]:
+    """The settings samples.json records of a run (``size``: the first stage's pixels)."""
+    height, width = size
     resolved = gen.config
-    summary: dict[str, Any] = {
-        "backbone": spec.name,
+    return {
+        "backbone": pipe.backbone.name,
         "mode": "teacher" if resolved.teacher else "one-step",
         "model": pipe.model_source,
         "model_file": pipe.model_file,
         "weights": pipe.weights,
         "weights_kind": pipe.weights_kind,
         "device": str(dev),
-        "dtype": str(torch_dtype).replace("torch.", ""),
+        "dtype": str(dtype).replace("torch.", ""),
         "num_images": len(gen.prompts),
         "steps": resolved.steps if resolved.teacher else 1,
         "cfg": resolved.cfg if resolved.teacher else None,
         "alpha_bar_T": None if resolved.teacher else resolved.alpha_bar_T,
         "alpha_bar_T_recorded": pipe.weights_alpha_bar_T,
         "resolution": pipe.resolution,
+        "height": height * (resolved.upscale or 1),
+        "width": width * (resolved.upscale or 1),
         "prediction_type": pipe.denoiser.prediction_type,
         "seed": resolved.seed,
         "batch_size": resolved.batch_size,
@@ -103,6 +144,50 @@ def sample_to_folder(
         "notes": pipe.notes,
         "warnings": pipe.warnings,
     }
-    save_samples(out_path, gen.images, gen.prompts, gen.seeds, summary, grid_cols)
-    summary["out"] = str(out_path)
-    return summary
+
+
+def input_images(
+    options: SamplingOptions, family: str, count: int
+) -> tuple[list[Path] | None, list[Path] | None]:
+    """The ``--init-image`` and ``--control-image`` file of each of ``count`` prompts, checked
+    before any model loads (and ``--controlnet`` refused for a DiT backbone)."""
+    if options.controlnet is not None and family != "unet":
+        raise BadInputError(f"--controlnet: not supported for {options.backbone} (a DiT); use sd15 or sd21")
+    init = image_files(options.init_image, count, "--init-image") if options.init_image else None
+    control = image_files(options.control_image, count, "--control-image") if options.control_image else None
+    return init, control
+
+
+def add_controlnet(pipe: LoadedPipeline, options: SamplingOptions, dtype: Any) -> LoadedPipeline:
+    """``pipe`` with ``options.controlnet`` loaded into its denoiser (unchanged without one)."""
+    if options.controlnet is None:
+        return pipe
+    from wadi_cli.pipeline.control import load_controlnet, with_controlnet
+
+    scale = CONTROL_SCALE if options.control_scale is None else options.control_scale
+    return with_controlnet(pipe, load_controlnet(options.controlnet, pipe, weights_variant(dtype)), scale)
+
+
+def downstream_record(config: SampleConfig, pipe: LoadedPipeline, init: bool) -> dict[str, Any]:
+    """What samples.json records of image-to-image (strength, the timestep it starts at) and
+    of the two-stage high-resolution run (factor, refining strength and timestep)."""
+    from wadi_cli.diffusion import last_timestep
+    from wadi_cli.pipeline.img2img import strength_timestep, teacher_start
+    from wadi_cli.pipeline.teacher import teacher_scheduler
+
+    def start(strength: float) -> int:
+        if not config.teacher:
+            return strength_timestep(strength, last_timestep(pipe.scheduler) + 1)
+        scheduler = teacher_scheduler(pipe)
+        scheduler.set_timesteps(int(config.steps))  # type: ignore[attr-defined, arg-type]
+        return int(scheduler.timesteps[teacher_start(int(config.steps), strength)])  # type: ignore[attr-defined, arg-type]
+
+    out: dict[str, Any] = {}
+    if init:
+        strength = config.strength or STRENGTH
+        out.update(strength=strength, start_timestep=start(strength))
+    if config.upscale:
+        strength = float(config.refine_strength)  # type: ignore[arg-type]
+        out.update(upscale=config.upscale, upscale_in="pixels (bicubic)", refine_strength=strength)
+        out["refine_start_timestep"] = start(strength)
+    return out
