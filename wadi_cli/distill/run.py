@@ -155,17 +155,25 @@ def prepare(
         check_run_lock(out)  # a live run in the folder: say so first
     run = check_run_dir(out, resume is not None)
     prompts = load_prompts(cfg.prompts, cfg.prompt_column, cfg.backbone, cfg.seed)
-    ckpt = None
-    if resume is not None:
-        path = find_checkpoint(run, resume)
-        try:
-            ckpt = load_checkpoint(path)
-        except CheckpointError as exc:
-            raise naming_previous(path, exc) from None
-        saved = resolve_config(base=ckpt.config)
-        check_compatible(saved.fingerprint(), cfg.fingerprint())
-        check_model_file(run, cfg.model)
-    return run, prompts, ckpt
+    return run, prompts, checkpoint_to_resume(run, resume, cfg, resolve_config)
+
+
+def checkpoint_to_resume(
+    run: Path, resume: str | None, cfg: Any, resolve: Callable[..., Any]
+) -> Checkpoint | None:
+    """The checkpoint ``resume`` names in ``run`` (``None`` for a fresh run), checked against
+    ``cfg``: its saved config (read back with ``resolve(base=…)``) must share ``cfg``'s
+    fingerprint, and a ``--model`` single file must be the one the run started from."""
+    if resume is None:
+        return None
+    path = find_checkpoint(run, resume)
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as exc:
+        raise naming_previous(path, exc) from None
+    check_compatible(resolve(base=ckpt.config).fingerprint(), cfg.fingerprint())
+    check_model_file(run, cfg.model)
+    return ckpt
 
 
 def check_model_file(run: Path, model: str | None) -> None:

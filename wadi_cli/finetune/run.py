@@ -19,17 +19,15 @@ import torch
 from PIL import Image
 
 from wadi_cli.distill.checkpoint import (
-    check_compatible,
     check_run_dir,
     find_checkpoint,
-    load_checkpoint,
     read_state,
 )
 from wadi_cli.distill.lock import check_run_lock
 from wadi_cli.distill.phases import PhaseCallback, Phases
 from wadi_cli.distill.run import (
     RunSummary,
-    check_model_file,
+    checkpoint_to_resume,
     load_base,
     naming_previous,
     open_run,
@@ -62,17 +60,7 @@ def prepare(
     klass = None
     if cfg.prior and cfg.class_images is not None:
         klass = read_image_folder(cfg.class_images, "--class-images")
-    ckpt = None
-    if resume is not None:
-        path = find_checkpoint(run, resume)
-        try:
-            ckpt = load_checkpoint(path)
-        except CheckpointError as exc:
-            raise naming_previous(path, exc) from None
-        saved = resolve_finetune_config(base=ckpt.config)
-        check_compatible(saved.fingerprint(), cfg.fingerprint())
-        check_model_file(run, cfg.model)
-    return run, instance, klass, ckpt
+    return run, instance, klass, checkpoint_to_resume(run, resume, cfg, resolve_finetune_config)
 
 
 @torch.no_grad()
