@@ -181,6 +181,30 @@ def test_distill_records_the_file_and_refuses_a_resume_from_another(hub_cache, w
     assert "single file" in r.stderr and not (work / "sd15-ft-diffusers").exists()
 
 
+def test_finetune_takes_the_file_as_its_base(hub_cache, work, tmp_path):
+    """``wadi finetune --model FILE``: the file is the base (recorded; the merged export keeps
+    the fine-tune's untouched layers), like distill."""
+    from PIL import Image
+
+    _, single = fine_tune(hub_cache, "sd15", work)
+    inst = tmp_path / "dog"
+    inst.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(inst / f"{i}.png")
+    run = tmp_path / "ft-run"
+    wadi("finetune", "-b", "sd15", "--model", single, "--instance-images", inst, "--instance-prompt",
+         "a photo of sks dog", "--max-steps", "1", "--rank", "2", "--batch-size", "1", "--device", "cpu",
+         "--no-tensorboard", "--out", run)  # fmt: skip
+    assert json.loads((run / "model_file.json").read_text())["file"] == single.name
+    merged = tmp_path / "merged.safetensors"
+    wadi("export", run, "-f", "merged", "-o", merged)
+    got, ft_unet = load_file(str(merged)), load_state_dict(work / "sd15-ft" / "unet")
+    base_unet = load_state_dict(_snapshot(hub_cache, SD15) / "unet")
+    assert torch.equal(got["conv_in.weight"], ft_unet["conv_in.weight"])
+    assert not torch.equal(got["conv_in.weight"], base_unet["conv_in.weight"])
+
+
 def _one_line(r) -> str:
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr

@@ -49,7 +49,11 @@ class FinetuneConfig:
     is given. Values come from the backbone's recipe (:func:`resolve_finetune_config`)."""
 
     backbone: str = knob("Base model: sd15, sd21, pixart or tiny.", short="-b")
-    model: str | None = knob("Base pipeline folder or hub id (default: the backbone's).", default=None)
+    model: str | None = knob(
+        "Base pipeline folder or hub id, or an original-layout .safetensors single file of a "
+        "sd15/sd21 fine-tune (default: the backbone's).",
+        default=None,
+    )
     components: str | None = knob(
         "VAE / text encoder / tokenizer / scheduler source, folder or hub id (default: the "
         "--model pipeline, else the backbone's).",
