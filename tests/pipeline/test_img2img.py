@@ -220,6 +220,11 @@ def test_direct_large_sampling_and_upscale_refine():
     ref = decode(sampler.vae, x0)
     assert np.abs(two.images.astype(int) - ref.astype(int)).max() <= 1
     assert SampleConfig(upscale=2).resolved(sampler.backbone).refine_strength == 0.3
+    # a teacher refine with no step left names the flag that set it, before any sampling
+    few = SampleConfig(seed=2, teacher=True, steps=2, upscale=2, refine_strength=0.3)
+    message = r"^--refine-strength 0.3 with --steps 2 .*raise --refine-strength"
+    with pytest.raises(BadInputError, match=message):
+        generate(sampler, PROMPTS[:1], few)
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,13 @@ import torch
 
 from wadi_cli.diffusion import TextCondition
 from wadi_cli.pipeline.defaults import STRENGTH
-from wadi_cli.pipeline.img2img import encode, one_step_img2img_latents, refine_noise, upscale_images
+from wadi_cli.pipeline.img2img import (
+    encode,
+    one_step_img2img_latents,
+    refine_noise,
+    teacher_start,
+    upscale_images,
+)
 from wadi_cli.pipeline.loaded import LoadedPipeline
 from wadi_cli.pipeline.one_step import one_step_latents
 from wadi_cli.pipeline.settings import SampleConfig
@@ -133,6 +139,8 @@ def generate(
     ``control_images`` (the same shape): the control image of each prompt, for a pipeline
     whose denoiser runs a ControlNet (:func:`~wadi_cli.pipeline.control.with_controlnet`)."""
     cfg = config.resolved(pipe.backbone, pipe.alpha_bar_T)
+    if cfg.teacher and cfg.upscale:  # before any work, naming the flag that set the strength
+        teacher_start(int(cfg.steps), float(cfg.refine_strength), "--refine-strength")  # type: ignore[arg-type]
     shape = pipe.latent_shape_for(cfg.height, cfg.width)
     jobs = [
         (p, cfg.seed + i, k)

@@ -67,14 +67,15 @@ def one_step_img2img_latents(
     return to_x0(pred, x_t, ab, pipe.denoiser.prediction_type)
 
 
-def teacher_start(steps: int, strength: float) -> int:
+def teacher_start(steps: int, strength: float, flag: str = "--strength") -> int:
     """Index of the first of ``steps`` DDIM timesteps the teacher runs at ``strength``
-    (diffusers' ``get_timesteps``: it runs the last ``int(steps · s)``); at least one."""
+    (diffusers' ``get_timesteps``: it runs the last ``int(steps · s)``); at least one.
+    ``flag`` names the option that set ``strength`` in the error."""
     run = min(int(steps * strength), steps)
     if run < 1:
         raise BadInputError(
-            f"--strength {strength} with --steps {steps} leaves int({steps}·{strength}) = 0 teacher "
-            "steps to run; raise --strength or --steps"
+            f"{flag} {strength} with --steps {steps} leaves int({steps}·{strength}) = 0 teacher "
+            f"steps to run; raise {flag} or --steps"
         )
     return steps - run
 
