@@ -23,10 +23,12 @@ VAE has two levels (2× upsampling), so images are 16 px (SD2.1 768: 24 px).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -623,3 +625,18 @@ def use_hub_cache(monkeypatch: Any, cache: Path) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+@contextlib.contextmanager
+def hub_cache_in_use() -> Iterator[Path]:
+    """The shared miniature cache (:func:`shared_hub_cache`), offline and in use, with one
+    intra-op thread: these models are far too small to gain from two, and on a busy 2-core
+    machine two threads wait at every op's barrier (a 3-step distill took 17.6 s of CPU with
+    2 threads, 6.8 s with 1). For a module-scoped ``hub_cache`` fixture."""
+    import pytest
+    from _helpers_sample import one_torch_thread
+
+    with one_torch_thread(), pytest.MonkeyPatch.context() as mp:
+        cache = shared_hub_cache()
+        use_hub_cache(mp, cache)
+        yield cache

@@ -8,21 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _helpers_cli import wadi
 from _helpers_sample import one_torch_thread
 from PIL import Image
-from typer.testing import CliRunner
 
-from wadi_cli.cli.main import app
 from wadi_cli.tiny.data import render_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT = "a green sks square at the top right"
-
-
-def wadi(*args: object, code: int = 0):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exit_code == code, (args, result.output, result.stderr)
-    return result
 
 
 @pytest.fixture(scope="module")

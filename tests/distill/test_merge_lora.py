@@ -10,11 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _helpers_cli import wadi
 from _helpers_sample import one_torch_thread, tiny_pipeline_dir
 from safetensors.torch import save_file
-from typer.testing import CliRunner
 
-from wadi_cli.cli.main import app
 from wadi_cli.distill import distill
 from wadi_cli.distill.config import resolve_config
 from wadi_cli.io import load_state_dict
@@ -31,12 +30,6 @@ def run_dir(tmp_path_factory):
     with one_torch_thread():
         distill(cfg, run)
     return run, pipe
-
-
-def wadi(*args: object, code: int = 0):
-    r = CliRunner().invoke(app, [str(a) for a in args])
-    assert r.exit_code == code, (args, r.output, r.stderr)
-    return r
 
 
 def _low_rank(delta: torch.Tensor, rank: int) -> torch.Tensor:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _helpers_cli import wadi
 from _helpers_hub import (
     COMMIT,
     PIXART_256,
@@ -27,14 +28,10 @@ from _helpers_hub import (
     SD15,
     SD21,
     SD21_BASE,
-    shared_hub_cache,
-    use_hub_cache,
+    hub_cache_in_use,
 )
-from _helpers_sample import one_torch_thread
 from PIL import Image
-from typer.testing import CliRunner
 
-from wadi_cli.cli.main import app
 from wadi_cli.io import load_state_dict, open_checkpoint
 
 #: family -> (backbone, extra flags selecting the base, image side in px, prediction type)
@@ -51,12 +48,7 @@ PROMPT = "a cat"
 
 @pytest.fixture(scope="module")
 def hub_cache():
-    """The shared miniature cache, offline; one intra-op thread (these models are far too
-    small to gain from two, and on a busy 2-core machine two threads wait at every op's
-    barrier: a 3-step distill took 17.6 s of CPU with 2 threads, 6.8 s with 1)."""
-    with one_torch_thread(), pytest.MonkeyPatch.context() as mp:
-        cache = shared_hub_cache()
-        use_hub_cache(mp, cache)
+    with hub_cache_in_use() as cache:
         yield cache
 
 
@@ -77,12 +69,6 @@ def _keys(path: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     return tmp_path_factory.mktemp("families")
-
-
-def wadi(*args: str, code: int = 0):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exit_code == code, (args, result.output, result.stderr)
-    return result
 
 
 def _image_side(folder: Path) -> int:

@@ -18,13 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _helpers_hub import COMMIT, SD15, SDXL, SDXL_VAE_FP16, shared_hub_cache, use_hub_cache
-from _helpers_sample import one_torch_thread
+from _helpers_cli import wadi
+from _helpers_hub import COMMIT, SD15, SDXL, SDXL_VAE_FP16, hub_cache_in_use
 from PIL import Image
-from typer.testing import CliRunner
 
 from wadi_cli.backbones import get_backbone
-from wadi_cli.cli.main import app
 from wadi_cli.io import open_checkpoint
 
 SIDE = 16  # the miniature: latents 8 × 8, a two-level VAE (2× upsampling)
@@ -36,9 +34,7 @@ SMALL_RUN += ["--no-gradient-checkpointing"]
 
 @pytest.fixture(scope="module")
 def hub_cache():
-    with one_torch_thread(), pytest.MonkeyPatch.context() as mp:
-        cache = shared_hub_cache()
-        use_hub_cache(mp, cache)
+    with hub_cache_in_use() as cache:
         yield cache
 
 
@@ -49,12 +45,6 @@ def work(tmp_path_factory):
 
 def snapshot(cache: Path, repo: str) -> Path:
     return cache / f"models--{repo.replace('/', '--')}" / "snapshots" / COMMIT
-
-
-def wadi(*args: str, code: int = 0):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exit_code == code, (args, result.output, result.stderr)
-    return result
 
 
 def _image_side(folder: Path) -> int:

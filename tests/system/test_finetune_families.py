@@ -7,26 +7,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _helpers_hub import SD21, shared_hub_cache, use_hub_cache
-from _helpers_sample import one_torch_thread
+from _helpers_cli import wadi
+from _helpers_hub import SD21, hub_cache_in_use
 from PIL import Image
-from typer.testing import CliRunner
-
-from wadi_cli.cli.main import app
 
 
 @pytest.fixture(scope="module")
 def hub_cache():
-    with one_torch_thread(), pytest.MonkeyPatch.context() as mp:
-        cache = shared_hub_cache()
-        use_hub_cache(mp, cache)
+    with hub_cache_in_use() as cache:
         yield cache
-
-
-def wadi(*args: object, code: int = 0):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exit_code == code, (args, result.output, result.stderr)
-    return result
 
 
 #: family -> (backbone, flags selecting the base, single-file export); sd15 in the default

@@ -15,11 +15,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from _helpers_hub import SD21, shared_hub_cache, use_hub_cache
-from _helpers_sample import one_torch_thread
-from typer.testing import CliRunner
-
-from wadi_cli.cli.main import app
+from _helpers_cli import wadi
+from _helpers_hub import SD21, hub_cache_in_use
 
 k_diffusion = pytest.importorskip("k_diffusion")
 pytestmark = pytest.mark.eval
@@ -30,16 +27,8 @@ FAMILIES = {"sd15": ("sd15", []), "sd21-768": ("sd21", ["--model", SD21])}
 
 @pytest.fixture(scope="module")
 def hub_cache():
-    with one_torch_thread(), pytest.MonkeyPatch.context() as mp:
-        cache = shared_hub_cache()
-        use_hub_cache(mp, cache)
+    with hub_cache_in_use() as cache:
         yield cache
-
-
-def wadi(*args):
-    r = CliRunner().invoke(app, [str(a) for a in args])
-    assert r.exit_code == 0, (args, r.output)
-    return r
 
 
 def _student(family, tmp_path):

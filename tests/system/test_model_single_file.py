@@ -18,13 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _helpers_hub import SD15, SD21_BASE, shared_hub_cache, use_hub_cache
-from _helpers_sample import one_torch_thread
+from _helpers_cli import wadi
+from _helpers_hub import SD15, SD21_BASE, hub_cache_in_use
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
-from wadi_cli.cli.main import app
 from wadi_cli.io import load_state_dict
 from wadi_cli.io.sd_single_file_write import save_single_file
 
@@ -35,16 +33,8 @@ SMALL_RUN += ["--device", "cpu", "--no-tensorboard", "--prompts", "smoke", "--mi
 
 @pytest.fixture(scope="module")
 def hub_cache():
-    with one_torch_thread(), pytest.MonkeyPatch.context() as mp:
-        cache = shared_hub_cache()
-        use_hub_cache(mp, cache)
+    with hub_cache_in_use() as cache:
         yield cache
-
-
-def wadi(*args: object, code: int = 0):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exit_code == code, (args, result.output, result.stderr)
-    return result
 
 
 def _snapshot(cache: Path, repo: str) -> Path:
