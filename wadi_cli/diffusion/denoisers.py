@@ -30,7 +30,9 @@ from wadi_cli.errors import BadInputError
 class Denoiser(nn.Module):
     """Base class: ``forward(x_t, t, cond)`` returns the network's raw prediction (of
     ``prediction_type``) with exactly ``x_t``'s channels; :meth:`eps` converts it to ε
-    using the schedule's ``alphas_cumprod``."""
+    using the schedule's ``alphas_cumprod``. ``vae_scale_factor`` (pixels per latent) turns
+    latent sides into the pixel sizes of added conditions (SDXL's time ids, PixArt's
+    resolution)."""
 
     family: str = ""
 
@@ -39,6 +41,7 @@ class Denoiser(nn.Module):
         model: nn.Module,
         prediction_type: str = "epsilon",
         alphas_cumprod: torch.Tensor | None = None,
+        vae_scale_factor: int = 8,
     ) -> None:
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
@@ -46,6 +49,7 @@ class Denoiser(nn.Module):
         self.model = model
         self.prediction_type = prediction_type
         self.alphas_cumprod = None if alphas_cumprod is None else alphas_cumprod.detach().double().cpu()
+        self.vae_scale_factor = vae_scale_factor
 
     @staticmethod
     def _timesteps(t: int | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -82,16 +86,6 @@ class UNetDenoiser(Denoiser):
     """SD-style ``UNet2DConditionModel`` (with SDXL's added conditions when its config asks)."""
 
     family = "unet"
-
-    def __init__(
-        self,
-        model: nn.Module,
-        prediction_type: str = "epsilon",
-        alphas_cumprod: torch.Tensor | None = None,
-        vae_scale_factor: int = 8,
-    ) -> None:
-        super().__init__(model, prediction_type, alphas_cumprod)
-        self.vae_scale_factor = vae_scale_factor
 
     def _added_cond_kwargs(self, x: torch.Tensor, cond: TextCondition) -> dict[str, torch.Tensor] | None:
         config = getattr(self.model, "config", None)
@@ -130,16 +124,6 @@ class DiTDenoiser(Denoiser):
     """PixArt-α ``PixArtTransformer2DModel`` (learned variance: first ``C`` of ``2C`` channels)."""
 
     family = "dit"
-
-    def __init__(
-        self,
-        model: nn.Module,
-        prediction_type: str = "epsilon",
-        alphas_cumprod: torch.Tensor | None = None,
-        vae_scale_factor: int = 8,
-    ) -> None:
-        super().__init__(model, prediction_type, alphas_cumprod)
-        self.vae_scale_factor = vae_scale_factor
 
     def _added_cond_kwargs(self, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
         if not getattr(self.model, "use_additional_conditions", False):
