@@ -118,3 +118,10 @@ def test_a_failing_cell_is_recorded_and_the_sweep_goes_on(grid):
     run_sweep(grid, wadi=again)
     assert _runs(again) == {str(grid.run_dir(grid.cells[3], s)) for s in (0, 1)}
     assert all(r["status"] == "ok" for r in read_results(grid))
+
+
+def test_runs_go_seed_by_seed_so_a_stopped_sweep_has_balanced_arms(grid):
+    fake = FakeWadi(planted)
+    run_sweep(grid, wadi=fake)
+    seeds = [int(c[c.index("--seed") + 1]) for c in fake.calls if c[0] == "distill"]
+    assert seeds == [0, 0, 0, 0, 1, 1, 1, 1]

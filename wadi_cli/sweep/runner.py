@@ -174,7 +174,9 @@ def run_sweep(
     wadi = wadi or subprocess_wadi()
     rows = read_results(grid)
     done = {(r["cell"], int(r["seed"])) for r in rows if r.get("status") == "ok"}
-    pending = [(c, s) for c in grid.cells for s in grid.seeds if (c.name, s) not in done]
+    # Seed-major: every cell gets seed s before any gets the next one, so a sweep stopped part-way
+    # leaves arms with equal seed counts (paired differences over the seeds both have).
+    pending = [(c, s) for s in grid.seeds for c in grid.cells if (c.name, s) not in done]
     lock, written = threading.Lock(), []
 
     def work(pair: tuple[Cell, int]) -> None:
