@@ -404,11 +404,16 @@ def config_for_run(
     """The resolved config of a run: recipe → file → flags; when resuming, the
     checkpoint's saved config takes the place of the defaults (flags still override, and a
     changed backbone / model / adapter / rank is then refused by :func:`distill`)."""
+    return resolve_config(file, overrides, base=saved_run_config(out, resume))
+
+
+def saved_run_config(out: str | os.PathLike[str], resume: str | None) -> dict[str, Any] | None:
+    """The config saved in the checkpoint ``resume`` names under ``out`` (``None`` without
+    ``resume``): the base a resumed run's flags override (distill and finetune alike)."""
     if resume is None:
-        return resolve_config(file, overrides)
+        return None
     ckpt_dir = find_checkpoint(out, resume)
     try:
-        saved = read_state(ckpt_dir)["config"]
+        return read_state(ckpt_dir)["config"]
     except CheckpointError as exc:
         raise naming_previous(ckpt_dir, exc) from None
-    return resolve_config(file, overrides, base=saved)

@@ -20,8 +20,6 @@ from PIL import Image
 
 from wadi_cli.distill.checkpoint import (
     check_run_dir,
-    find_checkpoint,
-    read_state,
 )
 from wadi_cli.distill.lock import check_run_lock
 from wadi_cli.distill.phases import PhaseCallback, Phases
@@ -29,12 +27,11 @@ from wadi_cli.distill.run import (
     RunSummary,
     checkpoint_to_resume,
     load_base,
-    naming_previous,
     open_run,
     run_loop,
+    saved_run_config,
 )
 from wadi_cli.distill.topology import barrier, launch_rank
-from wadi_cli.errors import CheckpointError
 from wadi_cli.finetune.config import FinetuneConfig, resolve_finetune_config
 from wadi_cli.finetune.images import cached_class_images, read_image_folder, to_resolution, write_class_images
 from wadi_cli.finetune.trainer import FineTuner
@@ -138,11 +135,4 @@ def finetune_config_for_run(
 ) -> FinetuneConfig:
     """The resolved config of a fine-tune: recipe → file → flags; when resuming, the
     checkpoint's saved config takes the place of the recipe (flags still override)."""
-    if resume is None:
-        return resolve_finetune_config(file, overrides)
-    ckpt_dir = find_checkpoint(out, resume)
-    try:
-        saved = read_state(ckpt_dir)["config"]
-    except CheckpointError as exc:
-        raise naming_previous(ckpt_dir, exc) from None
-    return resolve_finetune_config(file, overrides, base=saved)
+    return resolve_finetune_config(file, overrides, base=saved_run_config(out, resume))
