@@ -51,6 +51,15 @@ class FakeWadi:
                 for name in required_files(["student", "fake"], False)[1:]:
                     (ckpt / name).write_bytes(b"")
             return 0, ""
+        if args[0] == "analyze":  # wadi analyze RUN --out RUN/analysis: planted changes per seed
+            run = Path(args[1])
+            seed = json.loads((sorted((run / "checkpoints").iterdir())[-1] / "state.json").read_text())
+            seed = seed["config"]["seed"]
+            out = Path(_flag(args, "--out"))
+            out.mkdir(parents=True)
+            overall = {"norm_rel_change_mean": 0.01 * (seed + 1), "direction_change_mean": 0.3 + seed}
+            (out / "summary.json").write_text(json.dumps({"overall": overall}))
+            return 0, ""
         run = Path(_flag(args, "--watch"))
         steps = sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").iterdir())
         lines = ["step,accuracy,fd"]

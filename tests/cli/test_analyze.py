@@ -59,6 +59,13 @@ def test_table_and_out_folder(pair, tmp_path):
     ratio = summary["overall"]["direction_to_norm_ratio_mean"]
     assert ratio == pytest.approx(2 * math.sin(ANGLE / 2) / 0.002, rel=1e-3)
     assert summary["skipped"]["only_in_teacher"] == ["teacher_only.weight"]
+    # --no-plots: the same files without the two figures
+    bare = tmp_path / "bare"
+    res = runner.invoke(app, ["analyze", str(t), str(s), "--out", str(bare), "--no-plots"])
+    assert res.exit_code == 0, res.output
+    names = sorted(p.name for p in bare.iterdir() if not p.name.startswith("."))
+    assert names == ["layers.csv", "spectra.npz", "summary.json", "timings.json"]
+    assert json.loads((bare / "summary.json").read_text())["overall"] == summary["overall"]
 
 
 def test_json_goes_to_stdout_only(pair):

@@ -351,3 +351,8 @@ def test_analyze_takes_a_run_folder_or_an_adapter_as_student(run_dir, tmp_path):
         overall[name] = json.loads(r.stdout[r.stdout.index("{") :])["overall"]
     assert overall["merged"]["layers"] > 0 and overall["merged"]["direction_change_mean"] > 0
     assert overall["run"] == overall["merged"] and overall["adapter"] == overall["merged"]
+    # a run folder alone: its latest student against the base it was trained from
+    r = CliRunner().invoke(app, ["analyze", str(run), "--json"])
+    assert r.exit_code == 0, r.output
+    alone = json.loads(r.stdout[r.stdout.index("{") :])
+    assert alone["overall"] == overall["merged"] and alone["teacher"].startswith(str(pipe / "unet"))

@@ -79,6 +79,10 @@ def test_run_arguments_resolve_to_the_cell_in_wadi_distill(tmp_path):
         (("seed = [5, 1]", "seed = [5, 1.5]"), "seed must be a list of integers"),
         (("[fixed]", "[fixed]\nrank = 3"), "rank is both [fixed] and a [grid] axis"),
         (("[grid]", "[grid"), "not valid TOML"),
+        (("rank = [2, 6]", '"adapter+rank" = [["dora", 2]]'), "sets adapter on more than one axis"),
+        (("rank = [2, 6]", '"lr+rank" = [[0.1, 2], [0.2]]'), "lr+rank: each value must be a list of 2"),
+        (("rank = [2, 6]", '"lr+rank" = [[0.1, "two"]]'), "rank: expected an integer"),
+        (("rank = [2, 6]", '"rank+seed" = [[2, 1]]'), "seed is set by [grid] seed"),
     ],
 )
 def test_bad_grids_are_one_line(tmp_path, edit, message):
@@ -95,3 +99,31 @@ def test_cells_resolve_like_wadi_distill(tmp_path):
     ):
         check_cells(g)
     assert Cell(()).name == "all"
+
+
+LINKED = """
+[sweep]
+backbone = "tiny"
+baseline = {adapter = "lorad"}
+[grid]
+"adapter+rank" = [["lora", 3], ["lorad", 4], ["full", 1]]
+ema_decay = [0.9, 0.99]
+seed = [0, 2]
+"""
+
+
+def test_a_linked_axis_sets_its_fields_together_and_the_baseline_takes_the_whole_value(tmp_path):
+    """Kinds at matched parameters: ``"adapter+rank"`` pairs each kind with its own rank."""
+    g = _grid(tmp_path, LINKED)
+    assert g.fields == ["adapter", "rank", "ema_decay"] and len(g.cells) == 6
+    assert [c.name for c in g.cells[:3]] == [
+        "adapter=lora,rank=3,ema_decay=0.9", "adapter=lora,rank=3,ema_decay=0.99",
+        "adapter=lorad,rank=4,ema_decay=0.9",
+    ]  # fmt: skip
+    full = g.cells[5]
+    assert full.as_dict() == {"adapter": "full", "rank": 1, "ema_decay": 0.99}
+    assert g.baseline_of(full).name == "adapter=lorad,rank=4,ema_decay=0.99"  # rank 4, not 1
+    args = distill_args(g, g.cells[0], 2, tmp_path / "run")
+    assert args[args.index("--adapter") + 1] == "lora" and args[args.index("--rank") + 1] == "3"
+    with pytest.raises(BadInputError, match="baseline rank = 2 is not a value"):
+        _grid(tmp_path, LINKED.replace('{adapter = "lorad"}', "{rank = 2}"))

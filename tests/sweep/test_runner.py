@@ -125,3 +125,27 @@ def test_runs_go_seed_by_seed_so_a_stopped_sweep_has_balanced_arms(grid):
     run_sweep(grid, wadi=fake)
     seeds = [int(c[c.index("--seed") + 1]) for c in fake.calls if c[0] == "distill"]
     assert seeds == [0, 0, 0, 0, 1, 1, 1, 1]
+
+
+def test_analyze_adds_norm_and_direction_changes_and_a_later_switch_only_analyzes(tmp_path):
+    from wadi_cli.sweep.report import summarise
+
+    path = tmp_path / "grid.toml"
+    path.write_text(GRID)
+    grid = load_grid(path)
+    run_sweep(grid, wadi=FakeWadi(planted))
+    path.write_text(GRID.replace('backbone = "tiny"', 'backbone = "tiny"\nanalyze = true'))
+    grid = load_grid(path)
+    fake = FakeWadi(planted)
+    run_sweep(grid, wadi=fake)
+    assert {c[0] for c in fake.calls} == {"eval", "analyze"}  # nothing trains again
+    rows = read_results(grid)
+    for r in rows:
+        seed = int(r["seed"])
+        assert float(r["nm"]) == pytest.approx(0.01 * (seed + 1))
+        assert float(r["dm"]) == pytest.approx(0.3 + seed)
+    means = {s["cell"]: (s["nm"], s["dm"]) for s in summarise(grid, rows)}
+    assert means["adapter=lora,rank=8"] == pytest.approx((0.015, 0.8))  # seeds 0, 1
+    # a third call finds every run analyzed: no command at all
+    again = FakeWadi(planted)
+    assert run_sweep(grid, wadi=again) == [] and again.calls == []

@@ -39,8 +39,9 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
             z.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_DATE), buf.getvalue())
 
 
-def write_report_files(result: AnalysisResult, folder: Path) -> None:
-    """Write the report files into an existing ``folder`` (no atomicity; see :func:`write_report`)."""
+def write_report_files(result: AnalysisResult, folder: Path, plots: bool = True) -> None:
+    """Write the report files into an existing ``folder`` (no atomicity; see :func:`write_report`);
+    the two figures only with ``plots``."""
     write_layers_csv(result.layers, folder / "layers.csv")
     summary = result.summary()
     timings = {k: summary.pop(k) for k in TIMING_KEYS if k in summary}
@@ -49,6 +50,8 @@ def write_report_files(result: AnalysisResult, folder: Path) -> None:
     )
     (folder / "timings.json").write_text(json.dumps(timings) + "\n", encoding="utf-8")
     _save_npz(folder / "spectra.npz", dict(result.spectra))
+    if not plots:
+        return
     plot_norm_vs_direction(result.layers, folder / "norm_vs_direction.png")
     plot_residual_spectra(result.spectra, folder / "residual_spectra.png")
 

@@ -38,6 +38,8 @@ Examples:
 
   wadi analyze wadi_cli/assets/tiny/pipeline runs/tiny     (a run folder: its latest student)
 
+  wadi analyze runs/tiny                                   (the same, against the run's own base)
+
   wadi analyze teacher.safetensors student.safetensors --filter 'attn|ff' --json > summary.json
 
   wadi analyze teacher.safetensors student.safetensors --rank-k 32 --exact --device cuda
@@ -153,7 +155,11 @@ def register(app: typer.Typer) -> None:
     def analyze(
         teacher: Annotated[
             str | None,
-            typer.Argument(help="Teacher checkpoint (file or folder); required.", show_default=False),
+            typer.Argument(
+                help="Teacher checkpoint (file or folder), or a `wadi distill` run folder alone: its "
+                "latest student against the base it was trained from.",
+                show_default=False,
+            ),
         ] = None,
         student: Annotated[
             str | None,
@@ -175,15 +181,23 @@ def register(app: typer.Typer) -> None:
         rank_k: Annotated[int, typer.Option("--rank-k", help="k of the energy_at_k column.")] = 64,
         top: Annotated[int, typer.Option("--top", help="Leading singular values kept per layer.")] = 8,
         device: Device = "cpu",
+        plots: Annotated[
+            bool, typer.Option("--plots/--no-plots", help="Write the two figures into --out.")
+        ] = True,
     ) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         from wadi_cli.analysis import AnalyzeOptions, analyze_checkpoints
         from wadi_cli.analysis.outputs import write_report_files
         from wadi_cli.distill.export import student_weights
+        from wadi_cli.distill.run_dirs import is_run_folder
         from wadi_cli.io import atomic_output_dir
 
         teacher = require(teacher, "no checkpoints given: compare two with `wadi analyze TEACHER STUDENT`")
+        if student is None and is_run_folder(teacher):
+            from wadi_cli.distill.export import run_base_weights
+
+            teacher, student = str(run_base_weights(teacher)), teacher
         student = require(student, f"no student checkpoint given: `wadi analyze {teacher} STUDENT`")
         opts = AnalyzeOptions(
             rank_k=rank_k, top=top, filter=filter_, method="exact" if exact else "gram", device=device
@@ -217,7 +231,7 @@ def register(app: typer.Typer) -> None:
             if from_run:
                 result.student = f"{student} (latest student, merged)"
             if folder is not None:
-                write_report_files(result, folder)
+                write_report_files(result, folder, plots=plots)
         summary = result.summary(include_layers=json_out)
         if json_out:
             print(json.dumps(summary, indent=2, allow_nan=False))
@@ -227,4 +241,5 @@ def register(app: typer.Typer) -> None:
         console.print(_legend(rank_k, None if out is None else str(out)), style="dim", highlight=False)
         console.print(_headline(summary["overall"], result.seconds), highlight=False)
         if out is not None:
-            console.print(f"wrote {out}/ (layers.csv, summary.json, spectra.npz, 2 plots)", highlight=False)
+            figures = ", 2 plots" if plots else ""
+            console.print(f"wrote {out}/ (layers.csv, summary.json, spectra.npz{figures})", highlight=False)

@@ -111,6 +111,14 @@ def student_weights(student: str | os.PathLike[str]) -> Iterator[tuple[Path, boo
         yield merged, True
 
 
+def run_base_weights(run: str | os.PathLike[str]) -> Path:
+    """The weights a run's student started from: its ``--model`` single file, or the base
+    denoiser's folder (what ``wadi analyze RUN`` compares the latest student with)."""
+    _, config = run_student_file(run)
+    _, source = _base_source(config)
+    return source.single_file or source.denoiser_root / source.subfolder
+
+
 def run_variant(config: dict[str, Any]) -> str | None:
     """The hub weights variant of the run's base: ``fp16`` when it trained in fp16."""
     return "fp16" if config.get("mixed_precision") == "fp16" else None

@@ -10,6 +10,7 @@ Grid file::
     metric = "fd"                   # the metric of the tables and plots (a column of RUN/eval.csv)
     baseline = {adapter = "lorad"}  # paired differences: each cell against the cell with these values
     out = "runs"                    # run folders, results and plots (relative to this file; --out)
+    analyze = true                  # also `wadi analyze RUN`: NM / DM columns (norm / direction change)
 
     [fixed]                         # one value for every cell (any config field)
     max_steps = 400
@@ -18,6 +19,10 @@ Grid file::
     adapter = ["lorad", "lora"]
     rank = [4, 8]
     seed = [0, 1, 2]                # the replicates of every cell (paired across cells)
+
+A linked axis sets several fields together (e.g. kinds at matched trainable parameters)::
+
+    "adapter+rank" = [["lorad", 4], ["lora", 3], ["full", 0]]
 
 A cell is named by its axis values (``adapter=lora,rank=4``) and each of its seeds trains in
 the run folder ``OUT/runs/adapter-lora_rank-4/seed-0``. Every value is checked against the
@@ -40,7 +45,9 @@ import tomllib
 
 from wadi_cli.errors import BadInputError
 
-SWEEP_KEYS = ("backbone", "config", "eval", "metric", "baseline", "out")
+#: Joins the fields of a linked axis (``"adapter+rank" = [["lorad", 4], ["lora", 3]]``).
+LINK = "+"
+SWEEP_KEYS = ("backbone", "config", "eval", "metric", "baseline", "out", "analyze")
 #: What ``[sweep]`` means when it does not say (``out`` defaults to a folder next to the file).
 DEFAULT_EVAL = "-n 500 --seed 0"
 DEFAULT_METRIC = "fd"
@@ -83,17 +90,32 @@ class Grid:
     axes: dict[str, list[Any]]
     seeds: list[int]
     cells: list[Cell] = field(default_factory=list)
+    analyze: bool = False
 
     def run_dir(self, cell: Cell, seed: int) -> Path:
         """The run folder of ``cell`` with ``seed``."""
         return self.out / "runs" / cell.folder / f"seed-{seed}"
 
+    @property
+    def fields(self) -> list[str]:
+        """The config fields the axes set, in order (a linked axis ``a+b`` sets ``a`` and ``b``)."""
+        return [f for axis in self.axes for f in axis.split(LINK)]
+
     def baseline_of(self, cell: Cell) -> Cell | None:
         """The cell ``cell`` is compared with: its values with the baseline's replaced
-        (``None`` without a baseline)."""
+        (``None`` without a baseline); on a linked axis the whole value that has the
+        baseline's fields (``adapter = "lorad"`` picks ``["lorad", 4]``) replaces the cell's."""
         if not self.baseline:
             return None
-        return Cell(tuple((k, self.baseline.get(k, v)) for k, v in cell.values))
+        wanted = dict(self.baseline)
+        for axis, values in self.axes.items():
+            names = axis.split(LINK)
+            if len(names) > 1 and wanted.keys() & set(names):
+                match = next(
+                    v for v in values if all(wanted.get(n, x) == x for n, x in zip(names, v, strict=True))
+                )
+                wanted.update(zip(names, match, strict=True))
+        return Cell(tuple((k, wanted.get(k, v)) for k, v in cell.values))
 
 
 def _show(value: Any) -> str:
@@ -134,16 +156,29 @@ def load_grid(path: str | os.PathLike[str], out: str | os.PathLike[str] | None =
             axes[name.replace("-", "_")] = values
     if any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
         raise BadInputError(f"{p}: [grid] seed must be a list of integers, got {seeds!r}")
+    linked = {f for axis in axes for f in axis.split(LINK)}
     for name in ("seed", "backbone"):
-        if name in fixed or name in axes:
+        if name in fixed or name in linked:
             raise BadInputError(
                 f"{p}: {name} is set by [grid] seed / [sweep] backbone, not as a config field"
             )
     fixed = check_config_values(f"{p} [fixed]", fixed)
+    fields: list[str] = []
     for name, values in axes.items():
+        names = name.split(LINK)
         for value in values:
-            check_config_values(f"{p} [grid] {name}", {name: value})
-    overlap = sorted(set(fixed) & set(axes))
+            if len(names) > 1 and (not isinstance(value, list) or len(value) != len(names)):
+                raise BadInputError(
+                    f"{p}: [grid] {name}: each value must be a list of {len(names)} ({', '.join(names)}), "
+                    f"got {value!r}"
+                )
+            parts = value if len(names) > 1 else [value]
+            check_config_values(f"{p} [grid] {name}", dict(zip(names, parts, strict=True)))
+        fields += names
+    repeated = sorted({f for f in fields if fields.count(f) > 1})
+    if repeated:
+        raise BadInputError(f"{p}: [grid] sets {', '.join(repeated)} on more than one axis")
+    overlap = sorted(set(fixed) & set(fields))
     if overlap:
         raise BadInputError(f"{p}: {', '.join(overlap)} is both [fixed] and a [grid] axis")
     baseline = head.get("baseline", {})
@@ -151,10 +186,13 @@ def load_grid(path: str | os.PathLike[str], out: str | os.PathLike[str] | None =
         raise BadInputError(
             f'{p}: [sweep] baseline must be a table of axis values, e.g. {{adapter = "lorad"}}'
         )
+    cells = [_cell(axes, combo) for combo in itertools.product(*axes.values())]
     for name, value in baseline.items():
-        if name not in axes or value not in axes[name]:
+        if not any(dict(c.values).get(name, object()) == value for c in cells):
             raise BadInputError(f"{p}: baseline {name} = {value!r} is not a value of a [grid] axis")
-    cells = [Cell(tuple(zip(axes, combo, strict=True))) for combo in itertools.product(*axes.values())]
+    analyze = head.get("analyze", False)
+    if not isinstance(analyze, bool):
+        raise BadInputError(f"{p}: [sweep] analyze must be true or false, got {analyze!r}")
     return Grid(
         path=p,
         backbone=str(head.get("backbone", "tiny")),
@@ -167,7 +205,17 @@ def load_grid(path: str | os.PathLike[str], out: str | os.PathLike[str] | None =
         axes=axes,
         seeds=list(seeds),
         cells=cells,
+        analyze=analyze,
     )
+
+
+def _cell(axes: Mapping[str, list[Any]], combo: tuple[Any, ...]) -> Cell:
+    """The cell of one value per axis: a linked axis contributes each of its fields."""
+    values: list[tuple[str, Any]] = []
+    for axis, value in zip(axes, combo, strict=True):
+        names = axis.split(LINK)
+        values += zip(names, value, strict=True) if len(names) > 1 else [(axis, value)]
+    return Cell(tuple(values))
 
 
 def _table(p: Path, doc: Mapping[str, Any], name: str) -> dict[str, Any]:
@@ -214,3 +262,12 @@ def distill_args(grid: Grid, cell: Cell, seed: int, run: Path, resume: bool = Fa
 def eval_args(grid: Grid, run: Path) -> list[str]:
     """``wadi`` arguments that score every checkpoint of ``run`` into ``RUN/eval.csv``."""
     return ["eval", "-b", grid.backbone, "--watch", str(run), *grid.eval]
+
+
+#: Where ``[sweep] analyze = true`` has ``wadi analyze RUN`` write its report (in the run folder).
+ANALYSIS_DIR = "analysis"
+
+
+def analyze_args(run: Path) -> list[str]:
+    """``wadi`` arguments that compare the run's latest student with its base (``RUN/analysis/``)."""
+    return ["analyze", str(run), "--out", str(run / ANALYSIS_DIR), "--no-plots"]

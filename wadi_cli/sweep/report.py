@@ -8,7 +8,7 @@
 - ``convergence.png``: the metric against the training step, mean over seeds, per cell
   (every kept checkpoint, scored by ``wadi eval --watch``).
 - ``heatmap.png``: the mean over two axes (the shape of the paper's rank table, settings
-  A–F), when the grid has exactly two axes.
+  A–F), when the grid has exactly two (unlinked) axes.
 """
 
 from __future__ import annotations
@@ -19,21 +19,24 @@ from pathlib import Path
 from typing import Any
 
 from wadi_cli.sweep.grid import Cell, Grid
-from wadi_cli.sweep.runner import read_eval_csv, read_results
+from wadi_cli.sweep.runner import CHANGE_COLUMNS, read_eval_csv, read_results
 from wadi_cli.sweep.stats import LEVEL, paired_difference, t_interval
 
 SUMMARY_COLUMNS = (
     "cell", "seeds", "failed", "mean", "low", "high", "baseline", "diff_seeds", "diff_mean", "diff_low",
-    "diff_high",
+    "diff_high", "nm", "dm",
 )  # fmt: skip
 
 
-def cell_values(grid: Grid, rows: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
-    """Cell name → {seed: metric} over the ``ok`` rows."""
+def cell_values(
+    grid: Grid, rows: list[dict[str, Any]], metric: str | None = None
+) -> dict[str, dict[int, float]]:
+    """Cell name → {seed: ``metric`` (default: the grid's)} over the ``ok`` rows."""
+    metric = metric or grid.metric
     out: dict[str, dict[int, float]] = {c.name: {} for c in grid.cells}
     for r in rows:
-        if r.get("status") == "ok" and r["cell"] in out and r.get(grid.metric, "") != "":
-            out[r["cell"]][int(r["seed"])] = float(r[grid.metric])
+        if r.get("status") == "ok" and r["cell"] in out and r.get(metric, "") not in ("", None):
+            out[r["cell"]][int(r["seed"])] = float(r[metric])
     return out
 
 
@@ -41,6 +44,7 @@ def summarise(grid: Grid, rows: list[dict[str, Any]] | None = None) -> list[dict
     """One summary row per cell (:data:`SUMMARY_COLUMNS`), in grid order."""
     rows = read_results(grid) if rows is None else rows
     values = cell_values(grid, rows)
+    changes = {col: cell_values(grid, rows, col) for col in CHANGE_COLUMNS}
     failed: dict[str, int] = {}
     for r in rows:
         if r.get("status") != "ok":
@@ -58,6 +62,9 @@ def summarise(grid: Grid, rows: list[dict[str, Any]] | None = None) -> list[dict
             row.update(diff_seeds=d.n, diff_mean=d.mean, diff_low=d.low, diff_high=d.high)
         else:
             row.update(diff_seeds="", diff_mean="", diff_low="", diff_high="")
+        for col, by_cell in changes.items():  # mean over seeds ("" when not analyzed)
+            seen = by_cell[cell.name]
+            row[col] = math.fsum(seen.values()) / len(seen) if seen else ""
         out.append(row)
     return out
 
@@ -77,10 +84,17 @@ def markdown(grid: Grid, summary: list[dict[str, Any]], rows: list[dict[str, Any
         f"`wadi sweep {grid.path}`: backbone {grid.backbone}, seeds {', '.join(map(str, grid.seeds))}, "
         f"`wadi eval {' '.join(grid.eval)}`. Mean over seeds with its {pct} t interval; the paired "
         f"difference is cell − baseline over the seeds both have (t interval of the per-seed differences; "
-        f"'covers 0' = not resolved).",
+        f"'covers 0' = not resolved)."
+        + (
+            " NM / DM: mean over seeds of the layer-averaged relative norm change and direction change "
+            "(chord) of the student against its base (`wadi analyze RUN`)."
+            if grid.analyze
+            else ""
+        ),
         "",
-        f"| cell | seeds | {grid.metric} mean | {pct} interval | baseline | difference | {pct} interval | |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| cell | seeds | {grid.metric} mean | {pct} interval | baseline | difference | {pct} interval | |"
+        + (" NM | DM |" if grid.analyze else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|---|" if grid.analyze else ""),
     ]
     for s in summary:
         covers = ""
@@ -91,6 +105,7 @@ def markdown(grid: Grid, summary: list[dict[str, Any]], rows: list[dict[str, Any
             f"| {s['cell']} | {s['seeds']}{failed} | {_f(s['mean'])} | {_f(s['low'])} – {_f(s['high'])} | "
             f"{s['baseline']} | {_f(s['diff_mean'], '+.3f')} | {_f(s['diff_low'], '+.3f')} – "
             f"{_f(s['diff_high'], '+.3f')} | {covers} |"
+            + (f" {_f(s['nm'], '.4f')} | {_f(s['dm'], '.4f')} |" if grid.analyze else "")
         )
     bad = [r for r in rows if r.get("status") != "ok"]
     if bad:
@@ -116,7 +131,7 @@ def write_report(grid: Grid) -> list[Path]:
     paths.append(write_text_atomic(grid.out / "summary.md", markdown(grid, summary, rows)))
     if any(s["seeds"] for s in summary):
         paths += plot_bars(grid, summary), plot_convergence(grid)
-        if len(grid.axes) == 2:
+        if len(grid.axes) == 2 == len(grid.fields):
             paths.append(plot_heatmap(grid, summary))
     return paths
 

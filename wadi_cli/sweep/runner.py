@@ -9,7 +9,8 @@ finished cell), so the sweep is resumable: a cell whose row says ``ok`` is never
 a run folder whose newest checkpoint reached ``max_steps`` is only scored; a run folder with
 an earlier checkpoint continues from it (``--resume latest``); one killed before its first
 checkpoint starts again. A cell that fails is recorded as ``failed`` with the last line its
-command printed, and the sweep goes on.
+command printed, and the sweep goes on. With ``[sweep] analyze = true`` each run is also
+compared with its base (``wadi analyze RUN``): the ``nm`` / ``dm`` columns.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
-from wadi_cli.sweep.grid import Cell, Grid, check_cells, distill_args, eval_args
+from wadi_cli.sweep.grid import ANALYSIS_DIR, Cell, Grid, analyze_args, check_cells, distill_args, eval_args
 
 RESULTS_CSV = "results.csv"
 #: The first columns of ``results.csv`` (the axes follow, then the metrics, then :data:`TAIL`).
@@ -81,9 +82,9 @@ def write_results(grid: Grid, rows: list[dict[str, Any]]) -> None:
     """Rewrite ``OUT/results.csv`` atomically: the head, the axes, every metric any row has, the tail."""
     from wadi_cli.io.atomic import write_text_atomic
 
-    known = {*HEAD, *grid.axes, *TAIL}
+    known = {*HEAD, *grid.fields, *TAIL}
     metrics = sorted({k for r in rows for k in r if k not in known})
-    columns = [*HEAD, *grid.axes, *metrics, *TAIL]
+    columns = [*HEAD, *grid.fields, *metrics, *TAIL]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, columns, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
@@ -153,8 +154,34 @@ def run_cell(grid: Grid, cell: Cell, seed: int, wadi: Wadi) -> dict[str, Any]:
         return row
     last_row = final[-1]
     row.update({k: v for k, v in last_row.items() if k != "step"}, step=int(last_row["step"]))
+    if grid.analyze:
+        code, last = 0, ""
+        if not (run / ANALYSIS_DIR / "summary.json").is_file():
+            code, last = wadi(analyze_args(run), log)
+        changes = read_changes(run)
+        if changes is None:
+            row["error"] = f"wadi analyze exited {code}: {last}" if code else "wadi analyze wrote no summary"
+            return row
+        row.update(changes)
     row["status"] = "ok"
     return row
+
+
+#: The columns ``[sweep] analyze = true`` adds, from ``RUN/analysis/summary.json`` (``overall``):
+#: the layer-averaged relative norm change and direction change (chord) of the latest student
+#: against its base — well-defined stand-ins for WaDi Table 2's "NM" and "DM".
+CHANGE_COLUMNS = {"nm": "norm_rel_change_mean", "dm": "direction_change_mean"}
+
+
+def read_changes(run: Path) -> dict[str, float] | None:
+    """``{"nm": …, "dm": …}`` from the run's ``wadi analyze`` summary (``None`` when absent)."""
+    import json
+
+    try:
+        overall = json.loads((run / ANALYSIS_DIR / "summary.json").read_text(encoding="utf-8"))["overall"]
+        return {col: float(overall[key]) for col, key in CHANGE_COLUMNS.items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def run_sweep(
@@ -173,7 +200,11 @@ def run_sweep(
     check_cells(grid)
     wadi = wadi or subprocess_wadi()
     rows = read_results(grid)
-    done = {(r["cell"], int(r["seed"])) for r in rows if r.get("status") == "ok"}
+    done = {
+        (r["cell"], int(r["seed"]))
+        for r in rows
+        if r.get("status") == "ok" and (not grid.analyze or r.get("dm", "") != "")
+    }  # a sweep that turns `analyze` on later only analyzes (and rescores) its finished runs
     # Seed-major: every cell gets seed s before any gets the next one, so a sweep stopped part-way
     # leaves arms with equal seed counts (paired differences over the seeds both have).
     pending = [(c, s) for s in grid.seeds for c in grid.cells if (c.name, s) not in done]
