@@ -164,7 +164,7 @@ def test_protocols_name_their_choices():
     assert dmd2.reference_images == giga.reference_images == 40504 and wadi.reference_images is None
     assert (dmd2.seeding, dmd2.seed_batch, giga.seeding) == ("per-batch", 10, "per-image")
     assert protocol.get_protocol(None) is wadi and protocol.get_protocol(" DMD2 ") is dmd2
-    with pytest.raises(BadInputError, match="choose from wadi, dmd2, gigagan"):
+    with pytest.raises(BadInputError, match="choose from wadi, dmd2, dmd2-sdxl, gigagan"):
         protocol.get_protocol("sid")
     r = run("--images", ".", "--protocol", "sid")
     assert (
@@ -301,3 +301,73 @@ def test_dry_run_plans_without_writing_and_names_the_machine(tmp_path):
     r = run("--images", str(tmp_path), "--ref", str(tmp_path), "--metrics", "fid,kid", "--dry-run")
     assert r.exit_code == 0, r.stderr
     assert "score 3" in r.stdout and "folder of 3 images" in r.stdout and "estimate: ~" in r.stdout
+
+
+# ---- dmd2-sdxl: 1024-px images scored as 256-px squares, COCO-10k ---------------------------------------
+def lanczos_matrix(n_in: int, n_out: int, lobes: int = 3) -> np.ndarray:
+    """Pillow's antialiased Lanczos-3 as a float64 matrix, written from its description
+    (Resample.c): the kernel sinc(x)·sinc(x/3) on |x| < 3 is stretched by the downscale factor,
+    output pixel o is centred at (o + 0.5)·scale, the taps of each output are normalised."""
+    scale = n_in / n_out
+    stretch = max(scale, 1.0)
+    m = np.zeros((n_out, n_in))
+    for o in range(n_out):
+        center = (o + 0.5) * scale
+        lo, hi = max(int(center - lobes * stretch + 0.5), 0), min(int(center + lobes * stretch + 0.5), n_in)
+        x = (np.arange(lo, hi) + 0.5 - center) / stretch
+        w = np.sinc(x) * np.sinc(x / lobes) * (np.abs(x) < lobes)
+        m[o, lo:hi] = w / w.sum()
+    return m
+
+
+def lanczos_reference(square: np.ndarray, size: int) -> np.ndarray:
+    """Horizontal pass, rounded to uint8 (as Pillow keeps it), then the vertical pass."""
+    h, w, _ = square.shape
+    across = np.einsum("ow,hwc->hoc", lanczos_matrix(w, size), square.astype(float))
+    across = np.clip(np.round(across), 0, 255)
+    down = np.einsum("oh,hwc->owc", lanczos_matrix(h, size), across)
+    return np.clip(np.round(down), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("w,h", [(1024, 1024), (1152, 896)])
+def test_dmd2_sdxl_scores_1024_px_images_as_256_px_lanczos_squares(w, h):
+    """DMD2's coco_evaluator: center crop on the long edge (torchvision), PIL LANCZOS to
+    --eval_res 256; the resize equals a float64 Lanczos-3 written from Pillow's rules to one
+    level (Pillow's fixed-point weights), where a bicubic resize is off by far more."""
+    rules = protocol.get_protocol("dmd2-sdxl")
+    assert (rules.generated_size, rules.reference_images, rules.seed_batch) == (1024, 10000, 4)
+    rng = np.random.default_rng(w + h)
+    yy, xx = np.mgrid[0:h, 0:w]
+    smooth = 127 + 100 * np.sin(xx / 37.0)[..., None] * np.cos(yy / 53.0)[..., None]
+    image = np.clip(smooth + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
+    got = protocol.protocol_image(image, protocol.RESOLUTION, rules.crop)
+    side = min(w, h)
+    left, top = torchvision_offset(w - side), torchvision_offset(h - side)
+    want = lanczos_reference(image[top : top + side, left : left + side], 256)
+    diff = np.abs(got.astype(int) - want.astype(int))
+    assert got.shape == (256, 256, 3) and diff.max() <= 1 and (diff > 0).mean() < 1e-3
+    bicubic = Image.fromarray(image[top : top + side, left : left + side]).resize((256, 256), Image.BICUBIC)
+    assert np.abs(np.asarray(bicubic, dtype=int) - want.astype(int)).max() > 5
+
+
+def test_sdxl_defaults_to_dmd2_sdxl_and_an_explicit_protocol_wins():
+    assert protocol.protocol_name_for(None, "sdxl") == "dmd2-sdxl"
+    assert protocol.protocol_name_for(None, "SD15") == protocol.protocol_name_for(None, None) == "wadi"
+    assert protocol.protocol_name_for("dmd2", "sdxl") == "dmd2"
+    rules = protocol.get_protocol("dmd2-sdxl")
+    assert protocol.size_note(rules, [(1024, 1024)] * 3) is None
+    assert protocol.size_note(protocol.get_protocol("wadi"), [(16, 16)]) is None
+    note = protocol.size_note(rules, [(1024, 1024), (16, 16), (512, 768)])
+    assert "generated at 1024x1024" in note and "16x16, 512x768" in note and "not the papers'" in note
+
+
+def test_sdxl_dry_run_names_the_protocol_and_the_caption_count(tmp_path):
+    captions = tmp_path / "coco10k.txt"
+    captions.write_text("".join(f"caption {i}  \n" for i in range(12)))
+    r = run("-b", "sdxl", "--captions", str(captions), "-n", "10", "--dry-run", "--json", "--device", "cpu")
+    assert r.exit_code == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["protocol"] == "dmd2-sdxl" and plan["images_to_generate"] == 10, plan
+    r = run("-b", "sdxl", "--captions", str(captions), "--protocol", "wadi", "--dry-run", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["protocol"] == "wadi"
+    assert not list(tmp_path.glob("*/"))

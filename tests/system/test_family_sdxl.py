@@ -310,3 +310,33 @@ def test_weights_of_the_other_family_are_refused(hub_cache, work):
     out = work / "sdxl-into-sd15.safetensors"
     r = wadi("merge", SD15, adapter, "--out", out, code=2)
     assert "made for backbone 'sdxl'" in r.stderr and not out.exists()
+
+
+@pytest.mark.eval
+def test_eval_defaults_to_dmd2s_sdxl_protocol_and_labels_the_sizes(hub_cache, work):
+    """``wadi eval -b sdxl`` (no --protocol): DMD2's SDXL protocol (noise per batch of 4, the
+    images scored as 256-px squares, the protocol named in metrics.json) with the caption file
+    and -n as given; the miniature's 16-px images are said not to be the papers' 1024 px."""
+    pytest.importorskip("cleanfid")
+    pytest.importorskip("open_clip")
+    from _helpers_eval import clip_folder, inception_file, random_images, write_images
+
+    root = work / "eval-inputs"
+    root.mkdir(exist_ok=True)
+    write_images(root / "real", random_images(6, 1, size=(40, 48)))
+    (root / "captions.txt").write_text("".join(f"a photo of object {i}\n" for i in range(7)))
+    out = work / "eval"
+    r = wadi(
+        "eval", "-b", "sdxl", "-w", distilled(work), "--captions", root / "captions.txt", "-n", "5",
+        "--ref", root / "real", "--out", out, "--inception-weights", inception_file(root),
+        "--clip-weights", clip_folder(root / "clip"), "--clip-model", "ViT-B-32", "--json", "--device", "cpu",
+    )  # fmt: skip
+    result = json.loads(r.stdout[r.stdout.index("{") :])
+    assert result["protocol"]["name"] == "dmd2-sdxl" and result["seeding"] == "dmd2-sdxl: per batch of 4"
+    assert result["num_images"] == 5
+    assert {"fid", "kid", "clip", "precision", "recall"} <= set(result["metrics"])
+    assert result["image_size"] == f"{SIDE}x{SIDE} → 256x256"
+    assert any("generated at 1024x1024" in w for w in result["warnings"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [(e["seed"], e["row"]) for e in manifest["images"]] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0)]
+    assert json.loads((out / "metrics.json").read_text())["protocol"]["generated_size"] == 1024

@@ -36,7 +36,9 @@ manifest.json, resumable), then FID / KID (clean-fid, clean mode), CLIP score
 (OpenCLIP ViT-g-14, "A photo depicts " + caption, 0-1) and precision / recall
 (torch-fidelity, k = 3) against --ref (real images or a --save-ref file).
 Every image is first center-cropped on its long edge and resized to 256 px
-with PIL LANCZOS. Needs: pip install "wadi-cli[eval]".
+with PIL LANCZOS. sdxl uses --protocol dmd2-sdxl unless told otherwise: 1024-px
+images scored as 256-px squares against DMD2's COCO-10k (--captions, -n 10000,
+--ref; docs/sdxl.md). Needs: pip install "wadi-cli[eval]".
 
 Tiny, without protocol flags: draw N tiny prompts with --seed, generate (by
 default with the one-step student shipped with wadi; --base for the
@@ -55,6 +57,8 @@ Examples:
 
   wadi eval --protocol dmd2 -b sd15 -w RUN --captions captions_coco14_test.txt \
     --ref val2014/ --out eval/dmd2 --dry-run
+
+  wadi eval -b sdxl -w RUN --captions coco10k_captions.txt -n 10000 --ref coco10k/ --out eval/sdxl
 
   wadi eval --images other_method/ --captions coco2014_30k.csv --ref coco2014_256.npz
 
@@ -135,13 +139,14 @@ class EvalFlags:
         str | None, typer.Option("--clip-model", help="OpenCLIP architecture (default: the protocol's).")
     ] = None
     protocol_name: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--protocol",
-            help="Whose evaluation to reproduce: wadi, dmd2 or gigagan (crop, CLIP input and text, "
-            "CLIP model, captions, image order, seeding; docs/evaluation-protocols.md).",
+            help="Whose evaluation to reproduce: wadi, dmd2, dmd2-sdxl or gigagan (crop, CLIP input and "
+            "text, CLIP model, captions, image order, seeding; docs/evaluation-protocols.md). "
+            "Default: dmd2-sdxl for -b sdxl (1024 px scored at 256, COCO-10k), else wadi.",
         ),
-    ] = "wadi"
+    ] = None
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Show the work and a time estimate here; run nothing.")
     ] = False
@@ -164,7 +169,7 @@ def register(app: typer.Typer) -> None:
     def eval_(*, sampling: SamplingOptions, flags: EvalFlags) -> None:
         from wadi_cli.errors import BadInputError
 
-        classifier_only = not flags.dry_run and flags.protocol_name.strip().lower() == "wadi"
+        classifier_only = not flags.dry_run and (flags.protocol_name or "wadi").strip().lower() == "wadi"
         if sampling.backbone.strip().lower() == "tiny" and not flags.protocol_flags_given and classifier_only:
             if flags.num_processes is not None:  # the launched processes would each run all of it
                 raise BadInputError(
@@ -242,6 +247,8 @@ def _str(path: Path | None) -> str | None:
 
 def _protocol_eval(sampling: SamplingOptions, flags: EvalFlags) -> None:
     """Generate + score, score --images, --save-ref, or --watch (see HELP)."""
+    import dataclasses
+
     from wadi_cli.backbones import get_backbone
     from wadi_cli.errors import BadInputError
     from wadi_cli.evaluation import protocol
@@ -254,6 +261,7 @@ def _protocol_eval(sampling: SamplingOptions, flags: EvalFlags) -> None:
     name = get_backbone(
         _watched_backbone(flags.watch) or sampling.backbone
     ).name  # unknown: registry's message
+    flags = dataclasses.replace(flags, protocol_name=protocol.protocol_name_for(flags.protocol_name, name))
     tiny = name == "tiny" and flags.images is None
     default = "accuracy,fd" if tiny else ",".join(protocol.PROTOCOL_METRICS)
     options = EvalOptions(

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from wadi_cli.errors import BadInputError
 from wadi_cli.evaluation import protocol
 from wadi_cli.evaluation.folders import build_manifest, check_resumable, ensure_eval_dir, list_images
@@ -199,7 +201,8 @@ def evaluate_model(
         "timing": scorer.timing.to_dict(),
         "out": str(request.out),
     }
-    warnings = list(pipe.warnings) + _protocol_warnings(scorer)
+    result["image_size"], size_warnings = _image_sizes(rules, files, options.resolution)
+    warnings = list(pipe.warnings) + _protocol_warnings(scorer) + size_warnings
     if warnings:
         result["warnings"] = warnings
     write_metrics(request.out, result)
@@ -218,6 +221,18 @@ def _protocol_warnings(scorer: Scorer) -> list[str]:
             f"this reference holds {ref.num_images:,}, so FID / KID / precision / recall are not the papers'"
         )
     return notes
+
+
+def _image_sizes(rules: protocol.Protocol, files: Sequence[Path], resolution: int) -> tuple[str, list[str]]:
+    """How the scored images were sized (``"1024x1024 → 256x256"``; sizes from the file
+    headers) and, under a protocol that names the generated size, a warning for other sizes."""
+    sizes = []
+    for f in files:
+        with Image.open(f) as image:
+            sizes.append(image.size)
+    shown = ", ".join(f"{w}x{h}" for w, h in sorted(set(sizes))[:3]) + (", …" if len(set(sizes)) > 3 else "")
+    note = protocol.size_note(rules, sizes, resolution)
+    return f"{shown} → {resolution}x{resolution}", [note] if note else []
 
 
 def _reference_summary(scorer: Scorer) -> dict[str, Any] | None:
@@ -279,7 +294,8 @@ def evaluate_folder(
         "protocol": options.rules.to_dict(),
         "timing": scorer.timing.to_dict(),
     }
-    warnings = _protocol_warnings(scorer)
+    result["image_size"], size_warnings = _image_sizes(options.rules, files, options.resolution)
+    warnings = _protocol_warnings(scorer) + size_warnings
     if warnings:
         result["warnings"] = warnings
     if out is not None:

@@ -1,7 +1,7 @@
 """The zero-shot COCO protocol of the one-step distillation papers (GigaGAN's evaluation, as
 used by DMD2, SiD-LSG, SwiftBrush v2 and WaDi's Table 1), as data and one image transform;
-the named variants of it (:data:`PROTOCOLS`: ``wadi``, ``dmd2``, ``gigagan``) fix every
-choice that changes a number (``docs/evaluation-protocols.md``).
+the named variants of it (:data:`PROTOCOLS`: ``wadi``, ``dmd2``, ``dmd2-sdxl``, ``gigagan``) fix
+every choice that changes a number (``docs/evaluation-protocols.md``).
 
 - FID / KID / precision-recall: every real and generated image is converted to RGB
   (``PIL.Image.convert``), center-cropped to a square on its long edge, resized to
@@ -117,6 +117,8 @@ def protocol_image(
 
 #: GigaGAN's and DMD2's real set: every image of COCO's val2014 folder.
 VAL2014_IMAGES = 40504
+#: DMD2's SDXL real set and caption count (its ``coco10k`` subset of val2014).
+COCO10K_IMAGES = 10000
 #: Ways to bring an image to CLIP's own preprocessing (see :func:`clip_input`).
 CLIP_INPUTS: tuple[str, ...] = ("as-generated", "square-256", "square-256-tensor")
 #: Ways to tokenize ``prefix + caption`` (see :mod:`wadi_cli.evaluation.clip_text`).
@@ -152,6 +154,9 @@ class Protocol:
     #: of ``seed_batch`` images drawn at once from a generator seeded seed + k)
     seeding: str
     seed_batch: int = 10
+    #: the side of the images the papers generated before the 256-px square (None: any;
+    #: ``dmd2-sdxl``: 1024, so its numbers are "1024 → 256")
+    generated_size: int | None = None
 
     @property
     def crop_description(self) -> str:
@@ -191,6 +196,25 @@ PROTOCOLS: dict[str, Protocol] = {
         seeding="per-batch",
         seed_batch=10,
     ),
+    "dmd2-sdxl": Protocol(
+        name="dmd2-sdxl",
+        papers="DMD2's SDXL evaluation (main/sdxl/test_folder_sdxl.py: --image_resolution 1024, "
+        "--eval_res 256, --eval_batch_size 4, noise of batch i from manual_seed(i); "
+        "experiments/sdxl/README.md: the coco10k subset, --total_eval_samples 10000; "
+        "main/coco_eval/coco_evaluator.py: center crop, PIL LANCZOS)",
+        crop="half-even",
+        clip_input="square-256",
+        tokenization="spliced",
+        clip_model=CLIP_MODEL,
+        clip_pretrained=CLIP_PRETRAINED,
+        captions="lines",
+        image_order="path",
+        reference="DMD2's COCO-10k: 10,000 COCO val2014 images and their captions",
+        reference_images=COCO10K_IMAGES,
+        seeding="per-batch",
+        seed_batch=4,
+        generated_size=1024,
+    ),
     "gigagan": Protocol(
         name="gigagan",
         papers="GigaGAN (evaluation/evaluation.py, default --clip_model4eval ViT-B/32)",
@@ -207,6 +231,31 @@ PROTOCOLS: dict[str, Protocol] = {
     ),
 }
 DEFAULT_PROTOCOL = "wadi"
+#: Backbones whose papers use another protocol than :data:`DEFAULT_PROTOCOL` (``--protocol``
+#: left out): SDXL's one-step papers report 1024-px images scored as 256-px squares on COCO-10k.
+BACKBONE_PROTOCOLS: dict[str, str] = {"sdxl": "dmd2-sdxl"}
+
+
+def protocol_name_for(name: str | None, backbone: str | None) -> str:
+    """``--protocol NAME`` as given, else the backbone's (:data:`BACKBONE_PROTOCOLS`), else
+    :data:`DEFAULT_PROTOCOL`."""
+    if name is not None:
+        return name
+    return BACKBONE_PROTOCOLS.get((backbone or "").strip().lower(), DEFAULT_PROTOCOL)
+
+
+def size_note(rules: Protocol, sizes: Iterable[tuple[int, int]], resolution: int = RESOLUTION) -> str | None:
+    """A warning when the scored images were not generated at ``rules.generated_size``
+    (``sizes``: (width, height) of the images; None when they all match or any size goes)."""
+    want = rules.generated_size
+    other = sorted({s for s in sizes if s != (want, want)})
+    if want is None or not other:
+        return None
+    shown = ", ".join(f"{w}x{h}" for w, h in other[:3]) + (", …" if len(other) > 3 else "")
+    return (
+        f"--protocol {rules.name} scores images generated at {want}x{want} (then {resolution}x{resolution}); "
+        f"these include {shown}, so the numbers are not the papers'"
+    )
 
 
 def get_protocol(name: str | Protocol | None) -> Protocol:

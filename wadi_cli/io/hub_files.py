@@ -131,11 +131,25 @@ def select_files(files: Iterable[str], plan: FetchPlan) -> list[str]:
 
 
 @lru_cache(maxsize=1)
+def _hub_files() -> dict[str, Any]:
+    return json.loads(resources.files("wadi_cli").joinpath("configs", "hub_files.json").read_text())
+
+
 def recorded_repos() -> dict[str, dict[str, Any]]:
     """The recorded file lists of the hub repositories wadi uses: ``{repo: {"source",
     "exact", "files": {path: bytes or None}}}`` (``wadi_cli/configs/hub_files.json``)."""
-    text = resources.files("wadi_cli").joinpath("configs", "hub_files.json").read_text()
-    return json.loads(text)["repos"]
+    return _hub_files()["repos"]
+
+
+def analysis_pairs(family: str) -> dict[str, Any]:
+    """The teacher and the published one-step students of ``family`` that the weight studies
+    compare: ``{"teacher": hub id, "students": [{"name", "repo", "file" (None: the repo's
+    unet/ folder), "method", ["converted"]}]}`` (``analysis_pairs`` of ``hub_files.json``)."""
+    pairs = _hub_files()["analysis_pairs"]
+    if family not in pairs:
+        names = ", ".join(k for k in pairs if k != "about")
+        raise KeyError(f"no analysis pairs recorded for {family!r} (recorded: {names})")
+    return pairs[family]
 
 
 def _pattern_weights(folder: str, variant: str | None) -> list[str]:

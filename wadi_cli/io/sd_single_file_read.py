@@ -2,18 +2,21 @@
 
 A1111 / ComfyUI checkpoints hold the U-Net under ``model.diffusion_model.``, the VAE under
 ``first_stage_model.`` and the text encoder under ``cond_stage_model.`` (SD 1.x: transformers'
-CLIP names; SD 2.x: OpenCLIP's). :func:`read_single_file` checks such a file against the
-architecture of the backbone's own pipeline (its configs, which the caller reads from the
-backbone's folder: nothing is downloaded) and returns the three state dicts under diffusers
-names. The expected original layout is wadi's writer tables
-(:mod:`wadi_cli.io.sd_single_file_write`) applied to the architecture's meta tensors; the
-renames themselves are diffusers' converters (U-Net through
-:func:`~wadi_cli.io.sd_single_file.ldm_unet_table`), so reading and writing are two
+CLIP names; SD 2.x: OpenCLIP's); SDXL's hold its two text encoders under
+``conditioner.embedders.0.transformer.`` (CLIP ViT-L, transformers' names) and
+``conditioner.embedders.1.model.`` (OpenCLIP ViT-bigG, OpenCLIP's names).
+:func:`read_single_file` checks such a file against the architecture of the backbone's own
+pipeline (its configs, which the caller reads from the backbone's folder: nothing is
+downloaded) and returns the state dicts under diffusers names. The expected original
+layout is wadi's writer tables (:mod:`wadi_cli.io.sd_single_file_write`) applied to the
+architecture's meta tensors; the renames themselves are diffusers' converters (U-Net
+through :func:`~wadi_cli.io.sd_single_file.ldm_unet_table`), so reading and writing are two
 independent mappings that the tests run against each other.
 
 Refused in one line, before any tensor is read: a file that is not safetensors, a file
-without original SD keys, a file of the other SD family (its text-encoder layout or its
-cross-attention width differs from the backbone's), and a file with missing or reshaped keys.
+without original SD keys, a file of another SD family (its text-encoder layout or its
+cross-attention width differs from the backbone's), an SDXL file without its second text
+encoder, and a file with missing or reshaped keys.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from wadi_cli.io.sd_single_file import LDM_UNET_PREFIX, ldm_unet_table
 from wadi_cli.io.sd_single_file_write import (
     CLIP_PREFIX,
     OPENCLIP_PREFIX,
+    SDXL_CLIP_PREFIX,
+    SDXL_OPENCLIP_PREFIX,
     TEXT_LAYOUTS,
     VAE_PREFIX,
     clip_to_ldm,
@@ -44,6 +49,7 @@ from wadi_cli.io.sd_single_file_write import (
 LAYOUT_WORDS = {
     "clip": (CLIP_PREFIX, "SD 1.x (CLIP text encoder)"),
     "openclip": (OPENCLIP_PREFIX, "SD 2.x (OpenCLIP text encoder)"),
+    "sdxl": ("conditioner.embedders.", "SDXL (two text encoders)"),
 }
 SINGLE_FILE_SUFFIX = ".safetensors"
 
@@ -85,11 +91,15 @@ def expected_layout(
     layout: str,
 ) -> dict[str, tuple[int, ...]]:
     """Original key -> shape of the file a pipeline of these diffusers ``shapes``
-    (``{"unet"|"vae"|"text_encoder": {name: shape}}``) is written as."""
+    (``{"unet"|"vae"|"text_encoder"[|"text_encoder_2"]: {name: shape}}``) is written as."""
     out = unet_to_ldm(_meta(shapes["unet"]), unet_config)
     out.update(vae_to_ldm(_meta(shapes["vae"]), vae_levels))
     text = _meta(shapes["text_encoder"])
-    out.update(clip_to_ldm(text) if layout == "clip" else openclip_to_ldm(text))
+    if layout == "sdxl":
+        out.update(clip_to_ldm(text, SDXL_CLIP_PREFIX))
+        out.update(openclip_to_ldm(_meta(shapes["text_encoder_2"]), SDXL_OPENCLIP_PREFIX))
+    else:
+        out.update(clip_to_ldm(text) if layout == "clip" else openclip_to_ldm(text))
     return {k: tuple(v.shape) for k, v in out.items()}
 
 
@@ -112,9 +122,9 @@ def _family_of(keys: Mapping[str, tuple[int, ...]]) -> tuple[str | None, int | N
 def check_family(
     path: Path, keys: Mapping[str, tuple[int, ...]], backbone: str, unet_config: Mapping[str, Any]
 ) -> None:
-    """Refuse a single file of another family than ``backbone`` (sd15 / sd21), told apart
-    by the text-encoder layout and the cross-attention width (768 vs 1024 for the real
-    models; the miniatures' differ in layout)."""
+    """Refuse a single file of another family than ``backbone`` (sd15 / sd21 / sdxl), told
+    apart by the text-encoder layout and the cross-attention width (768 / 1024 / 2048 for the
+    real models; the miniatures' differ in layout)."""
     want_layout, want_width = TEXT_LAYOUTS[backbone], int(unet_config["cross_attention_dim"])
     layout, width = _family_of(keys)
     if layout is not None and layout != want_layout or width is not None and width != want_width:
@@ -163,7 +173,8 @@ def read_single_file(
     p = Path(path).expanduser()
     if backbone not in TEXT_LAYOUTS:
         raise CheckpointError(
-            f"--model {p}: single files are read for sd15 and sd21 (original SD layout), not {backbone!r}; "
+            f"--model {p}: single files are read for sd15, sd21 and sdxl (original SD layout), "
+            f"not {backbone!r}; "
             "pass a pipeline folder"
         )
     with SafetensorsFile(p) as f:  # a file that is not safetensors fails here, in one line
@@ -175,6 +186,11 @@ def read_single_file(
             )
         check_family(p, have, backbone, unet_config)
         layout = TEXT_LAYOUTS[backbone]
+        if layout == "sdxl" and not any(k.startswith(SDXL_OPENCLIP_PREFIX) for k in have):
+            raise CheckpointError(
+                f"--model {p}: an SDXL single file without its second text encoder "
+                f"({SDXL_OPENCLIP_PREFIX}*, OpenCLIP ViT-bigG); not a complete SDXL checkpoint"
+            )
         want = expected_layout(shapes, unet_config, len(vae_config["block_out_channels"]), layout)
         _check_keys(p, have, want)
         state = {k: f.get(k) for k in want}
@@ -186,20 +202,49 @@ def read_single_file(
     vae = convert_ldm_vae_checkpoint(
         {k: v for k, v in state.items() if k.startswith(VAE_PREFIX)}, dict(vae_config)
     )
-    text_state = {k: v for k, v in state.items() if k.startswith("cond_stage_model.")}
+    if layout == "sdxl":
+        first = _under(state, SDXL_CLIP_PREFIX)
+        second = _openclip(
+            _under(state, SDXL_OPENCLIP_PREFIX), shapes, "text_encoder_2", SDXL_OPENCLIP_PREFIX
+        )
+        return {
+            "unet": unet,
+            "vae": vae,
+            "text_encoder": _model_names(convert_ldm_clip_checkpoint(first), shapes["text_encoder"]),
+            "text_encoder_2": _model_names(second, shapes["text_encoder_2"]),
+        }
+    text_state = _under(state, "cond_stage_model.")
     text = convert_ldm_clip_checkpoint(text_state) if layout == "clip" else _openclip(text_state, shapes)
-    # transformers names the text model's tensors with or without "text_model.": as the model does
-    lead = "text_model." if all(k.startswith("text_model.") for k in shapes["text_encoder"]) else ""
-    text = {lead + k.removeprefix("text_model."): v for k, v in text.items()}
-    return {"unet": unet, "vae": vae, "text_encoder": text}
+    return {"unet": unet, "vae": vae, "text_encoder": _model_names(text, shapes["text_encoder"])}
 
 
-def _openclip(state: dict[str, torch.Tensor], shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) -> dict:
+def _under(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _model_names(text: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> dict:
+    """The converted text encoder under the model's own names: transformers names the text
+    model's tensors with or without ``text_model.`` (and a projection beside it); each key is
+    taken as it is, with that lead or without it, whichever the model has."""
+    out = {}
+    for k, v in text.items():
+        bare = k.removeprefix("text_model.")
+        name = next((c for c in (k, "text_model." + bare, bare) if c in shapes), k)
+        out[name] = v
+    return out
+
+
+def _openclip(
+    state: dict[str, torch.Tensor],
+    shapes: Mapping[str, Mapping[str, tuple[int, ...]]],
+    part: str = "text_encoder",
+    prefix: str = OPENCLIP_PREFIX,
+) -> dict:
     """diffusers' OpenCLIP conversion (it needs the model's hidden width to split q/k/v)."""
     from types import SimpleNamespace
 
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
 
-    hidden = next(s[0] for k, s in shapes["text_encoder"].items() if k.endswith("final_layer_norm.weight"))
+    hidden = next(s[0] for k, s in shapes[part].items() if k.endswith("final_layer_norm.weight"))
     model = SimpleNamespace(config=SimpleNamespace(hidden_size=hidden))
-    return convert_open_clip_checkpoint(model, state)
+    return convert_open_clip_checkpoint(model, state, prefix=prefix)

@@ -208,7 +208,7 @@ def _single_file_source(
     if components is None and backbone.name == "tiny":
         ref = str(TINY_PIPELINE_DIR)
     sub = backbone.denoiser_subfolder
-    root = _open_root(ref, _plan((sub, *PIPELINE_COMPONENTS), (), variant), "--components")
+    root = _open_root(ref, _plan((sub, *backbone.components), (), variant), "--components")
     record = file_fingerprint(path)
     return PipelineSource(root, ref, sub, root, ref, variant, single_file=path, single_file_record=record)
 
@@ -434,12 +434,13 @@ def load_base_pipeline(
     second: tuple[nn.Module | None, Any] = (None, None)
     if "text_encoder_2" in backbone.components:
         second = _text_parts(
-            root, classes, ("text_encoder_2", "tokenizer_2"), _SECOND_TEXT_ENCODER, dtype, source.variant
-        )
+            root, classes, ("text_encoder_2", "tokenizer_2"), _SECOND_TEXT_ENCODER, dtype, source.variant,
+            weights=source.single_file is None,
+        )  # fmt: skip
     scheduler = _load("scheduler/", root, lambda: _scheduler(root))
     denoiser = load_denoiser(backbone, source, dtype, denoiser_weights and source.single_file is None)
     if source.single_file is not None:
-        _load_single_file(backbone, source.single_file, denoiser, vae, text_encoder)
+        _load_single_file(backbone, source.single_file, denoiser, vae, text_encoder, second[0])
     for m in (vae, text_encoder):
         m.eval().requires_grad_(False)
     return BasePipeline(
@@ -475,13 +476,21 @@ def load_state_strict(model: nn.Module, source: Tensors, label: str) -> None:
 
 
 def _load_single_file(
-    backbone: Backbone, path: Path, unet: nn.Module, vae: nn.Module, text: nn.Module
+    backbone: Backbone,
+    path: Path,
+    unet: nn.Module,
+    vae: nn.Module,
+    text: nn.Module,
+    text_2: nn.Module | None = None,
 ) -> None:
     """Read ``--model FILE`` against the architectures built from the backbone's configs and
-    copy its weights in (strict: every tensor of the three models, shapes checked first)."""
+    copy its weights in (strict: every tensor of the models, shapes checked first; SDXL's
+    second text encoder too)."""
     from wadi_cli.io.sd_single_file_read import read_single_file
 
     models = {"unet": unet, "vae": vae, "text_encoder": text}
+    if text_2 is not None:
+        models["text_encoder_2"] = text_2
     shapes = {name: {k: tuple(v.shape) for k, v in m.state_dict().items()} for name, m in models.items()}
     states = read_single_file(path, backbone.name, shapes, dict(unet.config), dict(vae.config))
     for name, model in models.items():
