@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from _helpers_hub import shared_hub_cache, use_hub_cache
+from _helpers_hub import miniature_controlnet, shared_hub_cache, use_hub_cache
 from _helpers_sample import one_torch_thread
 from PIL import Image
 from typer.testing import CliRunner
@@ -24,20 +24,6 @@ from wadi_cli.pipeline.control import check_fits, control_tensor, with_controlne
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = ["a red circle at the top left", "a blue square at the bottom right"]
-
-
-def miniature_controlnet(unet, seed: int = 0):
-    """``ControlNetModel.from_unet`` (conditioning embedding ×2, the miniature VAE's factor)
-    with every all-zero tensor (the zero convolutions) drawn at random instead."""
-    from diffusers import ControlNetModel
-
-    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            if not p.any():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return net.eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="module")
