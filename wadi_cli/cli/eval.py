@@ -69,6 +69,18 @@ Examples:
   wadi eval --backbone tiny --teacher --steps 25 -n 256 --seed 0 --json
 
   wadi eval -b tiny -w runs/tiny -n 1000 --metrics accuracy,fd,fid,kid,pr --out eval/tiny
+
+The downstream flags of `wadi sample` (--controlnet/--control-image/
+--control-scale, --init-image/--strength, --height/--width) make the images
+scored; a folder of control or init images pairs with the prompts (tiny: the
+drawn ones) in sorted order. Tiny with a control adds control_iou: the IoU
+of the shape segmented from each image (no model: colour far from the
+border's) against the control's white pixels, with its 95 % interval:
+
+  wadi eval -b tiny -n 4 --controlnet tiny --control-image masks/ --json
+
+  wadi eval -b sd15 -w RUN --captions prompts.txt --controlnet
+  lllyasviel/control_v11p_sd15_canny --control-image edges/ --ref real/ --out eval/cn
 """
 
 
