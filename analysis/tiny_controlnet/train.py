@@ -1,7 +1,7 @@
 """Train the tiny ControlNet shipped in ``wadi_cli/assets/tiny/controlnet/`` (one CPU thread:
-7 min of CPU, 25 min of wall time on a shared 2-core VM): a diffusers ``ControlNetModel`` for
-the shipped tiny teacher whose control image is the shape's silhouette (white on black, at
-the shape's exact position and size).
+about 10 min of CPU, 42 min of wall time on a 2-core VM shared with other jobs): a diffusers
+``ControlNetModel`` for the shipped tiny teacher whose control image is the shape's
+silhouette (white on black, at the shape's exact position and size).
 
 Model: the teacher U-Net's encoder copied (ControlNet's recipe), made smaller to ship in a few
 hundred KB: the first level's down block without attention (``DownBlock2D``), the middle block
