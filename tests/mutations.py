@@ -209,7 +209,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     M("segmentation-background-mean", "the background colour is the border's mean",
       "wadi_cli/tiny/metrics.py",
       "background = np.median(border, axis=1)", "background = np.mean(border, axis=1)",
-      ("tests/tiny/test_metrics.py::test_shape_masks_recover_the_rendered_silhouettes",)),
+      ("tests/tiny/test_metrics.py::test_shape_masks_recover_planted_shapes",)),
     M("iou-over-the-smaller", "IoU divides by the larger mask, not the union", "wadi_cli/tiny/metrics.py",
       "union = (p | t).sum(axis=(1, 2))", "union = np.maximum(p.sum(axis=(1, 2)), t.sum(axis=(1, 2)))",
       ("tests/tiny/test_metrics.py::test_mask_iou_of_planted_boxes",)),

@@ -131,14 +131,15 @@ def test_mask_iou_of_planted_boxes():
 
 def test_shape_masks_recover_planted_shapes():
     """A flat shape drawn on a background with a gradient (±10 across) and pixel noise (σ 3) comes back
-    exactly, for a saturated and for a dim shape colour."""
+    exactly, for a saturated and a dim shape colour, and for one covering 43 % of the border."""
     rng = np.random.default_rng(3)
     yy, xx = np.mgrid[:32, :32]
-    truth = _boxes(2, 32, [(20, 29, 3, 10), (5, 11, 18, 27)])
-    base = 100 + 0.4 * yy[..., None] - 0.3 * xx[..., None] + rng.normal(0, 3, (2, 32, 32, 3))
+    truth = _boxes(3, 32, [(20, 29, 3, 10), (5, 11, 18, 27), (0, 12, 0, 32)])
+    base = 100 + 0.4 * yy[..., None] - 0.3 * xx[..., None] + rng.normal(0, 3, (3, 32, 32, 3))
     images = base.copy()
     images[0][truth[0]] = [220, 40, 30]
     images[1][truth[1]] = [60, 150, 70]  # about 80 from the background
+    images[2][truth[2]] = [40, 60, 200]  # a band on 43 % of the border: the median is still background
     images = np.clip(np.round(images), 0, 255).astype(np.uint8)
     np.testing.assert_array_equal(shape_masks(images), truth)
 
