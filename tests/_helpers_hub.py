@@ -640,3 +640,18 @@ def hub_cache_in_use() -> Iterator[Path]:
         cache = shared_hub_cache()
         use_hub_cache(mp, cache)
         yield cache
+
+
+def miniature_controlnet(unet, seed: int = 0):
+    """``ControlNetModel.from_unet`` (conditioning embedding ×2, the miniature VAE's factor)
+    with every all-zero tensor (the zero convolutions) drawn at random instead."""
+    import torch
+    from diffusers import ControlNetModel
+
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return net.eval().requires_grad_(False)

@@ -203,6 +203,16 @@ MUTATIONS: tuple[Mutation, ...] = (
     M("controlnet-scale-ignored", "the ControlNet runs at scale 1", "wadi_cli/pipeline/control.py",
       "conditioning_scale=self.scale,", "conditioning_scale=1.0,",
       ("tests/pipeline/test_control.py::test_one_step_with_controlnet_is_the_residual_injection_by_hand",)),
+    M("silhouette-threshold", "a pixel is in the silhouette when fully covered", "wadi_cli/tiny/data.py",
+      "cover >= 0.5", "cover >= 1.0",
+      ("tests/tiny/test_data.py::test_silhouettes_are_the_shapes_drawn_in_the_same_images",)),
+    M("segmentation-background-mean", "the background colour is the border's mean",
+      "wadi_cli/tiny/metrics.py",
+      "background = np.median(border, axis=1)", "background = np.mean(border, axis=1)",
+      ("tests/tiny/test_metrics.py::test_shape_masks_recover_planted_shapes",)),
+    M("iou-over-the-smaller", "IoU divides by the larger mask, not the union", "wadi_cli/tiny/metrics.py",
+      "union = (p | t).sum(axis=(1, 2))", "union = np.maximum(p.sum(axis=(1, 2)), t.sum(axis=(1, 2)))",
+      ("tests/tiny/test_metrics.py::test_mask_iou_of_planted_boxes",)),
 )  # fmt: skip
 
 

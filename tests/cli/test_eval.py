@@ -131,3 +131,42 @@ def test_eval_missing_classifier_fails_before_generating(base_dir, tmp_path):
 def test_help_has_examples():
     r = CliRunner().invoke(app, ["eval", "--help"])
     assert r.exit_code == 0 and "Examples" in r.stdout and np.char.count(r.stdout, "wadi eval") >= 2
+
+
+def test_tiny_eval_with_the_shipped_controlnet_reports_the_control_iou(tmp_path):
+    """--controlnet tiny with a folder of silhouettes of the drawn prompts: control_iou is the
+    model-free IoU of the images it saved against those silhouettes, recomputed here."""
+    from PIL import Image
+
+    from wadi_cli.tiny.data import mask_images, render_with_masks, sample_attributes
+    from wadi_cli.tiny.metrics import control_adherence
+
+    _, masks = render_with_masks(sample_attributes(4, 2), 9)
+    (tmp_path / "masks").mkdir()
+    for i, image in enumerate(mask_images(masks)):
+        Image.fromarray(image).save(tmp_path / "masks" / f"{i}.png")
+    flags = ["--controlnet", "tiny", "--control-image", str(tmp_path / "masks"), "--control-scale", "0.9"]
+    r = run("-b", "tiny", "-n", "4", "--seed", "2", *flags, "--json", "--out", str(tmp_path / "o"))
+    assert r.exit_code == 0, r.output + r.stderr
+    got = json.loads(r.stdout)
+    assert got["controlnet"] == "tiny" and got["control_scale"] == 0.9
+    images = np.stack([np.asarray(Image.open(tmp_path / "o" / f"{i:04d}.png")) for i in range(4)])
+    want = control_adherence(images, masks)
+    assert got["control_iou"] == pytest.approx(want["iou"]) and got["control_iou_ci95"] == pytest.approx(
+        want["iou_ci95"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--height", "64"], "the tiny classifier scores 32-px images"),
+        (["--controlnet", "tiny"], "--controlnet and --control-image go together"),
+        (["--strength", "0.5"], "--strength applies to --init-image only"),
+        (["--images", ".", "--init-image", "x.png"], "applies to generated images, not to --images"),
+    ],
+)
+def test_eval_downstream_bad_input(args, needle, tmp_path):
+    r = run("-b", "tiny", "-n", "2", *args)
+    assert r.exit_code != 0 and needle in r.stderr, r.stderr
+    assert "Traceback" not in r.output + r.stderr

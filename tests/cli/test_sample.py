@@ -261,3 +261,19 @@ def test_height_width_and_upscale_through_the_cli(base_dir, tmp_path):
     assert _pngs(tmp_path / "up")["0000.png"].shape == (64, 64, 3)
     assert (record["upscale"], record["refine_strength"], record["refine_start_timestep"]) == (2, 0.3, 300)
     assert (record["height"], record["width"]) == (64, 64)
+
+
+def test_the_readme_controlnet_command_runs_as_typed(tmp_path, monkeypatch):
+    """``wadi sample "a red circle at the top left" -b tiny --controlnet tiny --control-image
+    analysis/tiny_controlnet/mask.png`` from the repository root (here with -o)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(root)
+    args = ["sample", "a red circle at the top left", "-b", "tiny", "--controlnet", "tiny"]
+    args += ["--control-image", "analysis/tiny_controlnet/mask.png", "-o", str(tmp_path / "o")]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output + r.stderr
+    record = json.loads((tmp_path / "o" / "samples.json").read_text())
+    assert record["controlnet"] == "tiny" and record["control_scale"] == 1.0
+    assert record["images"][0]["control_image"] == "analysis/tiny_controlnet/mask.png"

@@ -322,3 +322,17 @@ def test_a_controlnet_repository_takes_its_config_and_one_weights_copy_at_the_ro
     patterns = include_patterns("someone/some-controlnet", controlnet_plan(None))
     assert "diffusion_pytorch_model.safetensors" in patterns and "*.json" in patterns
     assert not any(p.startswith("/") for p in patterns)
+
+
+def test_the_sd21_community_controlnet_on_main_has_no_safetensors_to_take():
+    """thibaud/controlnet-sd21-canny-diffusers (recorded): only a pickled .bin on main, so the
+    ControlNet plan refuses it, naming what is there, instead of unpickling it."""
+    from wadi_cli.io.hub_files import MissingFiles
+    from wadi_cli.pipeline.control import controlnet_plan
+
+    files = list(recorded_repos()["thibaud/controlnet-sd21-canny-diffusers"]["files"])
+    assert "config.json" in files and "diffusion_pytorch_model.bin" in files
+    with pytest.raises(MissingFiles, match="no safetensors weights"):
+        select_files(files, controlnet_plan(None))
+    with pytest.raises(MissingFiles, match="no safetensors weights"):
+        select_files(files, controlnet_plan("fp16"))

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from _helpers_hub import shared_hub_cache, use_hub_cache
+from _helpers_hub import miniature_controlnet, shared_hub_cache, use_hub_cache
 from _helpers_sample import one_torch_thread
 from PIL import Image
 from typer.testing import CliRunner
@@ -24,20 +24,6 @@ from wadi_cli.pipeline.control import check_fits, control_tensor, with_controlne
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = ["a red circle at the top left", "a blue square at the bottom right"]
-
-
-def miniature_controlnet(unet, seed: int = 0):
-    """``ControlNetModel.from_unet`` (conditioning embedding ×2, the miniature VAE's factor)
-    with every all-zero tensor (the zero convolutions) drawn at random instead."""
-    from diffusers import ControlNetModel
-
-    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            if not p.any():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return net.eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +173,41 @@ def test_controlnet_through_the_cli(family, tmp_path, monkeypatch):
         )
         assert r.exit_code != 0 and needle in r.stderr, r.stderr
         assert "Traceback" not in r.output + r.stderr and not (tmp_path / "x").exists()
+
+
+def test_the_shipped_tiny_controlnet_is_a_diffusers_controlnet_of_the_tiny_teacher():
+    """wadi_cli/assets/tiny/controlnet: diffusers' own loader reads it (safetensors, a few
+    hundred KB), and it fits the shipped tiny U-Net; ``--controlnet tiny`` names it."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from wadi_cli.pipeline.control import BUILTIN_CONTROLNETS
+    from wadi_cli.tiny.arch import TINY_CONTROLNET_DIR, TINY_PIPELINE_DIR
+
+    assert BUILTIN_CONTROLNETS["tiny"] == TINY_CONTROLNET_DIR
+    weights = TINY_CONTROLNET_DIR / "diffusion_pytorch_model.safetensors"
+    assert (TINY_CONTROLNET_DIR / "config.json").is_file() and 100_000 < weights.stat().st_size < 1_000_000
+    net = ControlNetModel.from_pretrained(TINY_CONTROLNET_DIR, torch_dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(TINY_PIPELINE_DIR / "unet")
+    check_fits(net, unet, "tiny", "tiny")
+    assert any(p.abs().sum() > 0 for p in net.controlnet_down_blocks.parameters())  # trained: not zero
+
+
+def test_the_shipped_tiny_controlnet_steers_the_one_step_student():
+    """24 tiny prompts with silhouettes of the same attributes: the shipped student with the
+    shipped ControlNet follows the silhouettes (model-free IoU) better than without it."""
+    from wadi_cli.pipeline import load_pipeline
+    from wadi_cli.pipeline.control import load_controlnet
+    from wadi_cli.tiny.data import mask_images, prompt_for, render_with_masks, sample_attributes
+    from wadi_cli.tiny.metrics import mask_iou, shape_masks
+
+    attrs = sample_attributes(24, 71)
+    _, masks = render_with_masks(attrs, 71)
+    prompts, config = [prompt_for(a) for a in attrs], SampleConfig(seed=5, batch_size=24)
+    student = load_pipeline("tiny")
+    plain = generate(student, prompts, config).images
+    controlled = generate(
+        with_controlnet(student, load_controlnet("tiny", student), 1.0), prompts, config,
+        control_images=mask_images(masks),
+    ).images  # fmt: skip
+    gain = mask_iou(shape_masks(controlled), masks) - mask_iou(shape_masks(plain), masks)
+    assert gain.mean() > 0.05, gain

@@ -10,11 +10,13 @@ import pytest
 from wadi_cli.tiny.data import (
     ATTRIBUTES,
     attrs_to_indices,
+    mask_images,
     parse_prompt,
     prompt_for,
     real_images,
     render,
     render_batch,
+    render_with_masks,
     sample_attributes,
 )
 
@@ -115,3 +117,35 @@ def test_background_factor_tints_only_the_background():
     # the square sits near (8, 8): its centre keeps its colour; the far corner is background
     np.testing.assert_array_equal(shifted[0, 8, 8], plain[0, 8, 8])
     np.testing.assert_allclose(shifted[0, 28, 28], plain[0, 28, 28] * np.array([0.3, 0.35, 0.45]), atol=1.0)
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+    """Pixels whose 4 neighbours are also in ``mask`` (the border of the image counts as out)."""
+    m = np.pad(mask, 1)
+    return m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
+
+
+def test_silhouettes_are_the_shapes_drawn_in_the_same_images():
+    """render_with_masks: the very images of render_batch; inside its mask (eroded: no edge
+    pixel) every pixel has the one shape colour, outside it (dilated) none has, and the area is
+    that of a shape of half-extent 4.5–6.5 px."""
+    attrs = sample_attributes(60, 11)
+    images, masks = render_with_masks(attrs, 11)
+    np.testing.assert_array_equal(images, render_batch(attrs, 11))
+    for img, mask, a in zip(images, masks, attrs, strict=True):
+        inner, outer = _erode(mask), _erode(~mask)  # no pixel at the shape's edge
+        colours = img[inner].astype(int)
+        assert inner.sum() > 10 and np.ptp(colours, axis=0).max() <= 1, a  # one flat colour
+        shape_colour = colours.mean(axis=0)
+        far = np.abs(img[outer].astype(int) - shape_colour).max(axis=1)
+        assert far.min() > 60, a  # no shape-coloured pixel outside
+        assert 40 <= mask.sum() <= 140, (a, mask.sum())
+
+
+def test_mask_images_are_white_on_black():
+    masks = np.zeros((2, 4, 5), bool)
+    masks[0, 1, 2] = masks[1, 3, 4] = True
+    out = mask_images(masks)
+    assert out.shape == (2, 4, 5, 3) and out.dtype == np.uint8
+    assert out[0, 1, 2].tolist() == [255, 255, 255] and out[1, 3, 4].tolist() == [255, 255, 255]
+    assert out.sum() == 2 * 3 * 255

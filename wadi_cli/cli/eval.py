@@ -73,6 +73,18 @@ Examples:
   wadi eval --backbone tiny --teacher --steps 25 -n 256 --seed 0 --json
 
   wadi eval -b tiny -w runs/tiny -n 1000 --metrics accuracy,fd,fid,kid,pr --out eval/tiny
+
+The downstream flags of `wadi sample` (--controlnet/--control-image/
+--control-scale, --init-image/--strength, --height/--width) make the images
+scored; a folder of control or init images pairs with the prompts (tiny: the
+drawn ones) in sorted order. Tiny with a control adds control_iou: the IoU
+of the shape segmented from each image (no model: colour far from the
+border's) against the control's white pixels, with its 95 % interval:
+
+  wadi eval -b tiny -n 4 --controlnet tiny --control-image masks/ --json
+
+  wadi eval -b sd15 -w RUN --captions prompts.txt --controlnet
+  lllyasviel/control_v11p_sd15_canny --control-image edges/ --ref real/ --out eval/cn
 """
 
 
@@ -193,6 +205,8 @@ def _tiny_classifier_eval(sampling: SamplingOptions, flags: EvalFlags) -> None:
     use_backbone_cpu_threads("tiny", sampling.device)
     if flags.out is not None:
         check_output_dir(flags.out)
+    num_images = TINY_NUM_IMAGES if sampling.num_images is None else sampling.num_images
+    inputs = _tiny_inputs(sampling, num_images)
     with weights_for_sampling(sampling.weights, sampling.teacher) as (run_weights, _):
         result, gen = evaluate_tiny(
             weights=run_weights,
@@ -200,7 +214,7 @@ def _tiny_classifier_eval(sampling: SamplingOptions, flags: EvalFlags) -> None:
             steps=sampling.steps,
             cfg=sampling.cfg,
             alpha_bar_T=sampling.alpha_bar_T,
-            num_images=TINY_NUM_IMAGES if sampling.num_images is None else sampling.num_images,
+            num_images=num_images,
             seed=sampling.seed,
             real_seed=flags.real_seed,
             model=sampling.model,
@@ -208,6 +222,7 @@ def _tiny_classifier_eval(sampling: SamplingOptions, flags: EvalFlags) -> None:
             batch_size=_batch_size(sampling, "tiny"),
             classifier=flags.classifier,
             base=sampling.base,
+            inputs=inputs,
         )
     if flags.out is not None:
         save_samples(flags.out, gen.images, gen.prompts, gen.seeds, result)
@@ -215,12 +230,45 @@ def _tiny_classifier_eval(sampling: SamplingOptions, flags: EvalFlags) -> None:
     if flags.json_out:
         typer.echo(json.dumps(result, indent=2))
         return
+    iou = (
+        f"control IoU [bold]{result['control_iou']:.3f}[/] ± {result['control_iou_ci95']:.3f}, "
+        if "control_iou" in result
+        else ""
+    )
     console.print(
         f"tiny {result['mode']}: accuracy [bold]{result['accuracy']:.3f}[/], "
-        f"fd [bold]{result['fd']:.3f}[/] "
+        f"fd [bold]{result['fd']:.3f}[/], {iou}"
         f"({result['num_images']} images, seed {sampling.seed}, {result['seconds']:.1f} s)",
         highlight=False,
     )
+
+
+def _tiny_inputs(sampling: SamplingOptions, count: int) -> Any:
+    """The init and control images of ``count`` tiny prompts (checked before any model
+    loads), at the classifier's 32 px."""
+    from wadi_cli.errors import BadInputError
+    from wadi_cli.evaluation.tiny import DownstreamInputs
+    from wadi_cli.pipeline.images import paired_images
+    from wadi_cli.sample.run import input_images
+    from wadi_cli.tiny.data import IMAGE_SIZE
+
+    for name, value in (("--height", sampling.height), ("--width", sampling.width)):
+        if value is not None and value != IMAGE_SIZE:
+            raise BadInputError(
+                f"{name} {value}: the tiny classifier scores {IMAGE_SIZE}-px images; drop {name} "
+                "(or score another size with --metrics fid,kid --out EVAL)"
+            )
+    init, control = input_images(sampling, "unet", count)
+    fit = IMAGE_SIZE, IMAGE_SIZE
+    return DownstreamInputs(
+        init_images=paired_images(init, *fit, "--init-image") if init else None,
+        strength=sampling.strength,
+        controlnet=sampling.controlnet,
+        control_scale=sampling.control_scale,
+        control_images=paired_images(control, *fit, "--control-image") if control else None,
+        files={k: str(v) for k, v in (("init_image", sampling.init_image),
+                                      ("control_image", sampling.control_image)) if v is not None},
+    )  # fmt: skip
 
 
 def _batch_size(sampling: SamplingOptions, backbone: str) -> int:
@@ -279,6 +327,9 @@ def _protocol_eval(sampling: SamplingOptions, flags: EvalFlags) -> None:
         return
     procs = processes(resolve_device(sampling.device))
     bars = progress_bars(err_console, enabled=procs.is_main)
+    given = _downstream_flag(sampling)
+    if given and (flags.images is not None or flags.save_ref is not None):
+        raise BadInputError(f"{given} applies to generated images, not to --images or --save-ref")
     if flags.save_ref is not None:
         if flags.ref is None:
             raise BadInputError("--save-ref FILE needs --ref DIR (the folder of real images)")
@@ -354,17 +405,30 @@ def _captions(sampling: SamplingOptions, flags: EvalFlags, tiny: bool) -> list[s
     return [prompt_for(x) for x in sample_attributes(n, sampling.seed)]
 
 
+def _downstream_flag(sampling: SamplingOptions) -> str | None:
+    """The first downstream flag given (--init-image, --controlnet, --height, --width)."""
+    given = {"--init-image": sampling.init_image, "--controlnet": sampling.controlnet,
+             "--height": sampling.height, "--width": sampling.width}  # fmt: skip
+    return next((flag for flag, value in given.items() if value is not None), None)
+
+
 def _request(
     sampling: SamplingOptions, flags: EvalFlags, name: str, texts: list[str], weights: str | None, out: Path
 ) -> Any:
+    from wadi_cli.backbones import get_backbone
     from wadi_cli.evaluation.evaluate import ModelRequest
+    from wadi_cli.sample.run import input_images
 
+    init, control = input_images(sampling, get_backbone(name).family, len(texts))
     return ModelRequest(
         backbone=name, out=out, captions=texts, weights=weights, model=sampling.model,
         teacher=sampling.teacher, steps=sampling.steps, cfg=sampling.cfg, alpha_bar_T=sampling.alpha_bar_T,
         seed=sampling.seed,
         batch_size=_batch_size(sampling, name), dtype=sampling.dtype, real_seed=flags.real_seed,
         classifier=_str(flags.classifier), base=sampling.base,
+        init_files=init, strength=sampling.strength, controlnet=sampling.controlnet,
+        control_scale=sampling.control_scale, control_files=control, height=sampling.height,
+        width=sampling.width,
     )  # fmt: skip
 
 

@@ -89,6 +89,20 @@ High resolution (a size the denoiser takes, or one step at the native size,
 
   wadi sample "a lighthouse at dusk" -b sd21 --upscale 2
   --refine-strength 0.3 -o big/
+
+ControlNet (its residuals join the student's one step at t = 999, or each
+teacher step; a folder of control images pairs with the prompts in sorted
+order; tiny: `--controlnet tiny`, the shipped one, whose control is the
+shape's silhouette, white on black):
+
+  wadi sample "a red circle at the top left" -b tiny --controlnet tiny
+  --control-image analysis/tiny_controlnet/mask.png
+
+  wadi sample "a house by a lake" -b sd15 --controlnet
+  lllyasviel/control_v11p_sd15_canny --control-image edges.png -o house/
+
+  wadi sample --prompts prompts.txt -b sd21 --teacher --controlnet
+  ./sd21-controlnet/ --control-image edges/ --control-scale 0.8
 """
 
 

@@ -42,6 +42,9 @@ from wadi_cli.pipeline import (
     load_pipeline,
     resolve_dtype,
 )
+from wadi_cli.pipeline.control import add_controlnet
+from wadi_cli.pipeline.defaults import CONTROL_SCALE, STRENGTH
+from wadi_cli.pipeline.images import paired_images
 from wadi_cli.tiny.classifier import load_classifier
 from wadi_cli.tiny.data import parse_prompt
 
@@ -66,6 +69,40 @@ class ModelRequest:
     classifier: str | None = None
     weights_label: str | None = None  # what the manifest records (default: ``weights``)
     base: bool = False  # one step from the undistilled base instead of the default weights
+    # the downstream uses (--init-image / --strength, --controlnet, --height / --width): the
+    # input image of each caption, checked by wadi_cli.sample.run.input_images
+    init_files: list[Path] | None = None
+    strength: float | None = None
+    controlnet: str | None = None
+    control_scale: float | None = None
+    control_files: list[Path] | None = None
+    height: int | None = None
+    width: int | None = None
+
+    def downstream(self) -> dict[str, Any]:
+        """What the manifest records of the downstream uses (a resume must match it)."""
+        out: dict[str, Any] = {}
+        if self.init_files is not None:
+            out.update(init_image=_common(self.init_files), strength=self.strength or STRENGTH)
+        if self.controlnet is not None:
+            scale = CONTROL_SCALE if self.control_scale is None else self.control_scale
+            out.update(controlnet=self.controlnet, control_image=_common(self.control_files))
+            out["control_scale"] = scale
+        if self.height is not None or self.width is not None:
+            out.update(height=self.height, width=self.width)
+        return out
+
+
+def _fitted(files: list[Path] | None, size: tuple[int, int], flag: str) -> Any:
+    """The input images of ``files`` at ``size`` (None without files)."""
+    return paired_images(files, *size, flag) if files else None
+
+
+def _common(files: list[Path] | None) -> str | None:
+    """The one file every caption uses, else the folder the files are in."""
+    if not files:
+        return None
+    return str(files[0]) if len(set(files)) == 1 else str(files[0].parent)
 
 
 def _tiny_attrs(backbone: str, captions: Sequence[str]) -> list[dict[str, str]] | None:
@@ -136,6 +173,9 @@ def evaluate_model(
         alpha_bar_T=request.alpha_bar_T,
         seed=request.seed,
         batch_size=request.batch_size,
+        strength=request.strength,
+        height=request.height,
+        width=request.width,
     ).resolved(spec, alpha_bar.value)
     dev = procs.device if device is None else device
     dtype = resolve_dtype(request.dtype, dev, spec.family)
@@ -159,6 +199,12 @@ def evaluate_model(
     seed_batch = rules.seed_batch if rules.seeding == "per-batch" else None
     if seed_batch:  # only then do the images depend on the protocol (older folders resume)
         settings.update(seeding=f"{rules.name}: per batch of {seed_batch}", batch_size=seed_batch)
+    settings.update(request.downstream())
+    if seed_batch and request.downstream():
+        raise BadInputError(
+            f"--protocol {rules.name} draws its noise per batch at the model's size: "
+            "--init-image, --controlnet, --height and --width are not supported with it"
+        )
     check_ref(ref)
     manifest = build_manifest(settings, request.captions, request.seed, seed_batch)
     check_resumable(request.out, manifest)
@@ -179,7 +225,16 @@ def evaluate_model(
         base=request.base,
         alpha_bar_T=request.alpha_bar_T,
     )
-    made, seconds = generate_missing(pipe, request.out, manifest, config, procs, progress, seed_batch)
+    pipe = add_controlnet(pipe, request.controlnet, request.control_scale, dtype)
+    _, lat_h, lat_w = pipe.latent_shape_for(config.height, config.width)
+    size = (lat_h * pipe.vae_scale, lat_w * pipe.vae_scale)
+    inputs = {
+        "init_images": _fitted(request.init_files, size, "--init-image"),
+        "control_images": _fitted(request.control_files, size, "--control-image"),
+    }
+    made, seconds = generate_missing(
+        pipe, request.out, manifest, config, procs, progress, seed_batch, inputs=inputs
+    )
     scorer.timing.generated += made
     scorer.timing.generation_s += seconds
     files = [request.out / f for f in manifest.files]

@@ -313,11 +313,14 @@ def generate_missing(
     procs: Processes,
     progress: ProgressFactory,
     seed_batch: int | None = None,
+    inputs: dict[str, np.ndarray | None] | None = None,
 ) -> tuple[int, float]:
     """Generate every chunk of ``manifest`` with an incomplete image, split over processes.
     Chunk ``[s, e)`` is one batch of captions ``s..e-1`` with seeds ``seed + s …``; with
     ``seed_batch`` (DMD2's seeding) a chunk is one of its batches, whose noise is drawn at
-    once (:func:`batch_noise`). Returns (images made by this process, seconds)."""
+    once (:func:`batch_noise`). ``inputs``: :func:`~wadi_cli.pipeline.generate`'s
+    ``init_images`` / ``control_images``, one per caption (not with ``seed_batch``).
+    Returns (images made by this process, seconds)."""
 
     chunk = seed_batch or config.batch_size
     todo = missing_chunks(out, manifest, chunk)
@@ -332,7 +335,8 @@ def generate_missing(
                 images = images_from_noise(pipe, manifest.captions[s:e], config, noise)
             else:
                 cfg = dataclasses.replace(config, seed=int(manifest.entries[s]["seed"]), batch_size=e - s)
-                images = generate(pipe, manifest.captions[s:e], cfg).images
+                given = {k: v[s:e] for k, v in (inputs or {}).items() if v is not None}
+                images = generate(pipe, manifest.captions[s:e], cfg, **given).images
             for i, image in zip(range(s, e), images, strict=True):
                 save_png(image, out / manifest.entries[i]["file"])
             advance(e - s)

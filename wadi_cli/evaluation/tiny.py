@@ -14,15 +14,19 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from wadi_cli.errors import BadInputError
 from wadi_cli.pipeline import Generation, LoadedPipeline, SampleConfig, generate, load_pipeline
+from wadi_cli.pipeline.control import add_controlnet
+from wadi_cli.pipeline.defaults import CONTROL_SCALE, STRENGTH
 from wadi_cli.tiny.classifier import load_classifier
 from wadi_cli.tiny.data import prompt_for, sample_attributes
-from wadi_cli.tiny.metrics import evaluate_images
+from wadi_cli.tiny.metrics import control_adherence, evaluate_images
 
 if TYPE_CHECKING:
     from wadi_cli.tiny.classifier import TinyClassifier
@@ -55,6 +59,7 @@ def evaluate_tiny(
     pipe: LoadedPipeline | None = None,
     classifier: TinyClassifier | None = None,
     base: bool = False,
+    inputs: DownstreamInputs | None = None,
 ) -> tuple[dict[str, Any], Generation]:
     """Generate ``num_images`` tiny images (one-step with ``weights``, by default the shipped
     student; ``base=True``: the undistilled base in one step; or the teacher with
@@ -64,14 +69,18 @@ def evaluate_tiny(
     ``classifier`` is a loaded classifier or a weights path (default: the shipped one);
     it is loaded first, so a missing classifier fails before any generation. A ready
     ``pipe`` may be passed to skip loading. Returns the JSON-ready result and the
-    generation (images, prompts, seeds).
+    generation (images, prompts, seeds). ``inputs``: init images (image-to-image) and
+    ControlNet with control images, one per prompt; with a control the result adds its
+    adherence (:func:`control_scores`).
     """
 
     if num_images < 2:
         raise BadInputError(f"--num-images must be at least 2 to estimate FD, got {num_images}")
+    inputs = inputs or DownstreamInputs()
     config = SampleConfig(
-        teacher=teacher, steps=steps, cfg=cfg, alpha_bar_T=alpha_bar_T, seed=seed, batch_size=batch_size
-    )
+        teacher=teacher, steps=steps, cfg=cfg, alpha_bar_T=alpha_bar_T, seed=seed, batch_size=batch_size,
+        strength=inputs.strength,
+    )  # fmt: skip
     if classifier is None or isinstance(classifier, (str, os.PathLike)):
         classifier = load_classifier(classifier)
     if pipe is None:
@@ -84,10 +93,13 @@ def evaluate_tiny(
             base=base,
             alpha_bar_T=alpha_bar_T,
         )
+        pipe = add_controlnet(pipe, inputs.controlnet, inputs.control_scale, pipe.dtype)
     attrs = sample_attributes(num_images, seed)
     prompts = [prompt_for(a) for a in attrs]
     start = time.perf_counter()
-    generation = generate(pipe, prompts, config)
+    generation = generate(
+        pipe, prompts, config, init_images=inputs.init_images, control_images=inputs.control_images
+    )
     seconds = time.perf_counter() - start
     rs = seed if real_seed is None else real_seed
     metrics = evaluate_generation(generation, attrs, rs, classifier)
@@ -108,5 +120,43 @@ def evaluate_tiny(
         "cfg": resolved.cfg if teacher else None,
         "alpha_bar_T": None if teacher else resolved.alpha_bar_T,
         "seconds": round(seconds, 3),
+        **inputs.record(),
     }
+    if inputs.control_images is not None:
+        result.update(control_scores(generation.images, inputs.control_images))
     return result, generation
+
+
+@dataclass(frozen=True)
+class DownstreamInputs:
+    """What a tiny evaluation adds to text-to-image: ``init_images`` (image-to-image at
+    ``strength``) and ``controlnet`` (``--controlnet``: a name, folder or hub id) at
+    ``control_scale`` with ``control_images``; the images (N, 32, 32, 3) uint8, one per
+    prompt, and the ``files`` they came from (``{flag: path}``, recorded)."""
+
+    init_images: np.ndarray | None = None
+    strength: float | None = None
+    controlnet: str | None = None
+    control_scale: float | None = None
+    control_images: np.ndarray | None = None
+    files: dict[str, str] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        """What the result records of them (nothing for plain text-to-image)."""
+        out: dict[str, Any] = dict(self.files)
+        if self.init_images is not None:
+            out["strength"] = STRENGTH if self.strength is None else self.strength
+        if self.controlnet is not None:
+            out["controlnet"] = self.controlnet
+            out["control_scale"] = CONTROL_SCALE if self.control_scale is None else self.control_scale
+        return out
+
+
+def control_scores(images: np.ndarray, control_images: np.ndarray) -> dict[str, float]:
+    """The adherence of generated tiny images to silhouette controls (white shape on black):
+    ``control_iou`` (mean IoU of the shape segmented from each image, without any model,
+    against its control's white pixels, mean channel > 127) and ``control_iou_ci95`` (the
+    half-width of its 95 % interval); :func:`~wadi_cli.tiny.metrics.control_adherence`."""
+    masks = np.asarray(control_images, dtype=np.float64).mean(axis=-1) > 127
+    scores = control_adherence(images, masks)
+    return {"control_iou": scores["iou"], "control_iou_ci95": scores["iou_ci95"]}

@@ -11,6 +11,10 @@ image is RGB in [0, 1] at the output's pixel size (fitted like ``--init-image``,
 :mod:`~wadi_cli.pipeline.images`). The ControlNet must belong to the U-Net's family: same
 cross-attention width and block widths (an SD1.5 ControlNet on SD1.5, an SD2.1 one on
 SD2.1); PixArt has no ControlNet here.
+
+Besides folders and hub ids, ``--controlnet`` takes the names of :data:`BUILTIN_CONTROLNETS`:
+``tiny``, the ControlNet shipped for the tiny teacher (control: the shape's silhouette, white
+on black; ``analysis/tiny_controlnet/``).
 """
 
 from __future__ import annotations
@@ -28,7 +32,13 @@ from wadi_cli.errors import BadInputError
 from wadi_cli.io.hub import looks_like_repo_id, resolve_repo
 from wadi_cli.io.hub_files import FetchPlan
 from wadi_cli.io.paths import input_path_problem
+from wadi_cli.pipeline.defaults import CONTROL_SCALE
 from wadi_cli.pipeline.loaded import LoadedPipeline
+from wadi_cli.tiny.arch import TINY_CONTROLNET_DIR
+
+#: ControlNets shipped with wadi, by the name ``--controlnet`` takes (before any folder of
+#: that name: a built-in name is never a path).
+BUILTIN_CONTROLNETS: dict[str, Path] = {"tiny": TINY_CONTROLNET_DIR}
 
 
 def controlnet_plan(variant: str | None) -> FetchPlan:
@@ -38,11 +48,13 @@ def controlnet_plan(variant: str | None) -> FetchPlan:
 
 
 def load_controlnet(ref: str, pipe: LoadedPipeline, variant: str | None = None) -> nn.Module:
-    """The ``ControlNetModel`` of ``ref`` (a folder, or a hub id fetched by
+    """The ``ControlNetModel`` of ``ref`` (a built-in name, a folder, or a hub id fetched by
     :func:`controlnet_plan`) on ``pipe``'s device and dtype, checked to fit its U-Net."""
     if pipe.denoiser.family != "unet":
-        raise BadInputError(f"--controlnet: not supported for {pipe.backbone.name} (a DiT); use sd15 or sd21")
-    local = Path(ref).expanduser()
+        raise BadInputError(
+            f"--controlnet: not supported for {pipe.backbone.name} (a DiT); use sd15, sd21 or tiny"
+        )
+    local = BUILTIN_CONTROLNETS.get(ref.strip().lower()) or Path(ref).expanduser()
     if local.exists():
         problem = input_path_problem(local)
         if problem or not local.is_dir():
@@ -140,3 +152,16 @@ def with_controlnet(pipe: LoadedPipeline, controlnet: nn.Module, scale: float) -
 def control_tensor(images: np.ndarray) -> torch.Tensor:
     """(N, H, W, 3) uint8 → (N, 3, H, W) float in [0, 1] (diffusers' control image range)."""
     return torch.from_numpy(np.array(images, dtype=np.float32)).permute(0, 3, 1, 2) / 255.0
+
+
+def add_controlnet(
+    pipe: LoadedPipeline, controlnet: str | None, control_scale: float | None, dtype: torch.dtype
+) -> LoadedPipeline:
+    """``pipe`` with the ControlNet ``controlnet`` (``--controlnet``) loaded into its denoiser
+    at ``control_scale`` (``None``: the default), unchanged without one."""
+    if controlnet is None:
+        return pipe
+    from wadi_cli.pipeline.base import weights_variant
+
+    scale = CONTROL_SCALE if control_scale is None else control_scale
+    return with_controlnet(pipe, load_controlnet(controlnet, pipe, weights_variant(dtype)), scale)

@@ -44,6 +44,8 @@ def option(
 
 
 _RECIPE = "the backbone's sampling recipe, see `wadi info -b NAME`"
+#: The downstream flags ``wadi sample`` and ``wadi eval`` share (eval scores what they make).
+_DOWNSTREAM: Mapping[str, Mapping[str, Any]] = {"sample": {}, "eval": {}}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,24 +136,24 @@ class SamplingOptions:
         "/ sqrt(ᾱ_t) (v-prediction: x0 = sqrt(ᾱ_t)·x_t − sqrt(1−ᾱ_t)·v̂); with --teacher the last "
         "int(steps·s) DDIM steps (as diffusers' img2img).",
         default=None,
-        commands={"sample": {}},
+        commands=_DOWNSTREAM,
     )
     strength: float | None = option(
         "How much of the init image is replaced, s in (0, 1] (1: pure noise at t = 999; "
         f"default {STRENGTH}).",
         default=None,
-        commands={"sample": {}},
+        commands=_DOWNSTREAM,
     )
     height: int | None = option(
         "Image height in pixels: a multiple of the VAE factor × the denoiser's (sd: 64, pixart: 16, "
         "tiny: 8); default the model's own.",
         default=None,
-        commands={"sample": {}},
+        commands=_DOWNSTREAM,
     )
     width: int | None = option(
         "Image width in pixels (as --height).",
         default=None,
-        commands={"sample": {}},
+        commands=_DOWNSTREAM,
     )
     upscale: int | None = option(
         "High resolution in two stages: sample at the native size, enlarge K× in pixel space (bicubic; "
@@ -162,21 +164,22 @@ class SamplingOptions:
     )
     controlnet: str | None = option(
         "ControlNet (diffusers ControlNetModel: folder or hub id, e.g. lllyasviel/control_v11p_sd15_canny) "
-        "for sd15/sd21: its residuals join every denoiser call (the student's one step at t = 999, each "
-        "teacher step). Needs --control-image.",
+        "for sd15/sd21, or `tiny` (shipped for -b tiny; control: the shape's silhouette, white on black): "
+        "its residuals join every denoiser call (the student's one step at t = 999, each teacher step). "
+        "Needs --control-image.",
         default=None,
-        commands={"sample": {}},
+        commands=_DOWNSTREAM,
     )
     control_image: str | None = option(
         "Control image IMG, or a folder of them paired with the prompts in sorted order (fitted to "
         "the output size like --init-image).",
         default=None,
-        commands={"sample": {}},
+        commands=_DOWNSTREAM,
     )
     control_scale: float | None = option(
         f"ControlNet conditioning scale (default {CONTROL_SCALE}).",
         default=None,
-        commands={"sample": {}},
+        commands=_DOWNSTREAM,
     )
     refine_strength: float | None = option(
         f"Strength of --upscale's refining image-to-image step, in (0, 1] (default {REFINE_STRENGTH}).",

@@ -21,8 +21,8 @@ from wadi_cli.pipeline import (
     load_pipeline,
     resolve_dtype,
 )
-from wadi_cli.pipeline.base import weights_variant
-from wadi_cli.pipeline.defaults import CONTROL_SCALE, STRENGTH
+from wadi_cli.pipeline.control import add_controlnet
+from wadi_cli.pipeline.defaults import STRENGTH
 from wadi_cli.pipeline.images import image_files, paired_images
 from wadi_cli.pipeline.options import SamplingOptions
 from wadi_cli.sample.output import check_output_dir, save_samples
@@ -89,7 +89,7 @@ def sample_to_folder(
         base=options.base,
         alpha_bar_T=options.alpha_bar_T,
     )
-    pipe = add_controlnet(pipe, options, torch_dtype)
+    pipe = add_controlnet(pipe, options.controlnet, options.control_scale, torch_dtype)
     if on_loaded is not None:
         on_loaded(pipe)
     config = options.sample_config()
@@ -152,20 +152,12 @@ def input_images(
     """The ``--init-image`` and ``--control-image`` file of each of ``count`` prompts, checked
     before any model loads (and ``--controlnet`` refused for a DiT backbone)."""
     if options.controlnet is not None and family != "unet":
-        raise BadInputError(f"--controlnet: not supported for {options.backbone} (a DiT); use sd15 or sd21")
+        raise BadInputError(
+            f"--controlnet: not supported for {options.backbone} (a DiT); use sd15, sd21 or tiny"
+        )
     init = image_files(options.init_image, count, "--init-image") if options.init_image else None
     control = image_files(options.control_image, count, "--control-image") if options.control_image else None
     return init, control
-
-
-def add_controlnet(pipe: LoadedPipeline, options: SamplingOptions, dtype: Any) -> LoadedPipeline:
-    """``pipe`` with ``options.controlnet`` loaded into its denoiser (unchanged without one)."""
-    if options.controlnet is None:
-        return pipe
-    from wadi_cli.pipeline.control import load_controlnet, with_controlnet
-
-    scale = CONTROL_SCALE if options.control_scale is None else options.control_scale
-    return with_controlnet(pipe, load_controlnet(options.controlnet, pipe, weights_variant(dtype)), scale)
 
 
 def downstream_record(config: SampleConfig, pipe: LoadedPipeline, init: bool) -> dict[str, Any]:

@@ -40,6 +40,10 @@ TINY_CLASSIFIER_PATH: Path = TINY_ASSETS_DIR / "classifier.safetensors"
 #: metadata; the default weights of ``wadi sample -b tiny`` / ``wadi eval -b tiny``.
 #: How it was made: ``analysis/tiny_student/``.
 TINY_STUDENT_PATH: Path = TINY_ASSETS_DIR / "student.safetensors"
+#: Shipped ControlNet of the shipped teacher (diffusers ``ControlNetModel`` folder): its
+#: control image is the shape's silhouette, white on black (``wadi sample -b tiny
+#: --controlnet tiny``). How it was made and what it does: ``analysis/tiny_controlnet/``.
+TINY_CONTROLNET_DIR: Path = TINY_ASSETS_DIR / "controlnet"
 
 IMAGE_SIZE = 32
 LATENT_SIZE = 8

@@ -93,6 +93,14 @@ def render(attrs: Attrs, rng: np.random.Generator, background: Sequence[float] |
     """Render one ``(32, 32, 3)`` uint8 image of ``attrs``; jitter is drawn from ``rng``.
     ``background`` (an RGB factor) tints the background, for a shifted distribution (the
     random draws, hence everything else, are those of the plain image)."""
+    return _render(attrs, rng, background)[0]
+
+
+def _render(
+    attrs: Attrs, rng: np.random.Generator, background: Sequence[float] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`render`'s image and the shape's silhouette: ``(32, 32)`` bool, the pixels at
+    least half covered by the shape (of the 2×2 supersamples)."""
     s = IMAGE_SIZE * _SUPERSAMPLE
     coords = (np.arange(s, dtype=np.float64) + 0.5) / _SUPERSAMPLE
     yy, xx = np.meshgrid(coords, coords, indexing="ij")
@@ -116,7 +124,8 @@ def render(attrs: Attrs, rng: np.random.Generator, background: Sequence[float] |
     mask = _shape_mask(attrs["shape"], yy, xx, cy, cx, r)
     img = np.where(mask[..., None], colour[None, None, :], img)
     img = img.reshape(IMAGE_SIZE, _SUPERSAMPLE, IMAGE_SIZE, _SUPERSAMPLE, 3).mean(axis=(1, 3))
-    return np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
+    cover = mask.reshape(IMAGE_SIZE, _SUPERSAMPLE, IMAGE_SIZE, _SUPERSAMPLE).mean(axis=(1, 3))
+    return np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8), cover >= 0.5
 
 
 def render_batch(attrs: Sequence[Attrs], seed: int, background: Sequence[float] | None = None) -> np.ndarray:
@@ -133,3 +142,22 @@ def real_images(n: int, seed: int) -> tuple[np.ndarray, list[Attrs]]:
     """``n`` freshly rendered images with uniformly drawn attributes: ``(images, attrs)``."""
     attrs = sample_attributes(n, seed)
     return render_batch(attrs, seed), attrs
+
+
+def render_with_masks(attrs: Sequence[Attrs], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The images of ``render_batch(attrs, seed)`` (the same pixels) and the silhouette of
+    each one's shape: ``((N, 32, 32, 3) uint8, (N, 32, 32) bool)``, a mask at least half of
+    whose 2×2 supersamples the shape covers (the tiny ControlNet's control, and the ground
+    truth of its adherence metric)."""
+    rng = np.random.default_rng([seed, 1])
+    images = np.empty((len(attrs), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    masks = np.empty((len(attrs), IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
+    for i, a in enumerate(attrs):
+        images[i], masks[i] = _render(a, rng, None)
+    return images, masks
+
+
+def mask_images(masks: np.ndarray) -> np.ndarray:
+    """``(N, H, W)`` bool silhouettes → ``(N, H, W, 3)`` uint8 control images: white shape
+    (255) on black (0)."""
+    return np.repeat(np.asarray(masks, dtype=bool)[..., None], 3, axis=-1).astype(np.uint8) * 255
