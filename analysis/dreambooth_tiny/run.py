@@ -351,6 +351,15 @@ def git_head() -> str:
 
 
 # ---- main ----------------------------------------------------------------------------------
+def write_outputs(rows: list[dict], grids: dict[str, np.ndarray], args: argparse.Namespace) -> None:
+    """The results CSV (and for the study its tables, curves and sample grid)."""
+    write_csv(rows, args.out / ("sweep.csv" if args.lr_sweep else "results.csv"))
+    if not args.lr_sweep:
+        (args.out / "results.md").write_text(summarize(rows))
+        plot(rows, args.out / "overfit.png")
+        save_grid(grids, args.out / "samples.png")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=HERE / "results")
@@ -365,6 +374,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--instances", type=int, default=6)
     p.add_argument("--n-subject", type=int, default=8, help="images of the instance prompt per checkpoint")
     p.add_argument("--n-prompt", type=int, default=2, help="images per novel / in-vocabulary prompt")
+    p.add_argument("--grid", type=int, default=16, help="images per row of samples.png")
     p.add_argument("--threads", type=int, default=1)
     return p.parse_args(argv)
 
@@ -384,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     t_all, cpu0 = time.perf_counter(), time.process_time()
     args.out.mkdir(parents=True, exist_ok=True)
-    work = args.out / "_runs"
+    part = "sweep" if args.lr_sweep else "study"
+    work = args.out / f"_runs-{part}"
     shutil.rmtree(work, ignore_errors=True)
     inst_dir = work / "instances"
     inst_dir.mkdir(parents=True)
@@ -393,7 +404,6 @@ def main(argv: list[str] | None = None) -> int:
         Image.fromarray(im).save(inst_dir / f"{i:02d}.png")
     rows = [] if args.lr_sweep else reference_rows(scorer, args.n_subject, args.n_prompt)
     grids: dict[str, np.ndarray] = {"instance images": scorer.instances}
-    part = "sweep" if args.lr_sweep else "study"
     for kind, lr, prior, seed in runs_of(args):
         run = work / f"{kind}-{lr}-{prior}-{seed}"
         train_s, cfg_lr = train(kind, lr, prior, seed, args.steps, args.every, inst_dir, run)
@@ -403,17 +413,15 @@ def main(argv: list[str] | None = None) -> int:
                          "train_s": round(train_s, 1)})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
         if seed == int(args.seeds.split(",")[0]) and not args.lr_sweep:
-            final = sample_set(checkpoint_pipe(run, sorted((run / "checkpoints").iterdir())[-1]), 16, 1)
+            final = sample_set(
+                checkpoint_pipe(run, sorted((run / "checkpoints").iterdir())[-1]), args.grid, 1
+            )
             grids[f"{kind}, prior {'on' if prior else 'off'}: instance prompt"] = final[0]
             grids[f"{kind}, prior {'on' if prior else 'off'}: novel prompts"] = final[1]
         shutil.rmtree(run)
+        write_outputs(rows, grids, args)  # after every run: an interrupted study leaves whole files
     shutil.rmtree(work)
     name = "sweep" if args.lr_sweep else "results"
-    write_csv(rows, args.out / f"{name}.csv")
-    if not args.lr_sweep:
-        (args.out / "results.md").write_text(summarize(rows))
-        plot(rows, args.out / "overfit.png")
-        save_grid(grids, args.out / "samples.png")
     info = {
         "command": " ".join(
             ["PYTHONPATH=. python3 analysis/dreambooth_tiny/run.py", *(argv or sys.argv[1:])]
@@ -421,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
         "params": {r["kind"]: r["params"] for r in rows if r["part"] != "reference"},
-        "lr": {r["kind"]: r["lr"] for r in rows if r["part"] != "reference"},
+        "lr": sorted({(r["kind"], r["lr"]) for r in rows if r["part"] != "reference"}),
         "wall_s": round(time.perf_counter() - t_all, 1),
         "cpu_s": round(time.process_time() - cpu0, 1),
         "git": git_head(),
