@@ -101,25 +101,49 @@ def nearest_distance(feats: np.ndarray, pool: np.ndarray) -> float:
     return float(d.min(axis=1).mean())
 
 
+def vae_roundtrip(images: np.ndarray, pipe=None) -> np.ndarray:
+    """``images`` encoded by the tiny VAE (the mode of q(z|x), as ``wadi finetune`` encodes its
+    instances) and decoded: the closest the latent model can come to them."""
+    from wadi_cli.finetune.trainer import encode_latents
+    from wadi_cli.pipeline import decode
+
+    pipe = pipe if pipe is not None else load_pipeline("tiny", teacher=True)
+    with torch.no_grad():
+        return decode(pipe.vae, encode_latents(pipe, images))
+
+
 class Scorer:
-    """Classifier features of the references, computed once; scores of image sets."""
+    """Classifier features of the references, computed once; scores of image sets.
+
+    Every reference goes through the tiny VAE first (:func:`vae_roundtrip`): its decoder never
+    learnt a star and draws a rounded blob for one (``README``), so a generated image is compared
+    with what the model could draw at best, not with the sharp render."""
 
     def __init__(self, n_instances: int, classifier=None) -> None:
         self.model = classifier if classifier is not None else load_classifier()
+        self.pipe = load_pipeline("tiny", teacher=True)
         self.instances = instance_images(n_instances)
-        self.inst_feats = features(self.instances, self.model)
-        self.held_out_nn = features(render_batch([INSTANCE] * n_instances, HELD_OUT_SEED + 1), self.model)
+        self.inst_feats = self.feats(self.instances)
+        self.held_out_nn = self.feats(render_batch([INSTANCE] * n_instances, HELD_OUT_SEED + 1))
         self._centroids: dict[tuple[str, str], np.ndarray] = {}
+
+    def roundtrip(self, images: np.ndarray) -> np.ndarray:
+        return vae_roundtrip(images, self.pipe)
+
+    def feats(self, renders: np.ndarray) -> np.ndarray:
+        """Classifier features of renders after the VAE round trip."""
+        return features(self.roundtrip(renders), self.model)
 
     def centroid(self, a: dict[str, str]) -> np.ndarray:
         key = (a["color"], a["position"])
         if key not in self._centroids:
             refs = render_batch([{**a, "shape": "star"}] * REF_RENDERS, HELD_OUT_SEED)
-            self._centroids[key] = features(refs, self.model).mean(axis=0)
+            self._centroids[key] = self.feats(refs).mean(axis=0)
         return self._centroids[key]
 
     def subject(self, images: np.ndarray, attrs: list[dict[str, str]]) -> float:
-        """Centroid distance of ``images`` to held-out star renders of their ``attrs``."""
+        """Centroid distance of ``images`` to held-out star renders of their ``attrs`` (through
+        the VAE)."""
         cents = np.stack([self.centroid(a) for a in attrs])
         return centroid_distance(features(images, self.model), cents)
 
@@ -218,25 +242,27 @@ def score_run(run: Path, scorer: Scorer, n_subject: int, n_prompt: int) -> list[
 
 
 def reference_rows(scorer: Scorer, n_subject: int, n_prompt: int) -> list[dict]:
-    """Held-out renders, the instance set, circle renders and the base model, scored alike."""
+    """New star renders (raw and through the VAE: the ceiling), the instance set (through the
+    VAE), circle renders through the VAE, and the base model, scored alike."""
     novel_at = [a for a in novel_attrs() for _ in range(n_prompt)]
     vocab_at = [{**INSTANCE, "shape": s} for s in ATTRIBUTES["shape"] for _ in range(n_prompt)]
     circle = {**INSTANCE, "shape": "circle"}
-    rows = [
-        ("held-out star renders", scorer.score(
-            render_batch([INSTANCE] * n_subject, HELD_OUT_SEED + 2),
-            render_batch(novel_at, HELD_OUT_SEED + 2), novel_at,
-            render_batch(vocab_at, HELD_OUT_SEED + 3), vocab_at,
-        )),
-        ("instance images", scorer.score(scorer.instances)),
-        ("circle renders", scorer.score(
-            render_batch([circle] * n_subject, HELD_OUT_SEED + 2),
-            render_batch([{**a, "shape": "circle"} for a in novel_at], HELD_OUT_SEED + 2), novel_at,
-        )),
-    ]  # fmt: skip
-    rows.append(
-        ("base model", scorer.score(*sample_set(load_pipeline("tiny", teacher=True), n_subject, n_prompt)))
+    star_i, star_n = (
+        render_batch([INSTANCE] * n_subject, HELD_OUT_SEED + 2),
+        render_batch(novel_at, HELD_OUT_SEED + 2),
     )
+    circ_i = render_batch([circle] * n_subject, HELD_OUT_SEED + 2)
+    circ_n = render_batch([{**a, "shape": "circle"} for a in novel_at], HELD_OUT_SEED + 2)
+    vocab = render_batch(vocab_at, HELD_OUT_SEED + 3)
+    rt = scorer.roundtrip
+    rows = [
+        ("star renders", scorer.score(star_i, star_n, novel_at, vocab, vocab_at)),
+        ("star renders through the VAE (ceiling)",
+         scorer.score(rt(star_i), rt(star_n), novel_at, rt(vocab), vocab_at)),
+        ("instance images through the VAE", scorer.score(rt(scorer.instances))),
+        ("circle renders through the VAE", scorer.score(rt(circ_i), rt(circ_n), novel_at)),
+        ("base model", scorer.score(*sample_set(scorer.pipe, n_subject, n_prompt))),
+    ]  # fmt: skip
     return [{"part": "reference", "kind": name, "step": 0, **s} for name, s in rows]
 
 
@@ -310,7 +336,10 @@ def plot(rows: list[dict], path: Path) -> None:
             style = "-" if kind == "lorad" else "--"
             line = ax.plot(steps, mu, style, marker="o", ms=3, label=f"{kind}, prior {prior}")[0]
             ax.fill_between(steps, mu - hw, mu + hw, color=line.get_color(), alpha=0.15)
-        for name, ls in (("held-out star renders", ":"), ("circle renders", "-.")):
+        for name, ls in (
+            ("star renders through the VAE (ceiling)", ":"),
+            ("circle renders through the VAE", "-."),
+        ):
             if name in refs and not math.isnan(refs[name][m]):
                 ax.axhline(refs[name][m], color="grey", ls=ls, lw=1, label=name)
         ax.set_title(m)
@@ -351,6 +380,36 @@ def git_head() -> str:
 
 
 # ---- main ----------------------------------------------------------------------------------
+_SCORER: Scorer | None = None
+
+
+def _init_worker(instances: int, threads: int, scorer: Scorer | None = None) -> None:
+    global _SCORER
+    torch.set_num_threads(threads)
+    _SCORER = scorer if scorer is not None else Scorer(instances)
+
+
+def one_run(spec: tuple) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Train one run, score each of its checkpoints, delete it: ``(rows, sample grids)``."""
+    kind, lr, prior, seed, args, inst_dir, work = spec
+    assert _SCORER is not None
+    run = work / f"{kind}-{lr}-{prior}-{seed}"
+    train_s, cfg_lr = train(kind, lr, prior, seed, args.steps, args.every, inst_dir, run)
+    part = "sweep" if args.lr_sweep else "study"
+    rows, grids = [], {}
+    for step, scores, params in score_run(run, _SCORER, args.n_subject, args.n_prompt):
+        rows.append({"part": part, "kind": kind, "rank": RANKS[kind], "params": params, "lr": cfg_lr,
+                     "prior": "on" if prior else "off", "seed": seed, "step": step, **scores,
+                     "train_s": round(train_s, 1)})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    if seed == int(args.seeds.split(",")[0]) and not args.lr_sweep:
+        final = sample_set(checkpoint_pipe(run, sorted((run / "checkpoints").iterdir())[-1]), args.grid, 1)
+        grids[f"{kind}, prior {'on' if prior else 'off'}: instance prompt"] = final[0]
+        grids[f"{kind}, prior {'on' if prior else 'off'}: novel prompts"] = final[1]
+    shutil.rmtree(run)
+    return rows, grids
+
+
 def write_outputs(rows: list[dict], grids: dict[str, np.ndarray], args: argparse.Namespace) -> None:
     """The results CSV (and for the study its tables, curves and sample grid)."""
     write_csv(rows, args.out / ("sweep.csv" if args.lr_sweep else "results.csv"))
@@ -373,9 +432,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--every", type=int, default=50)
     p.add_argument("--instances", type=int, default=6)
     p.add_argument("--n-subject", type=int, default=8, help="images of the instance prompt per checkpoint")
-    p.add_argument("--n-prompt", type=int, default=2, help="images per novel / in-vocabulary prompt")
-    p.add_argument("--grid", type=int, default=16, help="images per row of samples.png")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--n-prompt", type=int, default=1, help="images per novel / in-vocabulary prompt")
+    p.add_argument("--grid", type=int, default=8, help="images per row of samples.png")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--jobs", type=int, default=1, help="training runs in parallel (processes)")
     return p.parse_args(argv)
 
 
@@ -404,22 +464,27 @@ def main(argv: list[str] | None = None) -> int:
         Image.fromarray(im).save(inst_dir / f"{i:02d}.png")
     rows = [] if args.lr_sweep else reference_rows(scorer, args.n_subject, args.n_prompt)
     grids: dict[str, np.ndarray] = {"instance images": scorer.instances}
-    for kind, lr, prior, seed in runs_of(args):
-        run = work / f"{kind}-{lr}-{prior}-{seed}"
-        train_s, cfg_lr = train(kind, lr, prior, seed, args.steps, args.every, inst_dir, run)
-        for step, scores, params in score_run(run, scorer, args.n_subject, args.n_prompt):
-            rows.append({"part": part, "kind": kind, "rank": RANKS[kind], "params": params, "lr": cfg_lr,
-                         "prior": "on" if prior else "off", "seed": seed, "step": step, **scores,
-                         "train_s": round(train_s, 1)})  # fmt: skip
-            print(json.dumps(rows[-1]), flush=True)
-        if seed == int(args.seeds.split(",")[0]) and not args.lr_sweep:
-            final = sample_set(
-                checkpoint_pipe(run, sorted((run / "checkpoints").iterdir())[-1]), args.grid, 1
-            )
-            grids[f"{kind}, prior {'on' if prior else 'off'}: instance prompt"] = final[0]
-            grids[f"{kind}, prior {'on' if prior else 'off'}: novel prompts"] = final[1]
-        shutil.rmtree(run)
+    grids["base model: instance prompt"], grids["base model: novel prompts"] = sample_set(
+        scorer.pipe, args.grid, 1
+    )[:2]
+    specs = [(kind, lr, prior, seed, args, inst_dir, work) for kind, lr, prior, seed in runs_of(args)]
+    if args.jobs > 1:
+        import multiprocessing
+
+        pool = multiprocessing.get_context("spawn").Pool(
+            args.jobs, _init_worker, (args.instances, args.threads)
+        )
+        results = pool.imap(one_run, specs)
+    else:
+        _init_worker(args.instances, args.threads, scorer)
+        results = map(one_run, specs)
+    for run_rows, run_grids in results:
+        rows += run_rows
+        grids.update(run_grids)
         write_outputs(rows, grids, args)  # after every run: an interrupted study leaves whole files
+    if args.jobs > 1:
+        pool.close()
+        pool.join()
     shutil.rmtree(work)
     name = "sweep" if args.lr_sweep else "results"
     info = {
