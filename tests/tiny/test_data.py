@@ -149,3 +149,52 @@ def test_mask_images_are_white_on_black():
     assert out.shape == (2, 4, 5, 3) and out.dtype == np.uint8
     assert out[0, 1, 2].tolist() == [255, 255, 255] and out[1, 3, 4].tolist() == [255, 255, 255]
     assert out.sum() == 2 * 3 * 255
+
+
+def test_star_is_outside_the_vocabulary_and_drawn_as_a_five_pointed_star():
+    """The star (``NOVEL_SHAPES``) is no class, prompt word or parseable prompt of the tiny
+    model; its mask is the polygon of its vertices: the pixel area of a large star drawn on a
+    fine grid matches the shoelace area of the 10 vertices, and a ray from the centre crosses
+    it once in a point's direction and not at all beyond the inner radius between two points."""
+    from wadi_cli.tiny.arch import PROMPT_WORDS
+    from wadi_cli.tiny.data import (
+        NOVEL_SHAPES,
+        STAR_INNER_RATIO,
+        STAR_OUTER_SCALE,
+        _shape_mask,
+        star_vertices,
+    )
+
+    assert "star" in NOVEL_SHAPES and "star" not in ATTRIBUTES["shape"] and "star" not in PROMPT_WORDS
+    assert parse_prompt("a red star at the top left") is None
+    v = star_vertices(10.0)
+    y, x = v[:, 0], v[:, 1]
+    shoelace = 0.5 * abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+    # closed form: 10 triangles centre-outer-inner, each ½·R·ρR·sin 36°
+    assert shoelace == pytest.approx(5 * 10.0 * STAR_INNER_RATIO * 10.0 * np.sin(np.pi / 5))
+    c = (np.arange(800) + 0.5) / 20 - 20.0  # 40 x 40 units at 20 px per unit
+    yy, xx = np.meshgrid(c, c, indexing="ij")
+    mask = _shape_mask("star", yy, xx, 0.0, 0.0, 10.0 / STAR_OUTER_SCALE)  # outer radius 10
+    assert mask.sum() / 400 == pytest.approx(shoelace, rel=0.01)
+    # up (dy < 0) is a point: inside at 0.9 R; straight down lies between two points
+    assert _shape_mask("star", np.array([-9.0]), np.array([0.0]), 0, 0, 10.0 / STAR_OUTER_SCALE)[0]
+    assert not _shape_mask("star", np.array([6.0]), np.array([0.0]), 0, 0, 10.0 / STAR_OUTER_SCALE)[0]
+
+
+def test_star_renders_like_the_other_shapes():
+    """Same colour, position and jitter draws as the vocabulary's shapes: a red star at the
+    top left has its saturated pixels there, in red, and its pixels differ from every other
+    shape's drawn from the same random state."""
+    attrs = {"color": "red", "shape": "star", "position": "top left"}
+    img = render(attrs, np.random.default_rng(2))
+    mask = _shape_pixels(img)
+    rows, cols = np.nonzero(mask)
+    assert 30 <= mask.sum() <= 250 and rows.mean() < 16 and cols.mean() < 16
+    r, g, b = img[mask].astype(np.float64).mean(axis=0)
+    assert r > g + 60 and r > b + 60
+    box = (np.ptp(rows) + 1) * (np.ptp(cols) + 1)
+    assert 0.3 < mask.sum() / box < 0.6  # a star fills less of its box than a circle
+    for shape in ATTRIBUTES["shape"]:
+        other = render({**attrs, "shape": shape}, np.random.default_rng(2))
+        assert not np.array_equal(img, other)
+        np.testing.assert_array_equal(img[28:, 28:], other[28:, 28:])  # same background draws

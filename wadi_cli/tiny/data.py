@@ -26,6 +26,18 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
 
 Attrs = dict[str, str]
 
+#: Shapes the renderer draws that are NOT in :data:`ATTRIBUTES` (nor in the tiny model's
+#: vocabulary, its training data or its classifier's classes): out-of-vocabulary concepts
+#: for fine-tuning studies (``analysis/dreambooth_tiny``). Adding one here changes nothing
+#: that the shipped model, student or classifier were trained on.
+NOVEL_SHAPES: tuple[str, ...] = ("star",)
+#: The star's inner (concave) vertices lie at this fraction of its outer radius.
+STAR_INNER_RATIO = 0.45
+#: Outer radius of the star relative to the jittered half-extent ``r``: its area is then
+#: close to the circle's (a five-pointed star with inner ratio 0.45 covers about 42 % of
+#: its circumscribed circle's area, so it is drawn larger).
+STAR_OUTER_SCALE = 1.45
+
 # Nominal RGB of each colour in [0, 1]; the renderer jitters shade and hue slightly.
 _BASE_RGB: dict[str, tuple[float, float, float]] = {
     "red": (0.88, 0.12, 0.10),
@@ -74,6 +86,27 @@ def attrs_to_indices(attrs: Sequence[Attrs]) -> np.ndarray:
     return np.array([[ATTRIBUTES[k].index(a[k]) for k in keys] for a in attrs], dtype=np.int64).reshape(-1, 3)
 
 
+def star_vertices(outer: float) -> np.ndarray:
+    """``(10, 2)`` (dy, dx) vertices of a five-pointed star of outer radius ``outer`` around
+    the origin, one point straight up (dy < 0 is up), outer and inner vertices alternating."""
+    k = np.arange(10)
+    angle = -np.pi / 2 + k * np.pi / 5
+    rad = np.where(k % 2 == 0, outer, STAR_INNER_RATIO * outer)
+    return np.stack([rad * np.sin(angle), rad * np.cos(angle)], axis=1)
+
+
+def _star_mask(dy: np.ndarray, dx: np.ndarray, outer: float) -> np.ndarray:
+    """Inside the star polygon (even-odd crossing rule over its 10 edges)."""
+    v = star_vertices(outer)
+    inside = np.zeros(dy.shape, dtype=bool)
+    for (y0, x0), (y1, x1) in zip(v, np.roll(v, -1, axis=0), strict=True):
+        crosses = (y0 > dy) != (y1 > dy)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            x_at = x0 + (dy - y0) * (x1 - x0) / (y1 - y0)
+        inside ^= crosses & (dx < x_at)
+    return inside
+
+
 def _shape_mask(shape: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float) -> np.ndarray:
     """Boolean mask of a shape of half-extent ``r`` centred at (cy, cx)."""
     dy, dx = yy - cy, xx - cx
@@ -86,11 +119,14 @@ def _shape_mask(shape: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float
         top, bottom = -r, 0.8 * r
         frac = (dy - top) / (bottom - top)  # 0 at the apex, 1 at the base
         return (frac >= 0) & (frac <= 1) & (np.abs(dx) <= frac * 1.05 * r)
+    if shape == "star":  # out of vocabulary (NOVEL_SHAPES): five points, one pointing up
+        return _star_mask(dy, dx, STAR_OUTER_SCALE * r)
     raise ValueError(f"unknown shape {shape!r}")
 
 
 def render(attrs: Attrs, rng: np.random.Generator, background: Sequence[float] | None = None) -> np.ndarray:
     """Render one ``(32, 32, 3)`` uint8 image of ``attrs``; jitter is drawn from ``rng``.
+    ``attrs["shape"]`` may also be one of :data:`NOVEL_SHAPES` (same jitter draws).
     ``background`` (an RGB factor) tints the background, for a shifted distribution (the
     random draws, hence everything else, are those of the plain image)."""
     return _render(attrs, rng, background)[0]
