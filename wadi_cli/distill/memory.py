@@ -32,6 +32,12 @@ The peak of one WaDi step (§4) is modelled as
   extrapolation undercounts larger batches a little (tiny at batch 5: 2 % in the
   generator phase, 11 % in the fake phase; tests/distill/test_memory.py).
 
+Known bias: on the meta device ``scaled_dot_product_attention`` takes its math path, which
+keeps the attention probabilities (tokens² per head); the CPU's and the GPU's fused kernels
+keep only the output and its log-sum-exp. So the traced phases overcount attention, more as
+the token count grows (tiny at 16² latents: +12 to +19 % of the measured peak,
+analysis/sdxl_memory): the prediction errs high.
+
 What the model leaves out: the allocator's caching and fragmentation (the CUDA caching
 allocator rounds blocks and keeps freed ones; ``torch.cuda.max_memory_allocated`` does not
 count them, ``nvidia-smi`` does), the CUDA context (~0.5 GB), cuDNN / cuBLAS workspaces,
@@ -251,11 +257,12 @@ def _phase_peaks(
     from wadi_cli.lorad.multi_adapter import adapter_parameters, add_switchable_adapter, use_adapter
 
     with torch.device("meta"):
-        net = _build(diffusers, backbone.denoiser_class, config, dtype).requires_grad_(False)
+        # eval mode, as the run's pipeline (training mode adds dropout masks even at p = 0)
+        net = _build(diffusers, backbone.denoiser_class, config, dtype).eval().requires_grad_(False)
         targets = {role: backbone.target_modules(net, role) for role in ("student", "fake")}
         student_net = None
         if cfg.adapter == "full":
-            student_net = _build(diffusers, backbone.denoiser_class, config, torch.float32)
+            student_net = _build(diffusers, backbone.denoiser_class, config, torch.float32).eval()
         else:
             add_switchable_adapter(
                 net, "student", targets["student"], cfg.rank, kind=cfg.adapter, options=_opts(cfg)
