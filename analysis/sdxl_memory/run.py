@@ -336,23 +336,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.sdxl_only:
         print(sdxl_plan()[1])
         return 0
-    rows = []
-    for run in runs:
-        rows.append(one_run(args.work, *run))
-        print(table(rows[-1:]).splitlines()[-1], flush=True)
+    from wadi_cli.io import write_text_atomic
+
     sdxl_rows, sdxl_md = sdxl_plan()
     doc = {
         "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M"),
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} thread, torch {torch.__version__}",
         "command": "python analysis/sdxl_memory/run.py" + (" --quick" if args.quick else ""),
-        "rows": rows,
+        "rows": [],
         "sdxl_1024_predicted": sdxl_rows,
     }
-    from wadi_cli.io import write_text_atomic
-
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(args.out, json.dumps(doc, indent=1) + "\n")
-    print(table(rows))
+    for run in runs:  # the file after every row: a slow machine keeps what finished
+        doc["rows"].append(one_run(args.work, *run))
+        write_text_atomic(args.out, json.dumps(doc, indent=1) + "\n")
+        print(table(doc["rows"][-1:]).splitlines()[-1], flush=True)
+    print(table(doc["rows"]))
     print(sdxl_md)
     return 0
 
