@@ -54,6 +54,7 @@ SDXL = "tests/system/test_family_sdxl.py::test_conditioning_equals_diffusers_sdx
 RECIPE = "wadi_cli/distill/recipe.py"
 LOSSES = "wadi_cli/distill/losses.py"
 SWAP = "wadi_cli/swap/core.py"
+MEMORY = "wadi_cli/distill/memory.py"
 
 MUTATIONS: tuple[Mutation, ...] = (
     # ---- the training loop -----------------------------------------------------------------
@@ -203,6 +204,17 @@ MUTATIONS: tuple[Mutation, ...] = (
     M("controlnet-scale-ignored", "the ControlNet runs at scale 1", "wadi_cli/pipeline/control.py",
       "conditioning_scale=self.scale,", "conditioning_scale=1.0,",
       ("tests/pipeline/test_control.py::test_one_step_with_controlnet_is_the_residual_injection_by_hand",)),
+    # ---- the memory model of the dry-run -----------------------------------------------------
+    M("memory-freed-storage-not-subtracted", "LiveBytes never subtracts a dead storage", MEMORY,
+      "self.now -= self._sizes.pop(key, 0)", "self._sizes.pop(key, 0)",
+      ("tests/distill/test_memory.py::test_live_bytes_counts_storages_while_alive",)),
+    M("memory-phases-summed", "the peak adds both step phases instead of the larger", MEMORY,
+      "return self.static_bytes + max((self.phase_bytes(p, batch) for p in self.phases), default=0)",
+      "return self.static_bytes + sum(self.phase_bytes(p, batch) for p in self.phases)",
+      ("tests/distill/test_memory.py::test_prediction_arithmetic_on_planted_parts",)),
+    M("memory-adam-one-moment", "AdamW state counted as one fp32 moment", MEMORY,
+      '"adamw": 8,', '"adamw": 4,',
+      ("tests/distill/test_memory.py::test_tiny_static_parts_from_the_loaded_networks",)),
 )  # fmt: skip
 
 

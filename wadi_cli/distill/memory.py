@@ -400,7 +400,10 @@ def traced_phases(
     from wadi_cli.backbones.skeletons import skeleton
 
     if skeleton(backbone, config)[1] <= TRACE_NOW_PARAMS:
-        return trace_phases(cfg, backbone, config, dtype), "traced now"
+        try:
+            return trace_phases(cfg, backbone, config, dtype), "traced now"
+        except Exception as exc:  # noqa: BLE001 - an adapter kind that reads values cannot run on meta
+            return {}, f"--adapter {cfg.adapter} cannot be traced on the meta device ({type(exc).__name__})"
     entry = _read_traces().get(_trace_key(backbone, config, dtype, cfg.gradient_checkpointing))
     if entry is None:  # a trace takes minutes here: say so instead of hanging the dry-run
         return {}, f"no shipped trace (python -m wadi_cli.distill.memory {backbone.name} adds it)"
