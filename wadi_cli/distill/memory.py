@@ -197,7 +197,14 @@ def component_config(cfg: DistillConfig, backbone: Backbone, sub: str) -> dict[s
     folder = _model_folder(cfg, backbone)
     if folder is not None:
         local = folder / sub / "config.json"
-        return json.loads(local.read_text()) if local.is_file() else None
+        if not local.is_file():
+            return None
+        config = json.loads(local.read_text())
+        if "_class_name" not in config and "architectures" not in config:  # the class: model_index.json's
+            entry = json.loads((folder / "model_index.json").read_text()).get(sub)
+            if isinstance(entry, list) and len(entry) == 2:
+                config["architectures"] = [entry[1]]
+        return config
     shipped = backbone.config_path.parent.parent / sub / "config.json"
     return json.loads(shipped.read_text()) if shipped.is_file() else None
 
