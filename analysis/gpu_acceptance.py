@@ -19,6 +19,11 @@ the others, and the exit code is non-zero when any step failed):
 6. ``bench_layer``: ``analysis/lorad_precision/bench_layer.py --device cuda`` in bf16 and
    fp16: what LoRaD's ``exact_low_precision`` path (two weight halves, doubled inner size)
    costs against the default rounded matmul and an fp32 matmul, on SD / PixArt shapes.
+7. ``sdxl_memory``: ``wadi distill -b sdxl`` steps at 1024 px (fp16, gradient checkpointing,
+   batch 1 and 2) on the real architecture (real weights from the hub cache, else random
+   weights of the real config): ``torch.cuda.max_memory_allocated`` and seconds per step
+   against the memory model's prediction (``analysis/sdxl_memory/run.py``'s ``gpu_block``;
+   writing a random-weight folder and loading it take a minute or two beyond the budget).
 
 Resume and accelerate tolerance. On the CPU every kernel is deterministic and the check
 is bit-identity of the final adapters and of every logged loss (what
@@ -77,7 +82,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "analysis" / "results"
 STEPS: tuple[str, ...] = (
-    "distill", "accelerate", "sample_compile", "analyze", "bench_train_step", "bench_layer"
+    "distill", "accelerate", "sample_compile", "analyze", "bench_train_step", "bench_layer", "sdxl_memory"
 )  # fmt: skip
 BUDGET_S = 480.0
 RESUME_LOSS_RTOL = 1e-3
@@ -602,6 +607,18 @@ def step_bench_layer(ctx: Context, results: Path) -> dict[str, Any]:
     return details
 
 
+# ---- 7. SDXL memory: predicted vs measured --------------------------------------------
+def step_sdxl_memory(ctx: Context) -> dict[str, Any]:
+    """``analysis/sdxl_memory/run.py``'s ``gpu_block`` (a script: loaded by path)."""
+    import importlib.util
+
+    path = REPO / "analysis" / "sdxl_memory" / "run.py"
+    spec = importlib.util.spec_from_file_location("sdxl_memory_run", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module.gpu_block(ctx.device, ctx.tiny, ctx.work)
+
+
 # ---- driver -----------------------------------------------------------------------------
 def environment(device: str) -> dict[str, Any]:
     """Device, versions and date."""
@@ -648,6 +665,9 @@ def plan(ctx: Context) -> list[str]:
     for dtype in ("bf16", "fp16"):
         argv = bench_layer_argv(ctx, dtype, REPO / "analysis" / "lorad_precision" / "results")
         lines.append("python analysis/lorad_precision/bench_layer.py " + " ".join(argv))
+    lines.append(
+        f"sdxl_memory: wadi distill -b sdxl steps, batch 1 and 2, on {ctx.device} (analysis/sdxl_memory)"
+    )
     return lines
 
 
@@ -731,6 +751,7 @@ def run_all(ctx: Context, args: argparse.Namespace, argv: list[str] | None) -> i
         "analyze": lambda: step_analyze(ctx),
         "bench_train_step": lambda: step_bench_train_step(ctx, args.results),
         "bench_layer": lambda: step_bench_layer(ctx, args.results),
+        "sdxl_memory": lambda: step_sdxl_memory(ctx),
     }
     t_start = time.perf_counter()
     steps: dict[str, Any] = {}

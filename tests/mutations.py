@@ -54,6 +54,7 @@ SDXL = "tests/system/test_family_sdxl.py::test_conditioning_equals_diffusers_sdx
 RECIPE = "wadi_cli/distill/recipe.py"
 LOSSES = "wadi_cli/distill/losses.py"
 SWAP = "wadi_cli/swap/core.py"
+MEMORY = "wadi_cli/distill/memory.py"
 
 MUTATIONS: tuple[Mutation, ...] = (
     # ---- the training loop -----------------------------------------------------------------
@@ -213,6 +214,17 @@ MUTATIONS: tuple[Mutation, ...] = (
     M("iou-over-the-smaller", "IoU divides by the larger mask, not the union", "wadi_cli/tiny/metrics.py",
       "union = (p | t).sum(axis=(1, 2))", "union = np.maximum(p.sum(axis=(1, 2)), t.sum(axis=(1, 2)))",
       ("tests/tiny/test_metrics.py::test_mask_iou_of_planted_boxes",)),
+    # ---- the memory model of the dry-run -----------------------------------------------------
+    M("memory-freed-storage-not-subtracted", "LiveBytes never subtracts a dead storage", MEMORY,
+      "self.now -= self._sizes.pop(key, 0)", "self._sizes.pop(key, 0)",
+      ("tests/distill/test_memory.py::test_live_bytes_counts_storages_while_alive",)),
+    M("memory-phases-summed", "the peak adds both step phases instead of the larger", MEMORY,
+      "return self.static_bytes + max((self.phase_bytes(p, batch) for p in self.phases), default=0)",
+      "return self.static_bytes + sum(self.phase_bytes(p, batch) for p in self.phases)",
+      ("tests/distill/test_memory.py::test_prediction_arithmetic_on_planted_parts",)),
+    M("memory-adam-one-moment", "AdamW state counted as one fp32 moment", MEMORY,
+      '"adamw": 8,', '"adamw": 4,',
+      ("tests/distill/test_memory.py::test_tiny_static_parts_from_the_loaded_networks",)),
 )  # fmt: skip
 
 

@@ -227,3 +227,31 @@ def test_tiny_without_prompts_draws_from_its_grammar_and_smoke_names_the_set():
     assert plan["prompts"].startswith("1,024 prompts drawn from the tiny model's grammar")
     assert len(load_prompts(None, backbone="tiny")) == 1024
     assert load_prompts("smoke", backbone="sd21") == list(SMOKE_PROMPTS) and len(SMOKE_PROMPTS) == 16
+
+
+def test_dry_run_predicts_peak_memory_for_sdxl():
+    """`wadi distill -b sdxl --dry-run`: the predicted peak and its parts (text and JSON),
+    from the shipped trace of the recipe (fp16 weights on a GPU, checkpointing on)."""
+    text = runner.invoke(app, ["distill", "-b", "sdxl", "--dry-run"], env={"COLUMNS": "300"})
+    assert text.exit_code == 0, text.output
+    for line in (
+        "predicted peak GPU memory:", "batch 2, weights float16, gradient checkpointing on",
+        "frozen text_encoder_2:", "frozen vae:", "student optimizer:", "generator phase", "per sample x 2",
+        "largest batch within 80 GiB (predicted):", "largest batch within 24 GiB (predicted):",
+        "activation bytes: shipped trace",
+    ):  # fmt: skip
+        assert line in text.stdout, line
+    res = runner.invoke(app, ["distill", "-b", "sdxl", "--batch-size", "3", "--dry-run", "--json"])
+    memory = json.loads(res.stdout)["plan"]["memory"]
+    assert set(memory["frozen"]) == {"unet", "text_encoder", "text_encoder_2", "vae"}
+    assert memory["frozen"]["unet"] == 2 * 2_567_463_684  # fp16 SDXL U-Net (`wadi info -b sdxl`)
+    gen, fake = memory["phases"]["generator"], memory["phases"]["fake"]
+    static = sum(memory["frozen"].values()) + sum(memory["adapters"].values())
+    assert memory["static_bytes"] == static and memory["batch_size"] == 3
+    assert memory["peak_bytes"] == static + max(p["fixed"] + 3 * p["per_sample"] for p in (gen, fake))
+
+
+def test_dry_run_of_an_architecture_without_a_trace_gives_a_lower_bound():
+    res = runner.invoke(app, ["distill", "-b", "pixart", "--dry-run"], env={"COLUMNS": "300"})
+    assert res.exit_code == 0 and "predicted GPU memory: at least" in res.stdout
+    assert "activations not modelled: no shipped trace" in res.stdout

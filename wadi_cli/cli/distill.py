@@ -176,7 +176,10 @@ def register(app: typer.Typer) -> None:
         from wadi_cli.distill.prompt_sets import prompt_source, require_prompts
 
         if dry_run:
+            from wadi_cli.distill.memory import predict_memory
+
             plan = {**parameter_plan(cfg), "prompts": prompt_source(cfg.prompts, cfg.backbone)}
+            plan["memory"] = predict_memory(cfg, plan).to_dict()
             _print_plan(cfg.to_dict(), plan, json_out)
             return
         require_prompts(cfg.prompts, cfg.backbone)
@@ -250,6 +253,11 @@ def _print_plan(config: dict[str, Any], plan: dict[str, Any], as_json: bool) -> 
     console.print(plan_table)
     console.print(f"base parameters (frozen): {plan['base_params']:,}")
     console.print(f"trains on: {plan['prompts']}", highlight=False)
+    from wadi_cli.distill.memory import MemoryPrediction, memory_lines
+
+    memory = {k: v for k, v in plan["memory"].items() if k in MemoryPrediction.__dataclass_fields__}
+    for line in memory_lines(MemoryPrediction(**memory)):
+        console.print(line, highlight=False)
 
 
 def _run_with_progress(cfg: DistillConfig, out: Path, resume: str | None, again: str) -> RunSummary:
