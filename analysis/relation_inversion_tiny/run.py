@@ -94,6 +94,14 @@ def main() -> None:
             for name, end in ENDINGS.items():
                 images, _ = sample(pipe, [p + end for p in prompts], args.per_prompt, teacher=False)
                 row[f"acc_{name}"] = position_accuracy(images, classifier)
+                asked = [
+                    {"color": p.split()[1], "shape": p.split()[2]}
+                    for p in np.repeat(prompts, args.per_prompt)
+                ]
+                got = predict(images, classifier)
+                for k, attr in enumerate(("color", "shape")):  # the prompt's entity kept (no leakage)?
+                    hits = [g[attr] == a[k] for g, a in zip(got, asked, strict=True)]
+                    row[f"{attr}_{name}"] = float(np.mean(hits))
                 seen = [i for i, p in enumerate(np.repeat(prompts, args.per_prompt)) if "yellow" not in p
                         and "triangle" not in p]  # fmt: skip
                 row[f"acc_{name}_seen"] = position_accuracy(images[seen], classifier)
@@ -154,6 +162,11 @@ def _table(result: dict) -> str:
     ):
         cells = [s[name], s[f"{name}_seen"], s[f"{name}_unseen"]]
         lines.append(f"| {label} | " + " | ".join(f"{c['mean']:.3f} ± {c['sd']:.3f}" for c in cells) + " |")
+    lines += ["", "Colour / shape accuracy (the prompt's entity kept; mean ± sd over seeds):", ""]
+    lines += ["| prompt ending | colour | shape |", "|---|---|---|"]
+    for name in ENDINGS:
+        cells = [_mean_sd([r[f"{attr}_{name}"] for r in result["rows"]]) for attr in ("color", "shape")]
+        lines.append(f"| {name} | " + " | ".join(f"{c['mean']:.3f} ± {c['sd']:.3f}" for c in cells) + " |")
     t = result["timing"]
     teacher_ms, student_ms = 1000 * t["teacher_s_per_image"], 1000 * t["student_s_per_image"]
     lines += [
