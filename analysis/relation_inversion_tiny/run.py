@@ -64,14 +64,14 @@ def sample(pipe, prompts: list[str], per_prompt: int, teacher: bool) -> tuple[np
     return gen.images, gen.seconds / len(gen.images)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--per-prompt", type=int, default=8)
     ap.add_argument("--timing-images", type=int, default=24)
     ap.add_argument("--out", type=Path, default=HERE / "results")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(1)
     prompts = [f"a {c} {s}" for c in ATTRIBUTES["color"] for s in ATTRIBUTES["shape"]]
     classifier = load_classifier()
@@ -99,8 +99,8 @@ def main() -> None:
                     for p in np.repeat(prompts, args.per_prompt)
                 ]
                 got = predict(images, classifier)
-                for k, attr in enumerate(("color", "shape")):  # the prompt's entity kept (no leakage)?
-                    hits = [g[attr] == a[k] for g, a in zip(got, asked, strict=True)]
+                for attr in ("color", "shape"):  # the prompt's entity kept (no leakage)?
+                    hits = [g[attr] == a[attr] for g, a in zip(got, asked, strict=True)]
                     row[f"{attr}_{name}"] = float(np.mean(hits))
                 seen = [i for i, p in enumerate(np.repeat(prompts, args.per_prompt)) if "yellow" not in p
                         and "triangle" not in p]  # fmt: skip
@@ -138,6 +138,7 @@ def main() -> None:
     (args.out / "results.md").write_text(_table(result), encoding="utf-8")
     _figure(rows, grids, args.out / "positions.png")
     print(_table(result))
+    return 0
 
 
 def _mean_sd(values: list[float]) -> dict[str, float]:
@@ -210,4 +211,4 @@ def _figure(rows: list[dict], grids: dict[str, np.ndarray], path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
