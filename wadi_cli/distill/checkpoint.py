@@ -6,7 +6,8 @@ Layout of ``--out RUN``::
     RUN/config.json                the resolved config of the latest start / resume
     RUN/metrics.csv                one row per logged step
     RUN/checkpoints/step-00000300/ one folder per checkpoint, written atomically:
-        student.safetensors        student adapter (LoRaD adapter file format)
+        student.safetensors        student adapter (LoRaD adapter file format; for ``wadi invert``
+                                   the learned token, a textual-inversion file)
         fake.safetensors           fake-score adapter (same format, role "fake")
         ema.safetensors            EMA of the student adapter (when enabled)
         optim_student.safetensors  AdamW state (tensors; param groups in the metadata)
