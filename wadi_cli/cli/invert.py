@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from wadi_cli.distill import RunSummary
     from wadi_cli.invert import InvertConfig
 
-HELP = """Learn a relation token <R> from exemplar images (ReVersion), base model frozen.
+HELP = """Learn a relation token `<R>` from exemplar images (ReVersion), base model frozen.
 
 One new token's input embedding is trained, the text encoder and the denoiser stay frozen,
 with ReVersion's objective: the base model's denoising loss (ε or v, as the backbone
@@ -32,7 +32,7 @@ predicts), plus the steering loss (InfoNCE pulling the token toward --positive-w
 preposition words, and away from the captions' other words, weight --steer-weight,
 temperature --temperature), with timesteps drawn by relation-focal importance sampling
 (p(t) ∝ 1 − α·cos(π t / T), α = --importance-alpha). Every exemplar has captions holding the
-token: --captions FILE.json {"0.png": "a red circle <R>", ...} (default IMAGES/captions.json,
+token: --captions FILE.json `{"0.png": "a red circle <R>", ...}` (default IMAGES/captions.json,
 or ReVersion's IMAGES/text.json with "{}" for the token). Images of any size and mode are
 converted to RGB, centre-cropped, resized and VAE-encoded once.
 

@@ -63,11 +63,11 @@ class InvertConfig:
     )
     captions: str | None = knob(
         "JSON file {image file name: caption or [captions]}, each caption holding the token (or "
-        'ReVersion\'s \'{}\' placeholder), e.g. {"0.png": "a red circle <R>"} '
+        'ReVersion\'s \'{}\' placeholder), e.g. `{"0.png": "a red circle <R>"}` '
         "(default: IMAGES/captions.json, else ReVersion's IMAGES/text.json).",
         default=None,
     )
-    token: str = knob('The new token, e.g. "<R>" (must be new to the tokenizer).')
+    token: str = knob("The new token, e.g. `<R>` (must be new to the tokenizer).")
     init_word: str = knob("Word whose embedding starts the token (one token of the vocabulary).")
     # the ReVersion objective
     steer_weight: float = knob("Weight λ of the steering loss (0 turns it off).")
