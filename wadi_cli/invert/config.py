@@ -20,7 +20,6 @@ from typing import Any
 
 from wadi_cli.backbones import get_backbone
 from wadi_cli.backbones.recipes import read_recipe
-from wadi_cli.diffusion.tokens import check_token_backbone, check_token_text
 from wadi_cli.distill.config import (
     LR_SCHEDULES,
     MIXED_PRECISION,
@@ -169,6 +168,8 @@ def _validate(cfg: InvertConfig) -> None:
     need(cfg.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
     need(cfg.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}")
     need(bool(cfg.images), "--images DIR is required (a folder of exemplar images)")
+    from wadi_cli.diffusion.tokens import check_token_text  # torch: not at `wadi --help`
+
     check_token_text(cfg.token)
     need(bool(cfg.init_word.strip()), "--init-word must not be empty")
     if cfg.steer_weight > 0:
@@ -195,6 +196,8 @@ def resolve_invert_config(
             raise BadInputError(f"{where}: {', '.join(unknown)}")
     layers = [saved, layer, flags]
     backbone = get_backbone(coerce("backbone", last_set("backbone", layers, DEFAULT_BACKBONE), SCHEMA)).name
+    from wadi_cli.diffusion.tokens import check_token_backbone  # torch: not at `wadi --help`
+
     check_token_backbone(backbone, "wadi invert")
     values = invert_recipe(backbone)
     for source in (saved, layer, flags):
