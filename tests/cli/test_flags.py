@@ -188,7 +188,7 @@ def test_every_flag_an_error_message_names_exists():
 SAMPLING_RECIPES = PACKAGE / "configs" / "sample"
 #: The options each command has beyond the sampling declaration (its own work).
 COMMAND_OWN = {
-    "sample": {"prompts", "out", "prompts_file", "json_out"},
+    "sample": {"prompts", "out", "prompts_file", "json_out", "embedding"},
     "eval": {f.name for f in dataclasses.fields(EvalFlags)},
     "swap": {"teacher", "student", "keep", "out", "alpha", "filter", "overwrite", "sample", "rows",
              "samples_dir", "no_eval", "json_out"},

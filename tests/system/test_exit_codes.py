@@ -34,6 +34,7 @@ COMMANDS = (
     "eval",
     "distill",
     "finetune",
+    "invert",
     "info",
     "demo",
     "sweep",

@@ -4,18 +4,19 @@
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from wadi_cli.cli.common import console, handle_errors, use_backbone_cpu_threads
+from wadi_cli.cli.common import handle_errors, use_backbone_cpu_threads
 from wadi_cli.cli.run_command import (
     config_parameters,
     launch,
     overrides_of,
+    print_config,
     report_summary,
+    run_to_resume,
     run_with_progress,
 )
 
@@ -151,10 +152,10 @@ def register(app: typer.Typer) -> None:
         overrides = overrides_of(values)
         default_out = out is None
         if out is None and resume is not None:
-            out = _run_to_resume(resume, overrides.get("backbone"))
+            out = run_to_resume(resume, overrides.get("backbone"), RUNS, "wadi finetune")
         cfg = finetune_config_for_run(out or ".", resume, config, overrides)
         if dry_run:
-            _print_config(cfg.to_dict(), json_out)
+            print_config(cfg.to_dict(), json_out)
             return
         if out is None:
             from wadi_cli.distill.launch import launched_world_size
@@ -182,32 +183,6 @@ def register(app: typer.Typer) -> None:
     ]
     command.__signature__ = inspect.Signature([*own, *_config_parameters()])  # type: ignore[attr-defined]
     app.command("finetune", help=HELP, no_args_is_help=False)(command)
-
-
-def _run_to_resume(resume: str, backbone: str | None) -> Path:
-    """The run folder ``--resume`` continues without ``--out``: for ``latest`` the newest
-    default-named fine-tune (of ``backbone``, or of any), else the run holding the checkpoint."""
-    from wadi_cli.distill.checkpoint import find_checkpoint
-    from wadi_cli.distill.run_dirs import latest_run_dir
-
-    if resume == "latest":
-        from wadi_cli.backbones import get_backbone
-
-        name = get_backbone(backbone).name if backbone else None
-        return latest_run_dir(name, RUNS, command="wadi finetune")
-    return find_checkpoint(".", resume).parent.parent
-
-
-def _print_config(config: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        console.print_json(json.dumps({"config": config}, default=str))
-        return
-    from rich.table import Table
-
-    table = Table(title="resolved config", show_header=False)
-    for k, v in config.items():
-        table.add_row(k, str(v))
-    console.print(table)
 
 
 def _run_with_progress(cfg: FinetuneConfig, out: Path, resume: str | None, again: str) -> RunSummary:

@@ -77,9 +77,22 @@ def _paths_read_by_wadi(command: typer.models.CommandInfo) -> None:
 def _register() -> None:
     # Each command module exposes ``register(app)``. Imported lazily so ``wadi --help``
     # stays fast and one broken optional dependency does not take down every command.
-    from wadi_cli.cli import analyze, demo, distill, eval, export, finetune, info, merge, sample, swap, sweep
+    from wadi_cli.cli import (
+        analyze,
+        demo,
+        distill,
+        eval,
+        export,
+        finetune,
+        info,
+        invert,
+        merge,
+        sample,
+        swap,
+        sweep,
+    )
 
-    for module in (demo, analyze, info, merge, swap, sample, eval, distill, finetune, export, sweep):
+    for module in (demo, analyze, info, merge, swap, sample, eval, distill, finetune, invert, export, sweep):
         module.register(app)
     # One-line summaries for `wadi --help`: the first sentence of each docstring, reflowed
     # (docstrings are wrapped at ~90 columns, which rich would otherwise keep).

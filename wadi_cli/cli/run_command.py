@@ -156,3 +156,31 @@ def report_summary(summary: RunSummary, json_out: bool, tensorboard_asked: bool,
             console.print("TensorBoard logs skipped: pip install tensorboard to get them")
     if summary.interrupted:  # the shell's code for the signal: 128 + its number
         raise typer.Exit(143 if summary.stopped_by == "SIGTERM" else 130)
+
+
+def run_to_resume(resume: str, backbone: str | None, runs: Path, command: str) -> Path:
+    """The run folder ``--resume`` continues without ``--out``: for ``latest`` the newest
+    default-named run under ``runs`` (of ``backbone``, or of any), else the run holding the
+    checkpoint. ``command`` names the command in messages (``wadi finetune``)."""
+    from wadi_cli.distill.checkpoint import find_checkpoint
+    from wadi_cli.distill.run_dirs import latest_run_dir
+
+    if resume == "latest":
+        from wadi_cli.backbones import get_backbone
+
+        name = get_backbone(backbone).name if backbone else None
+        return latest_run_dir(name, runs, command=command)
+    return find_checkpoint(".", resume).parent.parent
+
+
+def print_config(config: dict[str, Any], as_json: bool) -> None:
+    """``--dry-run``: the resolved config as a table on stdout, or as JSON."""
+    if as_json:
+        console.print_json(json.dumps({"config": config}, default=str))
+        return
+    from rich.table import Table
+
+    table = Table(title="resolved config", show_header=False)
+    for k, v in config.items():
+        table.add_row(k, str(v))
+    console.print(table)

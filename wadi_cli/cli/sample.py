@@ -121,6 +121,15 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         json_out: JsonFlag = False,
+        embedding: Annotated[
+            list[Path] | None,
+            typer.Option(
+                "--embedding",
+                help="Textual-inversion file (a `wadi invert` run's learned_embeds.safetensors, the run "
+                "folder, or any one-token diffusers/A1111 .safetensors): its token joins the prompts' "
+                "vocabulary. Repeat for several.",
+            ),
+        ] = None,
         *,
         sampling: SamplingOptions,
     ) -> None:
@@ -145,6 +154,7 @@ def register(app: typer.Typer) -> None:
                 prompts_file=prompts_file,
                 options=dataclasses.replace(sampling, weights=run_weights),
                 on_loaded=loaded,
+                embeddings=embedding or (),
             )
         if json_out:
             typer.echo(json.dumps(summary, indent=2))

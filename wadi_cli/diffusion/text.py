@@ -126,6 +126,11 @@ class PromptEncoder:
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str]) -> TextCondition:
         """Encode a batch of prompts (strings, possibly empty)."""
+        return self.encode(prompts)
+
+    def encode(self, prompts: Sequence[str]) -> TextCondition:
+        """:meth:`__call__` with autograd on (a learned token's embedding gets gradients:
+        ``wadi invert``)."""
         ids, mask = self.tokens(prompts)
         encoder_mask = mask if self._encoder_wants_mask() else None
         embeds = self.text_encoder(ids, attention_mask=encoder_mask)[0]

@@ -6,7 +6,8 @@ Layout of ``--out RUN``::
     RUN/config.json                the resolved config of the latest start / resume
     RUN/metrics.csv                one row per logged step
     RUN/checkpoints/step-00000300/ one folder per checkpoint, written atomically:
-        student.safetensors        student adapter (LoRaD adapter file format)
+        student.safetensors        student adapter (LoRaD adapter file format; for ``wadi invert``
+                                   the learned token, a textual-inversion file)
         fake.safetensors           fake-score adapter (same format, role "fake")
         ema.safetensors            EMA of the student adapter (when enabled)
         optim_student.safetensors  AdamW state (tensors; param groups in the metadata)
@@ -45,6 +46,7 @@ from wadi_cli.io import (
     save_safetensors,
     write_text_atomic,
 )
+from wadi_cli.io.embeddings import EMBEDDING_KIND, save_embedding
 from wadi_cli.io.metadata import ALPHA_BAR_T_METADATA
 from wadi_cli.lorad import LoRaDConfig, load_adapter, save_adapter
 
@@ -187,6 +189,10 @@ def save_checkpoint(run: str | os.PathLike[str], ckpt: Checkpoint, keep_last: in
     kind = ckpt.config.get("adapter", "lorad")
     with atomic_output_dir(dest) as tmp:
         for name, tensors in ckpt.adapters.items():
+            if ckpt.extra.get("kind") == EMBEDDING_KIND:  # `wadi invert`: an embedding file
+                (token, vector), config = next(iter(tensors.items())), ckpt.config
+                save_embedding(tmp / f"{name}.safetensors", token, vector, config, {"step": str(ckpt.step)})
+                continue
             role = "fake" if name == "fake" else "student"
             cfg = LoRaDConfig(
                 rank=int(ckpt.config["fake_rank" if role == "fake" else "rank"]),

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from wadi_cli.diffusion.tokens import read_embedding_files, use_embeddings
 from wadi_cli.errors import BadInputError
 from wadi_cli.io.paths import input_path_problem
 from wadi_cli.io.prompts import read_prompt_file
@@ -56,12 +57,17 @@ def sample_to_folder(
     grid_cols: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     on_loaded: Callable[[LoadedPipeline], None] | None = None,
+    embeddings: Sequence[str | os.PathLike[str]] = (),
 ) -> dict[str, Any]:
     """Generate ``options.num_images`` images per prompt (default 1) and write them to
     ``out`` (numbered PNGs, ``grid.png``, ``samples.json``). Returns a JSON-ready summary.
     Without ``options.weights`` the student is the backbone's default
     (:func:`~wadi_cli.pipeline.loading.default_weights`); ``options.base`` samples the
     undistilled base in one step instead.
+
+    ``embeddings``: textual-inversion files whose tokens the prompts may use (read and checked
+    before the model loads; a token the tokenizer knows or a vector of another width is
+    refused once it has loaded, before anything is written).
 
     Bad input (unknown backbone, no prompts, unwritable ``out``, weights that do not fit)
     raises a :class:`~wadi_cli.errors.BadInputError` subclass before anything is written.
@@ -75,6 +81,7 @@ def sample_to_folder(
     if problem:
         raise BadInputError(f"--weights {options.weights}: {problem}")
     init_files, control_files = input_images(options, spec.family, len(all_prompts))
+    tokens = read_embedding_files(embeddings, spec.name)
     dev = resolve_device(options.device)
     torch_dtype = resolve_dtype(options.dtype, dev, spec.family)
     pipe = load_pipeline(
@@ -90,6 +97,7 @@ def sample_to_folder(
         alpha_bar_T=options.alpha_bar_T,
     )
     pipe = add_controlnet(pipe, options.controlnet, options.control_scale, torch_dtype)
+    use_embeddings(pipe.prompt_encoder, tokens)
     if on_loaded is not None:
         on_loaded(pipe)
     config = options.sample_config()
@@ -101,6 +109,8 @@ def sample_to_folder(
     gen = generate(pipe, all_prompts, config, n, progress=progress, init_images=init, control_images=control)
     summary = run_summary(pipe, gen, (height, width), dev, torch_dtype)
     summary.update(downstream_record(gen.config, pipe, init_files is not None))
+    if embeddings:
+        summary["embeddings"] = {token: str(path) for token, path in zip(tokens, embeddings, strict=True)}
     if control_files:
         summary.update(controlnet=options.controlnet, control_scale=pipe.denoiser.scale)
     named = {"init_image": init_files, "control_image": control_files}
