@@ -62,7 +62,7 @@ def test_flags_show_no_bool_type(command):
 
 @pytest.mark.parametrize(
     ("command", "usage"),
-    [("analyze", "analyze [OPTIONS] TEACHER STUDENT"), ("swap", "swap [OPTIONS] TEACHER STUDENT"),
+    [("analyze", "analyze [OPTIONS] TEACHER [STUDENT]"), ("swap", "swap [OPTIONS] TEACHER STUDENT"),
      ("merge", "merge [OPTIONS] BASE ADAPTER"), ("export", "export [OPTIONS] RUN"),
      ("sample", "sample [OPTIONS] [PROMPTS]...")],
 )  # fmt: skip

@@ -84,7 +84,7 @@ def tiny_measured():
             baseline[obj.untyped_storage()._cdata] = obj.untyped_storage().nbytes()
     with M.LiveBytes() as live:
         distiller.train_step()
-    return M.predict_memory(cfg), sum(baseline.values()) + live.peak
+    return M.predict_memory(cfg, trace=True), sum(baseline.values()) + live.peak
 
 
 def test_tiny_prediction_is_within_ten_percent_of_a_real_step(tiny_measured):

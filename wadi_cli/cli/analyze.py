@@ -156,8 +156,8 @@ def register(app: typer.Typer) -> None:
         teacher: Annotated[
             str | None,
             typer.Argument(
-                help="Teacher checkpoint (file or folder), or a `wadi distill` run folder alone: its "
-                "latest student against the base it was trained from.",
+                help="Teacher checkpoint (file or folder), or a `wadi distill` run folder alone (its "
+                "latest student against the base it was trained from); required.",
                 show_default=False,
             ),
         ] = None,
@@ -165,7 +165,7 @@ def register(app: typer.Typer) -> None:
             str | None,
             typer.Argument(
                 help="Student: checkpoint (file or folder), `wadi distill` run folder (its latest "
-                "student) or LoRaD adapter (merged into TEACHER); required.",
+                "student) or LoRaD adapter (merged into TEACHER); required unless TEACHER is a run folder.",
                 show_default=False,
             ),
         ] = None,

@@ -398,20 +398,21 @@ def trace_phases(
 
 
 def traced_phases(
-    cfg: DistillConfig, backbone: Backbone, config: dict[str, Any], dtype: torch.dtype
+    cfg: DistillConfig, backbone: Backbone, config: dict[str, Any], dtype: torch.dtype, trace: bool = False
 ) -> tuple[dict[str, dict[str, int]], str]:
-    """The phase bytes of ``cfg`` and where they come from. A denoiser of more than
-    :data:`TRACE_NOW_PARAMS` parameters takes them from the shipped table (traced at its
-    recipe's adapter kind and ranks, ``python -m wadi_cli.distill.memory``), since its trace
-    takes minutes on a CPU; a smaller one (tiny, a miniature) is traced now."""
+    """The phase bytes of ``cfg`` and where they come from: the shipped table when it has the
+    architecture (traced at its recipe's adapter kind and ranks, ``python -m
+    wadi_cli.distill.memory``; a trace takes seconds for tiny and minutes for SDXL on a CPU),
+    else, for a denoiser of at most :data:`TRACE_NOW_PARAMS` parameters (a miniature, a small
+    custom folder) or with ``trace``, a trace made now."""
     from wadi_cli.backbones.skeletons import skeleton
 
-    if skeleton(backbone, config)[1] <= TRACE_NOW_PARAMS:
+    entry = _read_traces().get(_trace_key(backbone, config, dtype, cfg.gradient_checkpointing))
+    if trace or (entry is None and skeleton(backbone, config)[1] <= TRACE_NOW_PARAMS):
         try:
             return trace_phases(cfg, backbone, config, dtype), "traced now"
         except Exception as exc:  # noqa: BLE001 - an adapter kind that reads values cannot run on meta
             return {}, f"--adapter {cfg.adapter} cannot be traced on the meta device ({type(exc).__name__})"
-    entry = _read_traces().get(_trace_key(backbone, config, dtype, cfg.gradient_checkpointing))
     if entry is None:  # a trace takes minutes here: say so instead of hanging the dry-run
         return {}, f"no shipped trace (python -m wadi_cli.distill.memory {backbone.name} adds it)"
     what = entry["traced_with"]
@@ -460,10 +461,13 @@ def _tokens(cfg: DistillConfig, backbone: Backbone) -> int:
     return DEFAULT_TOKENS[backbone.family]
 
 
-def predict_memory(cfg: DistillConfig, plan: dict[str, Any] | None = None) -> MemoryPrediction:
+def predict_memory(
+    cfg: DistillConfig, plan: dict[str, Any] | None = None, trace: bool = False
+) -> MemoryPrediction:
     """The predicted peak GPU memory of ``wadi distill`` with ``cfg`` (weights in the dtype
     ``--mixed-precision`` gives on CUDA). ``plan``: :func:`wadi_cli.distill.plan.parameter_plan`
-    of ``cfg`` when already computed."""
+    of ``cfg`` when already computed; ``trace``: trace the step now whatever the denoiser's
+    size (instead of the shipped table for a large one)."""
     import torch
 
     from wadi_cli.backbones import get_backbone
@@ -492,7 +496,7 @@ def predict_memory(cfg: DistillConfig, plan: dict[str, Any] | None = None) -> Me
         "fake optimizer": state * fake,
     }
     config = _denoiser_config(cfg, backbone)
-    phases, traced = traced_phases(cfg, backbone, config, dtype)
+    phases, traced = traced_phases(cfg, backbone, config, dtype, trace)
     side = config.get("sample_size") or backbone.latent_size
     return MemoryPrediction(
         weights_dtype=str(dtype).removeprefix("torch."),
