@@ -11,13 +11,13 @@ import typer
 
 from wadi_cli.cli.common import handle_errors, use_backbone_cpu_threads
 from wadi_cli.cli.run_command import (
-    config_parameters,
     launch,
     overrides_of,
     print_config,
     report_summary,
     run_to_resume,
     run_with_progress,
+    schema_parameters,
 )
 
 if TYPE_CHECKING:
@@ -75,34 +75,6 @@ PANELS: dict[str, tuple[str, ...]] = {
 }  # fmt: skip
 #: Where runs go without --out: ./runs/invert/NAME-YYYYmmdd-HHMMSS.
 RUNS = Path("runs") / "invert"
-
-
-def panel_of(field_name: str) -> str:
-    """The help panel of an inversion config field (:data:`PANELS`)."""
-    for panel, names in PANELS.items():
-        if field_name in names:
-            return panel
-    raise KeyError(f"config field {field_name!r} has no panel in wadi_cli/cli/invert.py PANELS")
-
-
-def _help(name: str) -> str:
-    from wadi_cli.invert.config import SCHEMA
-
-    text = SCHEMA.fields[name].metadata["help"]
-    return f"{text} (backbone default, see --dry-run)" if name in SCHEMA.required else text
-
-
-def _config_parameters() -> list[inspect.Parameter]:
-    from wadi_cli.distill.config import field_kind, option_alias
-    from wadi_cli.invert.config import SCHEMA, InvertConfig
-
-    return config_parameters(
-        InvertConfig,
-        _help,
-        panel_of,
-        lambda name: option_alias(name, SCHEMA),
-        lambda name: field_kind(name, SCHEMA),
-    )
 
 
 def _opt(*names: str, help: str) -> Any:
@@ -182,7 +154,10 @@ def register(app: typer.Typer) -> None:
         for p in inspect.signature(invert_cmd, eval_str=True).parameters.values()
         if p.kind is not inspect.Parameter.VAR_KEYWORD
     ]
-    command.__signature__ = inspect.Signature([*own, *_config_parameters()])  # type: ignore[attr-defined]
+    from wadi_cli.invert.config import SCHEMA, InvertConfig
+
+    params = schema_parameters(InvertConfig, SCHEMA, PANELS, "wadi_cli/cli/invert.py")
+    command.__signature__ = inspect.Signature([*own, *params])  # type: ignore[attr-defined]
     app.command("invert", help=HELP, no_args_is_help=False)(command)
 
 

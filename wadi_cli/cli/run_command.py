@@ -55,6 +55,29 @@ def config_parameters(
     return params
 
 
+def schema_parameters(
+    config_cls: type, schema: Any, panels: dict[str, tuple[str, ...]], where: str
+) -> list[inspect.Parameter]:
+    """:func:`config_parameters` of a run config declared with a distill ``Schema`` (finetune,
+    invert): each field's help from its declaration (a recipe-required one says where its
+    default is shown), its panel from ``panels`` (``where``: the module that declares them)."""
+    from wadi_cli.distill.config import field_kind, option_alias
+
+    def panel_of(name: str) -> str:
+        for panel, names in panels.items():
+            if name in names:
+                return panel
+        raise KeyError(f"config field {name!r} has no panel in {where} PANELS")
+
+    def help_of(name: str) -> str:
+        text = schema.fields[name].metadata["help"]
+        return f"{text} (backbone default, see --dry-run)" if name in schema.required else text
+
+    return config_parameters(
+        config_cls, help_of, panel_of, lambda n: option_alias(n, schema), lambda n: field_kind(n, schema)
+    )
+
+
 def overrides_of(values: dict[str, Any]) -> dict[str, Any]:
     """The config values given as flags (a field's old spelling counts as the field)."""
     out = {k: v for k, v in values.items() if not k.endswith(ALIAS)}
