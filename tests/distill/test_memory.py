@@ -75,13 +75,19 @@ def tiny_measured():
             "regression_weight": 0.0,
         }
     )
+
+    def storages():
+        gc.collect()
+        found = {}
+        for obj in gc.get_objects():
+            if isinstance(obj, torch.Tensor) and not obj.is_meta:
+                found[obj.untyped_storage()._cdata] = obj.untyped_storage().nbytes()
+        return found
+
+    before = storages()  # what other tests of this process keep alive is not the run's
     distiller = build_distiller(cfg, ["a red circle", "a blue square"] * 8)
     distiller.train_step()
-    gc.collect()
-    baseline = {}
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and not obj.is_meta:
-            baseline[obj.untyped_storage()._cdata] = obj.untyped_storage().nbytes()
+    baseline = {k: n for k, n in storages().items() if k not in before}
     with M.LiveBytes() as live:
         distiller.train_step()
     return M.predict_memory(cfg, trace=True), sum(baseline.values()) + live.peak

@@ -60,6 +60,8 @@ def files(tmp_path_factory, pipe_dir):
     (root / "instance").mkdir()
     for i in range(2):
         Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(root / "instance" / f"{i}.png")
+    captions = '{"0.png": "a red circle <R>", "1.png": "a blue square <R>"}'
+    (root / "instance" / "captions.json").write_text(captions)
     (root / "grid.toml").write_text('[fixed]\nmax_steps = 1\n[grid]\nadapter = ["lorad"]\n')
     return {
         "grid": str(root / "grid.toml"),
@@ -93,6 +95,8 @@ def args_for(kind: int, command: str, f: dict[str, str], out: str) -> list[str] 
         "distill": ["distill", *TINY, "--model", model, "--max-steps", "1", "--out", out],
         "finetune": ["finetune", *TINY, "--model", model, "--instance-images", f["instance"],
                      "--instance-prompt", "a sks circle", "--max-steps", "1", "--out", out],
+        "invert": ["invert", *TINY, "--model", model, "--images", f["instance"], "--token", "<R>",
+                   "--init-word", "and", "--max-steps", "1", "--out", out],
         "info": ["info", "--backbone", "sd99"],
         "demo": ["demo", "--out", out if kind == UNWRITABLE else f["base"]],
         "sweep": ["sweep", f["grid"] if kind == UNWRITABLE else f["missing"], "--out", out],
