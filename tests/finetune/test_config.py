@@ -61,3 +61,13 @@ def test_flags_win_and_prior_needs_a_class_prompt(tmp_path):
 def test_bad_values_are_one_line(over, needle):
     with pytest.raises(BadInputError, match=needle):
         resolve_finetune_config(overrides={**NEEDED, **over})
+
+
+def test_a_backbone_without_a_fine_tune_recipe_is_one_line_naming_the_ones_that_exist():
+    with pytest.raises(BadInputError) as exc:
+        finetune_recipe("sdxl")
+    message = str(exc.value)
+    assert "no fine-tune recipe" in message and "has: pixart, sd15, sd21, tiny" in message
+    assert "\n" not in message
+    first, second = finetune_recipe("tiny"), finetune_recipe("tiny")
+    assert first == second and first is not second  # a copy each time: callers may edit it

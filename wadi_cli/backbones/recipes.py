@@ -57,10 +57,17 @@ def _shipped(folder: Path, backbone: str, what: str) -> dict[str, Any]:
     """``folder/<backbone>.toml`` (read once per process); ``what`` names it in errors."""
     path = folder / f"{backbone}.toml"
     if not path.is_file():
+        have = sorted(p.stem for p in folder.glob("*.toml"))
         raise BadInputError(
-            f"backbone {backbone!r} has no {what} recipe at {path} (the package install is incomplete)"
+            f"backbone {backbone!r} has no {what} recipe ({folder} has: {', '.join(have) or 'none'})"
         )
     return read_recipe(path)
+
+
+def shipped_recipe(folder: Path, backbone: str, what: str) -> dict[str, Any]:
+    """A copy of the shipped recipe ``folder/<backbone>.toml`` of a command (``what``:
+    ``"fine-tune"``, ``"inversion"``…, named in the one-line error when there is none)."""
+    return copy.deepcopy(_shipped(folder, backbone, what))
 
 
 def _backbone_recipe(backbone: str) -> dict[str, Any]:

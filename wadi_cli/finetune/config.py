@@ -10,8 +10,6 @@ command-line flags. The recipe files are the only place defaults live.
 
 from __future__ import annotations
 
-import copy
-import functools
 import math
 import os
 from collections.abc import Mapping
@@ -20,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from wadi_cli.backbones import get_backbone
-from wadi_cli.backbones.recipes import PER_ADAPTER, read_recipe, recipe_values
+from wadi_cli.backbones.recipes import PER_ADAPTER, recipe_values, shipped_recipe
 from wadi_cli.distill.config import (
     LR_SCHEDULES,
     MIXED_PRECISION,
@@ -132,17 +130,9 @@ SCHEMA = Schema.of(FinetuneConfig)
 PRIOR_FIELDS: tuple[str, ...] = ("class_images", "num_class_images", "prior_loss_weight")
 
 
-@functools.cache
-def _shipped(backbone: str) -> dict[str, Any]:
-    path = FINETUNE_RECIPES_DIR / f"{backbone}.toml"
-    if not path.is_file():
-        raise BadInputError(f"backbone {backbone!r} has no fine-tune recipe at {path} (incomplete install)")
-    return read_recipe(path)
-
-
 def finetune_recipe(backbone: str) -> dict[str, Any]:
     """The fine-tune recipe of ``backbone`` (``FINETUNE_RECIPES_DIR/<backbone>.toml``; a copy)."""
-    return copy.deepcopy(_shipped(backbone))
+    return shipped_recipe(FINETUNE_RECIPES_DIR, backbone, "fine-tune")
 
 
 def _validate(cfg: FinetuneConfig) -> None:

@@ -9,8 +9,6 @@ are the only place defaults live; the ReVersion numbers in them name their sourc
 
 from __future__ import annotations
 
-import copy
-import functools
 import math
 import os
 from collections.abc import Mapping
@@ -19,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from wadi_cli.backbones import get_backbone
-from wadi_cli.backbones.recipes import read_recipe
+from wadi_cli.backbones.recipes import shipped_recipe
 from wadi_cli.distill.config import (
     LR_SCHEDULES,
     MIXED_PRECISION,
@@ -132,17 +130,9 @@ def split_words(text: str) -> list[str]:
 SCHEMA = Schema.of(InvertConfig)
 
 
-@functools.cache
-def _shipped(backbone: str) -> dict[str, Any]:
-    path = INVERT_RECIPES_DIR / f"{backbone}.toml"
-    if not path.is_file():
-        raise BadInputError(f"backbone {backbone!r} has no inversion recipe at {path} (incomplete install)")
-    return read_recipe(path)
-
-
 def invert_recipe(backbone: str) -> dict[str, Any]:
     """The inversion recipe of ``backbone`` (``INVERT_RECIPES_DIR/<backbone>.toml``; a copy)."""
-    return copy.deepcopy(_shipped(backbone))
+    return shipped_recipe(INVERT_RECIPES_DIR, backbone, "inversion")
 
 
 def _validate(cfg: InvertConfig) -> None:
