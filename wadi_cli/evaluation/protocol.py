@@ -17,7 +17,7 @@ Every default of the protocol lives here; nothing in this module needs the eval 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from PIL import Image
@@ -166,6 +166,36 @@ class Protocol:
         return asdict(self)
 
 
+_DMD2 = Protocol(
+    name="dmd2",
+    papers="DMD2 (main/coco_eval, main/test_folder_sd.py); the closest published code to WaDi's Table 1",
+    crop="half-even",
+    clip_input="square-256",
+    tokenization="spliced",
+    clip_model=CLIP_MODEL,
+    clip_pretrained=CLIP_PRETRAINED,
+    captions="lines",
+    image_order="path",
+    reference="the whole COCO val2014 folder",
+    reference_images=VAL2014_IMAGES,
+    seeding="per-batch",
+    seed_batch=10,
+)
+
+#: DMD2's SDXL evaluation: DMD2's rules with 1024-px images, noise per batch of 4 and COCO-10k.
+_DMD2_SDXL = replace(
+    _DMD2,
+    name="dmd2-sdxl",
+    papers="DMD2's SDXL evaluation (main/sdxl/test_folder_sdxl.py: --image_resolution 1024, "
+    "--eval_res 256, --eval_batch_size 4, noise of batch i from manual_seed(i); "
+    "experiments/sdxl/README.md: the coco10k subset, --total_eval_samples 10000; "
+    "main/coco_eval/coco_evaluator.py: center crop, PIL LANCZOS)",
+    reference="DMD2's COCO-10k: 10,000 COCO val2014 images and their captions",
+    reference_images=COCO10K_IMAGES,
+    seed_batch=4,
+    generated_size=1024,
+)
+
 PROTOCOLS: dict[str, Protocol] = {
     "wadi": Protocol(
         name="wadi",
@@ -181,40 +211,8 @@ PROTOCOLS: dict[str, Protocol] = {
         reference_images=None,
         seeding="per-image",
     ),
-    "dmd2": Protocol(
-        name="dmd2",
-        papers="DMD2 (main/coco_eval, main/test_folder_sd.py); the closest published code to WaDi's Table 1",
-        crop="half-even",
-        clip_input="square-256",
-        tokenization="spliced",
-        clip_model=CLIP_MODEL,
-        clip_pretrained=CLIP_PRETRAINED,
-        captions="lines",
-        image_order="path",
-        reference="the whole COCO val2014 folder",
-        reference_images=VAL2014_IMAGES,
-        seeding="per-batch",
-        seed_batch=10,
-    ),
-    "dmd2-sdxl": Protocol(
-        name="dmd2-sdxl",
-        papers="DMD2's SDXL evaluation (main/sdxl/test_folder_sdxl.py: --image_resolution 1024, "
-        "--eval_res 256, --eval_batch_size 4, noise of batch i from manual_seed(i); "
-        "experiments/sdxl/README.md: the coco10k subset, --total_eval_samples 10000; "
-        "main/coco_eval/coco_evaluator.py: center crop, PIL LANCZOS)",
-        crop="half-even",
-        clip_input="square-256",
-        tokenization="spliced",
-        clip_model=CLIP_MODEL,
-        clip_pretrained=CLIP_PRETRAINED,
-        captions="lines",
-        image_order="path",
-        reference="DMD2's COCO-10k: 10,000 COCO val2014 images and their captions",
-        reference_images=COCO10K_IMAGES,
-        seeding="per-batch",
-        seed_batch=4,
-        generated_size=1024,
-    ),
+    "dmd2": _DMD2,
+    "dmd2-sdxl": _DMD2_SDXL,
     "gigagan": Protocol(
         name="gigagan",
         papers="GigaGAN (evaluation/evaluation.py, default --clip_model4eval ViT-B/32)",
