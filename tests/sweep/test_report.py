@@ -11,8 +11,9 @@ from _helpers_sweep import FakeWadi
 from scipy import stats
 
 from wadi_cli.sweep.grid import load_grid
-from wadi_cli.sweep.report import convergence_curves, summarise, write_report
+from wadi_cli.sweep.report import convergence_curves, every_pair, summarise, write_report
 from wadi_cli.sweep.runner import run_sweep
+from wadi_cli.sweep.stats import detectable_difference
 
 GRID = """
 [sweep]
@@ -72,7 +73,7 @@ def test_summary_means_intervals_and_paired_differences(swept):
 def test_plots_and_convergence_curves(swept):
     grid, paths = swept
     names = sorted(p.name for p in paths)
-    assert names == ["bars.png", "convergence.png", "heatmap.png", "summary.csv", "summary.md"]
+    assert names == ["bars.png", "convergence.png", "heatmap.png", "pairs.csv", "summary.csv", "summary.md"]
     for p in paths:
         if p.suffix == ".png":
             assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
@@ -81,3 +82,25 @@ def test_plots_and_convergence_curves(swept):
     assert steps == [2.0, 4.0]
     want = np.mean([planted(["--rank", "2", "--adapter", "lora"], s, 2) for s in (0, 1, 2)])
     assert curves["adapter=lora,rank=2"][0][1] == pytest.approx(want, rel=1e-12)
+
+
+def test_every_pair_and_the_detectable_difference(swept):
+    grid, _ = swept
+    pairs = {(p["cell"], p["minus"]): p for p in every_pair(grid)}
+    names = [c.name for c in grid.cells]
+    assert len(pairs) == 6 and all(names.index(m) < names.index(c) for c, m in pairs)
+    # a pair across both axes: lora rank 8 minus lorad rank 2 (planted +1.3 + 0.6)
+    a, b = _final("lora", 8), _final("lorad", 2)
+    p = pairs[("adapter=lora,rank=8", "adapter=lorad,rank=2")]
+    ref = stats.ttest_rel(a, b).confidence_interval()
+    assert p["diff_seeds"] == 3 and p["diff_mean"] == pytest.approx(np.mean(a) - np.mean(b), rel=1e-12)
+    assert (p["diff_low"], p["diff_high"]) == pytest.approx((ref.low, ref.high), rel=1e-9)
+    sd = float(np.std(np.subtract(a, b), ddof=1))
+    assert p["diff_detectable"] == pytest.approx(detectable_difference(3, sd), rel=1e-9)
+    lora = next(s for s in summarise(grid) if s["cell"] == "adapter=lora,rank=2")
+    sd = float(np.std(np.subtract(_final("lora", 2), _final("lorad", 2)), ddof=1))
+    assert lora["diff_detectable"] == pytest.approx(detectable_difference(3, sd), rel=1e-9)
+    rows = list(csv.DictReader((grid.out / "pairs.csv").open()))
+    assert [(r["cell"], r["minus"]) for r in rows] == list(pairs)
+    md = (grid.out / "summary.md").read_text()
+    assert "## Every pair" in md and "| adapter=lora,rank=8 | adapter=lorad,rank=2 | 3 |" in md

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from wadi_cli.sweep.stats import paired_difference, seeds_needed, t_interval
+from wadi_cli.sweep.stats import (
+    detectable_difference,
+    paired_detectable,
+    paired_difference,
+    seeds_needed,
+    t_interval,
+)
 
 
 def test_t_interval_matches_scipy_and_the_t_table():
@@ -46,3 +52,31 @@ def test_paired_difference_pairs_by_seed_like_ttest_rel():
 def test_seeds_needed_matches_the_paired_t_power_tables(dz, n):
     """Cohen's / G*Power's paired-t sample sizes at α = 0.05 two-sided, power 0.8."""
     assert seeds_needed(sd=2.0, delta=2.0 * dz) == n
+
+
+@pytest.mark.parametrize(("n", "sd"), [(8, 2.33), (4, 0.7), (20, 5.0)])
+def test_detectable_difference_is_detected_with_power_0_8_by_simulation(n, sd):
+    """Simulated paired t tests (numpy draws, scipy's t quantile only) at the returned
+    difference reject 'no difference' 80 % of the time; a difference 20 % smaller, clearly less."""
+    delta = detectable_difference(n, sd)
+    rng = np.random.default_rng(11)
+    crit = stats.t.ppf(0.975, n - 1)
+
+    def rejected(true_delta: float) -> float:
+        d = true_delta + sd * rng.standard_normal((40_000, n))
+        t = d.mean(axis=1) / (d.std(axis=1, ddof=1) / math.sqrt(n))
+        return float(np.mean(np.abs(t) > crit))
+
+    assert rejected(delta) == pytest.approx(0.8, abs=0.01)  # 5 standard errors of 40,000 draws
+    assert rejected(0.8 * delta) < 0.7
+    assert seeds_needed(sd, delta * 1.001) == n and seeds_needed(sd, delta * 0.97) > n
+    assert math.isnan(detectable_difference(1, sd)) and math.isnan(detectable_difference(5, 0.0))
+
+
+def test_paired_detectable_uses_the_pairs_seeds_and_spread():
+    cell = {0: 20.0, 1: 23.5, 2: 19.0, 3: 22.0, 7: 50.0}  # seed 7: the baseline lacks it
+    base = {0: 19.0, 1: 21.0, 2: 19.5, 3: 20.0, 5: 0.0}
+    diffs = [1.0, 2.5, -0.5, 2.0]
+    expect = detectable_difference(4, float(np.std(diffs, ddof=1)))
+    assert paired_detectable(cell, base) == pytest.approx(expect, rel=1e-12)
+    assert math.isnan(paired_detectable({0: 1.0}, {0: 2.0}))

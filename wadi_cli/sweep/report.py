@@ -2,8 +2,10 @@
 
 - ``summary.csv`` / ``summary.md``: per cell the seeds scored, the mean of the grid's metric
   with its 95 % t interval over seeds, and the paired difference to the baseline cell
-  (matched by seed, its own t interval; :mod:`wadi_cli.sweep.stats`); failed runs listed
-  with their error line.
+  (matched by seed, its own t interval; :mod:`wadi_cli.sweep.stats`) with the smallest
+  difference the pairing could detect (power 0.8); failed runs listed with their error line.
+- ``pairs.csv`` (and a section of ``summary.md``): the same paired difference for every pair
+  of cells, when the grid has more than two.
 - ``bars.png``: mean ± interval per cell (the shape of WaDi's Table 2).
 - ``convergence.png``: the metric against the training step, mean over seeds, per cell
   (every kept checkpoint, scored by ``wadi eval --watch``).
@@ -20,12 +22,15 @@ from typing import Any
 
 from wadi_cli.sweep.grid import Cell, Grid
 from wadi_cli.sweep.runner import CHANGE_COLUMNS, read_eval_csv, read_results
-from wadi_cli.sweep.stats import LEVEL, paired_difference, t_interval
+from wadi_cli.sweep.stats import LEVEL, paired_detectable, paired_difference, t_interval
 
 SUMMARY_COLUMNS = (
     "cell", "seeds", "failed", "mean", "low", "high", "baseline", "diff_seeds", "diff_mean", "diff_low",
-    "diff_high", "nm", "dm",
+    "diff_high", "diff_detectable", "nm", "dm",
 )  # fmt: skip
+PAIR_COLUMNS = ("cell", "minus", "diff_seeds", "diff_mean", "diff_low", "diff_high", "diff_detectable")
+#: The power at which ``diff_detectable`` is the smallest detectable difference.
+POWER = 0.8
 
 
 def cell_values(
@@ -58,15 +63,41 @@ def summarise(grid: Grid, rows: list[dict[str, Any]] | None = None) -> list[dict
         base = grid.baseline_of(cell)
         row["baseline"] = base.name if base is not None else ""
         if base is not None and base != cell:
-            d = paired_difference(mine, values.get(base.name, {}))
-            row.update(diff_seeds=d.n, diff_mean=d.mean, diff_low=d.low, diff_high=d.high)
+            row.update(_pair(mine, values.get(base.name, {})))
         else:
-            row.update(diff_seeds="", diff_mean="", diff_low="", diff_high="")
+            row.update(diff_seeds="", diff_mean="", diff_low="", diff_high="", diff_detectable="")
         for col, by_cell in changes.items():  # mean over seeds ("" when not analyzed)
             seen = by_cell[cell.name]
             row[col] = math.fsum(seen.values()) / len(seen) if seen else ""
         out.append(row)
     return out
+
+
+def _pair(cell: dict[int, float], other: dict[int, float]) -> dict[str, Any]:
+    d = paired_difference(cell, other)
+    detectable = paired_detectable(cell, other, power=POWER)
+    return dict(
+        diff_seeds=d.n, diff_mean=d.mean, diff_low=d.low, diff_high=d.high, diff_detectable=detectable
+    )
+
+
+def every_pair(grid: Grid, rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The paired difference (``cell − minus``, :data:`PAIR_COLUMNS`) of every pair of cells,
+    each pair once, in grid order (the earlier cell is ``minus``)."""
+    rows = read_results(grid) if rows is None else rows
+    values = cell_values(grid, rows)
+    names = [c.name for c in grid.cells]
+    return [
+        {"cell": b, "minus": a, **_pair(values[b], values[a])}
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+    ]
+
+
+def _verdict(row: dict[str, Any]) -> str:
+    if row["diff_mean"] == "" or math.isnan(row["diff_low"]):
+        return ""
+    return "covers 0" if row["diff_low"] <= 0 <= row["diff_high"] else "resolved"
 
 
 def _f(value: Any, fmt: str = ".3f") -> str:
@@ -75,8 +106,13 @@ def _f(value: Any, fmt: str = ".3f") -> str:
     return format(value, fmt)
 
 
-def markdown(grid: Grid, summary: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
-    """``summary.md``: the per-cell table and the failed runs."""
+def markdown(
+    grid: Grid,
+    summary: list[dict[str, Any]],
+    rows: list[dict[str, Any]],
+    pairs: list[dict[str, Any]] | None = None,
+) -> str:
+    """``summary.md``: the per-cell table, every pair (``pairs``) and the failed runs."""
     pct = f"{LEVEL:.0%}"
     lines = [
         f"# Sweep {grid.path.name}: {grid.metric}",
@@ -84,7 +120,8 @@ def markdown(grid: Grid, summary: list[dict[str, Any]], rows: list[dict[str, Any
         f"`wadi sweep {grid.path}`: backbone {grid.backbone}, seeds {', '.join(map(str, grid.seeds))}, "
         f"`wadi eval {' '.join(grid.eval)}`. Mean over seeds with its {pct} t interval; the paired "
         f"difference is cell − baseline over the seeds both have (t interval of the per-seed differences; "
-        f"'covers 0' = not resolved)."
+        f"'covers 0' = not resolved; 'detectable' = the smallest true difference this pairing finds with "
+        f"power {POWER:g}, from the seeds' spread of differences)."
         + (
             " NM / DM: mean over seeds of the layer-averaged relative norm change and direction change "
             "(chord) of the student against its base (`wadi analyze RUN`)."
@@ -92,21 +129,32 @@ def markdown(grid: Grid, summary: list[dict[str, Any]], rows: list[dict[str, Any
             else ""
         ),
         "",
-        f"| cell | seeds | {grid.metric} mean | {pct} interval | baseline | difference | {pct} interval | |"
-        + (" NM | DM |" if grid.analyze else ""),
-        "|---|---|---|---|---|---|---|---|" + ("---|---|" if grid.analyze else ""),
+        f"| cell | seeds | {grid.metric} mean | {pct} interval | baseline | difference | {pct} interval | "
+        "| detectable |" + (" NM | DM |" if grid.analyze else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if grid.analyze else ""),
     ]
     for s in summary:
-        covers = ""
-        if s["diff_mean"] != "" and not math.isnan(s["diff_low"]):
-            covers = "covers 0" if s["diff_low"] <= 0 <= s["diff_high"] else "resolved"
         failed = f" ({s['failed']} failed)" if s["failed"] else ""
         lines.append(
             f"| {s['cell']} | {s['seeds']}{failed} | {_f(s['mean'])} | {_f(s['low'])} – {_f(s['high'])} | "
             f"{s['baseline']} | {_f(s['diff_mean'], '+.3f')} | {_f(s['diff_low'], '+.3f')} – "
-            f"{_f(s['diff_high'], '+.3f')} | {covers} |"
+            f"{_f(s['diff_high'], '+.3f')} | {_verdict(s)} | {_f(s['diff_detectable'])} |"
             + (f" {_f(s['nm'], '.4f')} | {_f(s['dm'], '.4f')} |" if grid.analyze else "")
         )
+    if pairs:
+        lines += [
+            "",
+            "## Every pair",
+            "",
+            f"| cell | minus | seeds | difference | {pct} interval | | detectable |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {p['cell']} | {p['minus']} | {p['diff_seeds']} | {_f(p['diff_mean'], '+.3f')} | "
+            f"{_f(p['diff_low'], '+.3f')} – {_f(p['diff_high'], '+.3f')} | {_verdict(p)} | "
+            f"{_f(p['diff_detectable'])} |"
+            for p in pairs
+        ]
     bad = [r for r in rows if r.get("status") != "ok"]
     if bad:
         lines += ["", "## Failed runs", "", "| cell | seed | error |", "|---|---|---|"]
@@ -122,13 +170,20 @@ def write_report(grid: Grid) -> list[Path]:
 
     rows = read_results(grid)
     summary = summarise(grid, rows)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, SUMMARY_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(summary)
+    pairs = every_pair(grid, rows) if len(grid.cells) > 2 else []
+
+    def table(columns: tuple[str, ...], records: list[dict[str, Any]]) -> str:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(records)
+        return buf.getvalue()
+
     grid.out.mkdir(parents=True, exist_ok=True)
-    paths = [write_text_atomic(grid.out / "summary.csv", buf.getvalue())]
-    paths.append(write_text_atomic(grid.out / "summary.md", markdown(grid, summary, rows)))
+    paths = [write_text_atomic(grid.out / "summary.csv", table(SUMMARY_COLUMNS, summary))]
+    if pairs:
+        paths.append(write_text_atomic(grid.out / "pairs.csv", table(PAIR_COLUMNS, pairs)))
+    paths.append(write_text_atomic(grid.out / "summary.md", markdown(grid, summary, rows, pairs)))
     if any(s["seeds"] for s in summary):
         paths += plot_bars(grid, summary), plot_convergence(grid)
         if len(grid.axes) == 2 == len(grid.fields):

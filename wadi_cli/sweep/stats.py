@@ -66,18 +66,53 @@ def paired_difference(
     return t_interval([cell[s] - baseline[s] for s in seeds], level)
 
 
+def paired_detectable(
+    cell: Mapping[int, float], baseline: Mapping[int, float], level: float = LEVEL, power: float = 0.8
+) -> float:
+    """:func:`detectable_difference` of the pairing :func:`paired_difference` makes: its seeds
+    and the standard deviation of its per-seed differences."""
+    seeds = sorted(set(cell) & set(baseline))
+    d = [cell[s] - baseline[s] for s in seeds]
+    if len(d) < 2:
+        return math.nan
+    mean = math.fsum(d) / len(d)
+    sd = math.sqrt(math.fsum((x - mean) ** 2 for x in d) / (len(d) - 1))
+    return detectable_difference(len(d), sd, level, power)
+
+
+def paired_t_power(n: int, sd: float, delta: float, level: float = LEVEL) -> float:
+    """The probability that a two-sided paired t test at ``1 − level`` over ``n`` seeds
+    (differences with standard deviation ``sd``) rejects "no difference" when the true
+    difference is ``delta``: P(|T| > t_crit), T noncentral t (n − 1 dof, noncentrality
+    ``delta·√n / sd``)."""
+    from scipy.stats import nct
+
+    crit = t_quantile(0.5 + level / 2, n - 1)
+    nc = delta * math.sqrt(n) / sd
+    return float(nct.sf(crit, n - 1, nc) + nct.cdf(-crit, n - 1, nc))
+
+
 def seeds_needed(sd: float, delta: float, level: float = LEVEL, power: float = 0.8) -> int:
     """The fewest seeds (paired differences with standard deviation ``sd``) for which a
     two-sided t test at ``1 − level`` detects a true difference ``delta`` with probability
-    ``power``: the smallest n with P(|T| > t_crit) ≥ power, T noncentral t (n − 1 dof,
-    noncentrality ``delta·√n / sd``)."""
-    from scipy.stats import nct
-
+    ``power`` (:func:`paired_t_power`)."""
     if sd <= 0 or delta <= 0:
         raise ValueError("sd and delta must be positive")
     for n in range(2, 100_000):
-        crit = t_quantile(0.5 + level / 2, n - 1)
-        nc = delta * math.sqrt(n) / sd
-        if float(nct.sf(crit, n - 1, nc) + nct.cdf(-crit, n - 1, nc)) >= power:
+        if paired_t_power(n, sd, delta, level) >= power:
             return n
     raise ValueError("more than 100,000 seeds")
+
+
+def detectable_difference(n: int, sd: float, level: float = LEVEL, power: float = 0.8) -> float:
+    """The smallest true difference that ``n`` paired seeds with difference standard deviation
+    ``sd`` detect with probability ``power`` (two-sided t test at ``1 − level``): what a design
+    whose interval covers 0 could still have seen. ``nan`` for n < 2 or sd = 0."""
+    from scipy.optimize import brentq
+
+    if n < 2 or not sd > 0:
+        return math.nan
+    hi = sd
+    while paired_t_power(n, sd, hi, level) < power:
+        hi *= 2.0
+    return float(brentq(lambda d: paired_t_power(n, sd, d, level) - power, 0.0, hi, xtol=1e-10 * sd))
