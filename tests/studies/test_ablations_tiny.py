@@ -15,7 +15,7 @@ from wadi_cli.sweep import check_cells, load_grid, seeds_needed
 STUDY = ANALYSIS / "ablations_tiny"
 
 
-@pytest.mark.parametrize(("name", "cells", "seeds"), [("grid", 6, 48), ("maps", 3, 48), ("ranks", 12, 16)])
+@pytest.mark.parametrize(("name", "cells", "seeds"), [("kinds", 8, 8), ("ranks", 12, 16)])
 def test_grid_files_resolve(name, cells, seeds):
     grid = load_grid(STUDY / f"{name}.toml")
     assert (len(grid.cells), len(grid.seeds)) == (cells, seeds)

@@ -11,7 +11,7 @@ from _helpers_sweep import FakeWadi
 from scipy import stats
 
 from wadi_cli.sweep.grid import load_grid
-from wadi_cli.sweep.report import convergence_curves, every_pair, summarise, write_report
+from wadi_cli.sweep.report import convergence_curves, convergence_table, every_pair, summarise, write_report
 from wadi_cli.sweep.runner import run_sweep
 from wadi_cli.sweep.stats import detectable_difference
 
@@ -73,7 +73,10 @@ def test_summary_means_intervals_and_paired_differences(swept):
 def test_plots_and_convergence_curves(swept):
     grid, paths = swept
     names = sorted(p.name for p in paths)
-    assert names == ["bars.png", "convergence.png", "heatmap.png", "pairs.csv", "summary.csv", "summary.md"]
+    assert names == [
+        "bars.png", "convergence.csv", "convergence.png", "heatmap.png", "pairs.csv", "summary.csv",
+        "summary.md",
+    ]  # fmt: skip
     for p in paths:
         if p.suffix == ".png":
             assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
@@ -104,3 +107,35 @@ def test_every_pair_and_the_detectable_difference(swept):
     assert [(r["cell"], r["minus"]) for r in rows] == list(pairs)
     md = (grid.out / "summary.md").read_text()
     assert "## Every pair" in md and "| adapter=lora,rank=8 | adapter=lorad,rank=2 | 3 |" in md
+
+
+def test_convergence_table_pairs_each_step_with_the_baseline(swept):
+    grid, _ = swept
+    table = {(r["cell"], r["step"]): r for r in convergence_table(grid)}
+    assert sorted({step for _, step in table}) == [2.0, 4.0] and len(table) == 8
+
+    def at(adapter, rank, step):
+        return [planted(["--rank", str(rank), "--adapter", adapter], s, step) for s in (0, 1, 2)]
+
+    row = table[("adapter=lora,rank=8", 2.0)]
+    a, b = at("lora", 8, 2), at("lorad", 8, 2)
+    ci, d = stats.ttest_1samp(a, 0).confidence_interval(), stats.ttest_rel(a, b).confidence_interval()
+    assert row["seeds"] == 3 and row["mean"] == pytest.approx(np.mean(a), rel=1e-12)
+    assert (row["low"], row["high"]) == pytest.approx((ci.low, ci.high), rel=1e-9)
+    assert row["baseline"] == "adapter=lorad,rank=8"
+    assert (row["diff_low"], row["diff_high"]) == pytest.approx((d.low, d.high), rel=1e-9)
+    assert table[("adapter=lorad,rank=8", 4.0)]["diff_mean"] == ""
+    rows = list(csv.DictReader((grid.out / "convergence.csv").open()))
+    assert len(rows) == 8 and float(rows[0]["step"]) == 2.0
+
+
+def test_convergence_counts_only_finished_runs(swept):
+    grid, _ = swept
+    rows = list(csv.DictReader((grid.out / "results.csv").open()))
+    for r in rows:
+        if r["cell"] == "adapter=lora,rank=2" and r["seed"] == "1":
+            r["status"] = "failed"
+    curves = convergence_curves(grid, rows)
+    want = np.mean([planted(["--rank", "2", "--adapter", "lora"], s, 2) for s in (0, 2)])
+    assert curves["adapter=lora,rank=2"][0][1] == pytest.approx(want, rel=1e-12)
+    assert {r["seeds"] for r in convergence_table(grid, rows) if r["cell"] == "adapter=lora,rank=2"} == {2}

@@ -80,3 +80,22 @@ def test_paired_detectable_uses_the_pairs_seeds_and_spread():
     expect = detectable_difference(4, float(np.std(diffs, ddof=1)))
     assert paired_detectable(cell, base) == pytest.approx(expect, rel=1e-12)
     assert math.isnan(paired_detectable({0: 1.0}, {0: 2.0}))
+
+
+def test_power_with_two_seeds_where_scipys_noncentral_t_gives_nan():
+    """scipy's nct returns nan for 1 dof at large noncentrality (here 17.7): the power then comes
+    from one integral, which agrees with nct where nct works and with a simulation where it does not."""
+    from wadi_cli.sweep.stats import _power_by_quadrature, paired_t_power
+
+    crit = stats.t.ppf(0.975, 1)
+    assert math.isnan(stats.nct.cdf(-crit, 1, 0.626 * math.sqrt(2) / 0.05))  # the corner itself
+    for dof, nc in [(1, 0.5), (2, 3.0), (7, 2.9), (29, 2.7)]:
+        c = stats.t.ppf(0.975, dof)
+        ref = stats.nct.sf(c, dof, nc) + stats.nct.cdf(-c, dof, nc)
+        assert _power_by_quadrature(dof, c, nc) == pytest.approx(ref, abs=1e-9)
+    power = paired_t_power(2, 0.05, 0.626)
+    rng = np.random.default_rng(5)
+    d = 0.626 + 0.05 * rng.standard_normal((200_000, 2))
+    t = d.mean(axis=1) / (d.std(axis=1, ddof=1) / math.sqrt(2))
+    assert power == pytest.approx(float(np.mean(np.abs(t) > crit)), abs=0.005)
+    assert 0 < detectable_difference(2, 0.05) < 1.0

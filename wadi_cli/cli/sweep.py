@@ -21,7 +21,7 @@ after a crash or Ctrl-C: finished cells are never run again. See docs/sweeps.md.
 
 Examples:
 
-  wadi sweep analysis/ablations_tiny/grid.toml --dry-run
+  wadi sweep analysis/ablations_tiny/kinds.toml --dry-run
 
   wadi sweep grid.toml --jobs 2 --threads 1
 

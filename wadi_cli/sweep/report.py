@@ -7,8 +7,9 @@
 - ``pairs.csv`` (and a section of ``summary.md``): the same paired difference for every pair
   of cells, when the grid has more than two.
 - ``bars.png``: mean ± interval per cell (the shape of WaDi's Table 2).
-- ``convergence.png``: the metric against the training step, mean over seeds, per cell
-  (every kept checkpoint, scored by ``wadi eval --watch``).
+- ``convergence.csv`` / ``convergence.png``: the metric against the training step per cell
+  (every kept checkpoint, scored by ``wadi eval --watch``): mean over seeds with its interval
+  and, in the CSV, the paired difference to the baseline cell at each step.
 - ``heatmap.png``: the mean over two axes (the shape of the paper's rank table, settings
   A–F), when the grid has exactly two (unlinked) axes.
 """
@@ -27,6 +28,10 @@ from wadi_cli.sweep.stats import LEVEL, paired_detectable, paired_difference, t_
 SUMMARY_COLUMNS = (
     "cell", "seeds", "failed", "mean", "low", "high", "baseline", "diff_seeds", "diff_mean", "diff_low",
     "diff_high", "diff_detectable", "nm", "dm",
+)  # fmt: skip
+CONVERGENCE_COLUMNS = (
+    "cell", "step", "seeds", "mean", "low", "high", "baseline", "diff_seeds", "diff_mean", "diff_low",
+    "diff_high", "diff_detectable",
 )  # fmt: skip
 PAIR_COLUMNS = ("cell", "minus", "diff_seeds", "diff_mean", "diff_low", "diff_high", "diff_detectable")
 #: The power at which ``diff_detectable`` is the smallest detectable difference.
@@ -185,7 +190,9 @@ def write_report(grid: Grid) -> list[Path]:
         paths.append(write_text_atomic(grid.out / "pairs.csv", table(PAIR_COLUMNS, pairs)))
     paths.append(write_text_atomic(grid.out / "summary.md", markdown(grid, summary, rows, pairs)))
     if any(s["seeds"] for s in summary):
-        paths += plot_bars(grid, summary), plot_convergence(grid)
+        steps = convergence_table(grid, rows)
+        paths.append(write_text_atomic(grid.out / "convergence.csv", table(CONVERGENCE_COLUMNS, steps)))
+        paths += plot_bars(grid, summary), plot_convergence(grid, steps)
         if len(grid.axes) == 2 == len(grid.fields):
             paths.append(plot_heatmap(grid, summary))
     return paths
@@ -225,28 +232,73 @@ def plot_bars(grid: Grid, summary: list[dict[str, Any]]) -> Path:
     return _save(fig, grid.out / "bars.png")
 
 
-def convergence_curves(grid: Grid) -> dict[str, list[tuple[float, float]]]:
-    """Cell name → [(step, mean metric over the seeds scored at that step)]."""
-    out: dict[str, list[tuple[float, float]]] = {}
+def step_values(
+    grid: Grid, rows: list[dict[str, Any]] | None = None
+) -> dict[str, dict[float, dict[int, float]]]:
+    """Cell name → step → {seed: the grid's metric at that checkpoint}, from the ``eval.csv`` of
+    every run whose ``results.csv`` row is ``ok`` (a failed or unfinished run adds nothing)."""
+    rows = read_results(grid) if rows is None else rows
+    ok = {(r["cell"], int(r["seed"])) for r in rows if r.get("status") == "ok"}
+    out: dict[str, dict[float, dict[int, float]]] = {}
     for cell in grid.cells:
-        by_step: dict[float, list[float]] = {}
+        by_step: dict[float, dict[int, float]] = {}
         for seed in grid.seeds:
+            if (cell.name, seed) not in ok:
+                continue
             for r in read_eval_csv(grid.run_dir(cell, seed)):
                 if grid.metric in r:
-                    by_step.setdefault(r["step"], []).append(r[grid.metric])
-        if by_step:
-            out[cell.name] = [(s, math.fsum(v) / len(v)) for s, v in sorted(by_step.items())]
+                    by_step.setdefault(r["step"], {})[seed] = r[grid.metric]
+        out[cell.name] = dict(sorted(by_step.items()))
     return out
 
 
-def plot_convergence(grid: Grid) -> Path:
-    """``convergence.png``: the metric against the step, one line per cell."""
-    fig, ax = _figure(5.5, 3.6)
-    for name, points in convergence_curves(grid).items():
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+def convergence_curves(
+    grid: Grid, rows: list[dict[str, Any]] | None = None
+) -> dict[str, list[tuple[float, float]]]:
+    """Cell name → [(step, mean metric over the seeds scored at that step)]."""
+    return {
+        name: [(step, math.fsum(v.values()) / len(v)) for step, v in steps.items()]
+        for name, steps in step_values(grid, rows).items()
+        if steps
+    }
+
+
+def convergence_table(grid: Grid, rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """``convergence.csv`` (:data:`CONVERGENCE_COLUMNS`): per cell and checkpoint step the mean
+    over seeds with its interval, and the paired difference to the baseline cell at the same
+    step — whether one kind is ahead early (converges faster) and not only at the end."""
+    values = step_values(grid, rows)
+    out = []
+    for cell in grid.cells:
+        base = grid.baseline_of(cell)
+        for step, mine in values[cell.name].items():
+            ci = t_interval([mine[s] for s in sorted(mine)])
+            row: dict[str, Any] = {"cell": cell.name, "step": step, "seeds": ci.n}
+            row.update(mean=ci.mean, low=ci.low, high=ci.high, baseline=base.name if base is not None else "")
+            if base is not None and base != cell:
+                row.update(_pair(mine, values.get(base.name, {}).get(step, {})))
+            else:
+                row.update(diff_seeds="", diff_mean="", diff_low="", diff_high="", diff_detectable="")
+            out.append(row)
+    return out
+
+
+def plot_convergence(grid: Grid, table: list[dict[str, Any]] | None = None) -> Path:
+    """``convergence.png``: the metric against the step, one line per cell, its interval shaded."""
+    table = convergence_table(grid) if table is None else table
+    fig, ax = _figure(6.0, 3.8)
+    for cell in grid.cells:
+        mine = [r for r in table if r["cell"] == cell.name]
+        if not mine:
+            continue
+        steps = [r["step"] for r in mine]
+        (line,) = ax.plot(steps, [r["mean"] for r in mine], marker="o", label=cell.name)
+        if all(not math.isnan(r["low"]) for r in mine):
+            ax.fill_between(steps, [r["low"] for r in mine], [r["high"] for r in mine],
+                            color=line.get_color(), alpha=0.12, linewidth=0)  # fmt: skip
     ax.set_xlabel("training step")
-    ax.set_ylabel(f"{grid.metric} (mean over seeds)")
-    ax.legend(fontsize=7)
+    ax.set_ylabel(f"{grid.metric} (mean over seeds, {LEVEL:.0%} interval)")
+    ax.legend(fontsize=6)
     return _save(fig, grid.out / "convergence.png")
 
 

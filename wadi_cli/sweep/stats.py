@@ -89,7 +89,23 @@ def paired_t_power(n: int, sd: float, delta: float, level: float = LEVEL) -> flo
 
     crit = t_quantile(0.5 + level / 2, n - 1)
     nc = delta * math.sqrt(n) / sd
-    return float(nct.sf(crit, n - 1, nc) + nct.cdf(-crit, n - 1, nc))
+    power = float(nct.sf(crit, n - 1, nc) + nct.cdf(-crit, n - 1, nc))
+    return power if not math.isnan(power) else _power_by_quadrature(n - 1, crit, nc)
+
+
+def _power_by_quadrature(dof: int, crit: float, nc: float) -> float:
+    """P(|Z + nc| > crit·W), W = √(χ²_dof / dof): the same power as one integral over W, for
+    the (few-seed, large-noncentrality) corner where scipy's noncentral t returns nan."""
+    from scipy import integrate
+    from scipy.stats import chi, norm
+
+    root = math.sqrt(dof)
+
+    def density(w: float) -> float:
+        return float(chi.pdf(w * root, dof) * root * (norm.sf(crit * w - nc) + norm.cdf(-crit * w - nc)))
+
+    value, _ = integrate.quad(density, 0.0, 1.0 + 40.0 / math.sqrt(2 * dof), points=[1.0], limit=200)
+    return min(1.0, value)
 
 
 def seeds_needed(sd: float, delta: float, level: float = LEVEL, power: float = 0.8) -> int:
