@@ -144,7 +144,7 @@ def markdown(
             f"| {s['cell']} | {s['seeds']}{failed} | {_f(s['mean'])} | {_f(s['low'])} – {_f(s['high'])} | "
             f"{s['baseline']} | {_f(s['diff_mean'], '+.3f')} | {_f(s['diff_low'], '+.3f')} – "
             f"{_f(s['diff_high'], '+.3f')} | {_verdict(s)} | {_f(s['diff_detectable'])} |"
-            + (f" {_f(s['nm'], '.4f')} | {_f(s['dm'], '.4f')} |" if grid.analyze else "")
+            + (f" {_f(s['nm'], '.3g')} | {_f(s['dm'], '.3g')} |" if grid.analyze else "")
         )
     if pairs:
         lines += [
