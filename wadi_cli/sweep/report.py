@@ -34,6 +34,8 @@ CONVERGENCE_COLUMNS = (
     "diff_high", "diff_detectable",
 )  # fmt: skip
 PAIR_COLUMNS = ("cell", "minus", "diff_seeds", "diff_mean", "diff_low", "diff_high", "diff_detectable")
+#: The paired columns of a cell that is its own baseline (or has none): empty.
+NO_PAIR = dict.fromkeys(("diff_seeds", "diff_mean", "diff_low", "diff_high", "diff_detectable"), "")
 #: The power at which ``diff_detectable`` is the smallest detectable difference.
 POWER = 0.8
 
@@ -70,7 +72,7 @@ def summarise(grid: Grid, rows: list[dict[str, Any]] | None = None) -> list[dict
         if base is not None and base != cell:
             row.update(_pair(mine, values.get(base.name, {})))
         else:
-            row.update(diff_seeds="", diff_mean="", diff_low="", diff_high="", diff_detectable="")
+            row.update(NO_PAIR)
         for col, by_cell in changes.items():  # mean over seeds ("" when not analyzed)
             seen = by_cell[cell.name]
             row[col] = math.fsum(seen.values()) / len(seen) if seen else ""
@@ -278,7 +280,7 @@ def convergence_table(grid: Grid, rows: list[dict[str, Any]] | None = None) -> l
             if base is not None and base != cell:
                 row.update(_pair(mine, values.get(base.name, {}).get(step, {})))
             else:
-                row.update(diff_seeds="", diff_mean="", diff_low="", diff_high="", diff_detectable="")
+                row.update(NO_PAIR)
             out.append(row)
     return out
 
